@@ -1,0 +1,70 @@
+"""Configuration and statistics of the sparse FFN op."""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sparse_jax.formats import hybrid, twell
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseFFNConfig:
+  """Static capacities of the sparse formats. ``None`` fields are derived from the token count M.
+
+  tile, twell_capacity: TwELL (inference) tile width and slots per (row, tile).
+  overflow_capacity: rows whose TwELL tile overflowed that one call recomputes exactly on a dense
+    row path; more than this and the whole call runs dense (default: M / 16, at least 8).
+  ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
+  """
+
+  tile: int = twell.DEFAULT_TILE
+  twell_capacity: int = twell.DEFAULT_CAPACITY
+  overflow_capacity: int | None = None
+  ell_width: int = hybrid.DEFAULT_WIDTH
+  tail_capacity: int | None = None
+
+  def __post_init__(self):
+    for name in ("tile", "twell_capacity", "ell_width"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"SparseFFNConfig.{name} must be a positive int, got {v!r}")
+    for name in ("overflow_capacity", "tail_capacity"):
+      v = getattr(self, name)
+      if v is not None and (not isinstance(v, int) or v < 1):
+        raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")
+    if self.twell_capacity > self.tile:
+      raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
+
+  def overflow_rows_for(self, m: int) -> int:
+    return min(m, self.overflow_capacity or max(8, -(-m // 16)))
+
+  def tail_rows_for(self, m: int) -> int:
+    return min(m, self.tail_capacity or hybrid.default_tail_capacity(m))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FFNStats:
+  """Statistics of one sparse FFN call.
+
+  l0: mean number of active hidden neurons per token (no gradient).
+  l1: mean |h| over tokens and hidden neurons (the paper's normalisation); carries a gradient, so
+    ``loss + coeff * l1`` trains the sparsity. The release's normalisation (sum over neurons, mean
+    over tokens) is ``l1 * d_ff``.
+  overflow_rows: rows (tokens) whose sparse encoding overflowed its capacity in this call; they
+    were computed on an exact fallback path, never dropped.
+  dense_fallback: the whole call ran on the dense path (too many overflowed rows for the row
+    fallback, or the dispatcher judged the activations too dense for the sparse kernels).
+  """
+
+  l0: jax.Array
+  l1: jax.Array
+  overflow_rows: jax.Array
+  dense_fallback: jax.Array
+
+  @staticmethod
+  def zeros() -> "FFNStats":
+    return FFNStats(l0=jnp.zeros((), jnp.float32), l1=jnp.zeros((), jnp.float32),
+                    overflow_rows=jnp.zeros((), jnp.int32), dense_fallback=jnp.zeros((), bool))

@@ -1,0 +1,54 @@
+"""Dense FFNs: the numerical ground truth and the exact fallback of the sparse op.
+
+Weights are neuron-major, one row per hidden neuron: ``w_gate``, ``w_up``, ``w_down`` are all
+``[d_ff, d_model]`` (the paper's G, K, V). ``h = relu(x @ w_gate.T) * (x @ w_up.T)``,
+``y = h @ w_down``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+
+
+def matmul_nt(a_MxK: jax.Array, b_NxK: jax.Array) -> jax.Array:
+  """a @ b.T with f32 accumulation."""
+  return jax.lax.dot_general(a_MxK, b_NxK, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+
+
+def matmul_nn(a_MxK: jax.Array, b_KxN: jax.Array) -> jax.Array:
+  """a @ b with f32 accumulation."""
+  return jax.lax.dot_general(a_MxK, b_KxN, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def matmul_tn(a_KxM: jax.Array, b_KxN: jax.Array) -> jax.Array:
+  """a.T @ b with f32 accumulation (the weight-gradient product)."""
+  return jax.lax.dot_general(a_KxM, b_KxN, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+
+
+def hidden(x_MxD, w_gate_NxD, w_up_NxD=None):
+  """Hidden activations in f32: relu(x Wg^T) * (x Wu^T), or relu(x Wu^T) without a gate."""
+  p = jax.nn.relu(matmul_nt(x_MxD, w_gate_NxD))
+  return p if w_up_NxD is None else p * matmul_nt(x_MxD, w_up_NxD)
+
+
+def ffn_with_l1(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD):
+  """(y [M, D] in x.dtype, mean |h| in f32). ``w_up_NxD=None`` is the non-gated FFN."""
+  h = hidden(x_MxD, w_gate_NxD, w_up_NxD)
+  y = matmul_nn(h.astype(x_MxD.dtype), w_down_NxD).astype(x_MxD.dtype)
+  return y, jnp.mean(jnp.abs(h))
+
+
+def gated_ffn(x, w_gate, w_up, w_down):
+  """Dense ReLU-gated FFN on [..., d_model] inputs (the ground truth of ``gated_sparse_ffn``)."""
+  lead = x.shape[:-1]
+  y, _ = ffn_with_l1(x.reshape(-1, x.shape[-1]), w_gate, w_up, w_down)
+  return y.reshape(*lead, y.shape[-1])
+
+
+def relu_ffn(x, w_up, w_down):
+  """Dense non-gated ReLU FFN (the ground truth of ``sparse_ffn``)."""
+  lead = x.shape[:-1]
+  y, _ = ffn_with_l1(x.reshape(-1, x.shape[-1]), w_up, None, w_down)
+  return y.reshape(*lead, y.shape[-1])
