@@ -62,7 +62,7 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   budget = cfg.overflow_rows_for(m)
 
   def sparse():
-    valid = tw.valid_mask()
+    valid = tw.valid_mask() & ~flagged[:, None, None]
     cols = tw.global_indices()
     t = tw.values_MxTxC.astype(F32)
     if w_up is not None:

@@ -1,0 +1,37 @@
+import os
+
+# Tests run on the CPU with several virtual devices available for sharding tests; kernels are
+# checked in Mosaic GPU interpret mode. Must be set before jax is imported anywhere.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import itertools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+_seed = itertools.count(int.from_bytes(os.urandom(4), "little"))
+
+
+@pytest.fixture
+def key():
+  """A fresh random key per test (seed printed on failure through the test id's log)."""
+  seed = next(_seed)
+  print(f"random seed: {seed}")
+  return jax.random.key(seed)
+
+
+def rel_err(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def random_sparse(key, shape, density, dtype=jnp.float32):
+  """Random matrix with about ``density`` nonzeros, values bounded away from zero."""
+  k1, k2 = jax.random.split(key)
+  vals = jax.random.normal(k1, shape, jnp.float32)
+  vals = jnp.where(jnp.abs(vals) < 0.05, 0.5, vals)
+  return jnp.where(jax.random.uniform(k2, shape) < density, vals, 0.0).astype(dtype)
