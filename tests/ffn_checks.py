@@ -53,6 +53,7 @@ class SparseFFNChecks:
       assert rel_err(stats.l1, l1_ref) < TOL[dtype]
       pre = jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32).astype(dtype)
       assert float(stats.l0) == pytest.approx(float(jnp.mean(jnp.sum(pre > 0, axis=1))))
+      np.testing.assert_array_equal(stats.active_per_neuron, jnp.sum(pre > 0, axis=0))
 
   @pytest.mark.parametrize("dist", ["uniform", "skewed"])
   @pytest.mark.parametrize("gated", [True, False])

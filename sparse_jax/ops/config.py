@@ -57,14 +57,12 @@ class FFNStats:
     were computed on an exact fallback path, never dropped.
   dense_fallback: the whole call ran on the dense path (too many overflowed rows for the row
     fallback, or the dispatcher judged the activations too dense for the sparse kernels).
+  active_per_neuron: [d_ff] int32, tokens of this call on which each hidden neuron was active
+    (dead-neuron tracking, per-neuron firing frequencies).
   """
 
   l0: jax.Array
   l1: jax.Array
   overflow_rows: jax.Array
   dense_fallback: jax.Array
-
-  @staticmethod
-  def zeros() -> "FFNStats":
-    return FFNStats(l0=jnp.zeros((), jnp.float32), l1=jnp.zeros((), jnp.float32),
-                    overflow_rows=jnp.zeros((), jnp.int32), dense_fallback=jnp.zeros((), bool))
+  active_per_neuron: jax.Array

@@ -36,10 +36,11 @@ def _abs_grad(t):
   return jnp.where(t >= 0, 1.0, -1.0).astype(t.dtype)
 
 
-def _stats(l0, l1, overflow_rows, dense_fallback) -> FFNStats:
+def _stats(l0, l1, overflow_rows, dense_fallback, active_MxN) -> FFNStats:
   return FFNStats(l0=jnp.asarray(l0, F32), l1=jnp.asarray(l1, F32),
                   overflow_rows=jnp.asarray(overflow_rows, jnp.int32),
-                  dense_fallback=jnp.asarray(dense_fallback, bool))
+                  dense_fallback=jnp.asarray(dense_fallback, bool),
+                  active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
 
 
 def _dense_path(x, w_gate, w_up, w_down):
@@ -88,7 +89,7 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   fallback = n_flagged > budget
   y, l1 = jax.lax.cond(fallback, dense, sparse)
   l0 = jnp.sum(tw.counts_MxT) / m
-  return y, _stats(l0, l1, n_flagged, fallback)
+  return y, _stats(l0, l1, n_flagged, fallback, p != 0)
 
 
 # --------------------------------------------------------------------------- training: Hybrid
@@ -116,7 +117,7 @@ def hybrid_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     return _dense_path(x_MxD, w_gate, w_up, w_down)
 
   y, l1 = jax.lax.cond(overflow, dense, sparse)
-  stats = _stats(hy.nnz() / m, l1, jnp.maximum(hy.n_tail - hy.tail_capacity, 0), overflow)
+  stats = _stats(hy.nnz() / m, l1, jnp.maximum(hy.n_tail - hy.tail_capacity, 0), overflow, p != 0)
   return (y, stats), (x_MxD, w_gate, w_up, w_down, hy, r_ell, r_tail)
 
 
