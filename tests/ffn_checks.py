@@ -51,9 +51,12 @@ class SparseFFNChecks:
       assert y.dtype == dtype and y.shape == p.x.shape
       assert rel_err(y, y_ref) < TOL[dtype], (dtype, rel_err(y, y_ref))
       assert rel_err(stats.l1, l1_ref) < TOL[dtype]
-      pre = jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32).astype(dtype)
-      assert float(stats.l0) == pytest.approx(float(jnp.mean(jnp.sum(pre > 0, axis=1))))
-      np.testing.assert_array_equal(stats.active_per_neuron, jnp.sum(pre > 0, axis=0))
+      pre32 = jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32)
+      pre = pre32.astype(dtype)
+      # Kernels may sum in another order: pre-activations within f32 noise of 0 may flip.
+      n_near = int(jnp.sum(jnp.abs(pre32) < 1e-4)) if self.implementation != "xla" else 0
+      assert abs(float(stats.l0) - float(jnp.mean(jnp.sum(pre > 0, axis=1)))) <= n_near / self.M
+      assert int(jnp.sum(jnp.abs(stats.active_per_neuron - jnp.sum(pre > 0, axis=0)))) <= n_near
 
   @pytest.mark.parametrize("dist", ["uniform", "skewed"])
   @pytest.mark.parametrize("gated", [True, False])

@@ -17,6 +17,8 @@ class SparseFFNConfig:
   overflow_capacity: rows whose TwELL tile overflowed that one call recomputes exactly on a dense
     row path; more than this and the whole call runs dense (default: M / 16, at least 8).
   ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
+  max_active_fraction: the Pallas backend's dispatcher runs the dense FFN when the estimated
+    fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -24,6 +26,7 @@ class SparseFFNConfig:
   overflow_capacity: int | None = None
   ell_width: int = hybrid.DEFAULT_WIDTH
   tail_capacity: int | None = None
+  max_active_fraction: float | None = 0.012
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
@@ -34,6 +37,9 @@ class SparseFFNConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")
+    if self.max_active_fraction is not None and not 0.0 < self.max_active_fraction <= 1.0:
+      raise ValueError("SparseFFNConfig.max_active_fraction must be None or in (0, 1], got "
+                       f"{self.max_active_fraction!r}")
     if self.twell_capacity > self.tile:
       raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
 

@@ -1,0 +1,151 @@
+"""The ``implementation="pallas"`` backend of ``sparse_jax.ops``: kernels plus their glue.
+
+Inference forward (the primal):
+  1. dispatcher: the gate of a strided sample of tokens (about 1/64 of them) estimates the active
+     fraction on device; ``lax.cond`` runs the dense FFN when it is above
+     ``SparseFFNConfig.max_active_fraction`` (where the sparse path stops paying), with no host sync;
+  2. gate kernel -> TwELL (``twell_gate``); fused up + down kernel (``twell_ffn``);
+  3. rows with an overflowed TwELL tile are recomputed exactly on a dense row path (up to
+     ``overflow_capacity`` rows, else the call runs dense) and counted in the stats.
+Under ``jax.grad`` the forward and backward are the reference's Hybrid-format custom VJP until the
+training kernels land (issue 5), so gradients are exact either way.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import common, twell_ffn, twell_gate
+from sparse_jax.formats import twell
+from sparse_jax.ops import api, reference
+from sparse_jax.ops.config import FFNStats, SparseFFNConfig
+from sparse_jax.ops.dense import F32, ffn_with_l1, hidden, matmul_nn, matmul_nt
+
+TILE = twell_gate.TILE_N
+# Tests and CPU users set this to run implementation="pallas" in Mosaic GPU interpret mode.
+INTERPRET = os.environ.get("SPARSE_JAX_PALLAS_INTERPRET", "") == "1"
+
+
+def supports(x_MxD, weights, cfg: SparseFFNConfig, *, interpret: bool = False) -> str | None:
+  """None if the kernels can run these arguments here, else why not."""
+  if not interpret and not common.hopper_available():
+    return "needs an NVIDIA Hopper (sm_90) GPU as the default device"
+  if x_MxD.dtype != jnp.bfloat16:
+    return f"the kernels take bfloat16, got {x_MxD.dtype}"
+  d_model = x_MxD.shape[1]
+  if d_model % 256:
+    return f"d_model={d_model} must be a multiple of 256"
+  if cfg.tile != TILE:
+    return f"the kernels use TwELL tile {TILE}, config has {cfg.tile}"
+  if cfg.twell_capacity % 8 or cfg.twell_capacity > 128:
+    return f"twell_capacity must be a multiple of 8 up to 128, got {cfg.twell_capacity}"
+  n_tiles = common.cdiv(weights[0].shape[0], TILE)
+  if twell_ffn.DEFAULT_WARPGROUPS * 4 * n_tiles * cfg.twell_capacity * 8 > 200 * 1024:
+    return "d_ff x capacity too large for the fused kernel's entry lists"
+  return None
+
+
+def _pad_neurons(w, n_pad):
+  return w if w is None or w.shape[0] == n_pad else jnp.pad(w, ((0, n_pad - w.shape[0]), (0, 0)))
+
+
+def estimate_active_fraction(x_MxD, w_gate) -> jax.Array:
+  """Active fraction of the gate on ~1/64 of the tokens (evenly strided), on device."""
+  m = x_MxD.shape[0]
+  n_probe = min(m, max(64, m // 64))
+  rows = (jnp.arange(n_probe) * (m // n_probe)).astype(jnp.int32)
+  pre = matmul_nt(jnp.take(x_MxD, rows, axis=0), w_gate)
+  return jnp.mean(jnp.logical_not(pre <= 0).astype(F32))
+
+
+def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=False):
+  """Pallas inference forward. Returns (y [M, D], FFNStats)."""
+  m, _ = x_MxD.shape
+  n = w_gate.shape[0]
+  dt = x_MxD.dtype
+  n_pad = common.cdiv(n, TILE) * TILE
+  budget = cfg.overflow_rows_for(m)
+
+  def dense():
+    y, l1 = ffn_with_l1(x_MxD, w_gate, w_up, w_down)
+    act = jnp.logical_not(matmul_nt(x_MxD, w_gate) <= 0)
+    return y, FFNStats(l0=jnp.sum(act) / m, l1=l1, overflow_rows=jnp.zeros((), jnp.int32),
+                       dense_fallback=jnp.ones((), bool),
+                       active_per_neuron=jnp.sum(act, axis=0, dtype=jnp.int32))
+
+  def sparse():
+    wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
+    xp = common.pad_rows(x_MxD, 128)
+    tw = twell_gate.gate_twell(xp, wg, capacity=cfg.twell_capacity, interpret=interpret)
+    y, l1_rows = twell_ffn.fused_up_down(xp, wu, wd, tw, interpret=interpret)
+    y, l1_rows = y[:m], l1_rows[:m]
+    tw = twell.TwELL(tw.values_MxTxC[:m], tw.indices_MxTxC[:m], tw.counts_MxT[:m],
+                     n_cols=n_pad, tile=TILE)
+    flagged = tw.row_overflow()
+    n_flagged = jnp.sum(flagged, dtype=jnp.int32)
+    counts_kept = jnp.where(flagged[:, None], 0, tw.counts_MxT)
+    active = _active_per_neuron(tw, counts_kept)[:n]
+
+    def rows_fixed():
+      (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+      x_o = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
+      h_o = hidden(x_o, w_gate, w_up)
+      y_o = matmul_nn(h_o.astype(dt), w_down).astype(dt)
+      real = (rows < m)[:, None]
+      l1 = jnp.sum(jnp.where(flagged, 0.0, l1_rows)) + jnp.sum(jnp.where(real, jnp.abs(h_o), 0.0))
+      act = active + jnp.sum(jnp.where(real, jnp.logical_not(h_o == 0), False), axis=0,
+                             dtype=jnp.int32)
+      return y.at[rows].set(y_o, mode="drop"), l1 / (m * n), act, jnp.zeros((), bool)
+
+    def all_dense():
+      y_d, l1 = ffn_with_l1(x_MxD, w_gate, w_up, w_down)
+      act = jnp.sum(jnp.logical_not(matmul_nt(x_MxD, w_gate) <= 0), axis=0, dtype=jnp.int32)
+      return y_d, l1, act, jnp.ones((), bool)
+
+    y, l1, act, fell_back = jax.lax.cond(n_flagged > budget, all_dense, rows_fixed)
+    return y, FFNStats(l0=jnp.sum(tw.counts_MxT) / m, l1=l1, overflow_rows=n_flagged,
+                       dense_fallback=fell_back, active_per_neuron=act)
+
+  if cfg.max_active_fraction is None:
+    return sparse()
+  too_dense = estimate_active_fraction(x_MxD, w_gate) > cfg.max_active_fraction
+  return jax.lax.cond(too_dense, dense, sparse)
+
+
+def _active_per_neuron(tw: twell.TwELL, counts_MxT) -> jax.Array:
+  valid = jnp.arange(tw.capacity)[None, None, :] < jnp.minimum(counts_MxT, tw.capacity)[:, :, None]
+  cols = jnp.where(valid, tw.global_indices(), tw.n_cols)
+  return jnp.zeros((tw.n_cols,), jnp.int32).at[cols.reshape(-1)].add(1, mode="drop")
+
+
+# --------------------------------------------------------------------------- custom_vjp ops
+
+
+def _make_ops(interpret: bool):
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+  def gated(x, w_gate, w_up, w_down, cfg):
+    return twell_forward(x, w_gate, w_up, w_down, cfg, interpret=interpret)
+
+  gated.defvjp(lambda x, wg, wu, wd, cfg: reference.hybrid_forward(x, wg, wu, wd, cfg),
+               lambda cfg, res, ct: reference.hybrid_backward(res, ct))
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def relu(x, w_up, w_down, cfg):
+    return twell_forward(x, w_up, None, w_down, cfg, interpret=interpret)
+
+  relu.defvjp(lambda x, wu, wd, cfg: reference.hybrid_forward(x, wu, None, wd, cfg),
+              lambda cfg, res, ct: reference.hybrid_backward(res, ct))
+  return gated, relu
+
+
+gated_ffn_pallas, relu_ffn_pallas = _make_ops(interpret=False)
+gated_ffn_pallas_interpret, relu_ffn_pallas_interpret = _make_ops(interpret=True)
+
+if INTERPRET:
+  api.register_backend("pallas", gated_ffn_pallas_interpret, relu_ffn_pallas_interpret,
+                       functools.partial(supports, interpret=True))
+else:
+  api.register_backend("pallas", gated_ffn_pallas, relu_ffn_pallas, supports)

@@ -1,0 +1,260 @@
+"""Fused up + down projection reading TwELL (Mosaic GPU, Hopper).
+
+For each token, its active neurons (from TwELL): ``r_j = x . Wu[j]`` (up projection sampled at
+the active entries), ``h_j = bf16(g_j * r_j)`` (gated product, rounded as the reference rounds it),
+``y += h_j * Wd[j]`` (sparse down projection). The output row is written once; the hidden
+activation never exists anywhere but registers. Non-gated (``relu(x Wu^T) Wd``): the TwELL values
+are h itself and only the down projection runs.
+
+Why CUDA cores and per-token gathers (see NOTES_twell.md for the numbers): at d_model = 2048 a
+gathered weight row is 4 KB, so a tensor-core tile of 64 gathered rows (256 KB) does not fit in
+shared memory, and at ~0.5% density a block of tokens shares almost no rows, so the work is bound
+by streaming the active rows from L2 (~3.8 GB at 28 active/token) whatever unit does the FMAs.
+
+GPU path (``compute="mgpu"``, per-lane code through ``plgpu.inline_mgpu``): one warp per token,
+tokens strided over all warps of a persistent grid.
+  1. lane l < n_tiles reads the count of tile l, a warp scan gives each tile's offset, and each
+     lane copies its tile's entries (global column, gate value) into a per-warp list in SMEM;
+  2. lane l holds x[8(l + 32k) : 8(l + 32k) + 8] for k < d_model / 256 (16-byte coalesced loads)
+     and the same slice of the f32 output accumulator;
+  3. entries are taken two at a time: both Wu rows are loaded before the first reduction (loads in
+     flight), each dot product is a per-lane FMA chain plus a 5-step butterfly, then both Wd rows
+     are folded into the accumulator;
+  4. the row is stored once as bf16, and lane 0 stores the row's sum |h| (for the L1 statistic).
+Rows with an overflowed tile are computed from their first ``capacity`` entries here and replaced
+by the exact fallback in ``ffn_backend``. Interpret mode cannot run ``inline_mgpu``: the
+interpretable path (``compute="jnp"``) computes each warpgroup's token block with array ops in the
+same kernel skeleton (grid, token partition, output stores).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import common
+from sparse_jax.formats.twell import TwELL
+
+WARPS_PER_WG = 4
+DEFAULT_WARPGROUPS = 2   # 8 warps (tokens in flight) per CTA, one CTA per SM
+ENTRIES_PER_STEP = 2     # weight rows loaded before the first reduction
+
+
+def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, ej_ref, ev_ref,
+                *, gated: bool):
+  """Per-warp CUDA-core code. ``wu_ref`` is unused (None) when not gated."""
+  import jax.experimental.mosaic.gpu as mgpu
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, gpu, memref, nvvm, scf, vector
+  from jax._src.lib.mlir.dialects import math as mlir_math
+
+  m, d_model = ir.MemRefType(x_ref.type).shape
+  _, n_tiles, capacity = ir.MemRefType(idx_ref.type).shape
+  chunks = d_model // 256
+  i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
+  f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
+  c = lambda v: mgpu.c(v, i32)
+  ci = lambda v: mgpu.c(v, index)
+  cf = lambda v: mgpu.c(v, f32)
+  idx_of = lambda v: v if isinstance(v.type, ir.IndexType) else arith.index_cast(index, v)
+  as_i32 = lambda v: arith.index_cast(i32, v) if isinstance(v.type, ir.IndexType) else v
+  v8bf, v8f = ir.VectorType.get((8,), bf16), ir.VectorType.get((8,), f32)
+  full = c(0xFFFFFFFF)
+
+  tid = mgpu.thread_idx()
+  lane = arith.remui(tid, c(32))
+  warp = arith.divui(tid, c(32))
+  n_warps = arith.muli(arith.index_cast(i32, gpu.block_dim(gpu.Dimension.x)), c(1))
+  n_warps = arith.divui(n_warps, c(32))
+  gwarp = arith.addi(arith.muli(mgpu.utils.block_idx(), n_warps), warp)
+  total_warps = arith.muli(arith.index_cast(i32, gpu.grid_dim(gpu.Dimension.x)), n_warps)
+  cols = [arith.muli(arith.addi(lane, c(32 * k)), c(8)) for k in range(chunks)]
+
+  def hsum(v):
+    return vector.reduction(f32, vector.CombiningKind.ADD, v)
+
+  def warp_sum(s):
+    for dist in (16, 8, 4, 2, 1):
+      s = arith.addf(s, mgpu.utils.shfl_bfly(s, dist))
+    return s
+
+  def load_row(ref, row):
+    return [arith.extf(v8f, vector.load(v8bf, ref, [idx_of(row), idx_of(col)])) for col in cols]
+
+  token_loop = scf.ForOp(idx_of(gwarp), ci(m), idx_of(total_warps), [])
+  with ir.InsertionPoint(token_loop.body):
+    t = arith.index_cast(i32, token_loop.induction_variable)
+    # 1. Entry list of this token in SMEM: (global column, gate value), tiles in order.
+    base = c(0)
+    for g0 in range(0, n_tiles, 32):
+      tile = arith.addi(lane, c(g0))
+      has_tile = arith.cmpi(arith.CmpIPredicate.ult, tile, c(n_tiles))
+      safe_tile = arith.select(has_tile, tile, c(0))
+      raw = memref.load(cnt_ref, [idx_of(t), idx_of(safe_tile)])
+      cnt = arith.select(has_tile, arith.minsi(raw, c(capacity)), c(0))
+      incl = cnt
+      for dist in (1, 2, 4, 8, 16):
+        up = nvvm.shfl_sync(full, incl, c(dist), c(0), nvvm.ShflKind.up)
+        incl = arith.select(arith.cmpi(arith.CmpIPredicate.uge, lane, c(dist)),
+                            arith.addi(incl, up), incl)
+      start = arith.addi(base, arith.subi(incl, cnt))
+
+      @mgpu.fori(cnt, None)
+      def _copy(s, _):
+        s32 = as_i32(s)
+        local = arith.extui(i32, memref.load(idx_ref, [idx_of(t), idx_of(safe_tile), idx_of(s)]))
+        col = arith.addi(arith.muli(safe_tile, c(256)), local)
+        gate = arith.extf(f32, memref.load(val_ref, [idx_of(t), idx_of(safe_tile), idx_of(s)]))
+        pos = idx_of(arith.addi(start, s32))
+        memref.store(col, ej_ref, [idx_of(warp), pos])
+        memref.store(gate, ev_ref, [idx_of(warp), pos])
+        return None
+
+      base = arith.addi(base, nvvm.shfl_sync(full, incl, c(31), c(0x1F), nvvm.ShflKind.idx))
+    total = base
+    mgpu.utils.warp_barrier()
+
+    # 2. x slice of this lane, f32.
+    x = load_row(x_ref, t) if gated else None
+    zero = vector.broadcast(v8f, cf(0.0))
+    n_steps = arith.divui(arith.addi(total, c(ENTRIES_PER_STEP - 1)), c(ENTRIES_PER_STEP))
+
+    # 3. Entries, ENTRIES_PER_STEP at a time.
+    @mgpu.fori(n_steps, ([zero] * chunks, cf(0.0)))
+    def _entries(step, carry):
+      acc, l1 = carry
+      e0 = arith.muli(as_i32(step), c(ENTRIES_PER_STEP))
+      picks = []
+      for b in range(ENTRIES_PER_STEP):
+        e = arith.addi(e0, c(b))
+        valid = arith.cmpi(arith.CmpIPredicate.ult, e, total)
+        e_safe = idx_of(arith.select(valid, e, e0))
+        row = memref.load(ej_ref, [idx_of(warp), e_safe])
+        gate = arith.select(valid, memref.load(ev_ref, [idx_of(warp), e_safe]), cf(0.0))
+        picks.append((row, gate))
+      if gated:
+        ups = [load_row(wu_ref, row) for row, _ in picks]
+      downs = [load_row(wd_ref, row) for row, _ in picks]
+      for b, (row, gate) in enumerate(picks):
+        if gated:
+          part = zero
+          for k in range(chunks):
+            part = mlir_math.fma(x[k], ups[b][k], part)
+          r = warp_sum(hsum(part))
+          h = arith.extf(f32, arith.truncf(bf16, arith.mulf(gate, r)))
+        else:
+          h = gate
+        l1 = arith.addf(l1, mlir_math.absf(h))
+        hv = vector.broadcast(v8f, h)
+        acc = [mlir_math.fma(hv, downs[b][k], acc[k]) for k in range(chunks)]
+      return acc, l1
+
+    acc, l1 = _entries.results
+    v8out = ir.VectorType.get((8,), ir.MemRefType(out_ref.type).element_type)
+    for k in range(chunks):
+      vector.store(arith.truncf(v8out, acc[k]), out_ref, [idx_of(t), idx_of(cols[k])])
+    with mgpu.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(0))):
+      memref.store(l1, l1_ref, [idx_of(t)])
+    mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
+    scf.yield_([])
+
+
+def _fused_jnp(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *, gated,
+               rows):
+  """Interpretable path: the same math with array ops for a block of tokens."""
+  n_tiles, capacity = idx_ref.shape[1], idx_ref.shape[2]
+  cnt = cnt_ref[rows]
+  idx = idx_ref[rows].astype(jnp.int32)
+  val = val_ref[rows].astype(jnp.float32)
+  valid = lax.broadcasted_iota(jnp.int32, idx.shape, 2) < jnp.minimum(cnt, capacity)[:, :, None]
+  col = idx + (lax.broadcasted_iota(jnp.int32, idx.shape, 1) * 256)
+  flat_col = col.reshape(col.shape[0], n_tiles * capacity)
+  wd = wd_ref[...].astype(jnp.float32)
+  if gated:
+    x = x_ref[rows].astype(jnp.float32)
+    u = jnp.dot(x, wu_ref[...].astype(jnp.float32).T)
+    r = jnp.take_along_axis(u, flat_col, axis=1).reshape(idx.shape)
+    h = (val * r).astype(jnp.bfloat16).astype(jnp.float32)
+  else:
+    h = val
+  h = jnp.where(valid, h, 0.0)
+  dense = jnp.zeros((idx.shape[0], wd.shape[0]), jnp.float32)
+  dense = dense.at[jnp.arange(idx.shape[0])[:, None], flat_col].add(h.reshape(flat_col.shape))
+  out_ref[rows] = jnp.dot(dense, wd).astype(out_ref.dtype)
+  l1_ref[rows] = jnp.sum(jnp.abs(h), axis=(1, 2))
+
+
+def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, tw: TwELL, *,
+                  compute: Literal["mgpu", "jnp", "auto"] = "auto", interpret: bool = False,
+                  warpgroups: int = DEFAULT_WARPGROUPS) -> tuple[jax.Array, jax.Array]:
+  """(y [M, D] bf16, per-row sum |h| [M] f32) from TwELL-packed gate activations.
+
+  ``w_up=None`` is the non-gated FFN (TwELL holds h). Rows with an overflowed tile are NOT exact
+  here; the caller replaces them (``ffn_backend``)."""
+  m, d = x_MxD.shape
+  gated = w_up is not None
+  if d % 256:
+    raise ValueError(f"d_model={d} must be a multiple of 256 for the fused kernel")
+  if tw.tile != 256 or tw.n_rows != m:
+    raise ValueError(f"TwELL must be tile 256 with {m} rows, got tile {tw.tile}, rows {tw.n_rows}")
+  for name, w in (("w_up", w_up), ("w_down", w_down)):
+    if w is not None and (w.shape != (tw.n_tiles * 256, d) or w.dtype != jnp.bfloat16):
+      raise ValueError(f"{name} must be bf16 [{tw.n_tiles * 256}, {d}], got {w.dtype} {w.shape}")
+  if compute == "auto":
+    compute = "jnp" if interpret else "mgpu"
+  capacity = tw.capacity
+  out_type = (jax.ShapeDtypeStruct((m, d), jnp.bfloat16), jax.ShapeDtypeStruct((m,), jnp.float32))
+  n_warps = warpgroups * WARPS_PER_WG
+  list_len = tw.n_tiles * capacity
+  if compute == "mgpu":
+    if n_warps * list_len * 8 > 200 * 1024:
+      raise NotImplementedError(f"entry lists need {n_warps * list_len * 8} bytes of SMEM")
+    scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
+               plgpu.SMEM((n_warps, list_len), jnp.float32)]
+    grid = (common.num_sms(),)
+  else:
+    scratch = []
+    grid = (2,)
+  rows_per_wg = common.cdiv(m, grid[0] * warpgroups)
+
+  def body(x_ref, *refs):
+    if gated:
+      wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *scr = refs
+    else:
+      wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *scr = refs
+      wu_ref = None
+    if compute == "mgpu":
+      ref_args = [x_ref] + ([wu_ref] if gated else []) + [wd_ref, cnt_ref, idx_ref, val_ref,
+                                                          out_ref, l1_ref, *scr]
+
+      @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in ref_args))
+      def _(ctx, *r):
+        del ctx
+        if gated:
+          _fused_mgpu(*r, gated=True)
+        else:
+          _fused_mgpu(r[0], None, *r[1:], gated=False)
+
+      _(*ref_args)
+    else:
+      wg = lax.axis_index("sm") * warpgroups + lax.axis_index("wg")
+      start = jnp.minimum(wg * rows_per_wg, m)
+      size = rows_per_wg if m % rows_per_wg == 0 and m >= rows_per_wg * grid[0] * warpgroups else None
+      if size is None:
+        raise NotImplementedError("interpret path needs M divisible by its token blocks")
+      _fused_jnp(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, gated=gated,
+                 rows=pl.ds(start, size))
+
+  f = plgpu.kernel(
+      body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
+      num_threads=warpgroups, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=common.interpret_params() if interpret else None)
+  args = (x_MxD,) + ((w_up,) if gated else ()) + (w_down, tw.counts_MxT, tw.indices_MxTxC,
+                                                  tw.values_MxTxC)
+  return f(*args)

@@ -1,0 +1,150 @@
+"""TwELL kernels on the CPU: GPU interpret mode (pipeline, TMA, wgmma, stores; outputs start as
+NaN) against the XLA reference, and CPU cross-lowering of the real GPU paths (inline_mgpu)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from ffn_checks import SparseFFNChecks
+
+from pallas_kernels import ffn_backend, twell_ffn, twell_gate
+from sparse_jax import ops
+from sparse_jax.formats import twell
+from sparse_jax.synthetic import make_ffn_problem
+
+
+def _gate_ref(x, w):
+  return jnp.maximum(jnp.dot(x, w.T, preferred_element_type=jnp.float32), 0).astype(jnp.bfloat16)
+
+
+def _clear_rows(x, w):
+  """Rows with no gate pre-activation within f32 accumulation-order noise of zero: only there is
+  the active set independent of the order in which wgmma and XLA sum."""
+  pre = jnp.dot(x, w.T, preferred_element_type=jnp.float32)
+  return ~np.asarray(jnp.any(jnp.abs(pre) < 1e-4, axis=1))
+
+
+def _entries(tw, r, t):
+  n = min(int(tw.counts_MxT[r, t]), tw.capacity)
+  return sorted(zip(np.asarray(tw.indices_MxTxC[r, t, :n]).tolist(),
+                    np.asarray(tw.values_MxTxC[r, t, :n], np.float32).tolist()))
+
+
+@pytest.mark.parametrize("dist,capacity", [("uniform", 16), ("skewed", 8)])
+def test_gate_kernel_interpret_matches_encode(key, dist, capacity):
+  p = make_ffn_problem(key, 256, 128, 512, active_per_token=14, distribution=dist)
+  x = p.x.at[7, 5].set(jnp.nan)  # a NaN row: every gate neuron is active, never dropped
+  tw = twell_gate.gate_twell(x, p.w_gate, capacity=capacity, interpret=True)
+  ref = twell.encode(_gate_ref(x, p.w_gate), capacity=capacity)
+  clear = _clear_rows(x, p.w_gate)
+  clear[7] = True
+  assert clear.mean() > 0.8
+  np.testing.assert_array_equal(tw.counts_MxT[clear], ref.counts_MxT[clear])  # written, exact
+  assert bool(tw.row_overflow()[7]) and int(tw.counts_MxT[7].min()) == 256
+  flagged = np.asarray(tw.row_overflow())
+  assert flagged.any() and not flagged.all(), "the test needs both kinds of rows"
+  ok = ~flagged & clear
+  np.testing.assert_allclose(np.asarray(twell.decode(tw, on_overflow="nan")[ok], np.float32),
+                             np.asarray(twell.decode(ref, on_overflow="nan")[ok], np.float32),
+                             rtol=8e-3, atol=0)
+  for r in np.nonzero(flagged)[0][:4]:  # overflowed rows still hold `capacity` true entries
+    for t in range(tw.n_tiles):
+      got = _entries(tw, r, t)
+      full = twell.encode(_gate_ref(x[r:r + 1], p.w_gate), capacity=256)
+      want = dict(_entries(full, 0, t))
+      for col, val in got:
+        assert col in want and (np.isnan(val) or abs(val - want[col]) <= 8e-3 * abs(want[col]))
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_kernel_interpret_matches_reference(key, gated):
+  p = make_ffn_problem(key, 256, 256, 512, active_per_token=12, distribution="skewed")
+  g = _gate_ref(p.x, p.w_gate)
+  tw = twell.encode(g, capacity=16)
+  y, l1 = twell_ffn.fused_up_down(p.x, p.w_up if gated else None, p.w_down, tw, interpret=True)
+  u = jnp.dot(p.x, p.w_up.T, preferred_element_type=jnp.float32)
+  h = (g.astype(jnp.float32) * u).astype(jnp.bfloat16) if gated else g
+  ref = jnp.dot(h.astype(jnp.float32), p.w_down.astype(jnp.float32))
+  ok = ~np.asarray(tw.row_overflow())
+  assert rel_err(y[ok], ref[ok]) < 1e-2
+  np.testing.assert_allclose(l1[ok], jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1)[ok],
+                             rtol=1e-5)
+  assert not np.isnan(np.asarray(y, np.float32)).any()  # every output row was written
+
+
+@pytest.mark.parametrize("capacity", [8, 32])
+def test_gate_kernel_cross_lowers(key, capacity):
+  x = jax.random.normal(key, (256, 256), jnp.bfloat16)
+  w = jax.random.normal(key, (512, 256), jnp.bfloat16)
+  f = jax.jit(lambda x, w: twell_gate.gate_twell(x, w, capacity=capacity))
+  assert "mosaic_gpu" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_kernel_cross_lowers(key, gated):
+  p = make_ffn_problem(key, 256, 512, 768, active_per_token=12)
+  tw = twell.encode(_gate_ref(p.x, p.w_gate), capacity=32)
+  wu = p.w_up if gated else None
+  f = jax.jit(lambda x, wu, wd, tw: twell_ffn.fused_up_down(x, wu, wd, tw))
+  assert "mosaic_gpu" in f.trace(p.x, wu, p.w_down, tw).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_pallas_op_with_gradients_cross_lowers(key):
+  p = make_ffn_problem(key, 300, 256, 512, active_per_token=12)
+
+  def step(x, wg, wu, wd):
+    y, st = ffn_backend.gated_ffn_pallas(x, wg, wu, wd, ops.SparseFFNConfig())
+    g = jax.grad(lambda wd: jnp.sum(ffn_backend.gated_ffn_pallas(
+        x, wg, wu, wd, ops.SparseFFNConfig())[0].astype(jnp.float32)))(wd)
+    return y, st, g
+
+  lowered = jax.jit(step).trace(p.x, p.w_gate, p.w_up, p.w_down).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_fused_kernel_rejects_bad_shapes(key):
+  p = make_ffn_problem(key, 128, 128, 256, active_per_token=4)
+  tw = twell.encode(_gate_ref(p.x, p.w_gate), capacity=8)
+  with pytest.raises(ValueError, match="multiple of 256"):
+    twell_ffn.fused_up_down(p.x, p.w_up, p.w_down, tw)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    twell_gate.gate_twell(p.x[:100], p.w_gate, capacity=8)
+  with pytest.raises(NotImplementedError, match="bf16"):
+    twell_gate.gate_twell(p.x.astype(jnp.float32), p.w_gate.astype(jnp.float32), capacity=8)
+
+
+class TestPallasBackendInterpret(SparseFFNChecks):
+  """The whole check suite through the Pallas backend, kernels in interpret mode."""
+  implementation = "pallas-interpret"
+  dtypes = (jnp.bfloat16,)
+  M, D, N = 96, 256, 512
+
+  def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):
+    cfg = config or ops.SparseFFNConfig()
+    if not dispatch:  # the small test FFNs are far denser than the dispatcher's threshold
+      cfg = dataclasses.replace(cfg, max_active_fraction=None)
+    ops.api._check_weights(x, [("w_gate", wg), ("w_up", wu), ("w_down", wd)])
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if gated:
+      y, st = ffn_backend.gated_ffn_pallas_interpret(x2, wg, wu, wd, cfg)
+    else:
+      y, st = ffn_backend.relu_ffn_pallas_interpret(x2, wg, wd, cfg)
+    return y.reshape(*lead, y.shape[-1]), st
+
+  def test_bad_arguments_raise_clear_errors(self, key):
+    pytest.skip("argument checks live in sparse_jax.ops (tested with the XLA backend)")
+
+  def test_jit_vmap_and_leading_dims(self, key):
+    pytest.skip("Pallas kernels have no vmap rule; the op folds leading dims into M instead")
+
+  def test_dispatcher_runs_dense_when_too_dense(self, key):
+    p = self.problem(key, jnp.bfloat16, active=12.0)
+    y, st = self.op(p.x, p.w_gate, p.w_up, p.w_down,
+                    config=ops.SparseFFNConfig(max_active_fraction=0.001), dispatch=True)
+    y_ref, st_ref = ops.gated_sparse_ffn(p.x, p.w_gate, p.w_up, p.w_down, implementation="xla")
+    assert bool(st.dense_fallback) and float(st.l0) == float(st_ref.l0)
+    assert rel_err(y, y_ref) < 1e-2
