@@ -1,0 +1,319 @@
+"""One config object for a training run: model, data and training settings, presets, overrides.
+
+Presets (``get_config(name)``):
+
+* ``tiny``: CPU tests and the README's main job (d_model 128, 2 layers, ~0.5M params).
+* ``small``: ~25M parameters (d_model 512, 8 layers, 8 heads, d_ff 1408), a short GPU run.
+* ``base``: ~125M parameters (d_model 768, 12 layers, 12 heads, d_ff 2112, vocab 49152).
+* ``0.5b``, ``1b``, ``1.5b``, ``2b``: the paper's models (d_model 2048, d_ff 5632, 32 heads of 64,
+  8/18/28/38 layers, vocab 49152, tied embeddings) with its optimiser settings.
+
+Every field can be overridden with ``section.field=value`` strings (``apply_overrides``), e.g.
+``model.n_layers=4 train.lr=3e-4 data.source=/data/fineweb/*.parquet``; values are parsed by the
+field's type and checked by the dataclasses, so a bad value names the field it belongs to.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense")
+FFN_IMPLS = ("auto", "xla", "pallas")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+L1_NORMS = ("mean", "sum_neurons")
+
+
+def _require(ok: bool, field: str, value: Any, why: str) -> None:
+  if not ok:
+    raise ValueError(f"{field}={value!r}: {why}")
+
+
+def _positive_ints(obj, section: str, names: tuple[str, ...]) -> None:
+  for name in names:
+    v = getattr(obj, name)
+    _require(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{section}.{name}", v,
+             "must be a positive integer")
+
+
+def _choice(obj, section: str, name: str, choices: tuple[str, ...]) -> None:
+  v = getattr(obj, name)
+  _require(v in choices, f"{section}.{name}", v, f"must be one of {', '.join(choices)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A Llama-style decoder: tied embeddings, RMSNorm, RoPE, causal MHA/GQA, a chosen FFN.
+
+  vocab_size: None takes the tokenizer's vocabulary rounded up to a multiple of 128; an explicit
+    value must be at least the tokenizer's.
+  n_kv_heads: None means full multi-head attention; fewer (dividing n_heads) is grouped-query.
+  head_dim: None means d_model // n_heads.
+  ffn: relu_sparse (the paper's ReLU-gated FFN through sparse_jax.ops), relu_nongated_sparse
+    (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines).
+  ffn_impl: sparse op backend; auto picks the fastest that can run (Pallas on Hopper, else XLA).
+  attention_impl: auto uses cuDNN flash attention on a GPU with 16-bit compute, else XLA.
+  """
+
+  vocab_size: int | None = None
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int | None = None
+  head_dim: int | None = None
+  d_ff: int = 352
+  ffn: str = "relu_sparse"
+  ffn_impl: str = "auto"
+  attention_impl: str = "auto"
+  rope_theta: float = 1e5
+  norm_eps: float = 1e-6
+  compute_dtype: str = "bfloat16"
+  param_dtype: str = "float32"
+  remat: bool = False
+  # Hybrid-format ELL width of the sparse op in training: rows with more active neurons go to the
+  # dense tail. Early in training (before L1 bites) most rows are long; the op stays exact.
+  sparse_ell_width: int = 128
+
+  def __post_init__(self):
+    _positive_ints(self, "model", ("d_model", "n_layers", "n_heads", "d_ff", "sparse_ell_width"))
+    for name in ("vocab_size", "n_kv_heads", "head_dim"):
+      v = getattr(self, name)
+      _require(v is None or (isinstance(v, int) and v > 0), f"model.{name}", v,
+               "must be a positive integer or none")
+    _require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
+             f"must divide n_heads={self.n_heads} (grouped-query attention)")
+    _require(self.head_dim is not None or self.d_model % self.n_heads == 0, "model.head_dim",
+             self.head_dim, f"none needs n_heads={self.n_heads} to divide d_model={self.d_model}")
+    _require(self.attn_head_dim % 2 == 0, "model.head_dim", self.attn_head_dim,
+             "must be even (RoPE rotates pairs of features)")
+    _choice(self, "model", "ffn", FFN_KINDS)
+    _choice(self, "model", "ffn_impl", FFN_IMPLS)
+    _choice(self, "model", "attention_impl", ATTENTION_IMPLS)
+    _choice(self, "model", "compute_dtype", DTYPES)
+    _choice(self, "model", "param_dtype", DTYPES)
+    _require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+    _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def attn_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.n_heads
+
+  def resolve_vocab(self, tokenizer_vocab: int) -> "ModelConfig":
+    """This config with vocab_size fixed for a tokenizer of ``tokenizer_vocab`` ids."""
+    if self.vocab_size is None:
+      return dataclasses.replace(self, vocab_size=-(-tokenizer_vocab // 128) * 128)
+    if self.vocab_size < tokenizer_vocab:
+      raise ValueError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                       f"vocabulary ({tokenizer_vocab} ids); raise it or set it to none")
+    return self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where the text comes from and how it becomes fixed-length training sequences.
+
+  source: "stdlib" (the running interpreter's standard-library *.py files, no download), local
+    files or globs separated by commas (.txt/.md/.py/... one document per file, .jsonl one per
+    line, .parquet one per row), or "hf:NAME[:CONFIG]" for a Hugging Face dataset (needs the
+    ``datasets`` package and a network; the first max_docs documents are used).
+  tokenizer: "bytes" (256 byte ids + specials) or the path of a Hugging Face tokenizer.json.
+  seq_len: tokens per training sequence (each example holds seq_len + 1 tokens: inputs, targets).
+  val_fraction: share of the tokens, whole documents in shuffled order, held out for validation.
+  """
+
+  source: str = "stdlib"
+  tokenizer: str = "bytes"
+  text_field: str = "text"
+  seq_len: int = 128
+  val_fraction: float = 0.02
+  max_docs: int | None = None
+  hf_split: str = "train"
+  seed: int = 0
+
+  def __post_init__(self):
+    _positive_ints(self, "data", ("seq_len",))
+    _require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
+             self.source, "must name a corpus")
+    _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
+             "must be in (0, 0.5)")
+    _require(self.max_docs is None or self.max_docs > 0, "data.max_docs", self.max_docs,
+             "must be a positive integer or none")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimiser, schedule, sparsity penalty, logging and checkpointing.
+
+  batch_size: sequences per optimiser step (global), split into grad_accum micro-batches.
+  lr: peak learning rate, reached after warmup_steps, then cosine decay to lr * min_lr_ratio at
+    ``steps``.
+  l1_coeff / l1_norm: the sparsity penalty ``coeff * L1``. l1_norm="mean" is the paper's formula
+    (mean |h| over tokens and neurons, averaged over layers); "sum_neurons" is the released code's
+    (sum over the d_ff neurons, mean over tokens, mean over layers) = d_ff x the "mean" value. The
+    released checkpoints' 2e-5 is a "sum_neurons" coefficient (= 2e-5 * d_ff in "mean").
+  l1_warmup_steps: the coefficient ramps linearly from 0 over these steps (0: full from step 0).
+  dead_window: steps over which a neuron that never fires is counted dead; reinit_dead
+    re-draws the gate rows of dead neurons at the end of every window.
+  max_minutes: stop (and save) after this much wall time even if ``steps`` is not reached.
+  """
+
+  steps: int = 600
+  batch_size: int = 16
+  grad_accum: int = 1
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 50
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  grad_clip: float = 1.0
+  l1_coeff: float = 2e-3
+  l1_norm: str = "sum_neurons"
+  l1_warmup_steps: int = 0
+  l0_ema_decay: float = 0.9
+  dead_window: int = 100
+  reinit_dead: bool = False
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 200
+  eval_batches: int = 8
+  ckpt_every: int = 200
+  keep_checkpoints: int = 2
+  max_minutes: float | None = None
+
+  def __post_init__(self):
+    _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",
+                                   "log_every", "eval_every", "eval_batches", "ckpt_every",
+                                   "keep_checkpoints"))
+    _require(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
+             f"must divide batch_size={self.batch_size}")
+    _require(self.lr > 0, "train.lr", self.lr, "must be positive")
+    _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
+             "must be in [0, 1]")
+    for name in ("warmup_steps", "l1_warmup_steps"):
+      v = getattr(self, name)
+      _require(isinstance(v, int) and v >= 0, f"train.{name}", v, "must be a non-negative integer")
+    for name in ("b1", "b2", "l0_ema_decay"):
+      v = getattr(self, name)
+      _require(0 <= v < 1, f"train.{name}", v, "must be in [0, 1)")
+    for name in ("eps", "grad_clip"):
+      _require(getattr(self, name) > 0, f"train.{name}", getattr(self, name), "must be positive")
+    for name in ("weight_decay", "l1_coeff"):
+      _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name),
+               "must be non-negative")
+    _choice(self, "train", "l1_norm", L1_NORMS)
+    _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
+             self.max_minutes, "must be positive or none")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  name: str = "tiny"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Config":
+    return cls(name=d["name"], model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]),
+               train=TrainConfig(**d["train"]))
+
+
+def _paper(n_layers: int) -> Config:
+  # The paper's recipe; batch 512 x 2048 needs gradient accumulation on one GPU.
+  return Config(
+      model=ModelConfig(vocab_size=49152, d_model=2048, n_layers=n_layers, n_heads=32,
+                        head_dim=64, d_ff=5632, remat=True),
+      data=DataConfig(seq_len=2048, val_fraction=0.01),
+      train=TrainConfig(steps=20000, batch_size=512, grad_accum=64, lr=1e-3, warmup_steps=600,
+                        l1_coeff=2e-5, l1_norm="sum_neurons", log_every=10, eval_every=1000,
+                        ckpt_every=1000, eval_batches=16))
+
+
+PRESETS: dict[str, Config] = {
+    "tiny": Config(),
+    "small": Config(
+        model=ModelConfig(d_model=512, n_layers=8, n_heads=8, d_ff=1408),
+        data=DataConfig(seq_len=512),
+        train=TrainConfig(steps=2000, batch_size=32, lr=1e-3, warmup_steps=200, l1_coeff=1e-4,
+                          eval_every=500, ckpt_every=500)),
+    "base": Config(
+        model=ModelConfig(vocab_size=49152, d_model=768, n_layers=12, n_heads=12, d_ff=2112),
+        data=DataConfig(seq_len=1024),
+        train=TrainConfig(steps=10000, batch_size=64, lr=1e-3, warmup_steps=400, l1_coeff=2e-5,
+                          eval_every=1000, ckpt_every=1000)),
+    "0.5b": _paper(8),
+    "1b": _paper(18),
+    "1.5b": _paper(28),
+    "2b": _paper(38),
+}
+
+
+def get_config(name: str) -> Config:
+  if name not in PRESETS:
+    raise ValueError(f"unknown config {name!r}; choose one of {', '.join(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], name=name)
+
+
+def _field_types(cls) -> dict[str, Any]:
+  return typing.get_type_hints(cls)
+
+
+def _parse_value(text: str, typ: Any, where: str) -> Any:
+  """Parses ``text`` as a value of the annotated type (int, float, bool, str, or X | None)."""
+  args = typing.get_args(typ)
+  if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+    if type(None) in args and text.strip().lower() in ("none", "null"):
+      return None
+    (typ,) = [a for a in args if a is not type(None)]
+  try:
+    if typ is bool:
+      low = text.strip().lower()
+      if low in ("1", "true", "yes", "on"):
+        return True
+      if low in ("0", "false", "no", "off"):
+        return False
+      raise ValueError
+    if typ is int:
+      f = float(text)
+      if not f.is_integer():
+        raise ValueError
+      return int(f)  # accepts 1e4 as well as 10000
+    if typ is float:
+      return float(text)
+    if typ is str:
+      return text
+  except ValueError:
+    raise ValueError(f"{where}={text!r}: expected {typ.__name__}") from None
+  raise TypeError(f"{where}: cannot override a field of type {typ}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+  """``["model.n_layers=4", "train.lr=3e-4"]`` applied to ``cfg`` (a new, validated Config)."""
+  sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
+  changes: dict[str, dict[str, Any]] = {}
+  for item in overrides:
+    if "=" not in item:
+      raise ValueError(f"override {item!r} must look like section.field=value")
+    path, text = item.split("=", 1)
+    section, _, field = path.strip().partition(".")
+    if section not in sections or not field:
+      raise ValueError(f"override {item!r}: the key must be one of "
+                       f"{', '.join(s + '.<field>' for s in sections)}")
+    types_ = _field_types(type(getattr(cfg, section)))
+    if field not in types_:
+      raise ValueError(f"override {item!r}: {section} has no field {field!r}; fields: "
+                       f"{', '.join(types_)}")
+    changes.setdefault(section, {})[field] = _parse_value(text, types_[field], path.strip())
+  return dataclasses.replace(
+      cfg, **{s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()})

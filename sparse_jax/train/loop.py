@@ -1,0 +1,239 @@
+"""The training run: data, model, jitted steps, logging, evaluation, checkpoints, summary.
+
+Output directory layout::
+
+    OUT/config.json      the resolved config of the run
+    OUT/metrics.jsonl    one record per log step ("split": "train") and per evaluation ("val")
+    OUT/curves.png       loss and sparsity curves
+    OUT/summary.json     the final summary (also returned by ``train``)
+    OUT/checkpoints/     orbax steps: train state, data position, config
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from sparse_jax.config import Config
+from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
+from sparse_jax.nn import Transformer, count_params
+from sparse_jax.train.checkpoint import Checkpointer
+from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records
+from sparse_jax.train.step import eval_step, init_state, train_step
+
+# Train settings that may change between a checkpoint and its resumption without changing what
+# the run computes (budgets and cadences). Any other change is reported: exact resume needs none.
+_RESUMABLE_TRAIN_CHANGES = {"max_minutes", "log_every", "eval_every", "eval_batches",
+                            "ckpt_every", "keep_checkpoints"}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPaths:
+  out: str
+
+  @property
+  def checkpoints(self):
+    return os.path.join(self.out, "checkpoints")
+
+  @property
+  def metrics(self):
+    return os.path.join(self.out, "metrics.jsonl")
+
+  @property
+  def plot(self):
+    return os.path.join(self.out, "curves.png")
+
+  @property
+  def summary(self):
+    return os.path.join(self.out, "summary.json")
+
+  @property
+  def config(self):
+    return os.path.join(self.out, "config.json")
+
+
+def resolve_config(cfg: Config):
+  """(cfg with model.vocab_size fixed for its tokenizer, the tokenizer)."""
+  tokenizer = load_tokenizer(cfg.data.tokenizer)
+  return dataclasses.replace(cfg, model=cfg.model.resolve_vocab(tokenizer.vocab_size)), tokenizer
+
+
+def _check_resumable(saved: dict, cfg: Config) -> None:
+  now = cfg.to_dict()
+  for section in ("model", "data"):
+    diff = {k: (saved[section].get(k), v) for k, v in now[section].items()
+            if saved[section].get(k) != v}
+    if diff:
+      raise ValueError(f"the checkpoint was saved with other {section} settings "
+                       f"(saved, now): {diff}; use another --out directory or --fresh")
+  diff = {k: (saved["train"].get(k), v) for k, v in now["train"].items()
+          if saved["train"].get(k) != v and k not in _RESUMABLE_TRAIN_CHANGES}
+  if diff:
+    print(f"warning: resuming with changed train settings (saved, now): {diff}; the run will "
+          "not match an uninterrupted one")
+
+
+def evaluate(params, graphdef, cfg: Config, batches: list[np.ndarray]) -> dict:
+  """Validation cross-entropy and FFN sparsity over ``batches`` (inference path, no gradient)."""
+  sums = None
+  for b in batches:
+    m = eval_step(params, jnp.asarray(b), graphdef, cfg)
+    sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
+  sums = jax.device_get(sums)
+  n = len(batches)
+  l0_L = sums["l0_L"] / n
+  return dict(
+      ce=float(sums["ce"] / n), ppl=float(np.exp(sums["ce"] / n)), l0_L=l0_L,
+      l1_L=sums["l1_L"] / n, sparsity_pct=float(100 * (1 - l0_L.mean() / cfg.model.d_ff)),
+      dead_on_val_L=np.mean(sums["active_per_neuron_LxF"] == 0, axis=1),
+      overflow_rows=int(sums["overflow_rows_L"].sum()),
+      dense_fallback=float(sums["dense_fallback_L"].mean() / n))
+
+
+def _postfix(rec: dict, d_ff: int) -> dict:
+  l0 = float(np.mean(rec["l0_L"]))
+  return dict(loss=f"{rec['ce']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
+              active=f"{l0:.1f}", sparse=f"{100 * (1 - l0 / d_ff):.1f}%")
+
+
+def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
+          stop_at: int | None = None, progress: bool = True) -> dict:
+  """Trains (or resumes) the run in ``out`` and returns its summary.
+
+  resume: continue from the latest complete checkpoint in ``out`` if there is one.
+  fresh: delete ``out``'s checkpoints first (a new run in the same directory).
+  stop_at: stop at this step (saving a checkpoint) as if interrupted; a later call resumes.
+  """
+  t0 = time.perf_counter()
+  paths = RunPaths(out)
+  cfg, tokenizer = resolve_config(cfg)
+  tcfg, d_ff = cfg.train, cfg.model.d_ff
+  corpus = build_corpus(cfg.data, tokenizer, progress=progress)
+  graphdef, state = init_state(cfg)
+  if fresh and os.path.isdir(paths.checkpoints):
+    shutil.rmtree(paths.checkpoints)
+  ckpt = Checkpointer(paths.checkpoints, keep=tcfg.keep_checkpoints)
+  data_state, resumed_from = None, None
+  if resume and ckpt.latest_step() is not None:
+    _check_resumable(ckpt.read_config(), cfg)
+    state, data_state, _, resumed_from = ckpt.restore(state)
+  micro = tcfg.batch_size // tcfg.grad_accum
+  batches = Batches(corpus.train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
+                    state=data_state)
+  val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
+  log = MetricsLog(paths.metrics, resume_step=resumed_from)
+  with open(paths.config, "w") as f:
+    json.dump(cfg.to_dict(), f, indent=2)
+
+  def run_eval(step):
+    rec = dict(split="val", step=step, **evaluate(state.params, graphdef, cfg, val))
+    log.write(rec)
+    return rec
+
+  step = start_step = int(state.step)
+  if resumed_from is None:
+    run_eval(0)
+  target = tcfg.steps if stop_at is None else min(stop_at, tcfg.steps)
+  deadline = None if tcfg.max_minutes is None else time.perf_counter() + 60 * tcfg.max_minutes
+  tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+  stop_reason = "steps" if step < target else "already done"
+  last_val = None
+  t_loop = last_t = time.perf_counter()
+  last_step, steady = step, []  # (tokens, seconds) of log intervals after the first (compile)
+  bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {cfg.name}", unit="step",
+             disable=not progress, mininterval=1.0, dynamic_ncols=True)
+  try:
+    while step < target:
+      if deadline is not None and time.perf_counter() > deadline:
+        stop_reason = "time budget"
+        break
+      batch = batches.next().reshape(tcfg.grad_accum, micro, cfg.data.seq_len + 1)
+      state, metrics = train_step(state, batch, graphdef, cfg)
+      step += 1
+      bar.update(1)
+      if step % tcfg.log_every == 0 or step == target:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        dt, n_tok = now - last_t, (step - last_step) * tokens_per_step
+        if last_step != start_step:
+          steady.append((n_tok, dt))
+        rec = dict(split="train", step=step, tokens=step * tokens_per_step,
+                   tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, **metrics)
+        log.write(rec)
+        bar.set_postfix(_postfix(rec, d_ff), refresh=False)
+        last_t, last_step = time.perf_counter(), step
+      if step % tcfg.eval_every == 0:
+        last_val = run_eval(step)
+      if step % tcfg.ckpt_every == 0:
+        ckpt.save(step, state, batches.state, cfg.to_dict())
+  except KeyboardInterrupt:
+    stop_reason = "interrupted"
+  finally:
+    bar.close()
+  if stop_reason == "steps" and step < tcfg.steps:
+    stop_reason = "stop_at"
+  # However the loop ended, the state it reached is saved (unless that step already is).
+  if step > 0 and ckpt.latest_step() != step:
+    ckpt.save(step, state, batches.state, cfg.to_dict())
+  ckpt.close()
+  if stop_reason == "interrupted":
+    raise KeyboardInterrupt
+  if last_val is None or last_val["step"] != step:
+    last_val = run_eval(step)
+  records = read_records(paths.metrics)
+  plot_curves(records, paths.plot, d_ff=d_ff, title=f"{cfg.name}: {cfg.model.ffn}, "
+              f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
+  summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
+                     time.perf_counter() - t0)
+  with open(paths.summary, "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
+
+
+def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s) -> dict:
+  train_recs = [r for r in records if r["split"] == "train"]
+  val_recs = [r for r in records if r["split"] == "val"]
+  tok, sec = (sum(x) for x in zip(*steady)) if steady else (0, 0.0)
+  d_ff = cfg.model.d_ff
+  return dict(
+      config=cfg.name, ffn=cfg.model.ffn, params=count_params(state.params),
+      steps=int(state.step), target_steps=cfg.train.steps, stop_reason=stop_reason,
+      tokens=int(state.step) * cfg.train.batch_size * cfg.data.seq_len,
+      tokens_per_s=tok / sec if sec else None, wall_s=wall_s,
+      l1_coeff=cfg.train.l1_coeff, l1_norm=cfg.train.l1_norm,
+      train_ce_first=train_recs[0]["ce"] if train_recs else None,
+      train_ce_last=train_recs[-1]["ce"] if train_recs else None,
+      val_ce_initial=val_recs[0]["ce"] if val_recs and val_recs[0]["step"] == 0 else None,
+      val_ce=last_val["ce"], val_ppl=last_val["ppl"],
+      val_active_per_token_L=[float(x) for x in last_val["l0_L"]],
+      val_active_per_token=float(np.mean(last_val["l0_L"])), d_ff=d_ff,
+      val_sparsity_pct=last_val["sparsity_pct"],
+      dead_on_val_pct=float(100 * np.mean(last_val["dead_on_val_L"])),
+      dead_last_window_pct=(float(100 * np.mean(train_recs[-1]["dead_fraction_L"]))
+                            if train_recs and min(train_recs[-1]["dead_fraction_L"]) >= 0
+                            else None),
+      val_overflow_rows=last_val["overflow_rows"], val_dense_fallback=last_val["dense_fallback"],
+      checkpoint_dir=paths.checkpoints, plot=paths.plot, metrics=paths.metrics)
+
+
+def load_model(out: str, step: int | None = None) -> tuple[Transformer, Config, int]:
+  """The model of a run directory's checkpoint (latest complete step by default)."""
+  directory = RunPaths(out).checkpoints
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no checkpoints directory {directory} (is {out!r} a run directory?)")
+  ckpt = Checkpointer(directory, keep=1_000_000)
+  try:
+    cfg = Config.from_dict(ckpt.read_config(step))
+    graphdef, template = init_state(cfg)
+    state, _, _, step = ckpt.restore(template, step)
+  finally:
+    ckpt.close()
+  return nnx.merge(graphdef, state.params), cfg, step

@@ -1,0 +1,121 @@
+"""The train state and the jit-compiled train and eval steps.
+
+The model crosses the jit boundary as (graphdef, params): ``nnx.split`` outside, ``nnx.merge``
+inside. Parameters stay fp32 (master weights); the modules cast them to the compute dtype at use,
+so gradients and AdamW moments are fp32 while the matmuls run in bf16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sparse_jax.config import Config
+from sparse_jax.nn import Transformer, forward_with_stats
+from sparse_jax.train.loss import cross_entropy, l1_coeff_at, lm_loss
+from sparse_jax.train.optimizer import lr_schedule, make_optimizer
+from sparse_jax.train.sparsity import SparsityTracker, init_tracker, update_tracker
+
+F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  step: jax.Array        # int32, optimiser steps taken
+  params: nnx.State      # fp32 master weights
+  opt_state: optax.OptState
+  tracker: SparsityTracker
+  rng: jax.Array         # uint32 raw key data (checkpointable), for dead-neuron re-initialisation
+
+
+def init_state(cfg: Config) -> tuple[nnx.GraphDef, TrainState]:
+  """A fresh model and optimiser from ``cfg`` (model.vocab_size must be resolved)."""
+  rngs = nnx.Rngs(params=cfg.train.seed)
+  model = Transformer(cfg.model, rngs=rngs)
+  graphdef, params = nnx.split(model, nnx.Param)
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=make_optimizer(cfg.train).init(params),
+      tracker=init_tracker(cfg.model.n_layers, cfg.model.d_ff),
+      rng=jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.train.seed), 1)))
+  return graphdef, state
+
+
+def _loss_fn(params, graphdef, tokens_BxL1, coeff, cfg: Config):
+  model = nnx.merge(graphdef, params)
+  logits_BxLxV, stats = forward_with_stats(model, tokens_BxL1[:, :-1])
+  loss, (ce, l1) = lm_loss(logits_BxLxV, tokens_BxL1[:, 1:], stats.l1, coeff=coeff,
+                           norm=cfg.train.l1_norm, d_ff=cfg.model.d_ff)
+  return loss, (ce, l1, stats)
+
+
+def _accumulate(params, graphdef, batch_AxBxL1, coeff, cfg: Config):
+  """Gradients and metrics averaged over the A micro-batches (a scan: one compiled body)."""
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+
+  def micro(tokens_BxL1):
+    (loss, (ce, l1, stats)), grads = grad_fn(params, graphdef, tokens_BxL1, coeff, cfg)
+    stats = dataclasses.replace(stats, dense_fallback=stats.dense_fallback.astype(F32))
+    return grads, loss, ce, l1, stats
+
+  def body(sums, tokens_BxL1):
+    return jax.tree.map(jnp.add, sums, micro(tokens_BxL1)), None
+
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(micro, batch_AxBxL1[0]))
+  sums, _ = jax.lax.scan(body, zeros, batch_AxBxL1)
+  grads, loss, ce, l1, stats = sums
+  n = batch_AxBxL1.shape[0]
+  # Counts (overflow rows, per-neuron activity) stay sums over the step; the rest become means.
+  stats = dataclasses.replace(stats, l0=stats.l0 / n, l1=stats.l1 / n,
+                              dense_fallback=stats.dense_fallback / n)
+  return jax.tree.map(lambda g: g / n, grads), loss / n, ce / n, l1 / n, stats
+
+
+def _reinit_dead(params, graphdef, dead_LxF, key):
+  model = nnx.merge(graphdef, params)
+  for i, block in enumerate(model.blocks):
+    block.ffn.reinit_gate_rows(dead_LxF[i], jax.random.fold_in(key, i))
+  return nnx.state(model, nnx.Param)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+def train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
+  """One optimiser step on a [grad_accum, micro_batch, seq_len + 1] int32 batch."""
+  tcfg = cfg.train
+  coeff = l1_coeff_at(state.step, tcfg)
+  grads, loss, ce, l1, stats = _accumulate(state.params, graphdef, batch_AxBxL1, coeff, cfg)
+  updates, opt_state = make_optimizer(tcfg).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  tracker, window_done, dead_LxF = update_tracker(state.tracker, stats,
+                                                  ema_decay=tcfg.l0_ema_decay,
+                                                  window=tcfg.dead_window)
+  if tcfg.reinit_dead:
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    params = jax.lax.cond(window_done, lambda p: _reinit_dead(p, graphdef, dead_LxF, key),
+                          lambda p: p, params)
+  metrics = dict(
+      loss=loss, ce=ce, l1=l1, l1_coeff=coeff, lr=lr_schedule(tcfg)(state.step),
+      grad_norm=optax.global_norm(grads), l0_L=stats.l0, l0_ema_L=tracker.l0_ema_L,
+      overflow_rows_L=stats.overflow_rows, dense_fallback_L=stats.dense_fallback,
+      dead_fraction_L=tracker.dead_fraction_L,
+      reinit_neurons=jnp.where(window_done & tcfg.reinit_dead, jnp.sum(dead_LxF), 0))
+  new_state = dataclasses.replace(state, step=state.step + 1, params=params,
+                                  opt_state=opt_state, tracker=tracker)
+  return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
+def eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
+  """Validation metrics of one batch: inference path of the FFN op (no gradient)."""
+  model = nnx.merge(graphdef, params)
+  logits_BxLxV, stats = forward_with_stats(model, batch_BxL1[:, :-1])
+  return dict(ce=cross_entropy(logits_BxLxV, batch_BxL1[:, 1:]), l0_L=stats.l0, l1_L=stats.l1,
+              overflow_rows_L=stats.overflow_rows,
+              dense_fallback_L=stats.dense_fallback.astype(F32),
+              active_per_neuron_LxF=stats.active_per_neuron)
