@@ -70,11 +70,7 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
   budget = cfg.overflow_rows_for(m)
 
   def dense():
-    y, l1 = ffn_with_l1(x_MxD, w_gate, w_up, w_down)
-    act = jnp.logical_not(matmul_nt(x_MxD, w_gate) <= 0)
-    return y, FFNStats(l0=jnp.sum(act) / m, l1=l1, overflow_rows=jnp.zeros((), jnp.int32),
-                       dense_fallback=jnp.ones((), bool),
-                       active_per_neuron=jnp.sum(act, axis=0, dtype=jnp.int32))
+    return dense_with_stats(x_MxD, w_gate, w_up, w_down)
 
   def sparse():
     wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
@@ -87,6 +83,7 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
     flagged = tw.row_overflow()
     n_flagged = jnp.sum(flagged, dtype=jnp.int32)
     counts_kept = jnp.where(flagged[:, None], 0, tw.counts_MxT)
+    # Outside the cond so that XLA drops it when the caller does not use it.
     active = _active_per_neuron(tw, counts_kept)[:n]
 
     def rows_fixed():
@@ -96,23 +93,35 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
       y_o = matmul_nn(h_o.astype(dt), w_down).astype(dt)
       real = (rows < m)[:, None]
       l1 = jnp.sum(jnp.where(flagged, 0.0, l1_rows)) + jnp.sum(jnp.where(real, jnp.abs(h_o), 0.0))
-      act = active + jnp.sum(jnp.where(real, jnp.logical_not(h_o == 0), False), axis=0,
-                             dtype=jnp.int32)
-      return y.at[rows].set(y_o, mode="drop"), l1 / (m * n), act, jnp.zeros((), bool)
+      act_rows = jnp.sum(real & jnp.logical_not(h_o == 0), axis=0, dtype=jnp.int32)
+      return y.at[rows].set(y_o, mode="drop"), l1 / (m * n), act_rows, jnp.zeros((), bool)
 
     def all_dense():
-      y_d, l1 = ffn_with_l1(x_MxD, w_gate, w_up, w_down)
-      act = jnp.sum(jnp.logical_not(matmul_nt(x_MxD, w_gate) <= 0), axis=0, dtype=jnp.int32)
-      return y_d, l1, act, jnp.ones((), bool)
+      y_d, st = dense_with_stats(x_MxD, w_gate, w_up, w_down)
+      return y_d, st.l1, st.active_per_neuron - active, jnp.ones((), bool)
 
-    y, l1, act, fell_back = jax.lax.cond(n_flagged > budget, all_dense, rows_fixed)
+    y, l1, act_delta, fell_back = jax.lax.cond(n_flagged > budget, all_dense, rows_fixed)
     return y, FFNStats(l0=jnp.sum(tw.counts_MxT) / m, l1=l1, overflow_rows=n_flagged,
-                       dense_fallback=fell_back, active_per_neuron=act)
+                       dense_fallback=fell_back, active_per_neuron=active + act_delta)
 
   if cfg.max_active_fraction is None:
     return sparse()
   too_dense = estimate_active_fraction(x_MxD, w_gate) > cfg.max_active_fraction
   return jax.lax.cond(too_dense, dense, sparse)
+
+
+def dense_with_stats(x_MxD, w_gate, w_up, w_down):
+  """The dispatcher's dense branch: the dense FFN and its statistics from one gate matmul."""
+  m = x_MxD.shape[0]
+  pre = matmul_nt(x_MxD, w_gate)
+  h = jax.nn.relu(pre)
+  if w_up is not None:
+    h = h * matmul_nt(x_MxD, w_up)
+  y = matmul_nn(h.astype(x_MxD.dtype), w_down).astype(x_MxD.dtype)
+  act = jnp.logical_not(pre <= 0)
+  return y, FFNStats(l0=jnp.sum(act) / m, l1=jnp.mean(jnp.abs(h)),
+                     overflow_rows=jnp.zeros((), jnp.int32), dense_fallback=jnp.ones((), bool),
+                     active_per_neuron=jnp.sum(act, axis=0, dtype=jnp.int32))
 
 
 def _active_per_neuron(tw: twell.TwELL, counts_MxT) -> jax.Array:

@@ -28,7 +28,7 @@ same kernel skeleton (grid, token partition, output stores).
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Literal
 
 import jax
@@ -41,21 +41,42 @@ from pallas_kernels import common
 from sparse_jax.formats.twell import TwELL
 
 WARPS_PER_WG = 4
-DEFAULT_WARPGROUPS = 2   # 8 warps (tokens in flight) per CTA, one CTA per SM
-ENTRIES_PER_STEP = 2     # weight rows loaded before the first reduction
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+  """warpgroups: per CTA (one CTA per SM, persistent); entries_per_step: active neurons whose rows
+  are loaded before the first reduction; x_bf16: keep x packed in bf16 registers (fewer registers,
+  one convert per use); split_loads: load the Wd rows only after the dot products (fewer live
+  registers) instead of with the Wu rows (more bytes in flight); dynamic: warps of a CTA take the
+  CTA's tokens from a shared-memory counter (balances skewed per-token activity) instead of a
+  fixed stride."""
+  warpgroups: int = 2
+  entries_per_step: int = 4
+  x_bf16: bool = True
+  split_loads: bool = True
+  dynamic: bool = True
+
+
+# Chosen by experiments/tune_twell.py on an H200 (NOTES_twell.md): 0.475 ms uniform / 0.525 ms
+# skewed at 28 active per token, M = 16384; 3-4 warpgroups spill registers and run 2x slower.
+DEFAULT_CONFIG = FusedConfig()
+DEFAULT_WARPGROUPS = DEFAULT_CONFIG.warpgroups
 
 
 def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, ej_ref, ev_ref,
-                *, gated: bool):
-  """Per-warp CUDA-core code. ``wu_ref`` is unused (None) when not gated."""
+                ctr_ref, *, cfg: FusedConfig):
+  """Per-warp CUDA-core code. ``wu_ref`` is None for the non-gated FFN."""
   import jax.experimental.mosaic.gpu as mgpu
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, gpu, memref, nvvm, scf, vector
+  from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm, scf, vector
   from jax._src.lib.mlir.dialects import math as mlir_math
 
+  gated = wu_ref is not None
   m, d_model = ir.MemRefType(x_ref.type).shape
   _, n_tiles, capacity = ir.MemRefType(idx_ref.type).shape
   chunks = d_model // 256
+  per_step = cfg.entries_per_step
   i32, index = ir.IntegerType.get_signless(32), ir.IndexType.get()
   f32, bf16 = ir.F32Type.get(), ir.BF16Type.get()
   c = lambda v: mgpu.c(v, i32)
@@ -69,26 +90,27 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
   tid = mgpu.thread_idx()
   lane = arith.remui(tid, c(32))
   warp = arith.divui(tid, c(32))
-  n_warps = arith.muli(arith.index_cast(i32, gpu.block_dim(gpu.Dimension.x)), c(1))
-  n_warps = arith.divui(n_warps, c(32))
-  gwarp = arith.addi(arith.muli(mgpu.utils.block_idx(), n_warps), warp)
-  total_warps = arith.muli(arith.index_cast(i32, gpu.grid_dim(gpu.Dimension.x)), n_warps)
+  n_warps = arith.divui(arith.index_cast(i32, gpu.block_dim(gpu.Dimension.x)), c(32))
+  n_ctas = arith.index_cast(i32, gpu.grid_dim(gpu.Dimension.x))
+  cta = mgpu.utils.block_idx()
   cols = [arith.muli(arith.addi(lane, c(32 * k)), c(8)) for k in range(chunks)]
 
   def hsum(v):
     return vector.reduction(f32, vector.CombiningKind.ADD, v)
 
-  def warp_sum(s):
+  def warp_sum(v):
     for dist in (16, 8, 4, 2, 1):
-      s = arith.addf(s, mgpu.utils.shfl_bfly(s, dist))
-    return s
+      v = arith.addf(v, mgpu.utils.shfl_bfly(v, dist))
+    return v
 
-  def load_row(ref, row):
-    return [arith.extf(v8f, vector.load(v8bf, ref, [idx_of(row), idx_of(col)])) for col in cols]
+  def load_row(ref, row, as_f32=True):
+    vals = [vector.load(v8bf, ref, [idx_of(row), idx_of(col)]) for col in cols]
+    return [arith.extf(v8f, v) for v in vals] if as_f32 else vals
 
-  token_loop = scf.ForOp(idx_of(gwarp), ci(m), idx_of(total_warps), [])
-  with ir.InsertionPoint(token_loop.body):
-    t = arith.index_cast(i32, token_loop.induction_variable)
+  def f32v(v):
+    return v if ir.VectorType(v.type).element_type == f32 else arith.extf(v8f, v)
+
+  def process_token(t):
     # 1. Entry list of this token in SMEM: (global column, gate value), tiles in order.
     base = c(0)
     for g0 in range(0, n_tiles, 32):
@@ -106,11 +128,10 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
 
       @mgpu.fori(cnt, None)
       def _copy(s, _):
-        s32 = as_i32(s)
         local = arith.extui(i32, memref.load(idx_ref, [idx_of(t), idx_of(safe_tile), idx_of(s)]))
         col = arith.addi(arith.muli(safe_tile, c(256)), local)
         gate = arith.extf(f32, memref.load(val_ref, [idx_of(t), idx_of(safe_tile), idx_of(s)]))
-        pos = idx_of(arith.addi(start, s32))
+        pos = idx_of(arith.addi(start, as_i32(s)))
         memref.store(col, ej_ref, [idx_of(warp), pos])
         memref.store(gate, ev_ref, [idx_of(warp), pos])
         return None
@@ -119,39 +140,42 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
     total = base
     mgpu.utils.warp_barrier()
 
-    # 2. x slice of this lane, f32.
-    x = load_row(x_ref, t) if gated else None
+    # 2. This lane's slice of x.
+    x = load_row(x_ref, t, as_f32=not cfg.x_bf16) if gated else None
     zero = vector.broadcast(v8f, cf(0.0))
-    n_steps = arith.divui(arith.addi(total, c(ENTRIES_PER_STEP - 1)), c(ENTRIES_PER_STEP))
+    n_steps = arith.divui(arith.addi(total, c(per_step - 1)), c(per_step))
 
-    # 3. Entries, ENTRIES_PER_STEP at a time.
+    # 3. Entries, per_step at a time.
     @mgpu.fori(n_steps, ([zero] * chunks, cf(0.0)))
     def _entries(step, carry):
       acc, l1 = carry
-      e0 = arith.muli(as_i32(step), c(ENTRIES_PER_STEP))
+      e0 = arith.muli(as_i32(step), c(per_step))
       picks = []
-      for b in range(ENTRIES_PER_STEP):
+      for b in range(per_step):
         e = arith.addi(e0, c(b))
         valid = arith.cmpi(arith.CmpIPredicate.ult, e, total)
         e_safe = idx_of(arith.select(valid, e, e0))
         row = memref.load(ej_ref, [idx_of(warp), e_safe])
         gate = arith.select(valid, memref.load(ev_ref, [idx_of(warp), e_safe]), cf(0.0))
         picks.append((row, gate))
-      if gated:
-        ups = [load_row(wu_ref, row) for row, _ in picks]
-      downs = [load_row(wd_ref, row) for row, _ in picks]
+      ups = [load_row(wu_ref, row, as_f32=False) for row, _ in picks] if gated else None
+      downs = None if cfg.split_loads else [load_row(wd_ref, row, as_f32=False) for row, _ in picks]
+      hs = []
       for b, (row, gate) in enumerate(picks):
         if gated:
           part = zero
           for k in range(chunks):
-            part = mlir_math.fma(x[k], ups[b][k], part)
+            part = mlir_math.fma(f32v(x[k]), arith.extf(v8f, ups[b][k]), part)
           r = warp_sum(hsum(part))
-          h = arith.extf(f32, arith.truncf(bf16, arith.mulf(gate, r)))
+          hs.append(arith.extf(f32, arith.truncf(bf16, arith.mulf(gate, r))))
         else:
-          h = gate
+          hs.append(gate)
+      if downs is None:
+        downs = [load_row(wd_ref, row, as_f32=False) for row, _ in picks]
+      for b, h in enumerate(hs):
         l1 = arith.addf(l1, mlir_math.absf(h))
         hv = vector.broadcast(v8f, h)
-        acc = [mlir_math.fma(hv, downs[b][k], acc[k]) for k in range(chunks)]
+        acc = [mlir_math.fma(hv, arith.extf(v8f, downs[b][k]), acc[k]) for k in range(chunks)]
       return acc, l1
 
     acc, l1 = _entries.results
@@ -161,7 +185,37 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
     with mgpu.when(arith.cmpi(arith.CmpIPredicate.eq, lane, c(0))):
       memref.store(l1, l1_ref, [idx_of(t)])
     mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
-    scf.yield_([])
+
+  if not cfg.dynamic:
+    gwarp = arith.addi(arith.muli(cta, n_warps), warp)
+    loop = scf.ForOp(idx_of(gwarp), ci(m), idx_of(arith.muli(n_ctas, n_warps)), [])
+    with ir.InsertionPoint(loop.body):
+      process_token(as_i32(loop.induction_variable))
+      scf.yield_([])
+    return
+  # Dynamic: this CTA owns a contiguous token range; its warps take tokens from an SMEM counter.
+  per_cta = arith.divui(arith.addi(c(m), arith.subi(n_ctas, c(1))), n_ctas)
+  lo = arith.minui(arith.muli(cta, per_cta), c(m))
+  hi = arith.minui(arith.addi(lo, per_cta), c(m))
+  with mgpu.when(arith.cmpi(arith.CmpIPredicate.eq, tid, c(0))):
+    memref.store(c(0), ctr_ref, [ci(0)])
+  gpu.barrier()
+  ptr = mgpu.utils.memref_ptr(ctr_ref)
+  is_lane0 = arith.cmpi(arith.CmpIPredicate.eq, lane, c(0))
+  loop = scf.WhileOp([i32], [c(0)])
+  before = loop.before.blocks.append(i32)
+  with ir.InsertionPoint(before):
+    ticket = scf.IfOp(is_lane0, [i32], has_else=True)
+    with ir.InsertionPoint(ticket.then_block):
+      scf.yield_([llvm.atomicrmw(llvm.AtomicBinOp.add, ptr, c(1), llvm.AtomicOrdering.monotonic)])
+    with ir.InsertionPoint(ticket.else_block):
+      scf.yield_([c(0)])
+    t = arith.addi(lo, nvvm.shfl_sync(full, ticket.result, c(0), c(0x1F), nvvm.ShflKind.idx))
+    scf.condition(arith.cmpi(arith.CmpIPredicate.ult, t, hi), [t])
+  after = loop.after.blocks.append(i32)
+  with ir.InsertionPoint(after):
+    process_token(after.arguments[0])
+    scf.yield_([c(0)])
 
 
 def _fused_jnp(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *, gated,
@@ -191,7 +245,7 @@ def _fused_jnp(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref
 
 def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, tw: TwELL, *,
                   compute: Literal["mgpu", "jnp", "auto"] = "auto", interpret: bool = False,
-                  warpgroups: int = DEFAULT_WARPGROUPS) -> tuple[jax.Array, jax.Array]:
+                  config: FusedConfig | None = None) -> tuple[jax.Array, jax.Array]:
   """(y [M, D] bf16, per-row sum |h| [M] f32) from TwELL-packed gate activations.
 
   ``w_up=None`` is the non-gated FFN (TwELL holds h). Rows with an overflowed tile are NOT exact
@@ -207,6 +261,8 @@ def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, t
       raise ValueError(f"{name} must be bf16 [{tw.n_tiles * 256}, {d}], got {w.dtype} {w.shape}")
   if compute == "auto":
     compute = "jnp" if interpret else "mgpu"
+  cfg = config or DEFAULT_CONFIG
+  warpgroups = cfg.warpgroups
   capacity = tw.capacity
   out_type = (jax.ShapeDtypeStruct((m, d), jnp.bfloat16), jax.ShapeDtypeStruct((m,), jnp.float32))
   n_warps = warpgroups * WARPS_PER_WG
@@ -215,7 +271,7 @@ def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, t
     if n_warps * list_len * 8 > 200 * 1024:
       raise NotImplementedError(f"entry lists need {n_warps * list_len * 8} bytes of SMEM")
     scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
-               plgpu.SMEM((n_warps, list_len), jnp.float32)]
+               plgpu.SMEM((n_warps, list_len), jnp.float32), plgpu.SMEM((1,), jnp.int32)]
     grid = (common.num_sms(),)
   else:
     scratch = []
@@ -236,9 +292,9 @@ def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, t
       def _(ctx, *r):
         del ctx
         if gated:
-          _fused_mgpu(*r, gated=True)
+          _fused_mgpu(*r, cfg=cfg)
         else:
-          _fused_mgpu(r[0], None, *r[1:], gated=False)
+          _fused_mgpu(r[0], None, *r[1:], cfg=cfg)
 
       _(*ref_args)
     else:

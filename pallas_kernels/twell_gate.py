@@ -44,6 +44,7 @@ class GateConfig:
   max_concurrent_steps: int = 4
   grid_minor_dim: int = 1          # planar-snake order: 0 = M minor, 1 = N minor
   grid_tile_width: int = 8
+  cluster_m: bool = False          # 2-CTA clusters along M: the weight tile is TMA-multicast
   compaction: Literal["mgpu", "jnp", "auto"] = "auto"
 
   def smem_bytes(self, capacity: int) -> int:
@@ -134,14 +135,16 @@ def _kernel(x_gmem, w_gmem, cnt_gmem, idx_gmem, val_gmem, *, capacity, config: G
   tile_k = config.tile_k
   swizzle = plgpu.find_swizzle(tile_k * 16)
   transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
-  m_iters, n_iters, k_iters = m // 128, n // TILE_N, k // tile_k
+  cluster = 2 if config.cluster_m else 1
+  m_iters, n_iters, k_iters = m // (128 * cluster), n // TILE_N, k // tile_k
   compact = _compact_mgpu if compaction == "mgpu" else _compact_jnp
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=40,
         in_specs=[plgpu.BlockSpec((128, tile_k), lambda kk: (0, kk), transforms=transforms),
-                  plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (0, kk), transforms=transforms)],
+                  plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (0, kk), transforms=transforms,
+                                  collective_axes=("cluster",) if config.cluster_m else ())],
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.max_concurrent_steps,
         compute_context=compute_context)
 
@@ -161,6 +164,8 @@ def _kernel(x_gmem, w_gmem, cnt_gmem, idx_gmem, val_gmem, *, capacity, config: G
       (lin,) = loop_info.index
       m_idx, n_idx = plgpu.planar_snake(lin, (m_iters, n_iters), config.grid_minor_dim,
                                         config.grid_tile_width)
+      if config.cluster_m:
+        m_idx = m_idx * 2 + lax.axis_index("cluster")
       rows = pl.ds(m_idx * 128 + wg * 64, 64)
 
       def compute_context(eval_pipeline):
@@ -192,8 +197,9 @@ def check_shapes(x_MxK, w_NxK, capacity, config: GateConfig) -> None:
   n, k2 = w_NxK.shape
   if k != k2:
     raise ValueError(f"x has d_model={k} but w_gate rows have {k2}")
-  if m % 128:
-    raise ValueError(f"M={m} must be a multiple of 128 (the public op pads)")
+  if m % (256 if config.cluster_m else 128):
+    raise ValueError(f"M={m} must be a multiple of {256 if config.cluster_m else 128} (the public "
+                     "op pads)")
   if n % TILE_N:
     raise ValueError(f"d_ff={n} must be a multiple of {TILE_N}")
   if k % config.tile_k:
@@ -217,9 +223,11 @@ def gate_twell(x_MxK: jax.Array, w_gate_NxK: jax.Array, *, capacity: int,
   out_type = (jax.ShapeDtypeStruct((m, n_tiles), jnp.int32),
               jax.ShapeDtypeStruct((m, n_tiles, capacity), jnp.int16),
               jax.ShapeDtypeStruct((m, n_tiles, capacity), jnp.bfloat16))
+  cluster = 2 if config.cluster_m else 1
   f = plgpu.kernel(
       functools.partial(_kernel, capacity=capacity, config=config, compaction=compaction),
-      out_type=out_type, grid=(2 if interpret else common.num_sms(),), grid_names=("sm",),
+      out_type=out_type, grid=(2 if interpret else common.num_sms() // cluster,),
+      grid_names=("sm",), cluster=(cluster,), cluster_names=("cluster",),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=common.interpret_params() if interpret else None)

@@ -15,7 +15,8 @@ class SparseFFNConfig:
 
   tile, twell_capacity: TwELL (inference) tile width and slots per (row, tile).
   overflow_capacity: rows whose TwELL tile overflowed that one call recomputes exactly on a dense
-    row path; more than this and the whole call runs dense (default: M / 16, at least 8).
+    row path; more than this and the whole call runs dense (default: M / 256, at least 16). The
+    row path runs on every call, so its size is a fixed cost (~0.4% of the dense FFN by default).
   ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
   max_active_fraction: the Pallas backend's dispatcher runs the dense FFN when the estimated
     fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark.
@@ -26,7 +27,7 @@ class SparseFFNConfig:
   overflow_capacity: int | None = None
   ell_width: int = hybrid.DEFAULT_WIDTH
   tail_capacity: int | None = None
-  max_active_fraction: float | None = 0.012
+  max_active_fraction: float | None = 0.0105
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
@@ -44,7 +45,7 @@ class SparseFFNConfig:
       raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
 
   def overflow_rows_for(self, m: int) -> int:
-    return min(m, self.overflow_capacity or max(8, -(-m // 16)))
+    return min(m, self.overflow_capacity or max(16, -(-m // 256)))
 
   def tail_rows_for(self, m: int) -> int:
     return min(m, self.tail_capacity or hybrid.default_tail_capacity(m))

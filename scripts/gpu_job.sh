@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (device tool): GPU tests and benchmarks, results under $OUT.
+#   bash scripts/gpu_job.sh tests|bench-quick|bench-full|train-bench [extra args]
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+if ! python3 -m pytest --version >/dev/null 2>&1 && [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+python3 -c "import jax; d=jax.devices()[0]; print(jax.__version__, d.device_kind, d.compute_capability)"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv,noheader
+stage="${1:-tests}"; shift || true
+case "$stage" in
+  tests)
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py "$@" 2>&1 | tee "$OUT/gpu_tests.log" ;;
+  bench-quick)
+    python3 experiments/bench_ffn.py --m 16384 --breakdown --out "$OUT/bench_ffn_quick.json" "$@" 2>&1 | tee "$OUT/bench_quick.log" ;;
+  bench-full)
+    python3 experiments/bench_ffn.py --out "$OUT/bench_ffn.json" "$@" 2>&1 | tee "$OUT/bench_full.log" ;;
+  *)
+    python3 "$stage" "$@" 2>&1 | tee "$OUT/run.log" ;;
+esac
