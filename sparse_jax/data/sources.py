@@ -88,14 +88,14 @@ def _read_file(path: str, field: str) -> Iterator[str]:
 
 
 def _hf_documents(cfg: DataConfig) -> Iterator[str]:
+  if cfg.max_docs is None:
+    raise ValueError(f"data.source={cfg.source!r} streams a remote dataset: set data.max_docs to "
+                     "the number of documents to use")
   try:
     import datasets
   except ImportError:
     raise ImportError(f"data.source={cfg.source!r} needs the Hugging Face datasets package: "
                       "pip install datasets (and a network connection)") from None
-  if cfg.max_docs is None:
-    raise ValueError(f"data.source={cfg.source!r} streams a remote dataset: set data.max_docs to "
-                     "the number of documents to use")
   name, _, subset = cfg.source[len("hf:"):].partition(":")
   ds = datasets.load_dataset(name, subset or None, split=cfg.hf_split, streaming=True)
   for record in ds:

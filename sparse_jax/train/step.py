@@ -101,7 +101,7 @@ def train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDe
                           lambda p: p, params)
   metrics = dict(
       loss=loss, ce=ce, l1=l1, l1_coeff=coeff, lr=lr_schedule(tcfg)(state.step),
-      grad_norm=optax.global_norm(grads), l0_L=stats.l0, l0_ema_L=tracker.l0_ema_L,
+      grad_norm=optax.tree.norm(grads), l0_L=stats.l0, l0_ema_L=tracker.l0_ema_L,
       overflow_rows_L=stats.overflow_rows, dense_fallback_L=stats.dense_fallback,
       dead_fraction_L=tracker.dead_fraction_L,
       reinit_neurons=jnp.where(window_done & tcfg.reinit_dead, jnp.sum(dead_LxF), 0))

@@ -1,0 +1,152 @@
+"""Training: loss terms, schedule, sparsity tracker, gradient accumulation, short CPU runs."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_jax.config import Config, apply_overrides, get_config
+from sparse_jax.nn import dense_stats
+from sparse_jax.train import (init_state, init_tracker, l1_coeff_at, l1_penalty, lm_loss,
+                              lr_schedule, resolve_config, train, train_step, update_tracker)
+
+# Short CPU runs: a few hundred stdlib files, no periodic evaluation or checkpoint in the loop.
+FAST = ["data.max_docs=300", "train.log_every=5", "train.eval_every=1000", "train.eval_batches=2",
+        "train.ckpt_every=1000", "train.warmup_steps=10", "train.lr=3e-3"]
+
+
+def fresh_seed() -> int:
+  seed = int.from_bytes(os.urandom(3), "little")
+  print(f"run seed: {seed}")
+  return seed
+
+
+def short_run_config(*overrides: str, seed: int) -> Config:
+  return apply_overrides(get_config("tiny"),
+                         FAST + [f"train.seed={seed}", f"data.seed={seed}", *overrides])
+
+
+def test_l1_normalisations(key):
+  l1_L = jax.random.uniform(key, (3,))
+  mean = l1_penalty(l1_L, norm="mean", d_ff=5632)
+  np.testing.assert_allclose(mean, jnp.mean(l1_L), rtol=1e-6)
+  np.testing.assert_allclose(l1_penalty(l1_L, norm="sum_neurons", d_ff=5632), 5632 * mean,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="sum_neurons"):
+    l1_penalty(l1_L, norm="sum", d_ff=4)
+
+
+def test_l1_of_stats_is_the_mean_abs_activation(key):
+  h = jax.nn.relu(jax.random.normal(key, (64, 32)))
+  stats = dense_stats(h)
+  np.testing.assert_allclose(stats.l1, jnp.mean(jnp.abs(h)), rtol=1e-6)
+  # "sum_neurons" is the release's: sum over neurons, mean over tokens.
+  np.testing.assert_allclose(l1_penalty(stats.l1[None], norm="sum_neurons", d_ff=32),
+                             jnp.mean(jnp.sum(jnp.abs(h), axis=1)), rtol=1e-5)
+
+
+def test_lm_loss_is_ce_plus_coeff_l1(key):
+  logits = jax.random.normal(key, (2, 5, 11))
+  targets = jax.random.randint(jax.random.fold_in(key, 1), (2, 5), 0, 11)
+  l1_L = jnp.asarray([0.5, 1.5])
+  loss, (ce, l1) = lm_loss(logits, targets, l1_L, coeff=0.1, norm="mean", d_ff=8)
+  manual = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+  np.testing.assert_allclose(ce, manual, rtol=1e-6)
+  np.testing.assert_allclose(loss, ce + 0.1 * 1.0, rtol=1e-6)
+
+
+def test_l1_warmup_and_lr_schedule():
+  tcfg = get_config("tiny").train
+  ramp = dataclasses.replace(tcfg, l1_coeff=1e-3, l1_warmup_steps=100)
+  assert float(l1_coeff_at(0, ramp)) == 0.0
+  np.testing.assert_allclose(l1_coeff_at(50, ramp), 5e-4, rtol=1e-6)
+  np.testing.assert_allclose(l1_coeff_at(500, ramp), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(l1_coeff_at(0, dataclasses.replace(ramp, l1_warmup_steps=0)), 1e-3)
+  sched = lr_schedule(dataclasses.replace(tcfg, lr=1e-3, warmup_steps=10, steps=110,
+                                          min_lr_ratio=0.1))
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(sched(10), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(sched(110), 1e-4, rtol=1e-5)
+  assert float(sched(60)) < 1e-3
+
+
+def test_tracker_finds_dead_neurons(key):
+  n_layers, d_ff, window = 2, 16, 3
+  tr = init_tracker(n_layers, d_ff)
+  alive = jax.random.bernoulli(key, 0.6, (n_layers, d_ff))
+  stats_example = dense_stats(jnp.ones((4, d_ff)))
+  for step in range(window):
+    # Each alive neuron fires in one step of the window only; the dead never do.
+    fires = alive & (jnp.arange(d_ff)[None] % window == step)
+    stats = jax.tree.map(lambda a: jnp.stack([a] * n_layers), stats_example)
+    stats = dataclasses.replace(stats, l0=jnp.full((n_layers,), float(step)),
+                                active_per_neuron=fires.astype(jnp.int32) * 7)
+    tr, done, dead = update_tracker(tr, stats, ema_decay=0.5, window=window)
+    assert bool(done) == (step == window - 1)
+  np.testing.assert_array_equal(dead, ~alive)
+  np.testing.assert_allclose(tr.dead_fraction_L, jnp.mean(~alive, axis=1))
+  np.testing.assert_allclose(tr.l0_ema_L, [1.25, 1.25])  # l0 = 0, 1, 2: 0 -> 0.5 -> 1.25
+  assert not bool(jnp.any(tr.fired_LxF)) and int(tr.window_step) == 0
+
+
+def test_grad_accumulation_matches_one_big_batch(key):
+  """Two micro-batches of 4 take the same step as one batch of 8 (fp32 compute)."""
+  base = apply_overrides(get_config("tiny"), [
+      "model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.compute_dtype=float32",
+      "model.ffn=relu_dense", "train.batch_size=8", "data.seq_len=16", "train.warmup_steps=0",
+      "train.l1_coeff=0.01"])
+  cfg1, _ = resolve_config(base)
+  cfg2 = dataclasses.replace(cfg1, train=dataclasses.replace(cfg1.train, grad_accum=2))
+  batch = jax.random.randint(key, (8, 17), 0, 259)
+  graphdef, s1 = init_state(cfg1)
+  _, s2 = init_state(cfg2)
+  s1, m1 = train_step(s1, batch[None], graphdef, cfg1)
+  s2, m2 = train_step(s2, batch.reshape(2, 4, 17), graphdef, cfg2)
+  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def l1_runs(tmp_path_factory):
+  """The same 60-step tiny run without and with the L1 penalty (sparse FFN through the op)."""
+  seed = fresh_seed()
+  out = {}
+  for name, coeff in (("none", 0.0), ("l1", 1e-2)):
+    cfg = short_run_config("train.steps=60", f"train.l1_coeff={coeff}", seed=seed)
+    out[name] = (train(cfg, str(tmp_path_factory.mktemp(name)), progress=False), cfg)
+  return out
+
+
+def test_loss_falls(l1_runs):
+  for summary, _ in l1_runs.values():
+    # From ~ln(384) = 5.95 nats at init; byte-level Python source is far more predictable.
+    assert summary["val_ce_initial"] > 5.0
+    assert summary["val_ce"] < summary["val_ce_initial"] - 2.0
+    assert summary["train_ce_last"] < summary["train_ce_first"] - 0.5
+
+
+def test_l1_gives_clearly_higher_sparsity(l1_runs):
+  none, l1 = l1_runs["none"][0], l1_runs["l1"][0]
+  print(f"active/token without L1 {none['val_active_per_token']:.1f}, "
+        f"with L1 {l1['val_active_per_token']:.1f} of {l1['d_ff']}")
+  assert l1["val_active_per_token"] < 0.5 * none["val_active_per_token"]
+  assert l1["val_sparsity_pct"] > none["val_sparsity_pct"] + 20
+
+
+def test_run_writes_metrics_plot_and_summary(l1_runs):
+  summary, cfg = l1_runs["l1"]
+  records = [json.loads(line) for line in open(summary["metrics"])]
+  train_recs = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train_recs] == list(range(5, 61, 5))
+  assert {"loss", "ce", "l1", "lr", "grad_norm", "l0_L", "tokens_per_s"} <= set(train_recs[0])
+  assert len(train_recs[0]["l0_L"]) == cfg.model.n_layers
+  assert [r["step"] for r in records if r["split"] == "val"] == [0, 60]
+  with open(summary["plot"], "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  on_disk = json.load(open(os.path.join(os.path.dirname(summary["metrics"]), "summary.json")))
+  assert on_disk["steps"] == 60 and on_disk["val_ce"] == summary["val_ce"]
+  assert summary["tokens_per_s"] > 0
