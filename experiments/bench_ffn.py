@@ -55,7 +55,7 @@ def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
   # CUPTI does not see kernels inside XLA's device-side conditionals, so the dispatched op is
   # timed as: the probe + the branch it takes, each measured by CUPTI on its own.
   probe_ms, _ = bench_utils.cupti_ms(probe, p.x, p.w_gate, iterations=iterations)
-  chose_dense = bool(float(probe(p.x, p.w_gate)) > cfg.max_active_fraction)
+  chose_dense = bool(float(probe(p.x, p.w_gate)) > ffn_backend.dispatch_threshold(cfg, m))
   branch_ms = (bench_utils.cupti_ms(dense_branch, *args, iterations=iterations)[0]
                if chose_dense else forced_ms)
   sparse_ms = probe_ms + branch_ms

@@ -51,7 +51,8 @@ def main(argv=None):
     ref = jnp.dot(h.astype(jnp.bfloat16).astype(jnp.float32), p.w_down.astype(jnp.float32))
     ok = ~np.asarray(tw.row_overflow())[rows]
     for cfg in [] if args.gate_only else FUSED_VARIANTS:
-      f = jax.jit(lambda x, wu, wd, tw, cfg=cfg: twell_ffn.fused_up_down(x, wu, wd, tw, config=cfg)[0])
+      f = jax.jit(lambda x, wu, wd, tw, cfg=cfg, wg=p.w_gate: twell_ffn.fused_up_down(
+          x, wg, wu, wd, tw, config=cfg)[0])
       try:
         ms, _ = bench_utils.cupti_ms(f, p.x, p.w_up, p.w_down, tw, iterations=args.iterations)
         y = f(p.x, p.w_up, p.w_down, tw)

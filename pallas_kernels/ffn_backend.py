@@ -5,8 +5,8 @@ Inference forward (the primal):
      fraction on device; ``lax.cond`` runs the dense FFN when it is above
      ``SparseFFNConfig.max_active_fraction`` (where the sparse path stops paying), with no host sync;
   2. gate kernel -> TwELL (``twell_gate``); fused up + down kernel (``twell_ffn``);
-  3. rows with an overflowed TwELL tile are recomputed exactly on a dense row path (up to
-     ``overflow_capacity`` rows, else the call runs dense) and counted in the stats.
+  3. tiles that overflowed the TwELL capacity are recomputed exactly inside the fused kernel (no
+     fallback pass); the overflowed rows are counted in the stats.
 Under ``jax.grad`` the forward and backward are the reference's Hybrid-format custom VJP until the
 training kernels land (issue 5), so gradients are exact either way.
 """
@@ -22,7 +22,7 @@ from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax.formats import twell
 from sparse_jax.ops import api, reference
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, ffn_with_l1, hidden, matmul_nn, matmul_nt
+from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
 
 TILE = twell_gate.TILE_N
 # Tests and CPU users set this to run implementation="pallas" in Mosaic GPU interpret mode.
@@ -65,9 +65,7 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
   """Pallas inference forward. Returns (y [M, D], FFNStats)."""
   m, _ = x_MxD.shape
   n = w_gate.shape[0]
-  dt = x_MxD.dtype
   n_pad = common.cdiv(n, TILE) * TILE
-  budget = cfg.overflow_rows_for(m)
 
   def dense():
     return dense_with_stats(x_MxD, w_gate, w_up, w_down)
@@ -76,38 +74,31 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
     wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
     xp = common.pad_rows(x_MxD, 128)
     tw = twell_gate.gate_twell(xp, wg, capacity=cfg.twell_capacity, interpret=interpret)
-    y, l1_rows = twell_ffn.fused_up_down(xp, wu, wd, tw, interpret=interpret)
-    y, l1_rows = y[:m], l1_rows[:m]
+    # Exact on every row: the fused kernel recomputes tiles that overflowed the capacity.
+    y, l1_rows = twell_ffn.fused_up_down(xp, wg, wu, wd, tw, interpret=interpret)
     tw = twell.TwELL(tw.values_MxTxC[:m], tw.indices_MxTxC[:m], tw.counts_MxT[:m],
                      n_cols=n_pad, tile=TILE)
     flagged = tw.row_overflow()
-    n_flagged = jnp.sum(flagged, dtype=jnp.int32)
-    counts_kept = jnp.where(flagged[:, None], 0, tw.counts_MxT)
-    # Outside the cond so that XLA drops it when the caller does not use it.
-    active = _active_per_neuron(tw, counts_kept)[:n]
-
-    def rows_fixed():
-      (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
-      x_o = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
-      h_o = hidden(x_o, w_gate, w_up)
-      y_o = matmul_nn(h_o.astype(dt), w_down).astype(dt)
-      real = (rows < m)[:, None]
-      l1 = jnp.sum(jnp.where(flagged, 0.0, l1_rows)) + jnp.sum(jnp.where(real, jnp.abs(h_o), 0.0))
-      act_rows = jnp.sum(real & jnp.logical_not(h_o == 0), axis=0, dtype=jnp.int32)
-      return y.at[rows].set(y_o, mode="drop"), l1 / (m * n), act_rows, jnp.zeros((), bool)
-
-    def all_dense():
-      y_d, st = dense_with_stats(x_MxD, w_gate, w_up, w_down)
-      return y_d, st.l1, st.active_per_neuron - active, jnp.ones((), bool)
-
-    y, l1, act_delta, fell_back = jax.lax.cond(n_flagged > budget, all_dense, rows_fixed)
-    return y, FFNStats(l0=jnp.sum(tw.counts_MxT) / m, l1=l1, overflow_rows=n_flagged,
-                       dense_fallback=fell_back, active_per_neuron=active + act_delta)
+    # Statistics below are dropped by XLA when the caller does not use them.
+    active = jax.lax.cond(jnp.any(flagged),
+                          lambda: dense_with_stats(x_MxD, w_gate, w_up, w_down)[1].active_per_neuron,
+                          lambda: _active_per_neuron(tw)[:n])
+    return y[:m], FFNStats(l0=jnp.sum(tw.counts_MxT) / m, l1=jnp.sum(l1_rows[:m]) / (m * n),
+                           overflow_rows=jnp.sum(flagged, dtype=jnp.int32),
+                           dense_fallback=jnp.zeros((), bool), active_per_neuron=active)
 
   if cfg.max_active_fraction is None:
     return sparse()
-  too_dense = estimate_active_fraction(x_MxD, w_gate) > cfg.max_active_fraction
+  too_dense = estimate_active_fraction(x_MxD, w_gate) > dispatch_threshold(cfg, m)
   return jax.lax.cond(too_dense, dense, sparse)
+
+
+def dispatch_threshold(cfg: SparseFFNConfig, m: int) -> float:
+  """Active fraction above which the dense FFN is faster. ``max_active_fraction`` holds for
+  M >= 16384 tokens; fewer tokens leave the fused kernel's CTAs fewer tokens to balance, and the
+  break-even falls roughly with sqrt(M) (bench_ffn.py on an H200: 56 active/token of 5632 is 1.12x
+  at M = 16384 but 0.84x skewed at M = 4096)."""
+  return cfg.max_active_fraction * min(1.0, (m / 16384) ** 0.5)
 
 
 def dense_with_stats(x_MxD, w_gate, w_up, w_down):
@@ -124,8 +115,8 @@ def dense_with_stats(x_MxD, w_gate, w_up, w_down):
                      active_per_neuron=jnp.sum(act, axis=0, dtype=jnp.int32))
 
 
-def _active_per_neuron(tw: twell.TwELL, counts_MxT) -> jax.Array:
-  valid = jnp.arange(tw.capacity)[None, None, :] < jnp.minimum(counts_MxT, tw.capacity)[:, :, None]
+def _active_per_neuron(tw: twell.TwELL) -> jax.Array:
+  valid = tw.valid_mask()
   cols = jnp.where(valid, tw.global_indices(), tw.n_cols)
   return jnp.zeros((tw.n_cols,), jnp.int32).at[cols.reshape(-1)].add(1, mode="drop")
 

@@ -20,9 +20,11 @@ tokens strided over all warps of a persistent grid.
   3. entries are taken two at a time: both Wu rows are loaded before the first reduction (loads in
      flight), each dot product is a per-lane FMA chain plus a 5-step butterfly, then both Wd rows
      are folded into the accumulator;
-  4. the row is stored once as bf16, and lane 0 stores the row's sum |h| (for the L1 statistic).
-Rows with an overflowed tile are computed from their first ``capacity`` entries here and replaced
-by the exact fallback in ``ffn_backend``. Interpret mode cannot run ``inline_mgpu``: the
+  4. tiles whose count exceeds the capacity (their TwELL row lost entries) are recomputed exactly:
+     the warp takes the tile's 256 gate dot products itself and runs every active neuron through
+     the same math, so the kernel is exact on any input with no fallback pass outside it;
+  5. the row is stored once as bf16, and lane 0 stores the row's sum |h| (for the L1 statistic).
+Interpret mode cannot run ``inline_mgpu``: the
 interpretable path (``compute="jnp"``) computes each warpgroup's token block with array ops in the
 same kernel skeleton (grid, token partition, output stores).
 """
@@ -64,9 +66,10 @@ DEFAULT_CONFIG = FusedConfig()
 DEFAULT_WARPGROUPS = DEFAULT_CONFIG.warpgroups
 
 
-def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, ej_ref, ev_ref,
-                ctr_ref, *, cfg: FusedConfig):
-  """Per-warp CUDA-core code. ``wu_ref`` is None for the non-gated FFN."""
+def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, ej_ref,
+                ev_ref, ctr_ref, *, cfg: FusedConfig):
+  """Per-warp CUDA-core code. ``wu_ref`` is None for the non-gated FFN (``wg_ref`` then holds the
+  up weights: the gate of a non-gated FFN is its hidden activation)."""
   import jax.experimental.mosaic.gpu as mgpu
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm, scf, vector
@@ -110,15 +113,61 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
   def f32v(v):
     return v if ir.VectorType(v.type).element_type == f32 else arith.extf(v8f, v)
 
+  zero = vector.broadcast(v8f, cf(0.0))
+
+  def dot_x(x, row_vecs):
+    part = zero
+    for k in range(chunks):
+      part = mlir_math.fma(f32v(x[k]), arith.extf(v8f, row_vecs[k]), part)
+    return warp_sum(hsum(part))
+
+  def dense_tile(x, tile, acc, l1):
+    """Exact path for a tile whose count exceeded the capacity: its 256 gate values are
+    recomputed here (x . Wg[j]), rounded to bf16 as the gate kernel rounds them, and every active
+    neuron (not g <= 0, so NaN counts) goes through the same up/down math as the list entries."""
+    step = 4
+    res_types = [v8f] * chunks + [f32]
+
+    @mgpu.fori(c(256 // step), (acc, l1))
+    def _rows(jstep, carry):
+      acc, l1 = carry
+      j0 = arith.addi(arith.muli(tile, c(256)), arith.muli(as_i32(jstep), c(step)))
+      rows = [arith.addi(j0, c(b)) for b in range(step)]
+      gates = [dot_x(x, load_row(wg_ref, r, as_f32=False)) for r in rows]
+      for row, g in zip(rows, gates):
+        active = arith.cmpf(arith.CmpFPredicate.UGT, g, cf(0.0))
+        branch = scf.IfOp(active, res_types, has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+          gb = arith.extf(f32, arith.truncf(bf16, g))
+          if gated:
+            h = arith.extf(f32, arith.truncf(bf16, arith.mulf(gb, dot_x(x, load_row(wu_ref, row, False)))))
+          else:
+            h = gb
+          wd_row = load_row(wd_ref, row, as_f32=False)
+          hv = vector.broadcast(v8f, h)
+          new_acc = [mlir_math.fma(hv, arith.extf(v8f, wd_row[k]), acc[k]) for k in range(chunks)]
+          scf.yield_(new_acc + [arith.addf(l1, mlir_math.absf(h))])
+        with ir.InsertionPoint(branch.else_block):
+          scf.yield_(list(acc) + [l1])
+        acc, l1 = list(branch.results[:chunks]), branch.results[chunks]
+      return acc, l1
+
+    return _rows.results
+
   def process_token(t):
-    # 1. Entry list of this token in SMEM: (global column, gate value), tiles in order.
+    # 1. Entry list of this token in SMEM: (global column, gate value), tiles in order;
+    #    overflowed tiles are recorded in a ballot mask and handled by dense_tile.
+    overflow_masks = []
     base = c(0)
     for g0 in range(0, n_tiles, 32):
       tile = arith.addi(lane, c(g0))
       has_tile = arith.cmpi(arith.CmpIPredicate.ult, tile, c(n_tiles))
       safe_tile = arith.select(has_tile, tile, c(0))
       raw = memref.load(cnt_ref, [idx_of(t), idx_of(safe_tile)])
-      cnt = arith.select(has_tile, arith.minsi(raw, c(capacity)), c(0))
+      over = arith.andi(has_tile, arith.cmpi(arith.CmpIPredicate.sgt, raw, c(capacity)))
+      cnt = arith.select(arith.andi(has_tile, arith.xori(over, mgpu.c(1, ir.IntegerType.get_signless(1)))),
+                         raw, c(0))
+      overflow_masks.append(nvvm.vote_sync(full, over, nvvm.VoteSyncKind.ballot))
       incl = cnt
       for dist in (1, 2, 4, 8, 16):
         up = nvvm.shfl_sync(full, incl, c(dist), c(0), nvvm.ShflKind.up)
@@ -141,8 +190,7 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
     mgpu.utils.warp_barrier()
 
     # 2. This lane's slice of x.
-    x = load_row(x_ref, t, as_f32=not cfg.x_bf16) if gated else None
-    zero = vector.broadcast(v8f, cf(0.0))
+    x = load_row(x_ref, t, as_f32=not cfg.x_bf16)
     n_steps = arith.divui(arith.addi(total, c(per_step - 1)), c(per_step))
 
     # 3. Entries, per_step at a time.
@@ -163,10 +211,7 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
       hs = []
       for b, (row, gate) in enumerate(picks):
         if gated:
-          part = zero
-          for k in range(chunks):
-            part = mlir_math.fma(f32v(x[k]), arith.extf(v8f, ups[b][k]), part)
-          r = warp_sum(hsum(part))
+          r = dot_x(x, ups[b])
           hs.append(arith.extf(f32, arith.truncf(bf16, arith.mulf(gate, r))))
         else:
           hs.append(gate)
@@ -179,6 +224,26 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
       return acc, l1
 
     acc, l1 = _entries.results
+    acc = list(acc)
+
+    # 4. Overflowed tiles, exactly (rare: the dispatcher keeps dense inputs off this path).
+    for g0, mask in zip(range(0, n_tiles, 32), overflow_masks):
+      res_types = [v8f] * chunks + [f32]
+
+      @mgpu.fori(c(min(32, n_tiles - g0)), (acc, l1))
+      def _bits(b, carry):
+        acc, l1 = carry
+        bit = arith.andi(arith.shrui(mask, as_i32(b)), c(1))
+        branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ne, bit, c(0)), res_types, has_else=True)
+        with ir.InsertionPoint(branch.then_block):
+          new_acc, new_l1 = dense_tile(x, arith.addi(as_i32(b), c(g0)), acc, l1)
+          scf.yield_(list(new_acc) + [new_l1])
+        with ir.InsertionPoint(branch.else_block):
+          scf.yield_(list(acc) + [l1])
+        return list(branch.results[:chunks]), branch.results[chunks]
+
+      acc, l1 = _bits.results
+      acc = list(acc)
     v8out = ir.VectorType.get((8,), ir.MemRefType(out_ref.type).element_type)
     for k in range(chunks):
       vector.store(arith.truncf(v8out, acc[k]), out_ref, [idx_of(t), idx_of(cols[k])])
@@ -218,55 +283,58 @@ def _fused_mgpu(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_re
     scf.yield_([c(0)])
 
 
-def _fused_jnp(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *, gated,
+def _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *,
                rows):
-  """Interpretable path: the same math with array ops for a block of tokens."""
+  """Interpretable path: the same math with array ops for a block of tokens, overflowed tiles
+  recomputed exactly as the GPU path does."""
+  gated = wu_ref is not None
   n_tiles, capacity = idx_ref.shape[1], idx_ref.shape[2]
   cnt = cnt_ref[rows]
   idx = idx_ref[rows].astype(jnp.int32)
   val = val_ref[rows].astype(jnp.float32)
-  valid = lax.broadcasted_iota(jnp.int32, idx.shape, 2) < jnp.minimum(cnt, capacity)[:, :, None]
-  col = idx + (lax.broadcasted_iota(jnp.int32, idx.shape, 1) * 256)
-  flat_col = col.reshape(col.shape[0], n_tiles * capacity)
-  wd = wd_ref[...].astype(jnp.float32)
+  n_rows = idx.shape[0]
+  over = cnt > capacity
+  valid = (lax.broadcasted_iota(jnp.int32, idx.shape, 2) < cnt[:, :, None]) & ~over[:, :, None]
+  col = (idx + lax.broadcasted_iota(jnp.int32, idx.shape, 1) * 256).reshape(n_rows, -1)
+  x = x_ref[rows].astype(jnp.float32)
+  g_twell = jnp.zeros((n_rows, n_tiles * 256), jnp.float32).at[
+      jnp.arange(n_rows)[:, None], col].add(jnp.where(valid, val, 0.0).reshape(col.shape))
+  g_exact = jnp.dot(x, wg_ref[...].astype(jnp.float32).T)
+  g_exact = jnp.where(jnp.logical_not(g_exact <= 0), g_exact, 0.0).astype(jnp.bfloat16)
+  g = jnp.where(jnp.repeat(over, 256, axis=1), g_exact.astype(jnp.float32), g_twell)
   if gated:
-    x = x_ref[rows].astype(jnp.float32)
-    u = jnp.dot(x, wu_ref[...].astype(jnp.float32).T)
-    r = jnp.take_along_axis(u, flat_col, axis=1).reshape(idx.shape)
-    h = (val * r).astype(jnp.bfloat16).astype(jnp.float32)
+    h = (g * jnp.dot(x, wu_ref[...].astype(jnp.float32).T)).astype(jnp.bfloat16)
+    h = jnp.where(g == 0, 0.0, h.astype(jnp.float32))
   else:
-    h = val
-  h = jnp.where(valid, h, 0.0)
-  dense = jnp.zeros((idx.shape[0], wd.shape[0]), jnp.float32)
-  dense = dense.at[jnp.arange(idx.shape[0])[:, None], flat_col].add(h.reshape(flat_col.shape))
-  out_ref[rows] = jnp.dot(dense, wd).astype(out_ref.dtype)
-  l1_ref[rows] = jnp.sum(jnp.abs(h), axis=(1, 2))
+    h = g
+  out_ref[rows] = jnp.dot(h, wd_ref[...].astype(jnp.float32)).astype(out_ref.dtype)
+  l1_ref[rows] = jnp.sum(jnp.abs(h), axis=1)
 
 
-def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, tw: TwELL, *,
+def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
+                  w_down: jax.Array, tw: TwELL, *,
                   compute: Literal["mgpu", "jnp", "auto"] = "auto", interpret: bool = False,
                   config: FusedConfig | None = None) -> tuple[jax.Array, jax.Array]:
-  """(y [M, D] bf16, per-row sum |h| [M] f32) from TwELL-packed gate activations.
+  """(y [M, D] bf16, per-row sum |h| [M] f32) from TwELL-packed gate activations, exact for
+  every row: tiles whose count exceeds the capacity are recomputed from ``w_gate``.
 
-  ``w_up=None`` is the non-gated FFN (TwELL holds h). Rows with an overflowed tile are NOT exact
-  here; the caller replaces them (``ffn_backend``)."""
+  Non-gated FFN: ``w_up=None`` and ``w_gate`` is its up projection (TwELL holds h itself)."""
   m, d = x_MxD.shape
   gated = w_up is not None
   if d % 256:
     raise ValueError(f"d_model={d} must be a multiple of 256 for the fused kernel")
   if tw.tile != 256 or tw.n_rows != m:
     raise ValueError(f"TwELL must be tile 256 with {m} rows, got tile {tw.tile}, rows {tw.n_rows}")
-  for name, w in (("w_up", w_up), ("w_down", w_down)):
+  for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
     if w is not None and (w.shape != (tw.n_tiles * 256, d) or w.dtype != jnp.bfloat16):
       raise ValueError(f"{name} must be bf16 [{tw.n_tiles * 256}, {d}], got {w.dtype} {w.shape}")
   if compute == "auto":
     compute = "jnp" if interpret else "mgpu"
   cfg = config or DEFAULT_CONFIG
   warpgroups = cfg.warpgroups
-  capacity = tw.capacity
   out_type = (jax.ShapeDtypeStruct((m, d), jnp.bfloat16), jax.ShapeDtypeStruct((m,), jnp.float32))
   n_warps = warpgroups * WARPS_PER_WG
-  list_len = tw.n_tiles * capacity
+  list_len = tw.n_tiles * tw.capacity
   if compute == "mgpu":
     if n_warps * list_len * 8 > 200 * 1024:
       raise NotImplementedError(f"entry lists need {n_warps * list_len * 8} bytes of SMEM")
@@ -276,17 +344,20 @@ def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, t
   else:
     scratch = []
     grid = (2,)
-  rows_per_wg = common.cdiv(m, grid[0] * warpgroups)
+  blocks = grid[0] * warpgroups
+  if compute == "jnp" and m % blocks:
+    raise NotImplementedError(f"the interpretable path needs M divisible by {blocks}")
+  rows_per_wg = m // blocks
 
-  def body(x_ref, *refs):
+  def body(x_ref, wg_ref, *refs):
     if gated:
       wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *scr = refs
     else:
       wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *scr = refs
       wu_ref = None
     if compute == "mgpu":
-      ref_args = [x_ref] + ([wu_ref] if gated else []) + [wd_ref, cnt_ref, idx_ref, val_ref,
-                                                          out_ref, l1_ref, *scr]
+      ref_args = [x_ref, wg_ref] + ([wu_ref] if gated else []) + [
+          wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, *scr]
 
       @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in ref_args))
       def _(ctx, *r):
@@ -294,23 +365,19 @@ def fused_up_down(x_MxD: jax.Array, w_up: jax.Array | None, w_down: jax.Array, t
         if gated:
           _fused_mgpu(*r, cfg=cfg)
         else:
-          _fused_mgpu(r[0], None, *r[1:], cfg=cfg)
+          _fused_mgpu(r[0], r[1], None, *r[2:], cfg=cfg)
 
       _(*ref_args)
     else:
       wg = lax.axis_index("sm") * warpgroups + lax.axis_index("wg")
-      start = jnp.minimum(wg * rows_per_wg, m)
-      size = rows_per_wg if m % rows_per_wg == 0 and m >= rows_per_wg * grid[0] * warpgroups else None
-      if size is None:
-        raise NotImplementedError("interpret path needs M divisible by its token blocks")
-      _fused_jnp(x_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, gated=gated,
-                 rows=pl.ds(start, size))
+      _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref,
+                 rows=pl.ds(wg * rows_per_wg, rows_per_wg))
 
   f = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
       num_threads=warpgroups, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=common.interpret_params() if interpret else None)
-  args = (x_MxD,) + ((w_up,) if gated else ()) + (w_down, tw.counts_MxT, tw.indices_MxTxC,
-                                                  tw.values_MxTxC)
+  args = (x_MxD, w_gate) + ((w_up,) if gated else ()) + (w_down, tw.counts_MxT,
+                                                         tw.indices_MxTxC, tw.values_MxTxC)
   return f(*args)

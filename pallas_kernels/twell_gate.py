@@ -40,8 +40,11 @@ TILE_N = 256  # the TwELL tile: one consumer warpgroup owns 64 rows x one tile
 
 @dataclasses.dataclass(frozen=True)
 class GateConfig:
-  tile_k: int = 64
-  max_concurrent_steps: int = 4
+  """Defaults from experiments/tune_twell.py on an H200 (NOTES_twell.md): tile_k 128 with two
+  stages was fastest (0.4956 ms at M=16384, d_model 2048, d_ff 5632); 2-CTA clusters with the
+  weight tile multicast did not help (0.497-0.511 ms)."""
+  tile_k: int = 128
+  max_concurrent_steps: int = 2
   grid_minor_dim: int = 1          # planar-snake order: 0 = M minor, 1 = N minor
   grid_tile_width: int = 8
   cluster_m: bool = False          # 2-CTA clusters along M: the weight tile is TMA-multicast
@@ -52,10 +55,14 @@ class GateConfig:
     return self.max_concurrent_steps * stage + 2 * 64 * capacity * 4
 
 
-def default_config(capacity: int) -> GateConfig:
+def default_config(capacity: int, d_model: int | None = None) -> GateConfig:
   cfg = GateConfig()
+  if d_model is not None and d_model % cfg.tile_k:
+    cfg = dataclasses.replace(cfg, tile_k=64, max_concurrent_steps=4)
   while cfg.smem_bytes(capacity) > 220 * 1024 and cfg.max_concurrent_steps > 2:
     cfg = dataclasses.replace(cfg, max_concurrent_steps=cfg.max_concurrent_steps - 1)
+  if cfg.smem_bytes(capacity) > 220 * 1024:
+    cfg = dataclasses.replace(cfg, tile_k=64, max_concurrent_steps=2)
   return cfg
 
 
@@ -213,7 +220,7 @@ def check_shapes(x_MxK, w_NxK, capacity, config: GateConfig) -> None:
 def gate_twell(x_MxK: jax.Array, w_gate_NxK: jax.Array, *, capacity: int,
                config: GateConfig | None = None, interpret: bool = False) -> TwELL:
   """TwELL of ``relu(x @ w_gate.T)``; x [M, d_model] (M % 128 == 0), w_gate [d_ff, d_model]."""
-  config = config or default_config(capacity)
+  config = config or default_config(capacity, x_MxK.shape[1])
   check_shapes(x_MxK, w_gate_NxK, capacity, config)
   m = x_MxK.shape[0]
   n_tiles = w_gate_NxK.shape[0] // TILE_N

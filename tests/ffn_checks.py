@@ -29,6 +29,9 @@ def dense_loss_and_grads(x, wg, wu, wd, cot, coeff, gated=True):
 
 class SparseFFNChecks:
   implementation = "xla"
+  # The XLA reference recomputes at most overflow_capacity rows, then runs dense; the Pallas
+  # kernels recompute overflowed tiles in place with no budget.
+  row_budget = True
   dtypes = (jnp.float32, jnp.bfloat16)
   M, D, N = 96, 64, 512
 
@@ -53,8 +56,9 @@ class SparseFFNChecks:
       assert rel_err(stats.l1, l1_ref) < TOL[dtype]
       pre32 = jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32)
       pre = pre32.astype(dtype)
-      # Kernels may sum in another order: pre-activations within f32 noise of 0 may flip.
-      n_near = int(jnp.sum(jnp.abs(pre32) < 1e-4)) if self.implementation != "xla" else 0
+      # Another summation order (a kernel, or XLA compiling the dot inside other fusions) may
+      # flip pre-activations within f32 noise of 0; only those may differ.
+      n_near = int(jnp.sum(jnp.abs(pre32) < 1e-4))
       assert abs(float(stats.l0) - float(jnp.mean(jnp.sum(pre > 0, axis=1)))) <= n_near / self.M
       assert int(jnp.sum(jnp.abs(stats.active_per_neuron - jnp.sum(pre > 0, axis=0)))) <= n_near
 
@@ -124,7 +128,8 @@ class SparseFFNChecks:
     # More flagged rows than the row path holds: the whole call runs dense, still exact.
     cfg_small = ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=1)
     y2, stats2 = self.op(p.x, p.w_gate, p.w_up, p.w_down, config=cfg_small)
-    assert bool(stats2.dense_fallback) and int(stats2.overflow_rows) == int(stats.overflow_rows)
+    assert bool(stats2.dense_fallback) == self.row_budget
+    assert int(stats2.overflow_rows) == int(stats.overflow_rows)
     assert rel_err(y2, y_ref) < TOL[dtype]
 
   def test_hybrid_tail_overflow_gradients_exact(self, key):

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.gpu,
 class TestPallasBackendGPU(SparseFFNChecks):
   implementation = "pallas"
   dtypes = (jnp.bfloat16,)
+  row_budget = False
   M, D, N = 384, 256, 1024
 
   def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):
@@ -58,21 +59,27 @@ def test_gate_kernel_paper_shape(key, dist, capacity):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("dist", ["uniform", "skewed"])
-def test_fused_kernel_paper_shape(key, gated, dist):
+@pytest.mark.parametrize("dist,capacity", [("uniform", 32), ("skewed", 32), ("skewed", 8)])
+def test_fused_kernel_paper_shape(key, gated, dist, capacity):
+  """Every row exact; with capacity 8 many tiles overflow and are recomputed in the kernel."""
   p = make_ffn_problem(key, 2048, 2048, 5632, active_per_token=56, distribution=dist)
-  g = jnp.maximum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32), 0).astype(jnp.bfloat16)
-  tw = twell.encode(g, capacity=32)
-  y, l1 = jax.jit(lambda x, wu, wd, tw: twell_ffn.fused_up_down(x, wu, wd, tw))(
-      p.x, p.w_up if gated else None, p.w_down, tw)
-  u = jnp.dot(p.x, p.w_up.T, preferred_element_type=jnp.float32)
+  x = p.x.at[11, 7].set(jnp.nan)  # a NaN token: every tile overflows, output row NaN like dense
+  g = jnp.maximum(jnp.dot(x, p.w_gate.T, preferred_element_type=jnp.float32), 0).astype(jnp.bfloat16)
+  g = jnp.where(jnp.isnan(jnp.dot(x, p.w_gate.T, preferred_element_type=jnp.float32)), jnp.nan, g)
+  tw = twell.encode(g, capacity=capacity)
+  y, l1 = jax.jit(lambda x, wg, wu, wd, tw: twell_ffn.fused_up_down(x, wg, wu, wd, tw))(
+      x, p.w_gate, p.w_up if gated else None, p.w_down, tw)
+  u = jnp.dot(x, p.w_up.T, preferred_element_type=jnp.float32)
   h = (g.astype(jnp.float32) * u).astype(jnp.bfloat16) if gated else g
   ref = jnp.dot(h.astype(jnp.float32), p.w_down.astype(jnp.float32),
                 precision=jax.lax.Precision.HIGHEST)
-  ok = ~np.asarray(tw.row_overflow())
+  assert np.isnan(np.asarray(y[11], np.float32)).all()
+  ok = np.ones(2048, bool)
+  ok[11] = False
   assert rel_err(y[ok], ref[ok]) < 1e-2
+  # A different dot-product order can flip the bf16 rounding of one h by an ulp (2^-8 relative).
   np.testing.assert_allclose(l1[ok], jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1)[ok],
-                             rtol=1e-3)
+                             rtol=4e-3)
 
 
 @pytest.mark.parametrize("dist", ["uniform", "skewed"])

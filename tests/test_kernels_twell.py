@@ -60,17 +60,18 @@ def test_gate_kernel_interpret_matches_encode(key, dist, capacity):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_fused_kernel_interpret_matches_reference(key, gated):
+  """Every row exact, including rows whose tiles overflowed the capacity (recomputed in-kernel)."""
   p = make_ffn_problem(key, 256, 256, 512, active_per_token=12, distribution="skewed")
   g = _gate_ref(p.x, p.w_gate)
-  tw = twell.encode(g, capacity=16)
-  y, l1 = twell_ffn.fused_up_down(p.x, p.w_up if gated else None, p.w_down, tw, interpret=True)
+  tw = twell.encode(g, capacity=8)
+  assert bool(tw.row_overflow().any())
+  y, l1 = twell_ffn.fused_up_down(p.x, p.w_gate, p.w_up if gated else None, p.w_down, tw,
+                                  interpret=True)
   u = jnp.dot(p.x, p.w_up.T, preferred_element_type=jnp.float32)
   h = (g.astype(jnp.float32) * u).astype(jnp.bfloat16) if gated else g
   ref = jnp.dot(h.astype(jnp.float32), p.w_down.astype(jnp.float32))
-  ok = ~np.asarray(tw.row_overflow())
-  assert rel_err(y[ok], ref[ok]) < 1e-2
-  np.testing.assert_allclose(l1[ok], jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1)[ok],
-                             rtol=1e-5)
+  assert rel_err(y, ref) < 1e-2
+  np.testing.assert_allclose(l1, jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1), rtol=4e-3)
   assert not np.isnan(np.asarray(y, np.float32)).any()  # every output row was written
 
 
@@ -87,8 +88,8 @@ def test_fused_kernel_cross_lowers(key, gated):
   p = make_ffn_problem(key, 256, 512, 768, active_per_token=12)
   tw = twell.encode(_gate_ref(p.x, p.w_gate), capacity=32)
   wu = p.w_up if gated else None
-  f = jax.jit(lambda x, wu, wd, tw: twell_ffn.fused_up_down(x, wu, wd, tw))
-  assert "mosaic_gpu" in f.trace(p.x, wu, p.w_down, tw).lower(lowering_platforms=("cuda",)).as_text()
+  f = jax.jit(lambda x, wg, wu, wd, tw: twell_ffn.fused_up_down(x, wg, wu, wd, tw))
+  assert "mosaic_gpu" in f.trace(p.x, p.w_gate, wu, p.w_down, tw).lower(lowering_platforms=("cuda",)).as_text()
 
 
 def test_pallas_op_with_gradients_cross_lowers(key):
@@ -109,7 +110,7 @@ def test_fused_kernel_rejects_bad_shapes(key):
   p = make_ffn_problem(key, 128, 128, 256, active_per_token=4)
   tw = twell.encode(_gate_ref(p.x, p.w_gate), capacity=8)
   with pytest.raises(ValueError, match="multiple of 256"):
-    twell_ffn.fused_up_down(p.x, p.w_up, p.w_down, tw)
+    twell_ffn.fused_up_down(p.x, p.w_gate, p.w_up, p.w_down, tw)
   with pytest.raises(ValueError, match="multiple of 128"):
     twell_gate.gate_twell(p.x[:100], p.w_gate, capacity=8)
   with pytest.raises(NotImplementedError, match="bf16"):
@@ -120,6 +121,7 @@ class TestPallasBackendInterpret(SparseFFNChecks):
   """The whole check suite through the Pallas backend, kernels in interpret mode."""
   implementation = "pallas-interpret"
   dtypes = (jnp.bfloat16,)
+  row_budget = False
   M, D, N = 96, 256, 512
 
   def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):

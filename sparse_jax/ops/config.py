@@ -14,9 +14,9 @@ class SparseFFNConfig:
   """Static capacities of the sparse formats. ``None`` fields are derived from the token count M.
 
   tile, twell_capacity: TwELL (inference) tile width and slots per (row, tile).
-  overflow_capacity: rows whose TwELL tile overflowed that one call recomputes exactly on a dense
-    row path; more than this and the whole call runs dense (default: M / 256, at least 16). The
-    row path runs on every call, so its size is a fixed cost (~0.4% of the dense FFN by default).
+  overflow_capacity: (XLA reference) rows whose TwELL tile overflowed that one call recomputes
+    exactly on a dense row path; more than this and the whole call runs dense (default: M / 256,
+    at least 16). The Pallas kernels need no such budget: they recompute overflowed tiles in place.
   ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
   max_active_fraction: the Pallas backend's dispatcher runs the dense FFN when the estimated
     fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark.
