@@ -11,7 +11,8 @@ import pytest
 from sparse_jax.config import Config, apply_overrides, get_config
 from sparse_jax.nn import dense_stats
 from sparse_jax.train import (init_state, init_tracker, l1_coeff_at, l1_penalty, lm_loss,
-                              lr_schedule, resolve_config, train, train_step, update_tracker)
+                              lr_schedule, resolve_config, train, update_tracker)
+from sparse_jax.train.step import _accumulate
 
 # Short CPU runs: a few hundred stdlib files, no periodic evaluation or checkpoint in the loop.
 FAST = ["data.max_docs=300", "train.log_every=5", "train.eval_every=1000", "train.eval_batches=2",
@@ -93,21 +94,25 @@ def test_tracker_finds_dead_neurons(key):
 
 
 def test_grad_accumulation_matches_one_big_batch(key):
-  """Two micro-batches of 4 take the same step as one batch of 8 (fp32 compute)."""
-  base = apply_overrides(get_config("tiny"), [
+  """Two micro-batches of 4 give the gradients and metrics of one batch of 8 (fp32 compute).
+
+  Gradients are compared, not parameters after the step: Adam's first step is sign descent, so a
+  gradient entry within rounding of zero may move its weight either way.
+  """
+  cfg, _ = resolve_config(apply_overrides(get_config("tiny"), [
       "model.d_model=32", "model.d_ff=64", "model.n_heads=2", "model.compute_dtype=float32",
-      "model.ffn=relu_dense", "train.batch_size=8", "data.seq_len=16", "train.warmup_steps=0",
-      "train.l1_coeff=0.01"])
-  cfg1, _ = resolve_config(base)
-  cfg2 = dataclasses.replace(cfg1, train=dataclasses.replace(cfg1.train, grad_accum=2))
+      "model.ffn=relu_dense", "train.batch_size=8", "data.seq_len=16", "train.l1_coeff=0.01"]))
   batch = jax.random.randint(key, (8, 17), 0, 259)
-  graphdef, s1 = init_state(cfg1)
-  _, s2 = init_state(cfg2)
-  s1, m1 = train_step(s1, batch[None], graphdef, cfg1)
-  s2, m2 = train_step(s2, batch.reshape(2, 4, 17), graphdef, cfg2)
-  np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  graphdef, state = init_state(cfg)
+  accumulate = jax.jit(_accumulate, static_argnames=("graphdef", "cfg"))
+  one = accumulate(state.params, graphdef, batch[None], 0.01, cfg)
+  two = accumulate(state.params, graphdef, batch.reshape(2, 4, 17), 0.01, cfg)
+  for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(two[0])):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-6 * float(jnp.max(jnp.abs(a))))
+  for a, b in zip(one[1:4], two[1:4]):  # loss, cross-entropy, L1
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+  np.testing.assert_allclose(one[4].l0, two[4].l0, rtol=1e-5)
+  np.testing.assert_array_equal(one[4].active_per_neuron, two[4].active_per_neuron)
 
 
 @pytest.fixture(scope="module")
