@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     return COMMANDS[args.command].run(args)
+  except KeyboardInterrupt as e:
+    print(f"sparse-jax {args.command}: {e or 'interrupted'}", file=sys.stderr)
+    return 130
   except (ValueError, FileNotFoundError, ImportError) as e:
     if args.debug:
       raise

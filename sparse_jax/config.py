@@ -84,8 +84,8 @@ class ModelConfig:
                "must be a positive integer or none")
     _require(self.n_heads % self.kv_heads == 0, "model.n_kv_heads", self.n_kv_heads,
              f"must divide n_heads={self.n_heads} (grouped-query attention)")
-    _require(self.head_dim is not None or self.d_model % self.n_heads == 0, "model.head_dim",
-             self.head_dim, f"none needs n_heads={self.n_heads} to divide d_model={self.d_model}")
+    _require(self.head_dim is not None or self.d_model % self.n_heads == 0, "model.n_heads",
+             self.n_heads, f"must divide d_model={self.d_model} (or set model.head_dim)")
     _require(self.attn_head_dim % 2 == 0, "model.head_dim", self.attn_head_dim,
              "must be even (RoPE rotates pairs of features)")
     _choice(self, "model", "ffn", FFN_KINDS)

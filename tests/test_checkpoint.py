@@ -95,6 +95,11 @@ def test_stopped_and_resumed_run_is_identical(tmp_path):
   model, loaded_cfg, step = load_model(straight)
   assert step == 8 and loaded_cfg == cfg_r
   assert_trees_identical(nnx.state(model, nnx.Param), sa.params)
+  # A time budget stops the run early, with its state saved for resumption.
+  budget = str(tmp_path / "budget")
+  c = train(apply_overrides(cfg, ["train.max_minutes=1e-4"]), budget, progress=False)
+  assert c["stop_reason"] == "time budget" and 0 < c["steps"] < 8
+  assert Checkpointer(os.path.join(budget, "checkpoints"), keep=2).latest_step() == c["steps"]
   # Resuming with another model is refused, naming what changed.
   other = apply_overrides(cfg, ["model.n_layers=3"])
   with pytest.raises(ValueError, match="other model settings.*n_layers"):

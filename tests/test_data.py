@@ -139,7 +139,7 @@ def test_missing_and_bad_sources(tmp_path, np_rng):
 
 def test_hf_source_needs_datasets():
   try:
-    import datasets  # noqa: F401
+    import datasets  # noqa: F401  (only probing whether it is installed)
   except ImportError:
     with pytest.raises(ImportError, match="pip install datasets"):
       list(iter_documents(DataConfig(source="hf:HuggingFaceFW/fineweb-edu", max_docs=10)))

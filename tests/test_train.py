@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sparse_jax.cli import main
 from sparse_jax.config import Config, apply_overrides, get_config
 from sparse_jax.nn import dense_stats
 from sparse_jax.train import (init_state, init_tracker, l1_coeff_at, l1_penalty, lm_loss,
@@ -25,9 +26,12 @@ def fresh_seed() -> int:
   return seed
 
 
+def short_run_overrides(*overrides: str, seed: int) -> list[str]:
+  return FAST + [f"train.seed={seed}", f"data.seed={seed}", *overrides]
+
+
 def short_run_config(*overrides: str, seed: int) -> Config:
-  return apply_overrides(get_config("tiny"),
-                         FAST + [f"train.seed={seed}", f"data.seed={seed}", *overrides])
+  return apply_overrides(get_config("tiny"), short_run_overrides(*overrides, seed=seed))
 
 
 def test_l1_normalisations(key):
@@ -121,13 +125,15 @@ def l1_runs(tmp_path_factory):
   seed = fresh_seed()
   out = {}
   for name, coeff in (("none", 0.0), ("l1", 1e-2)):
-    cfg = short_run_config("train.steps=60", f"train.l1_coeff={coeff}", seed=seed)
-    out[name] = (train(cfg, str(tmp_path_factory.mktemp(name)), progress=False), cfg)
+    overrides = short_run_overrides("train.steps=60", f"train.l1_coeff={coeff}", seed=seed)
+    cfg = apply_overrides(get_config("tiny"), overrides)
+    run_dir = str(tmp_path_factory.mktemp(name))
+    out[name] = (train(cfg, run_dir, progress=False), cfg, overrides, run_dir)
   return out
 
 
 def test_loss_falls(l1_runs):
-  for summary, _ in l1_runs.values():
+  for summary, *_ in l1_runs.values():
     # From ~ln(384) = 5.95 nats at init; byte-level Python source is far more predictable.
     assert summary["val_ce_initial"] > 5.0
     assert summary["val_ce"] < summary["val_ce_initial"] - 2.0
@@ -143,7 +149,7 @@ def test_l1_gives_clearly_higher_sparsity(l1_runs):
 
 
 def test_run_writes_metrics_plot_and_summary(l1_runs):
-  summary, cfg = l1_runs["l1"]
+  summary, cfg, *_ = l1_runs["l1"]
   records = [json.loads(line) for line in open(summary["metrics"])]
   train_recs = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train_recs] == list(range(5, 61, 5))
@@ -155,3 +161,14 @@ def test_run_writes_metrics_plot_and_summary(l1_runs):
   on_disk = json.load(open(os.path.join(os.path.dirname(summary["metrics"]), "summary.json")))
   assert on_disk["steps"] == 60 and on_disk["val_ce"] == summary["val_ce"]
   assert summary["tokens_per_s"] > 0
+
+
+def test_cli_on_a_finished_run_evaluates_and_prints_the_table(l1_runs, capsys):
+  summary, _, overrides, run_dir = l1_runs["l1"]
+  assert main(["train", "--config", "tiny", "--out", run_dir, "--no-progress",
+               "--set", *overrides]) == 0
+  table = capsys.readouterr().out
+  assert "stopped by: already done" in table and f"{summary['val_ce']:.3f}" in table
+  assert "% of FFN activations are zero" in table
+  val_steps = [r["step"] for r in map(json.loads, open(summary["metrics"])) if r["split"] == "val"]
+  assert val_steps == [0, 60]  # the finished run's evaluation is reused, not repeated

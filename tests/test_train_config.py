@@ -33,6 +33,7 @@ def test_overrides_parse_by_field_type():
     ("model.ffn=gelu", "model.ffn='gelu': must be one of relu_sparse"),
     ("model.ffn_impl=cuda", "must be one of auto, xla, pallas"),
     ("model.n_kv_heads=3", "must divide n_heads=4"),
+    ("model.n_heads=5", "model.n_heads=5: must divide d_model=128"),
     ("model.remat=maybe", "expected bool"),
     ("model.compute_dtype=int8", "must be one of float32"),
     ("train.l1_norm=sum", "train.l1_norm='sum': must be one of mean, sum_neurons"),

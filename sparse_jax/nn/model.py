@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparse_jax import ops
 from sparse_jax.config import ModelConfig
 from sparse_jax.nn.ffn import FFN, STATS_NAME
 from sparse_jax.nn.layers import F32, Attention, RMSNorm, normal
@@ -88,11 +87,3 @@ def abstract_param_count(cfg: ModelConfig) -> int:
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   return count_params(abstract)
 
-
-def ffn_stats_example(cfg: ModelConfig) -> ops.FFNStats:
-  """Zeros shaped like forward_with_stats' stats for this config (e.g. to initialise trackers)."""
-  z = lambda *s, dt=F32: jnp.zeros(s, dt)
-  return ops.FFNStats(l0=z(cfg.n_layers), l1=z(cfg.n_layers),
-                      overflow_rows=z(cfg.n_layers, dt=jnp.int32),
-                      dense_fallback=z(cfg.n_layers, dt=bool),
-                      active_per_neuron=z(cfg.n_layers, cfg.d_ff, dt=jnp.int32))

@@ -22,11 +22,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sparse_jax.config import Config
+from sparse_jax.config import Config, DataConfig, TrainConfig
 from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
 from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train.checkpoint import Checkpointer
-from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records
+from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
 from sparse_jax.train.step import eval_step, init_state, train_step
 
 # Train settings that may change between a checkpoint and its resumption without changing what
@@ -37,33 +37,34 @@ _RESUMABLE_TRAIN_CHANGES = {"max_minutes", "log_every", "eval_every", "eval_batc
 
 @dataclasses.dataclass(frozen=True)
 class RunPaths:
+  """The files of a run directory (see the module docstring)."""
   out: str
+  checkpoints: str
+  metrics: str
+  plot: str
+  summary: str
+  config: str
 
-  @property
-  def checkpoints(self):
-    return os.path.join(self.out, "checkpoints")
-
-  @property
-  def metrics(self):
-    return os.path.join(self.out, "metrics.jsonl")
-
-  @property
-  def plot(self):
-    return os.path.join(self.out, "curves.png")
-
-  @property
-  def summary(self):
-    return os.path.join(self.out, "summary.json")
-
-  @property
-  def config(self):
-    return os.path.join(self.out, "config.json")
+  @classmethod
+  def of(cls, out: str) -> "RunPaths":
+    names = dict(checkpoints="checkpoints", metrics="metrics.jsonl", plot="curves.png",
+                 summary="summary.json", config="config.json")
+    return cls(out=out, **{k: os.path.join(out, v) for k, v in names.items()})
 
 
 def resolve_config(cfg: Config):
   """(cfg with model.vocab_size fixed for its tokenizer, the tokenizer)."""
   tokenizer = load_tokenizer(cfg.data.tokenizer)
   return dataclasses.replace(cfg, model=cfg.model.resolve_vocab(tokenizer.vocab_size)), tokenizer
+
+
+def step_config(cfg: Config) -> Config:
+  """``cfg`` reduced to what the compiled steps depend on (they take the config as a static
+  argument): budgets, cadences, names and data settings do not change the step, so runs that differ
+  only in those share one compilation."""
+  train_cfg = dataclasses.replace(cfg.train, **{k: getattr(TrainConfig(), k)
+                                                for k in _RESUMABLE_TRAIN_CHANGES})
+  return Config(name="", model=cfg.model, data=DataConfig(), train=train_cfg)
 
 
 def _check_resumable(saved: dict, cfg: Config) -> None:
@@ -113,7 +114,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   stop_at: stop at this step (saving a checkpoint) as if interrupted; a later call resumes.
   """
   t0 = time.perf_counter()
-  paths = RunPaths(out)
+  paths = RunPaths.of(out)
   cfg, tokenizer = resolve_config(cfg)
   tcfg, d_ff = cfg.train, cfg.model.d_ff
   corpus = build_corpus(cfg.data, tokenizer, progress=progress)
@@ -130,11 +131,12 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
                     state=data_state)
   val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
+  compiled_cfg = step_config(cfg)
   with open(paths.config, "w") as f:
     json.dump(cfg.to_dict(), f, indent=2)
 
   def run_eval(step):
-    rec = dict(split="val", step=step, **evaluate(state.params, graphdef, cfg, val))
+    rec = dict(split="val", step=step, **evaluate(state.params, graphdef, compiled_cfg, val))
     log.write(rec)
     return rec
 
@@ -156,7 +158,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
         stop_reason = "time budget"
         break
       batch = batches.next().reshape(tcfg.grad_accum, micro, cfg.data.seq_len + 1)
-      state, metrics = train_step(state, batch, graphdef, cfg)
+      state, metrics = train_step(state, batch, graphdef, compiled_cfg)
       step += 1
       bar.update(1)
       if step % tcfg.log_every == 0 or step == target:
@@ -185,10 +187,14 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     ckpt.save(step, state, batches.state, cfg.to_dict())
   ckpt.close()
   if stop_reason == "interrupted":
-    raise KeyboardInterrupt
-  if last_val is None or last_val["step"] != step:
-    last_val = run_eval(step)
+    raise KeyboardInterrupt(f"interrupted at step {step}; the checkpoint is saved in "
+                            f"{paths.checkpoints}, rerun the same command to resume")
   records = read_records(paths.metrics)
+  if last_val is None or last_val["step"] != step:
+    # A resumed run that was already finished has its final evaluation on record.
+    done = [r for r in records if r["split"] == "val" and r["step"] == step]
+    last_val = done[-1] if done else run_eval(step)
+    records += [] if done else [to_python(last_val)]
   plot_curves(records, paths.plot, d_ff=d_ff, title=f"{cfg.name}: {cfg.model.ffn}, "
               f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
@@ -226,7 +232,7 @@ def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s) 
 
 def load_model(out: str, step: int | None = None) -> tuple[Transformer, Config, int]:
   """The model of a run directory's checkpoint (latest complete step by default)."""
-  directory = RunPaths(out).checkpoints
+  directory = RunPaths.of(out).checkpoints
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory {directory} (is {out!r} a run directory?)")
   ckpt = Checkpointer(directory, keep=1_000_000)
