@@ -46,7 +46,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--data", help="data.source: stdlib, files/globs, or hf:NAME[:CONFIG]")
   p.add_argument("--out", help="run directory (default runs/<config>)")
   p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints first")
-  p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints")
+  p.add_argument("--no-resume", action="store_true",
+                 help="fail instead of resuming if the run directory has checkpoints")
   p.add_argument("--stop-at", type=int, help="stop (and save) at this step; resume later")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -100,6 +100,8 @@ def test_stopped_and_resumed_run_is_identical(tmp_path):
   c = train(apply_overrides(cfg, ["train.max_minutes=1e-4"]), budget, progress=False)
   assert c["stop_reason"] == "time budget" and 0 < c["steps"] < 8
   assert Checkpointer(os.path.join(budget, "checkpoints"), keep=2).latest_step() == c["steps"]
+  with pytest.raises(ValueError, match="start over with --fresh"):
+    train(cfg, stopped, resume=False, progress=False)
   # Resuming with another model is refused, naming what changed.
   other = apply_overrides(cfg, ["model.n_layers=3"])
   with pytest.raises(ValueError, match="other model settings.*n_layers"):

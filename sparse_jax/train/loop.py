@@ -109,7 +109,8 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
           stop_at: int | None = None, progress: bool = True) -> dict:
   """Trains (or resumes) the run in ``out`` and returns its summary.
 
-  resume: continue from the latest complete checkpoint in ``out`` if there is one.
+  resume: continue from the latest complete checkpoint in ``out`` if there is one (False: refuse
+    to run over existing checkpoints).
   fresh: delete ``out``'s checkpoints first (a new run in the same directory).
   stop_at: stop at this step (saving a checkpoint) as if interrupted; a later call resumes.
   """
@@ -123,7 +124,11 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     shutil.rmtree(paths.checkpoints)
   ckpt = Checkpointer(paths.checkpoints, keep=tcfg.keep_checkpoints)
   data_state, resumed_from = None, None
-  if resume and ckpt.latest_step() is not None:
+  if not resume and ckpt.latest_step() is not None:
+    ckpt.close()
+    raise ValueError(f"{paths.checkpoints} holds checkpoints up to step {ckpt.latest_step()}; "
+                     "resume from them, start over with --fresh, or use another --out")
+  if ckpt.latest_step() is not None:
     _check_resumable(ckpt.read_config(), cfg)
     state, data_state, _, resumed_from = ckpt.restore(state)
   micro = tcfg.batch_size // tcfg.grad_accum
