@@ -7,8 +7,8 @@ Inference forward (the primal):
   2. gate kernel -> TwELL (``twell_gate``); fused up + down kernel (``twell_ffn``);
   3. tiles that overflowed the TwELL capacity are recomputed exactly inside the fused kernel (no
      fallback pass); the overflowed rows are counted in the stats.
-Under ``jax.grad`` the forward and backward are the reference's Hybrid-format custom VJP until the
-training kernels land (issue 5), so gradients are exact either way.
+Under ``jax.grad`` the forward keeps sparse residuals and the backward runs the per-token backward
+kernel (``twell_train``).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax.formats import twell
-from sparse_jax.ops import api, reference
+from sparse_jax.ops import api
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
 from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
 
@@ -122,27 +122,12 @@ def _active_per_neuron(tw: twell.TwELL) -> jax.Array:
 
 
 # --------------------------------------------------------------------------- custom_vjp ops
+# Inference primal: twell_forward above. Under jax.grad: the sparse training forward/backward of
+# twell_train (TwELL + R residuals, per-token backward kernel).
+from pallas_kernels import twell_train  # noqa: E402  (needs twell_forward defined)
 
-
-def _make_ops(interpret: bool):
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-  def gated(x, w_gate, w_up, w_down, cfg):
-    return twell_forward(x, w_gate, w_up, w_down, cfg, interpret=interpret)
-
-  gated.defvjp(lambda x, wg, wu, wd, cfg: reference.hybrid_forward(x, wg, wu, wd, cfg),
-               lambda cfg, res, ct: reference.hybrid_backward(res, ct))
-
-  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-  def relu(x, w_up, w_down, cfg):
-    return twell_forward(x, w_up, None, w_down, cfg, interpret=interpret)
-
-  relu.defvjp(lambda x, wu, wd, cfg: reference.hybrid_forward(x, wu, None, wd, cfg),
-              lambda cfg, res, ct: reference.hybrid_backward(res, ct))
-  return gated, relu
-
-
-gated_ffn_pallas, relu_ffn_pallas = _make_ops(interpret=False)
-gated_ffn_pallas_interpret, relu_ffn_pallas_interpret = _make_ops(interpret=True)
+gated_ffn_pallas, relu_ffn_pallas = twell_train.make_ops(interpret=False)
+gated_ffn_pallas_interpret, relu_ffn_pallas_interpret = twell_train.make_ops(interpret=True)
 
 if INTERPRET:
   api.register_backend("pallas", gated_ffn_pallas_interpret, relu_ffn_pallas_interpret,

@@ -1,0 +1,348 @@
+"""Training path of the Pallas backend: sparse forward residuals and a sparse backward.
+
+Forward (under ``jax.grad``): the gate kernel packs P = relu(x Wg^T) into TwELL; the fused kernel
+computes y and also stores the up projection R = x Wu^T at every TwELL slot. Residuals are x, the
+weights, TwELL(P) and R: no dense M x d_ff activation is kept.
+
+Backward (``backward_kernel``, one warp per token, the fused kernel's machinery): for every active
+entry j of token i
+    a = dOut_i . Wd[j]                      (Wd row gathered; the sampled dOut Wd^T)
+    t = bf16(p * r)                         (T exactly as the forward rounded it)
+    dT = a + coeff * d|t|                   (the L1 term; jax.grad's sign convention, +1 at 0)
+    dR = dT * p,  dU = dT * r * [p > 0]
+    dX_i += dR * Wu[j] + dU * Wg[j]         (two more row gathers, accumulated in registers)
+and dU, dR are stored at the entry's TwELL slot. The weight gradients are sparse-transpose products
+of those slot values: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut (``weight_gradients``).
+
+Rows with an overflowed TwELL tile are skipped by the kernel and computed exactly by a dense row
+path (the vjp of the dense FFN on those rows, at most ``overflow_capacity`` of them; beyond that the
+call's backward runs dense under ``lax.cond``), as the XLA reference does.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import common, twell_ffn, twell_gate
+from sparse_jax.formats import twell
+from sparse_jax.ops.config import FFNStats, SparseFFNConfig
+from sparse_jax.ops.dense import F32, hidden, matmul_nn, matmul_nt, matmul_tn
+
+TILE = twell_gate.TILE_N
+ENTRIES_PER_STEP = 2
+
+
+# --------------------------------------------------------------------------- backward kernel
+
+
+def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, r_ref,
+                   coeff_ref, dx_ref, du_ref, dr_ref, ej_ref, ev_ref, es_ref, ctr_ref):
+  """Per-warp backward. Non-gated: ``wu_ref``/``r_ref``/``dr_ref`` are None and ``wg_ref`` holds
+  the up weights (P is the hidden activation itself)."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref
+  import jax.experimental.mosaic.gpu as mgpu
+  from pallas_kernels.warp_mgpu import WarpKernel
+
+  gated = wu_ref is not None
+  m, d_model = ir.MemRefType(x_ref.type).shape
+  _, n_tiles, capacity = ir.MemRefType(idx_ref.type).shape
+  w = WarpKernel(d_model)
+  c, cf, nch = w.c, w.cf, w.chunks
+  coeff = memref.load(coeff_ref, [mgpu.c(0, w.index)])
+
+  def slot_of(e_safe):
+    slot = memref.load(es_ref, [w.idx(w.warp), e_safe])
+    return w.idx(arith.divui(slot, c(capacity))), w.idx(arith.remui(slot, c(capacity)))
+
+  def process_token(t):
+    total, masks = w.build_entry_list(t, cnt_ref, idx_ref, val_ref, ej_ref, ev_ref, es_ref)
+    flagged = arith.cmpi(arith.CmpIPredicate.ne, functools.reduce(arith.ori, masks), c(0))
+    # Rows with an overflowed tile belong to the dense row path: no entries, zero dx row.
+    total = arith.select(flagged, c(0), total)
+    x = w.load_row(x_ref, t)
+    dy = w.load_row(dy_ref, t)
+    n_steps = arith.divui(arith.addi(total, c(ENTRIES_PER_STEP - 1)), c(ENTRIES_PER_STEP))
+
+    @mgpu.fori(n_steps, [w.zero] * nch)
+    def _entries(step, acc):
+      e0 = arith.muli(w.as_i32(step), c(ENTRIES_PER_STEP))
+      picks = []
+      for b in range(ENTRIES_PER_STEP):
+        e = arith.addi(e0, c(b))
+        valid = w.lt(e, total)
+        e_safe = w.idx(arith.select(valid, e, e0))
+        row = memref.load(ej_ref, [w.idx(w.warp), e_safe])
+        p = memref.load(ev_ref, [w.idx(w.warp), e_safe])
+        picks.append((row, p, valid, e_safe))
+      downs = [w.load_row(wd_ref, row) for row, *_ in picks]
+      grads = []
+      for (row, p, valid, e_safe), vd in zip(picks, downs):
+        tile, s = slot_of(e_safe)
+        a = w.dot(dy, vd)
+        r = memref.load(r_ref, [w.idx(t), tile, s]) if gated else None
+        tval = w.round_bf16(arith.mulf(p, r)) if gated else p
+        sign = arith.select(arith.cmpf(arith.CmpFPredicate.OGE, tval, cf(0.0)), cf(1.0), cf(-1.0))
+        d_t = arith.addf(a, arith.mulf(coeff, sign))
+        p_pos = arith.cmpf(arith.CmpFPredicate.OGT, p, cf(0.0))
+        d_u = arith.select(p_pos, arith.mulf(d_t, r) if gated else d_t, cf(0.0))
+        d_r = arith.mulf(d_t, p) if gated else None
+        d_u = arith.select(valid, d_u, cf(0.0))
+        d_r = arith.select(valid, d_r, cf(0.0)) if gated else None
+        with mgpu.when(arith.andi(valid, w.eq(w.lane, c(0)))):
+          memref.store(d_u, du_ref, [w.idx(t), tile, s])
+          if gated:
+            memref.store(d_r, dr_ref, [w.idx(t), tile, s])
+        grads.append((row, d_u, d_r))
+      for row, d_u, d_r in grads:
+        if gated:
+          acc = w.axpy(d_r, w.load_row(wu_ref, row), acc)
+        acc = w.axpy(d_u, w.load_row(wg_ref, row), acc)
+      return list(acc)
+
+    w.store_row(dx_ref, t, list(_entries.results))
+    mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
+
+  w.for_each_token(m, ctr_ref, process_token, dynamic=True)
+
+
+def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, r_ref,
+                  coeff_ref, dx_ref, du_ref, dr_ref, *, rows):
+  """Interpretable path: the same per-entry math with array ops for a block of tokens."""
+  gated = wu_ref is not None
+  n_tiles, capacity = idx_ref.shape[1], idx_ref.shape[2]
+  cnt = cnt_ref[rows]
+  flagged = jnp.any(cnt > capacity, axis=1)
+  valid = ((lax.broadcasted_iota(jnp.int32, idx_ref[rows].shape, 2) < cnt[:, :, None])
+           & ~flagged[:, None, None])
+  col = (idx_ref[rows].astype(jnp.int32)
+         + lax.broadcasted_iota(jnp.int32, valid.shape, 1) * 256).reshape(valid.shape[0], -1)
+  p = val_ref[rows].astype(F32)
+  dy = dy_ref[rows].astype(F32)
+  a = jnp.take_along_axis(jnp.dot(dy, wd_ref[...].astype(F32).T), col, axis=1).reshape(p.shape)
+  r = r_ref[rows] if gated else None
+  tval = (p * r).astype(jnp.bfloat16).astype(F32) if gated else p
+  d_t = a + coeff_ref[0] * jnp.where(tval >= 0, 1.0, -1.0)
+  d_u = jnp.where(valid & (p > 0), d_t * r if gated else d_t, 0.0)
+  n_rows = p.shape[0]
+  scatter = lambda v: jnp.zeros((n_rows, wg_ref.shape[0]), F32).at[
+      jnp.arange(n_rows)[:, None], col].add(v.reshape(col.shape))
+  dx = jnp.dot(scatter(d_u), wg_ref[...].astype(F32))
+  du_ref[rows] = d_u
+  if gated:
+    d_r = jnp.where(valid, d_t * p, 0.0)
+    dr_ref[rows] = d_r
+    dx = dx + jnp.dot(scatter(d_r), wu_ref[...].astype(F32))
+  dx_ref[rows] = dx
+
+
+def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTxC, coeff, *,
+                    interpret: bool = False, warpgroups: int = 2):
+  """(dx [M, D] f32, dU slots, dR slots) for the rows without an overflowed tile (flagged rows:
+  dx 0, slots unspecified). ``coeff``: the L1 cotangent over (M * d_ff), a scalar."""
+  m, d = x_MxD.shape
+  gated = w_up is not None
+  list_len = tw.n_tiles * tw.capacity
+  n_warps = warpgroups * 4
+  slots = jax.ShapeDtypeStruct(tw.values_MxTxC.shape, F32)
+  out_type = (jax.ShapeDtypeStruct((m, d), F32), slots) + ((slots,) if gated else ())
+  if interpret:
+    grid, scratch = (2,), []
+    if m % (grid[0] * warpgroups):
+      raise NotImplementedError("the interpretable path needs M divisible by its token blocks")
+  else:
+    if n_warps * list_len * 12 > 200 * 1024:
+      raise NotImplementedError(f"entry lists need {n_warps * list_len * 12} bytes of SMEM")
+    grid = (common.num_sms(),)
+    scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
+               plgpu.SMEM((n_warps, list_len), jnp.float32),
+               plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
+  rows_per_wg = m // (grid[0] * warpgroups)
+  names = ["x", "dy", "wg"] + (["wu"] if gated else []) + ["wd", "cnt", "idx", "val"] + (
+      ["r"] if gated else []) + ["coeff", "dx", "du"] + (["dr"] if gated else [])
+
+  def body(*refs):
+    named = dict(zip(names, refs))
+    scr = refs[len(names):]
+    order = ["x", "dy", "wg", "wu", "wd", "cnt", "idx", "val", "r", "coeff", "dx", "du", "dr"]
+    present = [named.get(k) for k in order]
+    if not interpret:
+      ref_args = [r for r in present + list(scr) if r is not None]
+
+      @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in ref_args))
+      def _(ctx, *r):
+        del ctx
+        it = iter(r)
+        args = [None if p is None else next(it) for p in present] + list(it)
+        _backward_mgpu(*args)
+
+      _(*ref_args)
+    else:
+      wg = lax.axis_index("sm") * warpgroups + lax.axis_index("wg")
+      _backward_jnp(*present, rows=pl.ds(wg * rows_per_wg, rows_per_wg))
+
+  f = plgpu.kernel(
+      body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
+      num_threads=warpgroups, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=common.interpret_params() if interpret else None)
+  args = [x_MxD, dy_MxD, w_gate] + ([w_up] if gated else []) + [
+      w_down, tw.counts_MxT, tw.indices_MxTxC, tw.values_MxTxC] + (
+      [r_MxTxC] if gated else []) + [jnp.reshape(coeff, (1,)).astype(F32)]
+  outs = f(*args)
+  return outs[0], outs[1], (outs[2] if gated else None)
+
+
+# --------------------------------------------------------------------------- glue
+
+
+def weight_gradient(tw: twell.TwELL, slot_values, keep_rows, b_MxD) -> jax.Array:
+  """S^T B [N, D] f32 for the sparse S with ``slot_values`` on TwELL's pattern (rows where
+  ``keep_rows`` is False excluded). Evaluated here as a scatter into a transient dense [M, N]
+  bf16 matrix and one tensor-core matmul: exact, but dense-equivalent in cost."""
+  dense = twell.densify(tw, slot_values.astype(jnp.bfloat16), keep_rows=keep_rows)
+  return matmul_tn(dense, b_MxD.astype(jnp.bfloat16))
+
+
+def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=False):
+  """Training forward: ((y, FFNStats), residuals). Residuals are sparse (TwELL(P), R). Like the
+  inference path, a probe of the gate's density sends too-dense calls to the dense FFN under
+  ``lax.cond`` (on device); the backward follows the same branch."""
+  from pallas_kernels import ffn_backend
+  m, _ = x_MxD.shape
+  n = w_gate.shape[0]
+  n_pad = common.cdiv(n, TILE) * TILE
+  mp = common.cdiv(m, 128) * 128
+  nt, cap = n_pad // TILE, cfg.twell_capacity
+  pad = lambda w: w if w is None or w.shape[0] == n_pad else jnp.pad(
+      w, ((0, n_pad - w.shape[0]), (0, 0)))
+  wg, wu, wd = pad(w_gate), pad(w_up), pad(w_down)
+
+  def sparse():
+    xp = common.pad_rows(x_MxD, 128)
+    tw = twell_gate.gate_twell(xp, wg, capacity=cap, interpret=interpret)
+    outs = twell_ffn.fused_up_down(xp, wg, wu, wd, tw, return_r=w_up is not None,
+                                   interpret=interpret)
+    r = outs[2] if w_up is not None else jnp.zeros((mp, nt, cap), F32)
+    tw_m = twell.TwELL(tw.values_MxTxC[:m], tw.indices_MxTxC[:m], tw.counts_MxT[:m],
+                       n_cols=n_pad, tile=TILE)
+    flagged = tw_m.row_overflow()
+    stats = FFNStats(l0=jnp.sum(tw_m.counts_MxT) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
+                     overflow_rows=jnp.sum(flagged, dtype=jnp.int32),
+                     dense_fallback=jnp.sum(flagged) > cfg.overflow_rows_for(m),
+                     active_per_neuron=_active_counts(x_MxD, w_gate, tw_m, flagged, n))
+    return (outs[0][:m], stats), (tw.values_MxTxC, tw.indices_MxTxC, tw.counts_MxT, r)
+
+  def dense():
+    y, stats = ffn_backend.dense_with_stats(x_MxD, w_gate, w_up, w_down)
+    empty = (jnp.zeros((mp, nt, cap), jnp.bfloat16), jnp.zeros((mp, nt, cap), jnp.int16),
+             jnp.zeros((mp, nt), jnp.int32), jnp.zeros((mp, nt, cap), F32))
+    return (y, stats), empty
+
+  if cfg.max_active_fraction is None:
+    too_dense = jnp.zeros((), bool)
+    out, packed = sparse()
+  else:
+    too_dense = (ffn_backend.estimate_active_fraction(x_MxD, w_gate)
+                 > ffn_backend.dispatch_threshold(cfg, m))
+    out, packed = lax.cond(too_dense, dense, sparse)
+  vals, idx, cnt, r = packed
+  tw = twell.TwELL(vals, idx, cnt, n_cols=n_pad, tile=TILE)
+  return out, (x_MxD, w_gate, w_up, w_down, tw, r if w_up is not None else None, too_dense)
+
+
+def _active_counts(x_MxD, w_gate, tw, flagged, n):
+  valid = tw.valid_mask() & ~flagged[:, None, None]
+  cols = jnp.where(valid, tw.global_indices(), tw.n_cols)
+  act = jnp.zeros((tw.n_cols,), jnp.int32).at[cols.reshape(-1)].add(1, mode="drop")[:n]
+  dense_rows = jnp.where(flagged[:, None], jnp.logical_not(matmul_nt(x_MxD, w_gate) <= 0), False)
+  return act + jnp.sum(dense_rows, axis=0, dtype=jnp.int32)
+
+
+def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
+  x, w_gate, w_up, w_down, tw, r, too_dense = residuals
+  d_y, d_stats = cotangents
+  m, _ = x.shape
+  n = w_gate.shape[0]
+  n_pad = tw.n_cols
+  gated = w_up is not None
+  budget = cfg.overflow_rows_for(m)
+  coeff = d_stats.l1.astype(F32) / (m * n)
+  pad = lambda w: None if w is None else (w if w.shape[0] == n_pad else jnp.pad(
+      w, ((0, n_pad - w.shape[0]), (0, 0))))
+  wg, wu, wd = pad(w_gate), pad(w_up), pad(w_down)
+  xp = common.pad_rows(x, 128)
+  dyp = common.pad_rows(d_y.astype(x.dtype), 128)
+  flagged_p = tw.row_overflow()
+  flagged = flagged_p[:m]
+  n_flagged = jnp.sum(flagged, dtype=jnp.int32)
+  unpad = lambda g: g[:n]
+
+  def dense_rows_vjp(x_rows, dy_rows, real):
+    """vjp of the dense FFN on the given rows, with the L1 term's share of those rows."""
+    def f(xr, wg_, wu_, wd_):
+      h = hidden(xr, wg_, wu_)
+      h = jnp.where(real[:, None], h, 0.0)
+      y = matmul_nn(h.astype(x.dtype), wd_).astype(x.dtype)
+      return y, jnp.sum(jnp.abs(h))
+    primals = (x_rows, w_gate, w_up, w_down) if gated else (x_rows, w_gate, w_down)
+    fn = f if gated else (lambda xr, wg_, wd_: f(xr, wg_, None, wd_))
+    _, vjp = jax.vjp(fn, *primals)
+    return vjp((dy_rows, coeff))
+
+  def sparse():
+    dx, du, dr = backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff, interpret=interpret)
+    keep = ~flagged_p
+    d_wg = weight_gradient(tw, du, keep, xp)
+    if gated:
+      d_wu = weight_gradient(tw, dr, keep, xp)
+      tvals = (tw.values_MxTxC.astype(F32) * r).astype(jnp.bfloat16)
+    else:
+      tvals = tw.values_MxTxC
+    d_wd = weight_gradient(tw, tvals, keep, dyp)
+    # Rows with an overflowed tile: dense row path (exact), at most `budget` of them.
+    (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+    real = rows < m
+    x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+    dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
+    g = dense_rows_vjp(x_o, dy_o, real)
+    dx = dx[:m].at[rows].add(g[0].astype(F32), mode="drop")
+    grads = [dx, unpad(d_wg) + g[1].astype(F32)]
+    if gated:
+      grads.append(unpad(d_wu) + g[2].astype(F32))
+    grads.append(unpad(d_wd) + g[-1].astype(F32))
+    return tuple(grads)
+
+  def dense():
+    g = dense_rows_vjp(x, d_y.astype(x.dtype), jnp.ones((m,), bool))
+    return tuple(a.astype(F32) for a in g)
+
+  grads = lax.cond(too_dense | (n_flagged > budget), dense, sparse)
+  dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]
+  return tuple(g.astype(dt) for g, dt in zip(grads, dtypes))
+
+
+def make_ops(interpret: bool):
+  """custom_vjp ops: inference primal (``ffn_backend.twell_forward``), sparse training fwd/bwd."""
+  from pallas_kernels import ffn_backend
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+  def gated(x, w_gate, w_up, w_down, cfg):
+    return ffn_backend.twell_forward(x, w_gate, w_up, w_down, cfg, interpret=interpret)
+
+  gated.defvjp(lambda x, wg, wu, wd, cfg: forward(x, wg, wu, wd, cfg, interpret=interpret),
+               lambda cfg, res, ct: backward(res, ct, cfg, interpret=interpret))
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+  def relu(x, w_up, w_down, cfg):
+    return ffn_backend.twell_forward(x, w_up, None, w_down, cfg, interpret=interpret)
+
+  relu.defvjp(lambda x, wu, wd, cfg: forward(x, wu, None, wd, cfg, interpret=interpret),
+              lambda cfg, res, ct: backward(res, ct, cfg, interpret=interpret))
+  return gated, relu
