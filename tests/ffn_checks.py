@@ -35,6 +35,12 @@ class SparseFFNChecks:
   dtypes = (jnp.float32, jnp.bfloat16)
   M, D, N = 96, 64, 512
 
+  def long_row_configs(self):
+    """(config whose long rows fit their exact sparse path, config that overflows it so the
+    backward must run dense). The reference trains on Hybrid: ELL width + dense tail rows."""
+    return (ops.SparseFFNConfig(ell_width=16, tail_capacity=self.M),
+            ops.SparseFFNConfig(ell_width=16, tail_capacity=1))
+
   def op(self, x, wg, wu, wd, gated=True, config=None):
     if gated:
       return ops.gated_sparse_ffn(x, wg, wu, wd, implementation=self.implementation, config=config)
@@ -138,8 +144,8 @@ class SparseFFNChecks:
     p = self.problem(k1, dtype, dist="skewed", active=40.0)
     cot = jax.random.normal(k2, p.x.shape, jnp.float32)
     _, _, ref = dense_loss_and_grads(p.x, p.w_gate, p.w_up, p.w_down, cot, 0.5)
-    for cfg, expect_fallback in [(ops.SparseFFNConfig(ell_width=16, tail_capacity=self.M), False),
-                                 (ops.SparseFFNConfig(ell_width=16, tail_capacity=1), True)]:
+    fits, overflows = self.long_row_configs()
+    for cfg, expect_fallback in [(fits, False), (overflows, True)]:
       def loss(x, wg, wu, wd):
         y, stats = self.op(x, wg, wu, wd, config=cfg)
         return jnp.sum(y.astype(jnp.float32) * cot) + 0.5 * stats.l1, stats
