@@ -2,8 +2,14 @@
 
 Parameters are kept in ``param_dtype`` (fp32 master weights) and cast to ``compute_dtype`` at
 use, so the optimiser sees fp32 and the matmuls run in bf16 with fp32 accumulation.
+
+``Attention.decode`` is the incremental path of text generation: it appends the new positions'
+keys and values to a ``KVCache`` and attends over the cache; ``__call__`` (training, evaluation)
+attends over the whole sequence at once. Both use the same projections (``project``, ``output``).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +55,20 @@ def attention_implementation(choice: str, dtype) -> str:
   return "cudnn" if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "xla"
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of one attention layer for S positions (the slots past the decoded ones are
+  zeros and masked out)."""
+  k_BxSxKxH: jax.Array
+  v_BxSxKxH: jax.Array
+
+  @classmethod
+  def zeros(cls, batch: int, length: int, n_kv_heads: int, head_dim: int, dtype) -> "KVCache":
+    shape = (batch, length, n_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
 class Attention(nnx.Module):
   """Causal multi-head attention with RoPE; n_kv_heads < n_heads gives grouped-query attention."""
 
@@ -65,16 +85,43 @@ class Attention(nnx.Module):
     self.implementation = implementation
     self.compute_dtype = compute_dtype
 
+  def _w(self, p: nnx.Param) -> jax.Array:
+    return p[...].astype(self.compute_dtype)
+
+  def project(self, x_BxLxD: jax.Array, positions_L: jax.Array):
+    """(q [B, L, N, H], k [B, L, K, H], v [B, L, K, H]) with RoPE at ``positions_L``."""
+    q = jnp.einsum("bld,dnh->blnh", x_BxLxD, self._w(self.w_q_DxNxH))
+    k = jnp.einsum("bld,dkh->blkh", x_BxLxD, self._w(self.w_k_DxKxH))
+    v_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self._w(self.w_v_DxKxH))
+    return (apply_rope(q, positions_L, self.rope_theta),
+            apply_rope(k, positions_L, self.rope_theta), v_BxLxKxH)
+
+  def output(self, out_BxLxNxH: jax.Array) -> jax.Array:
+    return jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self._w(self.w_o_NxHxD))
+
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    dt = self.compute_dtype
-    w = lambda p: p[...].astype(dt)
-    positions_L = jnp.arange(x_BxLxD.shape[1])
-    q = jnp.einsum("bld,dnh->blnh", x_BxLxD, w(self.w_q_DxNxH))
-    k = jnp.einsum("bld,dkh->blkh", x_BxLxD, w(self.w_k_DxKxH))
-    v_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, w(self.w_v_DxKxH))
-    q_BxLxNxH = apply_rope(q, positions_L, self.rope_theta)
-    k_BxLxKxH = apply_rope(k, positions_L, self.rope_theta)
+    q_BxLxNxH, k_BxLxKxH, v_BxLxKxH = self.project(x_BxLxD, jnp.arange(x_BxLxD.shape[1]))
     out_BxLxNxH = jax.nn.dot_product_attention(
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True,
-        implementation=attention_implementation(self.implementation, dt))
-    return jnp.einsum("blnh,nhd->bld", out_BxLxNxH, w(self.w_o_NxHxD))
+        implementation=attention_implementation(self.implementation, self.compute_dtype))
+    return self.output(out_BxLxNxH)
+
+  def decode(self, x_BxTxD: jax.Array, cache: KVCache, start: jax.Array
+             ) -> tuple[jax.Array, KVCache]:
+    """Attention of T new tokens at positions start..start+T-1 over the cache and themselves.
+
+    The caller keeps start + T <= S (the cache length): ``dynamic_update_slice`` would clamp a
+    write past the end onto earlier slots instead of failing.
+    """
+    t = x_BxTxD.shape[1]
+    q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.project(x_BxTxD, start + jnp.arange(t))
+    k_BxSxKxH = jax.lax.dynamic_update_slice(
+        cache.k_BxSxKxH, k_BxTxKxH.astype(cache.k_BxSxKxH.dtype), (0, start, 0, 0))
+    v_BxSxKxH = jax.lax.dynamic_update_slice(
+        cache.v_BxSxKxH, v_BxTxKxH.astype(cache.v_BxSxKxH.dtype), (0, start, 0, 0))
+    # Query i sits at position start + i and sees every slot up to it (the empty ones are later).
+    mask_TxS = jnp.arange(k_BxSxKxH.shape[1])[None, :] <= (start + jnp.arange(t))[:, None]
+    # XLA attention: cuDNN's fused kernel wants a causal flag or no mask, not a cache-length one.
+    out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                                               mask=mask_TxS[None, None], implementation="xla")
+    return self.output(out_BxTxNxH), KVCache(k_BxSxKxH, v_BxSxKxH)

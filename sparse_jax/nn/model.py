@@ -1,4 +1,9 @@
-"""The Llama-style decoder of the paper: tied embeddings, pre-norm blocks, RoPE, sparse FFNs."""
+"""The Llama-style decoder of the paper: tied embeddings, pre-norm blocks, RoPE, sparse FFNs.
+
+``Transformer.__call__`` runs whole sequences (training, evaluation); ``Transformer.decode`` runs
+new tokens against per-layer ``KVCache``s (text generation, ``sparse_jax.nn.generate``). Both go
+through the same blocks, so the FFN (sparse or not) and its sown statistics are the same.
+"""
 from __future__ import annotations
 
 import jax
@@ -7,7 +12,7 @@ from flax import nnx
 
 from sparse_jax.config import ModelConfig
 from sparse_jax.nn.ffn import FFN, STATS_NAME
-from sparse_jax.nn.layers import F32, Attention, RMSNorm, normal
+from sparse_jax.nn.layers import F32, Attention, KVCache, RMSNorm, normal
 
 
 class Block(nnx.Module):
@@ -29,6 +34,12 @@ class Block(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
     return x_BxLxD + self.ffn(self.ffn_norm(x_BxLxD))
+
+  def decode(self, x_BxTxD: jax.Array, cache: KVCache, start: jax.Array
+             ) -> tuple[jax.Array, KVCache]:
+    attn_BxTxD, cache = self.attn.decode(self.attn_norm(x_BxTxD), cache, start)
+    x_BxTxD = x_BxTxD + attn_BxTxD
+    return x_BxTxD + self.ffn(self.ffn_norm(x_BxTxD)), cache
 
 
 def _call_block(block: Block, x_BxLxD: jax.Array) -> jax.Array:
@@ -53,15 +64,40 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
-    embed_VxD = self.embed_VxD[...].astype(self.compute_dtype)
-    x_BxLxD = jnp.take(embed_VxD, tokens_BxL, axis=0)
+    x_BxLxD = self._embed(tokens_BxL)
     # Rematerialisation recomputes each block's activations in the backward pass instead of
     # keeping them: less memory for deeper models, one extra forward of compute.
     call = nnx.remat(_call_block) if self.cfg.remat else _call_block
     for block in self.blocks:
       x_BxLxD = call(block, x_BxLxD)
-    x_BxLxD = self.final_norm(x_BxLxD)
-    return jnp.einsum("bld,vd->blv", x_BxLxD, embed_VxD, preferred_element_type=F32)
+    return self._logits(x_BxLxD)
+
+  def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
+    return jnp.take(self.embed_VxD[...].astype(self.compute_dtype), tokens_BxL, axis=0)
+
+  def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    embed_VxD = self.embed_VxD[...].astype(self.compute_dtype)
+    return jnp.einsum("bld,vd->blv", self.final_norm(x_BxLxD), embed_VxD,
+                      preferred_element_type=F32)
+
+  def init_cache(self, batch: int, length: int) -> list[KVCache]:
+    """Empty per-layer caches for ``length`` positions, in the compute dtype."""
+    cfg = self.cfg
+    return [KVCache.zeros(batch, length, cfg.kv_heads, cfg.attn_head_dim, self.compute_dtype)
+            for _ in self.blocks]
+
+  def decode(self, tokens_BxT: jax.Array, caches: list[KVCache], start: jax.Array
+             ) -> tuple[jax.Array, list[KVCache]]:
+    """Logits [B, T, V] of T new tokens at positions start..start+T-1, and the updated caches.
+
+    A prompt is one call with start=0 (prefill); each generated token is one call with T=1.
+    """
+    x_BxTxD = self._embed(tokens_BxT)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches, strict=True):
+      x_BxTxD, cache = block.decode(x_BxTxD, cache, start)
+      new_caches.append(cache)
+    return self._logits(x_BxTxD), new_caches
 
 
 def forward_with_stats(model: Transformer, tokens_BxL: jax.Array):
@@ -71,9 +107,14 @@ def forward_with_stats(model: Transformer, tokens_BxL: jax.Array):
   carry them through the model. ``stats.l1`` keeps its gradient (the L1 penalty trains on it).
   """
   logits, inter = nnx.capture(model, nnx.Intermediate)(tokens_BxL)
-  sown = nnx.to_pure_dict(inter)["blocks"]
+  return logits, sown_ffn_stats(model, inter)
+
+
+def sown_ffn_stats(model: Transformer, intermediates: nnx.State):
+  """The FFNStats the blocks sowed under ``nnx.capture``, stacked over layers."""
+  sown = nnx.to_pure_dict(intermediates)["blocks"]
   per_layer = [sown[i]["ffn"][STATS_NAME][-1] for i in range(len(model.blocks))]
-  return logits, jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
+  return jax.tree.map(lambda *a: jnp.stack(a), *per_layer)
 
 
 def count_params(model_or_state) -> int:
