@@ -8,6 +8,9 @@ Presets (``get_config(name)``):
 * ``0.5b``, ``1b``, ``1.5b``, ``2b``: the paper's models (d_model 2048, d_ff 5632, 32 heads of 64,
   8/18/28/38 layers, vocab 49152, tied embeddings) with its optimiser settings.
 
+Every preset trains on all local devices (``parallel.mesh=auto``: data parallel); see
+``ParallelConfig`` for FSDP meshes and several hosts.
+
 Every field can be overridden with ``section.field=value`` strings (``apply_overrides``), e.g.
 ``model.n_layers=4 train.lr=3e-4 data.source=/data/fineweb/*.parquet``; values are parsed by the
 field's type and checked by the dataclasses, so a bad value names the field it belongs to.
@@ -213,20 +216,82 @@ class TrainConfig:
              self.max_minutes, "must be positive or none")
 
 
+MESH_AXES = ("data", "fsdp")
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+  """``"data:2,fsdp:4"`` -> {"data": 2, "fsdp": 4}; ``"auto"`` -> {} (all devices on data).
+
+  Axes are ``data`` (replicated parameters, batch split) and ``fsdp`` (parameters and optimiser
+  state split too, batch split); an omitted axis has size 1. One size may be -1: the devices left.
+  """
+  where = f"parallel.mesh={spec!r}"
+  if not isinstance(spec, str) or not spec.strip():
+    raise ValueError(f"{where}: must be 'auto' or look like data:2,fsdp:4")
+  if spec.strip().lower() == "auto":
+    return {}
+  sizes: dict[str, int] = {}
+  for item in spec.split(","):
+    name, sep, size = item.strip().partition(":")
+    if name not in MESH_AXES:
+      raise ValueError(f"{where}: unknown mesh axis {name!r}; the axes are "
+                       f"{', '.join(MESH_AXES)} (e.g. data:2,fsdp:4)")
+    if not sep or not size.strip().lstrip("-").isdigit():
+      raise ValueError(f"{where}: {item.strip()!r} must be AXIS:SIZE with an integer size")
+    if name in sizes:
+      raise ValueError(f"{where}: axis {name!r} given twice")
+    sizes[name] = int(size)
+    if sizes[name] == 0 or sizes[name] < -1:
+      raise ValueError(f"{where}: the size of {name!r} must be positive (or -1: the rest)")
+  if list(sizes.values()).count(-1) > 1:
+    raise ValueError(f"{where}: only one axis can be -1")
+  return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+  """The device mesh of a run (``sparse_jax.parallel``); it may change between a checkpoint and
+  its resumption (orbax restores the state onto the new mesh).
+
+  mesh: "auto" puts every device on the ``data`` axis (one device: plain single-device training);
+    "data:2,fsdp:4" (any order, product = the number of devices of all hosts, one size may be -1)
+    splits the batch over both axes and the parameters and AdamW moments over ``fsdp``.
+  distributed: call ``jax.distributed.initialize`` first (several hosts, one process each). The
+    coordinator and process ids come from the fields below, else from JAX's cluster detection
+    (SLURM, Open MPI, ...) or the ``JAX_COORDINATOR_ADDRESS`` environment variable. The
+    ``SPARSE_JAX_DISTRIBUTED=1`` environment variable has the same effect as true.
+  """
+
+  mesh: str = "auto"
+  distributed: bool = False
+  coordinator_address: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
+
+  def __post_init__(self):
+    parse_mesh_spec(self.mesh)
+    _require(self.num_processes is None or self.num_processes > 0, "parallel.num_processes",
+             self.num_processes, "must be a positive integer or none")
+    _require(self.process_id is None or self.process_id >= 0, "parallel.process_id",
+             self.process_id, "must be a non-negative integer or none")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   name: str = "tiny"
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
   train: TrainConfig = TrainConfig()
+  parallel: ParallelConfig = ParallelConfig()
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict) -> "Config":
+    # Checkpoints from before the parallel section have none: they ran on the default mesh.
     return cls(name=d["name"], model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]),
-               train=TrainConfig(**d["train"]))
+               train=TrainConfig(**d["train"]), parallel=ParallelConfig(**d.get("parallel", {})))
 
 
 def _paper(n_layers: int) -> Config:

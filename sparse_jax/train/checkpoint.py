@@ -5,6 +5,10 @@ Each step directory holds three items: ``state`` (every array of the TrainState 
 ``config`` (the run's config, JSON). Restoring fills a template TrainState built from the config,
 so the restored pytree has exactly the types the jitted step was compiled for.
 
+Sharded state: each array is saved from its shards (every host writes its own), and restored
+straight into the sharding of the template's array, whatever mesh saved it: a checkpoint of a
+data:8 run resumes on data:2,fsdp:4 or on one device.
+
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>``
 only when every item is written, so a save interrupted half-way (crash, kill, pre-emption) leaves
 a tmp directory that is never listed as a step, and the last complete step stays the latest one.
@@ -60,12 +64,15 @@ class Checkpointer:
 
   def restore(self, template: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict, dict, int]:
-    """(state, data_state, config, step) of ``step`` (default: the latest complete one)."""
+    """(state, data_state, config, step) of ``step`` (default: the latest complete one), each
+    array placed like the template's (arrays or ``jax.ShapeDtypeStruct``s with a sharding)."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
     flat, treedef = flatten_state(template)
-    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in flat.items()}
+    # Host (numpy) template leaves keep orbax's default placement.
+    abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=getattr(v, "sharding", None))
+                for k, v in flat.items()}
     out = self._mgr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
         config=ocp.args.JsonRestore()))

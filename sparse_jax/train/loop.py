@@ -7,6 +7,12 @@ Output directory layout::
     OUT/curves.png       loss and sparsity curves
     OUT/summary.json     the final summary (also returned by ``train``)
     OUT/checkpoints/     orbax steps: train state, data position, config
+
+On several devices (``cfg.parallel``, ``sparse_jax.parallel``) the state is sharded over the mesh,
+each global batch is split over the devices, and orbax saves and restores the sharded state (onto
+whatever mesh the resuming run uses). With several hosts every process runs this same function on
+a shared ``OUT``; process 0 writes the files above, process i > 0 its own copies under
+``OUT/process_<i>/`` (checkpoints are shared: orbax coordinates the hosts).
 """
 from __future__ import annotations
 
@@ -22,12 +28,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from sparse_jax import parallel
 from sparse_jax.config import Config, DataConfig, TrainConfig
 from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
 from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
-from sparse_jax.train.step import eval_step, init_state, train_step
+from sparse_jax.train.step import init_state, step_functions
 
 # Train settings that may change between a checkpoint and its resumption without changing what
 # the run computes (budgets and cadences). Any other change is reported: exact resume needs none.
@@ -46,10 +53,12 @@ class RunPaths:
   config: str
 
   @classmethod
-  def of(cls, out: str) -> "RunPaths":
-    names = dict(checkpoints="checkpoints", metrics="metrics.jsonl", plot="curves.png",
-                 summary="summary.json", config="config.json")
-    return cls(out=out, **{k: os.path.join(out, v) for k, v in names.items()})
+  def of(cls, out: str, process: int = 0) -> "RunPaths":
+    names = dict(metrics="metrics.jsonl", plot="curves.png", summary="summary.json",
+                 config="config.json")
+    own = out if process == 0 else os.path.join(out, f"process_{process}")
+    return cls(out=out, checkpoints=os.path.join(out, "checkpoints"),
+               **{k: os.path.join(own, v) for k, v in names.items()})
 
 
 def resolve_config(cfg: Config):
@@ -82,11 +91,13 @@ def _check_resumable(saved: dict, cfg: Config) -> None:
           "not match an uninterrupted one")
 
 
-def evaluate(params, graphdef, cfg: Config, batches: list[np.ndarray]) -> dict:
-  """Validation cross-entropy and FFN sparsity over ``batches`` (inference path, no gradient)."""
+def evaluate(params, graphdef, cfg: Config, batches: list[np.ndarray], *, mesh=None) -> dict:
+  """Validation cross-entropy and FFN sparsity over ``batches`` (inference path, no gradient);
+  on ``mesh`` (then ``graphdef`` and ``params`` must be ``init_state(cfg, mesh)``'s)."""
+  eval_step = step_functions(graphdef, cfg, mesh)[1]
   sums = None
   for b in batches:
-    m = eval_step(params, jnp.asarray(b), graphdef, cfg)
+    m = eval_step(params, b)
     sums = m if sums is None else jax.tree.map(jnp.add, sums, m)
   sums = jax.device_get(sums)
   n = len(batches)
@@ -115,13 +126,20 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   stop_at: stop at this step (saving a checkpoint) as if interrupted; a later call resumes.
   """
   t0 = time.perf_counter()
-  paths = RunPaths.of(out)
+  parallel.initialize_distributed(cfg.parallel)
+  paths = RunPaths.of(out, jax.process_index())
+  progress = progress and jax.process_index() == 0
   cfg, tokenizer = resolve_config(cfg)
   tcfg, d_ff = cfg.train, cfg.model.d_ff
+  micro = tcfg.batch_size // tcfg.grad_accum
+  mesh = parallel.run_mesh(cfg.parallel)
+  if mesh is not None:
+    parallel.check_batch(micro, mesh)
   corpus = build_corpus(cfg.data, tokenizer, progress=progress)
-  graphdef, state = init_state(cfg)
-  if fresh and os.path.isdir(paths.checkpoints):
+  graphdef, state = init_state(cfg, mesh)
+  if fresh and os.path.isdir(paths.checkpoints) and jax.process_index() == 0:
     shutil.rmtree(paths.checkpoints)
+  parallel.sync_hosts("fresh checkpoints directory")
   ckpt = Checkpointer(paths.checkpoints, keep=tcfg.keep_checkpoints)
   data_state, resumed_from = None, None
   if not resume and ckpt.latest_step() is not None:
@@ -131,17 +149,18 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   if ckpt.latest_step() is not None:
     _check_resumable(ckpt.read_config(), cfg)
     state, data_state, _, resumed_from = ckpt.restore(state)
-  micro = tcfg.batch_size // tcfg.grad_accum
   batches = Batches(corpus.train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
                     state=data_state)
   val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
   compiled_cfg = step_config(cfg)
+  train_step = step_functions(graphdef, compiled_cfg, mesh)[0]
   with open(paths.config, "w") as f:
     json.dump(cfg.to_dict(), f, indent=2)
 
   def run_eval(step):
-    rec = dict(split="val", step=step, **evaluate(state.params, graphdef, compiled_cfg, val))
+    rec = dict(split="val", step=step, **evaluate(state.params, graphdef, compiled_cfg, val,
+                                                  mesh=mesh))
     log.write(rec)
     return rec
 
@@ -163,7 +182,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
         stop_reason = "time budget"
         break
       batch = batches.next().reshape(tcfg.grad_accum, micro, cfg.data.seq_len + 1)
-      state, metrics = train_step(state, batch, graphdef, compiled_cfg)
+      state, metrics = train_step(state, batch)
       step += 1
       bar.update(1)
       if step % tcfg.log_every == 0 or step == target:
@@ -203,19 +222,21 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   plot_curves(records, paths.plot, d_ff=d_ff, title=f"{cfg.name}: {cfg.model.ffn}, "
               f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, mesh)
   with open(paths.summary, "w") as f:
     json.dump(summary, f, indent=2)
   return summary
 
 
-def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s) -> dict:
+def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s, mesh) -> dict:
   train_recs = [r for r in records if r["split"] == "train"]
   val_recs = [r for r in records if r["split"] == "val"]
   tok, sec = (sum(x) for x in zip(*steady)) if steady else (0, 0.0)
   d_ff = cfg.model.d_ff
   return dict(
       config=cfg.name, ffn=cfg.model.ffn, params=count_params(state.params),
+      devices=1 if mesh is None else mesh.size,
+      mesh="single device" if mesh is None else parallel.describe(mesh),
       steps=int(state.step), target_steps=cfg.train.steps, stop_reason=stop_reason,
       tokens=int(state.step) * cfg.train.batch_size * cfg.data.seq_len,
       tokens_per_s=tok / sec if sec else None, wall_s=wall_s,

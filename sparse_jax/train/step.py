@@ -3,6 +3,10 @@
 The model crosses the jit boundary as (graphdef, params): ``nnx.split`` outside, ``nnx.merge``
 inside. Parameters stay fp32 (master weights); the modules cast them to the compute dtype at use,
 so gradients and AdamW moments are fp32 while the matmuls run in bf16.
+
+On a device mesh (``sparse_jax.parallel``) the same step functions are compiled with the state's
+named shardings (FSDP rule) and the batch split over every device as in/out shardings, and the
+model's sparse FFNs run per device (``ShardedFFN``); ``mesh=None`` is plain single-device training.
 """
 from __future__ import annotations
 
@@ -11,9 +15,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sparse_jax import parallel
 from sparse_jax.config import Config
 from sparse_jax.nn import Transformer, forward_with_stats
 from sparse_jax.train.loss import cross_entropy, l1_coeff_at, lm_loss
@@ -33,17 +40,44 @@ class TrainState:
   rng: jax.Array         # uint32 raw key data (checkpointable), for dead-neuron re-initialisation
 
 
-def init_state(cfg: Config) -> tuple[nnx.GraphDef, TrainState]:
-  """A fresh model and optimiser from ``cfg`` (model.vocab_size must be resolved)."""
-  rngs = nnx.Rngs(params=cfg.train.seed)
-  model = Transformer(cfg.model, rngs=rngs)
-  graphdef, params = nnx.split(model, nnx.Param)
-  state = TrainState(
+def _split_model(cfg: Config, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
+  model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
+  if mesh is not None:
+    parallel.shard_ffns(model, mesh)
+  return nnx.split(model, nnx.Param)
+
+
+def _state_around(params: nnx.State, cfg: Config) -> TrainState:
+  return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       opt_state=make_optimizer(cfg.train).init(params),
       tracker=init_tracker(cfg.model.n_layers, cfg.model.d_ff),
       rng=jax.random.key_data(jax.random.fold_in(jax.random.key(cfg.train.seed), 1)))
+
+
+def init_state(cfg: Config, mesh: Mesh | None = None) -> tuple[nnx.GraphDef, TrainState]:
+  """A fresh model and optimiser from ``cfg`` (model.vocab_size must be resolved).
+
+  With a ``mesh`` the graphdef's sparse FFNs run per device and the state is placed in its
+  ``state_shardings``. The parameters are drawn eagerly as on one device (a compiled
+  initialisation rounds some values differently), so a seed gives the same model on any mesh;
+  the optimiser state is created already sharded.
+  """
+  graphdef, params = _split_model(cfg, mesh)
+  if mesh is None:
+    return graphdef, _state_around(params, cfg)
+  params = jax.device_put(params, parallel.tree_shardings(params, mesh))
+  state = jax.jit(functools.partial(_state_around, cfg=cfg), donate_argnums=0,
+                  out_shardings=state_shardings(cfg, mesh))(params)
   return graphdef, state
+
+
+def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
+  """The NamedSharding of every array of the train state on ``mesh`` (the FSDP rule of
+  ``sparse_jax.parallel.sharding``: AdamW moments are sharded like their parameters)."""
+  abstract_params = nnx.eval_shape(lambda: _split_model(cfg, None)[1])
+  abstract = jax.eval_shape(functools.partial(_state_around, cfg=cfg), abstract_params)
+  return parallel.tree_shardings(abstract, mesh)
 
 
 def _loss_fn(params, graphdef, tokens_BxL1, coeff, cfg: Config):
@@ -84,8 +118,7 @@ def _reinit_dead(params, graphdef, dead_LxF, key):
   return nnx.state(model, nnx.Param)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-def train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
+def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
   """One optimiser step on a [grad_accum, micro_batch, seq_len + 1] int32 batch."""
   tcfg = cfg.train
   coeff = l1_coeff_at(state.step, tcfg)
@@ -110,8 +143,7 @@ def train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDe
   return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"))
-def eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
+def _eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
   """Validation metrics of one batch: inference path of the FFN op (no gradient)."""
   model = nnx.merge(graphdef, params)
   logits_BxLxV, stats = forward_with_stats(model, batch_BxL1[:, :-1])
@@ -119,3 +151,37 @@ def eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, 
               overflow_rows_L=stats.overflow_rows,
               dense_fallback_L=stats.dense_fallback.astype(F32),
               active_per_neuron_LxF=stats.active_per_neuron)
+
+
+train_step = jax.jit(_train_step, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+eval_step = jax.jit(_eval_step, static_argnames=("graphdef", "cfg"))
+
+
+@functools.lru_cache(maxsize=8)
+def sharded_steps(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh):
+  """(train_step(state, batch), eval_step(params, batch)) compiled for ``mesh``: the state in
+  its ``state_shardings`` in and out (donated), batches split over every device along their
+  sequence axis, metrics replicated. Cached, so runs of the same settings compile once."""
+  shardings = state_shardings(cfg, mesh)
+  replicated = NamedSharding(mesh, P())
+  train = jax.jit(functools.partial(_train_step, graphdef=graphdef, cfg=cfg),
+                  in_shardings=(shardings, parallel.batch_sharding(mesh, ndim=3, axis=1)),
+                  out_shardings=(shardings, replicated), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(_eval_step, graphdef=graphdef, cfg=cfg),
+                     in_shardings=(shardings.params, parallel.batch_sharding(mesh, ndim=2, axis=0)),
+                     out_shardings=replicated)
+  return train, evaluate
+
+
+def step_functions(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None = None):
+  """(train(state, batch), evaluate(params, batch)) taking host (numpy) batches: the jitted
+  single-device steps, or on ``mesh`` the ``sharded_steps`` with each batch placed split over the
+  devices (each process places only its own devices' part)."""
+  if mesh is None:
+    return (functools.partial(train_step, graphdef=graphdef, cfg=cfg),
+            functools.partial(eval_step, graphdef=graphdef, cfg=cfg))
+  train, evaluate = sharded_steps(graphdef, cfg, mesh)
+  train_in = parallel.batch_sharding(mesh, ndim=3, axis=1)
+  eval_in = parallel.batch_sharding(mesh, ndim=2, axis=0)
+  return (lambda state, batch: train(state, parallel.put(np.asarray(batch), train_in)),
+          lambda params, batch: evaluate(params, parallel.put(np.asarray(batch), eval_in)))
