@@ -3,6 +3,11 @@
     sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
     sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
     sparse-jax train --config tiny --print-config
+    sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
+    sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
+    sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
+
+``eval`` and ``generate`` take a run directory or a Hugging Face Llama-format checkpoint directory.
 
 A subcommand is ``COMMANDS[name] = Command(help, add_arguments(parser), run(args) -> int)``.
 """
@@ -44,6 +49,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, help="train.steps: optimiser steps (the LR schedule's end)")
   p.add_argument("--max-minutes", type=float, help="train.max_minutes: wall-time budget")
   p.add_argument("--data", help="data.source: stdlib, files/globs, or hf:NAME[:CONFIG]")
+  p.add_argument("--mesh", help="parallel.mesh: device mesh such as data:2,fsdp:4 (default auto: "
+                                "data parallel over all devices)")
   p.add_argument("--out", help="run directory (default runs/<config>)")
   p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints first")
   p.add_argument("--no-resume", action="store_true",
@@ -61,7 +68,9 @@ def format_summary(s: dict) -> str:
       ("config", f"{s['config']} ({s['ffn']}, {s['params'] / 1e6:.2f}M params)"),
       ("steps", f"{s['steps']} of {s['target_steps']} (stopped by: {s['stop_reason']})"),
       ("tokens seen", f"{s['tokens']:,}"),
-      ("throughput", f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s (after compilation)"),
+      ("throughput", f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s (after compilation)"
+                     + (f" on {s['devices']} devices ({s['mesh']})" if s.get("devices", 1) > 1
+                        else "")),
       ("L1 coefficient", f"{s['l1_coeff']:g} ({s['l1_norm']} normalisation)"),
       ("train loss", f"{f(s['train_ce_first'])} -> {f(s['train_ce_last'])} (cross-entropy)"),
       ("val loss", f"{f(s['val_ce_initial'])} -> {f(s['val_ce'])} (ppl {s['val_ppl']:.2f})"),
@@ -83,7 +92,7 @@ def format_summary(s: dict) -> str:
 
 def _train(args: argparse.Namespace) -> int:
   cfg = config_from_args(args, {"train.steps": args.steps, "train.max_minutes": args.max_minutes,
-                                "data.source": args.data})
+                                "data.source": args.data, "parallel.mesh": args.mesh})
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
@@ -94,9 +103,171 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True,
+                 help="a run directory (sparse-jax train --out) or a Hugging Face Llama-format "
+                      "directory (config.json + safetensors)")
+  p.add_argument("--step", type=int, help="run directories: this step (default: the latest)")
+  p.add_argument("--ffn", choices=["relu_sparse", "relu_dense", "silu_dense"],
+                 help="rebuild the FFN as this kind (same weights); for Hugging Face checkpoints "
+                      "it overrides the gate activation of config.json's hidden_act")
+  p.add_argument("--compute-dtype", choices=["float32", "bfloat16", "float16"],
+                 help="compute dtype (default: the run's; float32 for Hugging Face checkpoints)")
+  p.add_argument("--tokenizer", help="'bytes' or a tokenizer.json (default: the checkpoint's)")
+  p.add_argument("--allow-unknown-config", action="store_true",
+                 help="Hugging Face checkpoints: ignore config.json fields the importer does not "
+                      "know (default: refuse them)")
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+  _checkpoint_arguments(p)
+  p.add_argument("--out", help="report directory (default CHECKPOINT/eval for run directories, "
+                               "runs/eval-NAME for Hugging Face checkpoints)")
+  p.add_argument("--data", help="evaluate every document of these files/globs (or 'stdlib') "
+                                "instead of the checkpoint's validation split")
+  p.add_argument("--seq-len", type=int, help="tokens per evaluation window (default: the "
+                                             "run's data.seq_len)")
+  p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+  p.add_argument("--max-batches", type=int, default=32,
+                 help="evaluate at most this many batches (default 32)")
+  p.add_argument("--tasks", nargs="+", default=[], metavar="[FORMAT:]FILE.jsonl",
+                 help="zero-shot multiple-choice files in HellaSwag, ARC or PIQA shape")
+  p.add_argument("--mc-batch-size", type=int, default=16, help="choices scored per batch")
+  p.add_argument("--mc-max-len", type=int,
+                 help="longest context + choice in tokens (default: --seq-len)")
+  p.add_argument("--no-lm", action="store_true",
+                 help="skip perplexity and sparsity (multiple choice only)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def format_eval(r: dict) -> str:
+  """The evaluation's headline numbers as a two-column table."""
+  rows = [("checkpoint", f"{r['checkpoint']}: {r['model']['ffn']}, {r['params'] / 1e6:.2f}M "
+                         "params")]
+  lm = r.get("lm")
+  if lm:
+    layers = " ".join(f"{x['mean_active']:.1f}" for x in lm["layers"])
+    by_pos = r["lm"]["by_position"]["mean_active"]
+    rows += [
+        ("tokens", f"{lm['tokens']:,} ({r['data']})"),
+        ("loss", f"{lm['ce']:.4f} nats/token, perplexity {lm['ppl']:.3f}"),
+        ("active neurons/token", f"{lm['mean_active']:.2f} of {lm['d_ff']} (per layer: "
+                                 f"{layers})"),
+        ("sparsity", f"{lm['sparsity_pct']:.2f}% of FFN activations are zero"),
+        ("dead neurons", f"{lm['dead_pct']:.2f}% never fire on these tokens"),
+        ("by position", f"first token {by_pos[0]:.1f}, last {by_pos[-1]:.1f} active "
+                        "(mean over layers)"),
+    ]
+  for t in r["multiple_choice"]:
+    err = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    rows.append((f"{t['task']} ({t['format']})",
+                 f"acc {t['acc']:.3f} +- {err(t['acc_stderr'])}, acc_norm {t['acc_norm']:.3f} "
+                 f"+- {err(t['acc_norm_stderr'])} (n={t['n']}, chance {t['chance']:.3f})"))
+  rows += [("report", f"{r['report_md']} (+ .json, plots)"), ("wall time", f"{r['wall_s']:.1f} s")]
+  w = max(len(k) for k, _ in rows)
+  line = "-" * (w + 3 + max(len(v) for _, v in rows))
+  return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
+
+
+def _eval(args: argparse.Namespace) -> int:
+  from sparse_jax.eval import EvalOptions, evaluate_checkpoint
+  report = evaluate_checkpoint(EvalOptions(
+      checkpoint=args.checkpoint, out=args.out, step=args.step, data=args.data,
+      seq_len=args.seq_len, batch_size=args.batch_size, max_batches=args.max_batches,
+      lm=not args.no_lm, tasks=tuple(args.tasks), mc_batch_size=args.mc_batch_size,
+      mc_max_len=args.mc_max_len, ffn=args.ffn, compute_dtype=args.compute_dtype,
+      tokenizer=args.tokenizer, allow_unknown_config=args.allow_unknown_config,
+      progress=not args.no_progress))
+  print(format_eval(report))
+  return 0
+
+
+def _load(args: argparse.Namespace):
+  from sparse_jax.eval import load_checkpoint
+  return load_checkpoint(args.checkpoint, step=args.step, ffn=args.ffn,
+                         compute_dtype=args.compute_dtype, tokenizer=args.tokenizer,
+                         allow_unknown_config=args.allow_unknown_config)
+
+
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+  _checkpoint_arguments(p)
+  p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt")
+  p.add_argument("--no-stop", action="store_true",
+                 help="keep generating past the end-of-document token")
+
+
+def _generate(args: argparse.Namespace) -> int:
+  import time
+
+  import numpy as np
+
+  from sparse_jax.nn.generate import check_sampling, generate
+  check_sampling(args.temperature, args.top_p)  # before the checkpoint is loaded
+  if args.num_samples < 1:
+    raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
+  loaded = _load(args)
+  tok = loaded.tokenizer
+  ids = tok.encode_batch([args.prompt])[0] if args.prompt else np.zeros(0, np.int32)
+  if len(ids) == 0:
+    ids = np.asarray([tok.eos_id], np.int32)  # a document starts after an end-of-document token
+  prompt = np.tile(ids[None], (args.num_samples, 1))
+  t0 = time.perf_counter()
+  gen = generate(loaded.model, prompt, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                 eos_id=None if args.no_stop else tok.eos_id)
+  wall = time.perf_counter() - t0
+  for b in range(args.num_samples):
+    row = gen.row(b)
+    ended = not args.no_stop and row and row[-1] == tok.eos_id
+    text = tok.decode(row[:-1] if ended else row)
+    print(f"--- sample {b} ({len(row)} tokens{', ended' if ended else ''}) ---")
+    print(args.prompt + text)
+  steps = gen.step_active_SxL
+  active = " ".join(f"{x:.1f}" for x in steps.mean(axis=0)) if len(steps) else "n/a"
+  print(f"--- {gen.tokens_BxN.size} tokens in {wall:.1f} s (with compilation); active FFN "
+        f"neurons per generated token, per layer: {active} of {loaded.cfg.model.d_ff}; over the "
+        f"prompt: {' '.join(f'{x:.1f}' for x in gen.prompt_active_L)}")
+  return 0
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+  _checkpoint_arguments(p)
+  p.add_argument("--out", required=True, help="new directory for the Hugging Face checkpoint")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                 help="storage dtype of the weights (default float32)")
+  p.add_argument("--max-shard-mb", type=float,
+                 help="split the weights into shards of at most this size, with an index")
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+  import os
+
+  from sparse_jax import hf
+  if os.path.exists(args.out):
+    raise ValueError(f"--out {args.out} already exists; export into a new directory")
+  loaded = _load(args)
+  shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2 ** 20)
+  files = hf.export_hf(loaded.model, args.out, tokenizer=loaded.cfg.data.tokenizer,
+                       dtype=args.dtype, max_position_embeddings=loaded.cfg.data.seq_len,
+                       max_shard_bytes=shard)
+  print(f"wrote {loaded.label} ({loaded.cfg.model.ffn}) to {args.out}: {', '.join(files)}")
+  return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a sparse language model (resumes from its checkpoints)",
                      _train_arguments, _train),
+    "eval": Command("evaluate a checkpoint: perplexity, sparsity analysis with plots, zero-shot "
+                    "multiple choice", _eval_arguments, _eval),
+    "generate": Command("generate text from a checkpoint (KV cache; greedy, temperature, top-p)",
+                        _generate_arguments, _generate),
+    "export-hf": Command("write a checkpoint as a Hugging Face Llama-format directory",
+                         _export_arguments, _export_hf),
 }
 
 
