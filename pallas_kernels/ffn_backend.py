@@ -102,15 +102,16 @@ def dispatch_threshold(cfg: SparseFFNConfig, m: int) -> float:
 
 
 def dense_with_stats(x_MxD, w_gate, w_up, w_down):
-  """The dispatcher's dense branch: the dense FFN and its statistics from one gate matmul."""
+  """The dispatcher's dense branch: the bf16 dense FFN and its statistics from one gate matmul."""
   m = x_MxD.shape[0]
-  pre = matmul_nt(x_MxD, w_gate)
+  dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+  pre = dot(x_MxD, w_gate)
   h = jax.nn.relu(pre)
   if w_up is not None:
-    h = h * matmul_nt(x_MxD, w_up)
-  y = matmul_nn(h.astype(x_MxD.dtype), w_down).astype(x_MxD.dtype)
+    h = h * dot(x_MxD, w_up)
+  y = jax.lax.dot_general(h, w_down, (((1,), (0,)), ((), ())))
   act = jnp.logical_not(pre <= 0)
-  return y, FFNStats(l0=jnp.sum(act) / m, l1=jnp.mean(jnp.abs(h)),
+  return y, FFNStats(l0=jnp.sum(act) / m, l1=jnp.mean(jnp.abs(h.astype(F32))),
                      overflow_rows=jnp.zeros((), jnp.int32), dense_fallback=jnp.ones((), bool),
                      active_per_neuron=jnp.sum(act, axis=0, dtype=jnp.int32))
 

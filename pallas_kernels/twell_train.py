@@ -200,14 +200,95 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
 
 
 # --------------------------------------------------------------------------- glue
+# Everything dense below runs over row chunks inside lax.map / lax.scan, so no [M, d_ff] buffer is
+# ever allocated: XLA reserves a conditional's largest branch, so a dense fallback branch that
+# materialised [M, d_ff] activations would set the step's peak memory even when never taken.
+
+ROW_CHUNK = 2048
 
 
-def weight_gradient(tw: twell.TwELL, slot_values, keep_rows, b_MxD) -> jax.Array:
-  """S^T B [N, D] f32 for the sparse S with ``slot_values`` on TwELL's pattern (rows where
-  ``keep_rows`` is False excluded). Evaluated here as a scatter into a transient dense [M, N]
-  bf16 matrix and one tensor-core matmul: exact, but dense-equivalent in cost."""
-  dense = twell.densify(tw, slot_values.astype(jnp.bfloat16), keep_rows=keep_rows)
-  return matmul_tn(dense, b_MxD.astype(jnp.bfloat16))
+def _chunks(a, chunk):
+  return common.pad_rows(a, chunk).reshape(-1, chunk, *a.shape[1:])
+
+
+def _dense_chunk(xc, wg, wu, wd):
+  """bf16 dense FFN on a row chunk: (y, sum |h|, active mask)."""
+  pre = matmul_nt(xc, wg)
+  h = jax.nn.relu(pre)
+  if wu is not None:
+    h = h * matmul_nt(xc, wu)
+  h = h.astype(xc.dtype)
+  return (matmul_nn(h, wd).astype(xc.dtype), jnp.sum(jnp.abs(h.astype(F32))),
+          jnp.logical_not(pre <= 0))
+
+
+def dense_forward_chunked(x, w_gate, w_up, w_down, chunk=ROW_CHUNK):
+  """The dispatcher's dense branch for training: (y, FFNStats) with [chunk, d_ff] temporaries."""
+  m, d = x.shape
+  n = w_gate.shape[0]
+
+  def body(xc):
+    y, l1, act = _dense_chunk(xc, w_gate, w_up, w_down)
+    return y, l1, jnp.sum(act, axis=0, dtype=jnp.int32)
+
+  ys, l1s, acts = lax.map(body, _chunks(x, chunk))
+  act = jnp.sum(acts, axis=0)
+  acts_total = jnp.sum(act)
+  # Zero padding rows are inactive everywhere (pre = 0), so they add nothing to the counts.
+  return ys.reshape(-1, d)[:m], FFNStats(
+      l0=acts_total / m, l1=jnp.sum(l1s) / (m * n), overflow_rows=jnp.zeros((), jnp.int32),
+      dense_fallback=jnp.ones((), bool), active_per_neuron=act)
+
+
+def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=ROW_CHUNK):
+  """Gradients of sum(y * d_y) + coeff * sum|h| of the bf16 dense FFN, recomputing each row
+  chunk's activations inside a scan (memory: one chunk's). ``real`` masks rows out."""
+  m, d = x.shape
+  real = jnp.ones((m,), bool) if real is None else real
+  gated = w_up is not None
+  ws = (w_gate, w_up, w_down) if gated else (w_gate, w_down)
+
+  def f(xc, rc, *w):
+    wg, wu, wd = (w if gated else (w[0], None, w[1]))
+    pre = matmul_nt(xc, wg)
+    h = jax.nn.relu(pre)
+    if wu is not None:
+      h = h * matmul_nt(xc, wu)
+    h = jnp.where(rc[:, None], h, 0.0).astype(xc.dtype)
+    return matmul_nn(h, wd).astype(xc.dtype), jnp.sum(jnp.abs(h.astype(F32)))
+
+  def body(acc, inp):
+    xc, dyc, rc = inp
+    _, vjp = jax.vjp(lambda xc_, *w: f(xc_, rc, *w), xc, *ws)
+    dxc, *dws = vjp((dyc, coeff))
+    return [a + g.astype(F32) for a, g in zip(acc, dws)], dxc.astype(F32)
+
+  init = [jnp.zeros(w.shape, F32) for w in ws]
+  dws, dxs = lax.scan(body, init, (_chunks(x, chunk), _chunks(d_y.astype(x.dtype), chunk),
+                                   _chunks(real, chunk)))
+  return (dxs.reshape(-1, d)[:m], *dws)
+
+
+def weight_gradients(tw: twell.TwELL, slot_values, keep_rows, bs, chunk=ROW_CHUNK):
+  """[S_k^T B_k for (S_k, B_k)]: sparse S_k with values ``slot_values[k]`` on TwELL's pattern
+  (rows where ``keep_rows`` is False excluded) times dense B_k [M, D]. Evaluated one row chunk at
+  a time: scatter into a transient [chunk, d_ff] bf16 tile, one tensor-core matmul per product.
+  Exact, dense-equivalent in FLOPs; bounded memory."""
+  mp, nt, cap = tw.values_MxTxC.shape
+  pad = lambda a: _chunks(a, chunk)
+  idx, cnt = pad(tw.indices_MxTxC), pad(jnp.where(keep_rows[:, None], tw.counts_MxT, 0))
+
+  def body(acc, inp):
+    idx_c, cnt_c, vals_c, b_c = inp
+    out = []
+    for a, v, b in zip(acc, vals_c, b_c):
+      t = twell.TwELL(v.astype(jnp.bfloat16), idx_c, cnt_c, n_cols=tw.n_cols, tile=tw.tile)
+      out.append(a + matmul_tn(twell.densify(t, t.values_MxTxC), b.astype(jnp.bfloat16)))
+    return out, None
+
+  init = [jnp.zeros((tw.n_cols, b.shape[1]), F32) for b in bs]
+  out, _ = lax.scan(body, init, (idx, cnt, [pad(v) for v in slot_values], [pad(b) for b in bs]))
+  return out
 
 
 def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=False):
@@ -240,7 +321,7 @@ def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=Fals
     return (outs[0][:m], stats), (tw.values_MxTxC, tw.indices_MxTxC, tw.counts_MxT, r)
 
   def dense():
-    y, stats = ffn_backend.dense_with_stats(x_MxD, w_gate, w_up, w_down)
+    y, stats = dense_forward_chunked(x_MxD, w_gate, w_up, w_down)
     empty = (jnp.zeros((mp, nt, cap), jnp.bfloat16), jnp.zeros((mp, nt, cap), jnp.int16),
              jnp.zeros((mp, nt), jnp.int32), jnp.zeros((mp, nt, cap), F32))
     return (y, stats), empty
@@ -284,44 +365,24 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
   n_flagged = jnp.sum(flagged, dtype=jnp.int32)
   unpad = lambda g: g[:n]
 
-  def dense_rows_vjp(x_rows, dy_rows, real):
-    """vjp of the dense FFN on the given rows, with the L1 term's share of those rows."""
-    def f(xr, wg_, wu_, wd_):
-      h = hidden(xr, wg_, wu_)
-      h = jnp.where(real[:, None], h, 0.0)
-      y = matmul_nn(h.astype(x.dtype), wd_).astype(x.dtype)
-      return y, jnp.sum(jnp.abs(h))
-    primals = (x_rows, w_gate, w_up, w_down) if gated else (x_rows, w_gate, w_down)
-    fn = f if gated else (lambda xr, wg_, wd_: f(xr, wg_, None, wd_))
-    _, vjp = jax.vjp(fn, *primals)
-    return vjp((dy_rows, coeff))
-
   def sparse():
     dx, du, dr = backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff, interpret=interpret)
     keep = ~flagged_p
-    d_wg = weight_gradient(tw, du, keep, xp)
-    if gated:
-      d_wu = weight_gradient(tw, dr, keep, xp)
-      tvals = (tw.values_MxTxC.astype(F32) * r).astype(jnp.bfloat16)
-    else:
-      tvals = tw.values_MxTxC
-    d_wd = weight_gradient(tw, tvals, keep, dyp)
+    tvals = (tw.values_MxTxC.astype(F32) * r).astype(jnp.bfloat16) if gated else tw.values_MxTxC
+    slot_values = [du] + ([dr] if gated else []) + [tvals]
+    bs = [xp] + ([xp] if gated else []) + [dyp]
+    dws = weight_gradients(tw, slot_values, keep, bs)
     # Rows with an overflowed tile: dense row path (exact), at most `budget` of them.
     (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
-    real = rows < m
     x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
     dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
-    g = dense_rows_vjp(x_o, dy_o, real)
-    dx = dx[:m].at[rows].add(g[0].astype(F32), mode="drop")
-    grads = [dx, unpad(d_wg) + g[1].astype(F32)]
-    if gated:
-      grads.append(unpad(d_wu) + g[2].astype(F32))
-    grads.append(unpad(d_wd) + g[-1].astype(F32))
-    return tuple(grads)
+    g = dense_grads_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff, real=rows < m,
+                            chunk=min(ROW_CHUNK, budget))
+    dx = dx[:m].at[rows].add(g[0], mode="drop")
+    return (dx,) + tuple(unpad(dw) + gw for dw, gw in zip(dws, g[1:]))
 
   def dense():
-    g = dense_rows_vjp(x, d_y.astype(x.dtype), jnp.ones((m,), bool))
-    return tuple(a.astype(F32) for a in g)
+    return tuple(dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff))
 
   grads = lax.cond(too_dense | (n_flagged > budget), dense, sparse)
   dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]

@@ -52,3 +52,15 @@ def relu_ffn(x, w_up, w_down):
   lead = x.shape[:-1]
   y, _ = ffn_with_l1(x.reshape(-1, x.shape[-1]), w_up, None, w_down)
   return y.reshape(*lead, y.shape[-1])
+
+
+def bf16_gated_ffn_with_l1(x_MxD, w_gate, w_up, w_down):
+  """The dense FFN as a bf16 model computes it (matmul outputs in the compute dtype, f32
+  accumulation inside the matmuls): the baseline the benchmarks compare against. Returns
+  (y, mean |h| in f32). ``w_up=None``: non-gated."""
+  dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+  h = jax.nn.relu(dot(x_MxD, w_gate))
+  if w_up is not None:
+    h = h * dot(x_MxD, w_up)
+  y = jax.lax.dot_general(h, w_down, (((1,), (0,)), ((), ())))
+  return y, jnp.mean(jnp.abs(h.astype(F32)))
