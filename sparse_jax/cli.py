@@ -49,6 +49,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--steps", type=int, help="train.steps: optimiser steps (the LR schedule's end)")
   p.add_argument("--max-minutes", type=float, help="train.max_minutes: wall-time budget")
   p.add_argument("--data", help="data.source: stdlib, files/globs, or hf:NAME[:CONFIG]")
+  p.add_argument("--mesh", help="parallel.mesh: device mesh such as data:2,fsdp:4 (default auto: "
+                                "data parallel over all devices)")
   p.add_argument("--out", help="run directory (default runs/<config>)")
   p.add_argument("--fresh", action="store_true", help="delete the run's checkpoints first")
   p.add_argument("--no-resume", action="store_true",
@@ -66,7 +68,9 @@ def format_summary(s: dict) -> str:
       ("config", f"{s['config']} ({s['ffn']}, {s['params'] / 1e6:.2f}M params)"),
       ("steps", f"{s['steps']} of {s['target_steps']} (stopped by: {s['stop_reason']})"),
       ("tokens seen", f"{s['tokens']:,}"),
-      ("throughput", f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s (after compilation)"),
+      ("throughput", f"{f(s['tokens_per_s'], '{:,.0f}')} tokens/s (after compilation)"
+                     + (f" on {s['devices']} devices ({s['mesh']})" if s.get("devices", 1) > 1
+                        else "")),
       ("L1 coefficient", f"{s['l1_coeff']:g} ({s['l1_norm']} normalisation)"),
       ("train loss", f"{f(s['train_ce_first'])} -> {f(s['train_ce_last'])} (cross-entropy)"),
       ("val loss", f"{f(s['val_ce_initial'])} -> {f(s['val_ce'])} (ppl {s['val_ppl']:.2f})"),
@@ -88,7 +92,7 @@ def format_summary(s: dict) -> str:
 
 def _train(args: argparse.Namespace) -> int:
   cfg = config_from_args(args, {"train.steps": args.steps, "train.max_minutes": args.max_minutes,
-                                "data.source": args.data})
+                                "data.source": args.data, "parallel.mesh": args.mesh})
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
