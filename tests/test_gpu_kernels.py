@@ -83,9 +83,10 @@ def test_fused_kernel_paper_shape(key, gated, dist, capacity):
   ok = np.ones(2048, bool)
   ok[11] = False
   assert rel_err(y[ok], ref[ok]) < 1e-2
-  # A different dot-product order can flip the bf16 rounding of one h by an ulp (2^-8 relative).
+  # A different dot-product order can flip the bf16 rounding of an h by an ulp (up to 2^-7
+  # relative).
   np.testing.assert_allclose(l1[ok], jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1)[ok],
-                             rtol=4e-3)
+                             rtol=8e-3)
 
 
 @pytest.mark.parametrize("dist", ["uniform", "skewed"])

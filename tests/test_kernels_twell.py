@@ -71,7 +71,7 @@ def test_fused_kernel_interpret_matches_reference(key, gated):
   h = (g.astype(jnp.float32) * u).astype(jnp.bfloat16) if gated else g
   ref = jnp.dot(h.astype(jnp.float32), p.w_down.astype(jnp.float32))
   assert rel_err(y, ref) < 1e-2
-  np.testing.assert_allclose(l1, jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1), rtol=4e-3)
+  np.testing.assert_allclose(l1, jnp.sum(jnp.abs(h.astype(jnp.float32)), axis=1), rtol=8e-3)
   assert not np.isnan(np.asarray(y, np.float32)).any()  # every output row was written
 
 
