@@ -5,19 +5,24 @@ batch, but the sparse op cannot be partitioned that way: its formats and fallbac
 the tokens of one call, and the Pallas kernels are per-device ``plgpu.kernel`` calls. ``ShardedFFN``
 therefore runs the unchanged ``FFN.__call__`` (so every FFN kind and backend behaves as on one
 device) inside ``jax.shard_map``, each device on its own sequences with the whole weights (the
-FSDP all-gather happens at the boundary, in the compute dtype), and reduces the statistics:
+FSDP all-gather happens at the boundary, in the compute dtype).
 
-* l0, l1: ``pmean`` (every device holds the same number of tokens, so the mean of the per-device
-  means is the global mean). The L1 loss term is built on this global l1; its gradient reaches each
-  device's op as 1/n of the cotangent (the transpose of pmean), as on one device.
-* overflow_rows, active_per_neuron: ``psum`` (counts over all tokens).
+Each device returns its own statistics as one row of a [devices, ...] output, and they are reduced
+outside the map, so no collective inside it has to be differentiated:
+
+* l0, l1: the mean over devices (each holds the same number of tokens, so it is the global mean).
+  The L1 term of the loss is built on this l1; its gradient reaches each device's op as 1/n of the
+  cotangent, as on one device.
+* overflow_rows, active_per_neuron: the sum (counts over all tokens).
 * dense_fallback: the share of devices whose call ran on the dense path (float32 in [0, 1]; one
   device's bool becomes 0 or 1), so the logged dense-path share stays the share of calls.
 
-The weights enter the map replicated and are marked device-varying (``pcast``) before use: the
-transpose of that cast is the ``psum`` of the per-device weight gradients, i.e. the data-parallel
-gradient reduction. Capacities (Hybrid tail, TwELL overflow budget) are per call, so per device;
-every path is exact, so results agree with one device's to rounding.
+The weights enter the map replicated; the transpose of that is the sum of the per-device weight
+gradients (the data-parallel reduction). ``check_vma=False``: the Pallas kernels' outputs carry
+no varying-axes type, which the checker would reject where they meet the XLA branches of the
+backend's ``lax.cond``s; with no collective in the map the check has nothing else to protect.
+Capacities (Hybrid tail, TwELL overflow budget) are per call, so per device; every path is exact,
+so results agree with one device's to rounding.
 """
 from __future__ import annotations
 
@@ -31,13 +36,13 @@ from sparse_jax.nn.ffn import FFN, SPARSE_KINDS, STATS_NAME, _capturing
 from sparse_jax.parallel.mesh import BATCH_AXES
 
 
-def global_stats(stats: ops.FFNStats) -> ops.FFNStats:
-  """One device's FFNStats -> the statistics of all devices' tokens (inside shard_map)."""
+def global_stats(per_device: ops.FFNStats) -> ops.FFNStats:
+  """FFNStats with a leading [devices] axis (one row per device) -> those of all their tokens."""
   return ops.FFNStats(
-      l0=jax.lax.pmean(stats.l0, BATCH_AXES), l1=jax.lax.pmean(stats.l1, BATCH_AXES),
-      overflow_rows=jax.lax.psum(stats.overflow_rows, BATCH_AXES),
-      dense_fallback=jax.lax.pmean(stats.dense_fallback.astype(jnp.float32), BATCH_AXES),
-      active_per_neuron=jax.lax.psum(stats.active_per_neuron, BATCH_AXES))
+      l0=jnp.mean(per_device.l0, axis=0), l1=jnp.mean(per_device.l1, axis=0),
+      overflow_rows=jnp.sum(per_device.overflow_rows, axis=0),
+      dense_fallback=jnp.mean(per_device.dense_fallback.astype(jnp.float32), axis=0),
+      active_per_neuron=jnp.sum(per_device.active_per_neuron, axis=0))
 
 
 class ShardedFFN(FFN):
@@ -53,18 +58,17 @@ class ShardedFFN(FFN):
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     # Cast before the map: the FSDP all-gather then moves compute-dtype weights.
     weights = jax.tree.map(lambda w: w.astype(self.compute_dtype), nnx.state(self, nnx.Param))
-    tokens = P(BATCH_AXES)
-    y, stats = jax.shard_map(self._per_device, mesh=self.mesh, in_specs=(tokens, P()),
-                             out_specs=(tokens, P()))(x_BxLxD, weights)
+    split = P(BATCH_AXES)  # the sequences of x and y; the device rows of the statistics
+    y, per_device = jax.shard_map(self._per_device, mesh=self.mesh, in_specs=(split, P()),
+                                  out_specs=(split, split), check_vma=False)(x_BxLxD, weights)
     if _capturing(self):
-      self.sow(nnx.Intermediate, STATS_NAME, stats)
+      self.sow(nnx.Intermediate, STATS_NAME, global_stats(per_device))
     return y
 
   def _per_device(self, x_BxLxD, weights):
-    weights = jax.lax.pcast(weights, BATCH_AXES, to="varying")
     local = nnx.merge(self.local_graphdef, weights)
     y, sown = nnx.capture(local, nnx.Intermediate)(x_BxLxD)
-    return y, global_stats(nnx.to_pure_dict(sown)[STATS_NAME][-1])
+    return y, jax.tree.map(lambda a: a[None], nnx.to_pure_dict(sown)[STATS_NAME][-1])
 
 
 def shard_ffns(model: nnx.Module, mesh: Mesh) -> nnx.Module:
