@@ -3,7 +3,10 @@ steps that match one device, checkpoints resumed on other meshes, the scaling sc
 import functools
 import json
 import os
+import socket
+import subprocess
 import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -299,6 +302,53 @@ def test_sharded_checkpoint_resumes_on_other_meshes(tmp_path):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
   summary = json.load(open(os.path.join(run, "summary.json")))
   assert summary["mesh"] == "data:2,fsdp:4" and summary["devices"] == 8
+
+
+_HOST_PROCESS = textwrap.dedent("""
+    import json, os, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    jax.config.update("jax_num_cpu_devices", 4)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    sys.path.insert(0, {root!r})
+    from sparse_jax.config import apply_overrides, get_config
+    from sparse_jax.train import train
+
+    cfg = apply_overrides(get_config("tiny"), {overrides!r} + [
+        "parallel.distributed=true", "parallel.coordinator_address=localhost:{port}",
+        "parallel.num_processes=2", "parallel.process_id=" + sys.argv[1]])
+    train(cfg, {out!r}, stop_at=2, progress=False)  # a sharded save from both processes
+    summary = train(cfg, {out!r}, progress=False)    # and its restore
+    print("RESULT", json.dumps([jax.process_count(), jax.device_count(), summary["val_ce"]]))
+""")
+
+
+def test_two_processes_train_like_one(tmp_path):
+  """Two processes of 4 CPU devices each (jax.distributed, gloo collectives) train, save and
+  resume a data:2,fsdp:4 run as one process of 8 devices does."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    port = sock.getsockname()[1]
+  overrides = short_run_overrides("train.steps=4", "train.log_every=1",
+                                  "parallel.mesh=data:2,fsdp:4", seed=fresh_seed())
+  out = str(tmp_path / "hosts")
+  script = _HOST_PROCESS.format(root=ROOT, overrides=overrides, port=port, out=out)
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0] for p in procs]
+  results = []
+  for proc, log in zip(procs, logs):
+    assert proc.returncode == 0, log[-3000:]
+    results.append(json.loads(log.split("RESULT ", 1)[1].splitlines()[0]))
+  one = train(apply_overrides(get_config("tiny"), overrides), str(tmp_path / "one"),
+              progress=False)
+  print(f"val loss: processes {[r[2] for r in results]}, one process {one['val_ce']}")
+  for count, devices, val_ce in results:
+    assert (count, devices) == (2, 8)
+    np.testing.assert_allclose(val_ce, one["val_ce"], rtol=1e-4)
+  assert os.path.exists(os.path.join(out, "summary.json"))
+  assert os.path.exists(os.path.join(out, "process_1", "summary.json"))
+  assert Checkpointer(os.path.join(out, "checkpoints"), keep=2).all_steps() == [2, 4]
 
 
 # --------------------------------------------------------------------------- scaling script

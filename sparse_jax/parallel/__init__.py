@@ -3,7 +3,7 @@
 * ``make_mesh("data:2,fsdp:4")``: the mesh (``mesh.py``); ``initialize_distributed`` for several
   hosts.
 * ``tree_shardings`` / ``fsdp_spec``: the FSDP rule for parameters and optimiser state;
-  ``batch_sharding`` / ``put`` for batches (``sharding.py``).
+  ``batch_sharding`` / ``put`` / ``place`` to put host values on the mesh (``sharding.py``).
 * ``ShardedFFN`` / ``shard_ffns``: the sparse op under ``shard_map`` with global statistics
   (``ffn.py``).
 """
@@ -11,8 +11,8 @@ from sparse_jax.parallel.ffn import ShardedFFN, global_stats, shard_ffns
 from sparse_jax.parallel.mesh import (BATCH_AXES, batch_shards, check_batch, describe,
                                       initialize_distributed, make_mesh, mesh_shape, run_mesh,
                                       sync_hosts)
-from sparse_jax.parallel.sharding import batch_sharding, fsdp_spec, put, tree_shardings
+from sparse_jax.parallel.sharding import batch_sharding, fsdp_spec, place, put, tree_shardings
 
 __all__ = ["BATCH_AXES", "ShardedFFN", "batch_sharding", "batch_shards", "check_batch",
            "describe", "fsdp_spec", "global_stats", "initialize_distributed", "make_mesh",
-           "mesh_shape", "put", "run_mesh", "shard_ffns", "sync_hosts", "tree_shardings"]
+           "mesh_shape", "place", "put", "run_mesh", "shard_ffns", "sync_hosts", "tree_shardings"]

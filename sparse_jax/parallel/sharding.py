@@ -39,3 +39,11 @@ def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
   """A host array (the same global value on every process) as a sharded jax.Array: each process
   places only its own devices' shards, so this works on one host and on several."""
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def place(tree, shardings):
+  """Arrays of ``tree`` (the same values on every process) moved into ``shardings``; on several
+  hosts each process places only its own devices' shards."""
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+  return jax.tree.map(lambda a, s: put(np.asarray(a), s), tree, shardings)

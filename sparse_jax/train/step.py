@@ -66,7 +66,7 @@ def init_state(cfg: Config, mesh: Mesh | None = None) -> tuple[nnx.GraphDef, Tra
   graphdef, params = _split_model(cfg, mesh)
   if mesh is None:
     return graphdef, _state_around(params, cfg)
-  params = jax.device_put(params, parallel.tree_shardings(params, mesh))
+  params = parallel.place(params, parallel.tree_shardings(params, mesh))
   state = jax.jit(functools.partial(_state_around, cfg=cfg), donate_argnums=0,
                   out_shardings=state_shardings(cfg, mesh))(params)
   return graphdef, state
