@@ -13,8 +13,8 @@ from flax import nnx
 from sparse_jax.cli import main
 from sparse_jax.config import FFN_KINDS, ModelConfig, apply_overrides, get_config
 from sparse_jax.data import ByteTokenizer
-from sparse_jax.eval import (EvalOptions, SparsityAccumulator, evaluate_task, load_task,
-                             loglikelihoods, token_stats)
+from sparse_jax.eval import (EvalOptions, SparsityAccumulator, load_task, loglikelihoods,
+                             token_stats)
 from sparse_jax.eval.lm import SURPRISAL_EDGES
 from sparse_jax.eval.multiple_choice import encode_pair, stderr
 from sparse_jax.nn import Transformer, forward_with_stats

@@ -46,8 +46,10 @@ def random_tensors(rng: np.random.Generator, cfg: dict) -> dict[str, np.ndarray]
   for i in range(cfg["num_hidden_layers"]):
     p = f"model.layers.{i}."
     t.update({p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
-              p + "self_attn.q_proj.weight": w(n * h, d), p + "self_attn.k_proj.weight": w(k * h, d),
-              p + "self_attn.v_proj.weight": w(k * h, d), p + "self_attn.o_proj.weight": w(d, n * h),
+              p + "self_attn.q_proj.weight": w(n * h, d),
+              p + "self_attn.k_proj.weight": w(k * h, d),
+              p + "self_attn.v_proj.weight": w(k * h, d),
+              p + "self_attn.o_proj.weight": w(d, n * h),
               p + "mlp.gate_proj.weight": w(f, d), p + "mlp.up_proj.weight": w(f, d),
               p + "mlp.down_proj.weight": w(d, f)})
   return t

@@ -49,6 +49,13 @@ def active_per_token(ffn: FFN, x_BxLxD: jax.Array) -> jax.Array:
   return jnp.sum(active_MxF, axis=1, dtype=jnp.int32).reshape(x_BxLxD.shape[:2])
 
 
+def target_logprob(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  """log p(target) per position, without a second [B, L, V] buffer of log-probabilities."""
+  logits_BxLxV = logits_BxLxV.astype(F32)
+  picked_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return picked_BxL - jax.nn.logsumexp(logits_BxLxV, axis=-1)
+
+
 def token_stats(model: Transformer, tokens_BxL1: jax.Array) -> dict:
   """Per-token loss and active neurons of one batch of [B, L + 1] windows (inputs, targets)."""
   inputs_BxL, targets_BxL = tokens_BxL1[:, :-1], tokens_BxL1[:, 1:]
@@ -58,8 +65,7 @@ def token_stats(model: Transformer, tokens_BxL1: jax.Array) -> dict:
   outputs = nnx.to_pure_dict(inter)["blocks"]
   active_LxBxL = jnp.stack([active_per_token(block.ffn, outputs[i]["ffn_norm"]["__call__"][0])
                             for i, block in enumerate(model.blocks)])
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(F32), axis=-1)
-  nll_BxL = -jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  nll_BxL = -target_logprob(logits_BxLxV, targets_BxL)
   return dict(nll_BxL=nll_BxL, active_LxBxL=active_LxBxL,
               active_per_neuron_LxF=stats.active_per_neuron, overflow_rows_L=stats.overflow_rows,
               dense_fallback_L=stats.dense_fallback)

@@ -41,10 +41,8 @@ from flax import nnx
 from tqdm import tqdm
 
 from sparse_jax.data.tokenizer import Tokenizer
+from sparse_jax.eval.lm import target_logprob
 from sparse_jax.nn import Transformer
-
-F32 = jnp.float32
-
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -198,10 +196,8 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _continuation_logprob(state, tokens_BxL, targets_BxL, mask_BxL, graphdef):
-  logits_BxLxV = nnx.merge(graphdef, state)(tokens_BxL)
-  logp = jax.nn.log_softmax(logits_BxLxV.astype(F32), axis=-1)
-  tok_logp = jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-  return jnp.sum(jnp.where(mask_BxL, tok_logp, 0.0), axis=-1)
+  tok_logp_BxL = target_logprob(nnx.merge(graphdef, state)(tokens_BxL), targets_BxL)
+  return jnp.sum(jnp.where(mask_BxL, tok_logp_BxL, 0.0), axis=-1)
 
 
 def _bucket(length: int) -> int:
@@ -211,7 +207,8 @@ def _bucket(length: int) -> int:
 
 
 def loglikelihoods(model: Transformer, requests: list[tuple[np.ndarray, np.ndarray]], *,
-                   max_len: int, batch_size: int, progress: bool = True, desc: str = "") -> np.ndarray:
+                   max_len: int, batch_size: int, progress: bool = True,
+                   desc: str = "") -> np.ndarray:
   """Sum of log p(continuation | context) for each (context ids, continuation ids) pair."""
   seqs = []
   for ctx, cont in requests:

@@ -226,7 +226,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Zero-shot multiple choice", "",
               "acc: highest log-likelihood; acc_norm: highest log-likelihood per character of the "
               "choice (lm-evaluation-harness). Standard errors: sqrt(p(1-p)/(n-1)).", "",
-              "| task | format | n | chance | acc | acc_norm |", "| --- | --- | --- | --- | --- | --- |"]
+              "| task | format | n | chance | acc | acc_norm |",
+              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {t['task']} | {t['format']} | {t['n']} | {t['chance']:.3f} | "
               f"{t['acc']:.4f} ± {_fmt(t['acc_stderr'], '{:.4f}')} | "
               f"{t['acc_norm']:.4f} ± {_fmt(t['acc_norm_stderr'], '{:.4f}')} |" for t in tasks]

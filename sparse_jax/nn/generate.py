@@ -127,10 +127,10 @@ def generate(model: Transformer, prompt_BxP, *, max_new_tokens: int, temperature
     raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
   check_sampling(temperature, top_p)
   graphdef, state = nnx.split(model)
-  no_eos = -1  # never produced, so no row stops
+  stop_id = -1 if eos_id is None else eos_id  # -1 is never produced: no row stops
   tokens, l0_SxL, prompt_l0_L = jax.device_get(_generate(
-      state, jnp.asarray(prompt_BxP, jnp.int32), jax.random.key(seed), jnp.asarray(temperature, F32),
-      jnp.asarray(top_p, F32), jnp.asarray(no_eos if eos_id is None else eos_id, jnp.int32),
+      state, jnp.asarray(prompt_BxP, jnp.int32), jax.random.key(seed),
+      jnp.asarray(temperature, F32), jnp.asarray(top_p, F32), jnp.asarray(stop_id, jnp.int32),
       graphdef=graphdef, max_new_tokens=max_new_tokens))
   lengths = np.full((tokens.shape[0],), max_new_tokens)
   if eos_id is not None:
