@@ -219,7 +219,7 @@ def _generate(args: argparse.Namespace) -> int:
   t0 = time.perf_counter()
   gen = generate(loaded.model, prompt, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                 eos_id=None if args.no_stop else tok.eos_id)
+                 eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size)
   wall = time.perf_counter() - t0
   for b in range(args.num_samples):
     row = gen.row(b)

@@ -108,6 +108,16 @@ def test_top_p_samples_only_the_nucleus_in_proportion(key):
   assert int(sample_logits(logits_V[None], key, temperature=0.0, top_p=0.3)[0]) == order[0]
 
 
+def test_ids_past_the_tokenizer_are_never_drawn(key):
+  k_model, k_tok = jax.random.split(key)
+  model = tiny_model(k_model)
+  prompt = random_prompt(k_tok)
+  got = generate(model, prompt, max_new_tokens=10, temperature=3.0, seed=1, n_ids=17)
+  assert got.tokens_BxN.max() < 17 and len(np.unique(got.tokens_BxN)) > 3
+  with pytest.raises(ValueError, match="n_ids=300"):
+    generate(model, prompt, max_new_tokens=2, n_ids=300)
+
+
 def test_rows_stop_at_the_end_token(key):
   k_model, k_tok = jax.random.split(key)
   model = tiny_model(k_model)

@@ -74,15 +74,21 @@ def _decode_with_l0(model: Transformer, tokens_BxT, caches, start):
   return logits_BxTxV, caches, sown_ffn_stats(model, inter).l0
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "n_ids"))
 def _generate(state, prompt_BxP, key, temperature, top_p, eos_id, *, graphdef,
-              max_new_tokens: int):
+              max_new_tokens: int, n_ids: int):
   model = nnx.merge(graphdef, state)
   b, p = prompt_BxP.shape
   caches = model.init_cache(b, p + max_new_tokens)
+
+  def pick(logits_BxV, i):
+    # Ids past the tokenizer's (the vocabulary is padded to a multiple of 128) are never drawn.
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < n_ids, logits_BxV, -jnp.inf)
+    return sample_logits(logits_BxV, jax.random.fold_in(key, i), temperature=temperature,
+                         top_p=top_p)
+
   logits_BxPxV, caches, prompt_l0_L = _decode_with_l0(model, prompt_BxP, caches, 0)
-  first_B = sample_logits(logits_BxPxV[:, -1], jax.random.fold_in(key, 0),
-                          temperature=temperature, top_p=top_p)
+  first_B = pick(logits_BxPxV[:, -1], 0)
 
   def step(carry, i):
     caches, token_B, done_B = carry
@@ -90,8 +96,7 @@ def _generate(state, prompt_BxP, key, temperature, top_p, eos_id, *, graphdef,
     # into, which flax allows only at the trace level where they were built.
     model = nnx.merge(graphdef, state)
     logits_Bx1xV, caches, l0_L = _decode_with_l0(model, token_B[:, None], caches, p + i)
-    nxt_B = sample_logits(logits_Bx1xV[:, 0], jax.random.fold_in(key, i + 1),
-                          temperature=temperature, top_p=top_p)
+    nxt_B = pick(logits_Bx1xV[:, 0], i + 1)
     done_B = done_B | (token_B == eos_id)
     nxt_B = jnp.where(done_B, eos_id, nxt_B)
     return (caches, nxt_B, done_B), (nxt_B, l0_L)
@@ -105,10 +110,12 @@ def _generate(state, prompt_BxP, key, temperature, top_p, eos_id, *, graphdef,
 
 
 def generate(model: Transformer, prompt_BxP, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> Generation:
+             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
+             n_ids: int | None = None) -> Generation:
   """Generates ``max_new_tokens`` tokens after each prompt row (rows of one length).
 
   ``eos_id``: a row that produces it stops there (``Generation.lengths_B``); None never stops.
+  ``n_ids``: only ids below it are generated (the tokenizer's vocabulary size; default: all).
   The neuron counts come from the FFN statistics each decode call sows (the prompt's from the
   prefill), so they are what the op saw, averaged over the batch rows.
   """
@@ -126,12 +133,15 @@ def generate(model: Transformer, prompt_BxP, *, max_new_tokens: int, temperature
   if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
   check_sampling(temperature, top_p)
+  n_ids = vocab if n_ids is None else n_ids
+  if not 0 < n_ids <= vocab:
+    raise ValueError(f"n_ids={n_ids}: must be in [1, {vocab}] (the model's vocabulary)")
   graphdef, state = nnx.split(model)
   stop_id = -1 if eos_id is None else eos_id  # -1 is never produced: no row stops
   tokens, l0_SxL, prompt_l0_L = jax.device_get(_generate(
       state, jnp.asarray(prompt_BxP, jnp.int32), jax.random.key(seed),
       jnp.asarray(temperature, F32), jnp.asarray(top_p, F32), jnp.asarray(stop_id, jnp.int32),
-      graphdef=graphdef, max_new_tokens=max_new_tokens))
+      graphdef=graphdef, max_new_tokens=max_new_tokens, n_ids=n_ids))
   lengths = np.full((tokens.shape[0],), max_new_tokens)
   if eos_id is not None:
     for b, row in enumerate(tokens):
