@@ -59,6 +59,12 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def two_column_table(rows: list[tuple[str, str]]) -> str:
+  w = max(len(k) for k, _ in rows)
+  line = "-" * (w + 3 + max(len(v) for _, v in rows))
+  return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
+
+
 def format_summary(s: dict) -> str:
   """The run summary as a two-column table."""
   def f(v, fmt="{:.3f}"):
@@ -85,9 +91,7 @@ def format_summary(s: dict) -> str:
       ("curves", s["plot"]),
       ("wall time", f"{s['wall_s']:.1f} s"),
   ]
-  w = max(len(k) for k, _ in rows)
-  line = "-" * (w + 3 + max(len(v) for _, v in rows))
-  return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
+  return two_column_table(rows)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -164,9 +168,7 @@ def format_eval(r: dict) -> str:
                  f"acc {t['acc']:.3f} +- {err(t['acc_stderr'])}, acc_norm {t['acc_norm']:.3f} "
                  f"+- {err(t['acc_norm_stderr'])} (n={t['n']}, chance {t['chance']:.3f})"))
   rows += [("report", f"{r['report_md']} (+ .json, plots)"), ("wall time", f"{r['wall_s']:.1f} s")]
-  w = max(len(k) for k, _ in rows)
-  line = "-" * (w + 3 + max(len(v) for _, v in rows))
-  return "\n".join([line] + [f"{k:<{w}} | {v}" for k, v in rows] + [line])
+  return two_column_table(rows)
 
 
 def _eval(args: argparse.Namespace) -> int:

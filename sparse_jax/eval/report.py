@@ -22,6 +22,12 @@ def _pyplot():
   return plt
 
 
+def _save(fig, path: str) -> None:
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  _pyplot().close(fig)
+
+
 def _layer_lines(ax, xs, per_layer, mean, label_mean="mean over layers"):
   # Individual layers as thin lines when few enough to tell apart; the mean always.
   if len(per_layer) <= 12:
@@ -50,9 +56,7 @@ def plot_layers(lm: dict, path: str) -> None:
   for ax in (ax_a, ax_d):
     ax.set_xticks(idx)
     ax.grid(alpha=0.3, axis="y")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_distribution(hist_LxA: np.ndarray, path: str) -> None:
@@ -79,9 +83,7 @@ def plot_distribution(hist_LxA: np.ndarray, path: str) -> None:
     ax_c.legend(fontsize=7)
   for ax in (ax_h, ax_c):
     ax.grid(alpha=0.3, which="both")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_position(profile: dict, path: str) -> None:
@@ -95,9 +97,7 @@ def plot_position(profile: dict, path: str) -> None:
   ax.set_title("sparsity vs position")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_surprisal(by_surprisal: dict, by_next_loss: dict, path: str) -> None:
@@ -119,9 +119,7 @@ def plot_surprisal(by_surprisal: dict, by_next_loss: dict, path: str) -> None:
     tokens.set_ylabel("tokens in the bin (bars)", color="gray")
     ax.set_zorder(tokens.get_zorder() + 1)  # lines over the bars
     ax.patch.set_visible(False)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_neurons(fired_LxF: np.ndarray, n_tokens: int, path: str) -> None:
@@ -140,9 +138,7 @@ def plot_neurons(fired_LxF: np.ndarray, n_tokens: int, path: str) -> None:
   ax.grid(alpha=0.3, which="both")
   if rate_LxF.shape[0] <= 12:
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def write_plots(lm: dict, arrays: dict[str, np.ndarray], out: str) -> dict[str, str]:
