@@ -49,7 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                  metavar="SECTION.FIELD=VALUE", help="config overrides, as for sparse-jax train")
   p.add_argument("--steps", type=int, default=10, help="timed optimiser steps per window")
-  p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+  p.add_argument("--warmup", type=int, default=3,
+                 help="untimed steps first, at least 1 (compilation)")
   p.add_argument("--repeats", type=int, default=3, help="timed windows (the median is reported)")
   p.add_argument("--per-device-batch", type=int,
                  help="sequences per device per micro-batch (default: the config's "
@@ -67,8 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   for name in ("steps", "warmup", "repeats", "per_device_batch", "grad_accum", "devices",
                "cpu_devices"):
     value = getattr(args, name)
-    if value is not None and value < (0 if name == "warmup" else 1):
-      p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else 'positive'}")
+    if value is not None and value < 1:
+      p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
   return args
 
 
@@ -110,10 +111,12 @@ def _restore_run(run_dir: str, cfg: Config, template):
   from sparse_jax.train import Checkpointer
   ckpt = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=1_000_000)
   try:
-    saved = Config.from_dict(ckpt.read_config())
-    if saved.model != cfg.model:
-      raise ValueError(f"--init-from {run_dir}: its model settings differ from the config's "
-                       f"({saved.model} vs {cfg.model})")
+    saved, now = Config.from_dict(ckpt.read_config()).model, cfg.model
+    diff = {f.name: (getattr(saved, f.name), getattr(now, f.name))
+            for f in dataclasses.fields(now) if getattr(saved, f.name) != getattr(now, f.name)}
+    if diff:
+      raise ValueError(f"--init-from {run_dir}: the checkpoint's model settings differ "
+                       f"(checkpoint, now): {diff}")
     return ckpt.restore(template)[0]
   finally:
     ckpt.close()
@@ -194,6 +197,9 @@ def main(argv: list[str] | None = None) -> dict:
   n = args.devices or len(all_devices)
   if n > len(all_devices):
     raise ValueError(f"--devices {n}: only {len(all_devices)} local devices")
+  if n > 1:
+    from sparse_jax.parallel import mesh_shape
+    mesh_shape(args.mesh, n)  # a bad --mesh fails before any measurement
   cfg, _ = resolve_config(apply_overrides(get_config(args.config), args.overrides))
   per_device = args.per_device_batch or cfg.train.batch_size // cfg.train.grad_accum
   kind = getattr(all_devices[0], "device_kind", all_devices[0].platform)
@@ -226,4 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  try:
+    main()
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"scale.py: error: {e}")
