@@ -46,7 +46,9 @@ def expand_paths(spec: str) -> list[str]:
   return out
 
 
-def _read_jsonl(path: str, field: str) -> Iterator[str]:
+def read_jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
+  """(line number, object) for every non-blank line of a JSONL file (``.gz`` too); a line that is
+  not a JSON object raises an error naming the file and line."""
   opener = open
   if path.endswith(".gz"):
     import gzip
@@ -59,9 +61,16 @@ def _read_jsonl(path: str, field: str) -> Iterator[str]:
         record = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict) or field not in record:
-        raise ValueError(f"{path}:{n}: no {field!r} field (set data.text_field)")
-      yield str(record[field])
+      if not isinstance(record, dict):
+        raise ValueError(f"{path}:{n}: expected a JSON object per line")
+      yield n, record
+
+
+def _read_jsonl(path: str, field: str) -> Iterator[str]:
+  for n, record in read_jsonl_records(path):
+    if field not in record:
+      raise ValueError(f"{path}:{n}: no {field!r} field (set data.text_field)")
+    yield str(record[field])
 
 
 def _read_parquet(path: str, field: str) -> Iterator[str]:

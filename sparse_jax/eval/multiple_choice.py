@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import os
 import re
@@ -40,6 +39,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from sparse_jax.data.sources import read_jsonl_records
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.eval.lm import target_logprob
 from sparse_jax.nn import Transformer
@@ -149,26 +149,17 @@ def load_task(spec: str) -> Task:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"multiple-choice task file {path!r} does not exist")
   examples = []
-  with open(path, encoding="utf-8") as fh:
-    for n, line in enumerate(fh, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{n}: expected a JSON object per line")
+  for n, record in read_jsonl_records(path):
+    if fmt is None:
+      fmt = detect_format(record)
       if fmt is None:
-        fmt = detect_format(record)
-        if fmt is None:
-          shapes = "; ".join(f"{k}: {', '.join(v)}" for k, v in _SIGNATURES.items())
-          raise ValueError(f"{path}:{n}: unknown multiple-choice record shape (fields "
-                           f"{sorted(record)}); supported shapes and their key fields: {shapes}")
-      try:
-        examples.append(FORMATS[fmt](record))
-      except _Bad as e:
-        raise ValueError(f"{path}:{n}: not a {fmt} record: {e}") from None
+        shapes = "; ".join(f"{k}: {', '.join(v)}" for k, v in _SIGNATURES.items())
+        raise ValueError(f"{path}:{n}: unknown multiple-choice record shape (fields "
+                         f"{sorted(record)}); supported shapes and their key fields: {shapes}")
+    try:
+      examples.append(FORMATS[fmt](record))
+    except _Bad as e:
+      raise ValueError(f"{path}:{n}: not a {fmt} record: {e}") from None
   if not examples:
     raise ValueError(f"{path}: no records")
   name = os.path.splitext(os.path.basename(path))[0]
