@@ -113,15 +113,8 @@ def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_re
     @mgpu.fori(n_steps, [w.zero] * nch + [cf(0.0)])
     def _entries(step, carry):
       acc, l1 = carry[:nch], carry[nch]
-      e0 = arith.muli(w.as_i32(step), c(per_step))
-      picks = []
-      for b in range(per_step):
-        e = arith.addi(e0, c(b))
-        valid = w.lt(e, total)
-        e_safe = w.idx(arith.select(valid, e, e0))
-        row = memref.load(ej_ref, [w.idx(w.warp), e_safe])
-        gate = arith.select(valid, memref.load(ev_ref, [w.idx(w.warp), e_safe]), cf(0.0))
-        picks.append((row, gate, valid, e_safe))
+      picks = [(row, arith.select(valid, val, cf(0.0)), valid, e_safe)
+               for row, val, valid, e_safe in w.pick_entries(step, per_step, total, ej_ref, ev_ref)]
       ups = [w.load_row(wu_ref, row) for row, *_ in picks] if gated else None
       downs = None if cfg.split_loads else [w.load_row(wd_ref, row) for row, *_ in picks]
       hs = []

@@ -72,15 +72,7 @@ def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_
 
     @mgpu.fori(n_steps, [w.zero] * nch)
     def _entries(step, acc):
-      e0 = arith.muli(w.as_i32(step), c(ENTRIES_PER_STEP))
-      picks = []
-      for b in range(ENTRIES_PER_STEP):
-        e = arith.addi(e0, c(b))
-        valid = w.lt(e, total)
-        e_safe = w.idx(arith.select(valid, e, e0))
-        row = memref.load(ej_ref, [w.idx(w.warp), e_safe])
-        p = memref.load(ev_ref, [w.idx(w.warp), e_safe])
-        picks.append((row, p, valid, e_safe))
+      picks = w.pick_entries(step, ENTRIES_PER_STEP, total, ej_ref, ev_ref)
       downs = [w.load_row(wd_ref, row) for row, *_ in picks]
       grads = []
       for (row, p, valid, e_safe), vd in zip(picks, downs):

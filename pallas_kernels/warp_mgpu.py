@@ -146,6 +146,20 @@ class WarpKernel:
     mgpu.utils.warp_barrier()
     return base, masks
 
+  def pick_entries(self, step, per_step, total, ej_ref, ev_ref):
+    """The ``per_step`` list entries of this step: (row, value, valid, safe list index). Past the
+    end, the index repeats the step's first entry (valid, since the step starts below total) and
+    ``valid`` is False."""
+    e0 = arith.muli(self.as_i32(step), self.c(per_step))
+    picks = []
+    for b in range(per_step):
+      e = arith.addi(e0, self.c(b))
+      valid = self.lt(e, total)
+      e_safe = self.idx(arith.select(valid, e, e0))
+      picks.append((memref.load(ej_ref, [self.idx(self.warp), e_safe]),
+                    memref.load(ev_ref, [self.idx(self.warp), e_safe]), valid, e_safe))
+    return picks
+
   def for_each_overflow_tile(self, masks, n_tiles, carry, body):
     """Runs ``body(tile, carry) -> carry`` for every tile set in the ballot masks."""
     for g0, mask in zip(range(0, n_tiles, 32), masks):

@@ -1,13 +1,11 @@
 """The TwELL kernels on a Hopper GPU (skipped elsewhere): the shared check suite through
 implementation="pallas", and kernel-level checks at the paper's FFN shape."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from ffn_checks import SparseFFNChecks
+from ffn_checks import PallasChecks
 
 from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax import ops
@@ -18,28 +16,14 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not common.hopper_available(), reason="needs a Hopper GPU")]
 
 
-class TestPallasBackendGPU(SparseFFNChecks):
+class TestPallasBackendGPU(PallasChecks):
   implementation = "pallas"
-  dtypes = (jnp.bfloat16,)
-  row_budget = False
-
-  def long_row_configs(self):
-    # The Pallas path trains on TwELL: rows with a full tile go to a dense row path of
-    # overflow_capacity rows; past that the backward runs dense.
-    return (ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=self.M),
-            ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=1))
   M, D, N = 384, 256, 1024
 
-  def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):
-    cfg = config or ops.SparseFFNConfig()
-    if not dispatch:
-      cfg = dataclasses.replace(cfg, max_active_fraction=None)
+  def call(self, x, wg, wu, wd, cfg, gated):
     if gated:
       return ops.gated_sparse_ffn(x, wg, wu, wd, implementation="pallas", config=cfg)
     return ops.sparse_ffn(x, wg, wd, implementation="pallas", config=cfg)
-
-  def test_jit_vmap_and_leading_dims(self, key):
-    pytest.skip("Pallas kernels have no vmap rule; leading dims fold into M")
 
 
 def _clear_rows(x, w):

@@ -1,13 +1,11 @@
 """TwELL kernels on the CPU: GPU interpret mode (pipeline, TMA, wgmma, stores; outputs start as
 NaN) against the XLA reference, and CPU cross-lowering of the real GPU paths (inline_mgpu)."""
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from ffn_checks import SparseFFNChecks
+from ffn_checks import PallasChecks
 
 from pallas_kernels import ffn_backend, twell_ffn, twell_gate
 from sparse_jax import ops
@@ -117,23 +115,12 @@ def test_fused_kernel_rejects_bad_shapes(key):
     twell_gate.gate_twell(p.x.astype(jnp.float32), p.w_gate.astype(jnp.float32), capacity=8)
 
 
-class TestPallasBackendInterpret(SparseFFNChecks):
+class TestPallasBackendInterpret(PallasChecks):
   """The whole check suite through the Pallas backend, kernels in interpret mode."""
   implementation = "pallas-interpret"
-  dtypes = (jnp.bfloat16,)
-  row_budget = False
-
-  def long_row_configs(self):
-    # The Pallas path trains on TwELL: rows with a full tile go to a dense row path of
-    # overflow_capacity rows; past that the backward runs dense.
-    return (ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=self.M),
-            ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=1))
   M, D, N = 96, 256, 512
 
-  def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):
-    cfg = config or ops.SparseFFNConfig()
-    if not dispatch:  # the small test FFNs are far denser than the dispatcher's threshold
-      cfg = dataclasses.replace(cfg, max_active_fraction=None)
+  def call(self, x, wg, wu, wd, cfg, gated):
     ops.api._check_weights(x, [("w_gate", wg), ("w_up", wu), ("w_down", wd)])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
@@ -145,9 +132,6 @@ class TestPallasBackendInterpret(SparseFFNChecks):
 
   def test_bad_arguments_raise_clear_errors(self, key):
     pytest.skip("argument checks live in sparse_jax.ops (tested with the XLA backend)")
-
-  def test_jit_vmap_and_leading_dims(self, key):
-    pytest.skip("Pallas kernels have no vmap rule; the op folds leading dims into M instead")
 
   def test_dispatcher_runs_dense_when_too_dense(self, key):
     p = self.problem(key, jnp.bfloat16, active=12.0)

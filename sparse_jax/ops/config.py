@@ -63,7 +63,9 @@ class FFNStats:
   overflow_rows: rows (tokens) whose sparse encoding overflowed its capacity in this call; they
     were computed on an exact fallback path, never dropped.
   dense_fallback: the whole call ran on the dense path (too many overflowed rows for the row
-    fallback, or the dispatcher judged the activations too dense for the sparse kernels).
+    fallback, or the dispatcher judged the activations too dense for the sparse kernels). Under a
+    device mesh (``sparse_jax.parallel``) each device decides for itself and the model reports
+    the float share of devices that ran dense.
   active_per_neuron: [d_ff] int32, tokens of this call on which each hidden neuron was active
     (dead-neuron tracking, per-neuron firing frequencies).
   """
