@@ -43,7 +43,8 @@ def supports(x_MxD, weights, cfg: SparseFFNConfig, *, interpret: bool = False) -
   if cfg.twell_capacity % 8 or cfg.twell_capacity > 128:
     return f"twell_capacity must be a multiple of 8 up to 128, got {cfg.twell_capacity}"
   n_tiles = common.cdiv(weights[0].shape[0], TILE)
-  if twell_ffn.DEFAULT_WARPGROUPS * 4 * n_tiles * cfg.twell_capacity * 8 > 200 * 1024:
+  # Per warp, three SMEM entry lists (column, value, slot) of n_tiles * capacity words each.
+  if twell_ffn.DEFAULT_WARPGROUPS * 4 * n_tiles * cfg.twell_capacity * 12 > 200 * 1024:
     return "d_ff x capacity too large for the fused kernel's entry lists"
   return None
 
