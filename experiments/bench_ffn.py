@@ -39,7 +39,6 @@ def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
   dense = jax.jit(lambda *a: bf16_gated_ffn_with_l1(*a)[0])  # the dense model in bf16
   # Timed functions return y only, as inference does, so unused statistics are dropped by XLA.
   sparse_stats = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas", config=cfg))
-  sparse = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas", config=cfg)[0])
   forced_cfg = dataclasses.replace(cfg, max_active_fraction=None)
   forced_stats = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas",
                                                          config=forced_cfg))

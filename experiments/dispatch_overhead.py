@@ -15,7 +15,6 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 
 from experiments import bench_utils
 from pallas_kernels import ffn_backend

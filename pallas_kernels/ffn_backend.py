@@ -22,7 +22,7 @@ from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax.formats import twell
 from sparse_jax.ops import api
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
+from sparse_jax.ops.dense import F32, matmul_nt
 
 TILE = twell_gate.TILE_N
 # Tests and CPU users set this to run implementation="pallas" in Mosaic GPU interpret mode.

@@ -70,7 +70,7 @@ def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_re
   up weights: the gate of a non-gated FFN is its hidden activation). ``r_ref`` (training) receives
   the up projection r at every TwELL slot; None for inference."""
   from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, memref, vector
+  from jax._src.lib.mlir.dialects import arith, memref
   from jax._src.lib.mlir.dialects import math as mlir_math
   import jax.experimental.mosaic.gpu as mgpu
   from pallas_kernels.warp_mgpu import WarpKernel

@@ -21,8 +21,6 @@ call's backward runs dense under ``lax.cond``), as the XLA reference does.
 from __future__ import annotations
 
 import functools
-from typing import Literal
-
 import jax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -32,7 +30,7 @@ from jax import lax
 from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax.formats import twell
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, hidden, matmul_nn, matmul_nt, matmul_tn
+from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt, matmul_tn
 
 TILE = twell_gate.TILE_N
 ENTRIES_PER_STEP = 2
@@ -66,7 +64,6 @@ def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_
     flagged = arith.cmpi(arith.CmpIPredicate.ne, functools.reduce(arith.ori, masks), c(0))
     # Rows with an overflowed tile belong to the dense row path: no entries, zero dx row.
     total = arith.select(flagged, c(0), total)
-    x = w.load_row(x_ref, t)
     dy = w.load_row(dy_ref, t)
     n_steps = arith.divui(arith.addi(total, c(ENTRIES_PER_STEP - 1)), c(ENTRIES_PER_STEP))
 
@@ -108,7 +105,7 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
                   coeff_ref, dx_ref, du_ref, dr_ref, *, rows):
   """Interpretable path: the same per-entry math with array ops for a block of tokens."""
   gated = wu_ref is not None
-  n_tiles, capacity = idx_ref.shape[1], idx_ref.shape[2]
+  capacity = idx_ref.shape[2]
   cnt = cnt_ref[rows]
   flagged = jnp.any(cnt > capacity, axis=1)
   valid = ((lax.broadcasted_iota(jnp.int32, idx_ref[rows].shape, 2) < cnt[:, :, None])
