@@ -12,7 +12,9 @@ entry j of token i
     dR = dT * p,  dU = dT * r * [p > 0]
     dX_i += dR * Wu[j] + dU * Wg[j]         (two more row gathers, accumulated in registers)
 and dU, dR are stored at the entry's TwELL slot. The weight gradients are sparse-transpose products
-of those slot values: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut (``weight_gradients``).
+of those slot values: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut (``twell_wgrad``: the forward
+sorts the entries by neuron once, a CUDA-core kernel sums each neuron's token rows; work and
+memory are proportional to the active entries, not to M x d_ff).
 
 Rows with an overflowed TwELL tile are skipped by the kernel and computed exactly by a dense row
 path (the vjp of the dense FFN on those rows, at most ``overflow_capacity`` of them; beyond that the
@@ -27,10 +29,10 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import common, twell_ffn, twell_gate
+from pallas_kernels import common, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax.formats import twell
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt, matmul_tn
+from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
 
 TILE = twell_gate.TILE_N
 ENTRIES_PER_STEP = 2
@@ -258,26 +260,19 @@ def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=RO
   return (dxs.reshape(-1, d)[:m], *dws)
 
 
-def weight_gradients(tw: twell.TwELL, slot_values, keep_rows, bs, chunk=ROW_CHUNK):
-  """[S_k^T B_k for (S_k, B_k)]: sparse S_k with values ``slot_values[k]`` on TwELL's pattern
-  (rows where ``keep_rows`` is False excluded) times dense B_k [M, D]. Evaluated one row chunk at
-  a time: scatter into a transient [chunk, d_ff] bf16 tile, one tensor-core matmul per product.
-  Exact, dense-equivalent in FLOPs; bounded memory."""
-  mp, nt, cap = tw.values_MxTxC.shape
-  pad = lambda a: _chunks(a, chunk)
-  idx, cnt = pad(tw.indices_MxTxC), pad(jnp.where(keep_rows[:, None], tw.counts_MxT, 0))
+ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
+FORCED_FRACTION = 0.05    # density the entry capacity assumes when the dispatcher is off
 
-  def body(acc, inp):
-    idx_c, cnt_c, vals_c, b_c = inp
-    out = []
-    for a, v, b in zip(acc, vals_c, b_c):
-      t = twell.TwELL(v.astype(jnp.bfloat16), idx_c, cnt_c, n_cols=tw.n_cols, tile=tw.tile)
-      out.append(a + matmul_tn(twell.densify(t, t.values_MxTxC), b.astype(jnp.bfloat16)))
-    return out, None
 
-  init = [jnp.zeros((tw.n_cols, b.shape[1]), F32) for b in bs]
-  out, _ = lax.scan(body, init, (idx, cnt, [pad(v) for v in slot_values], [pad(b) for b in bs]))
-  return out
+def entry_capacity(cfg: SparseFFNConfig, m: int, n_pad: int, capacity: int) -> int:
+  """Static capacity of the weight gradients' entry lists (``SparseFFNConfig.entry_capacity``)."""
+  if cfg.entry_capacity is not None:
+    return cfg.entry_capacity
+  from pallas_kernels import ffn_backend
+  frac = (ffn_backend.dispatch_threshold(cfg, m) if cfg.max_active_fraction is not None
+          else FORCED_FRACTION)
+  e = int(ENTRY_HEADROOM * frac * m * n_pad) + 1
+  return max(1024, min(common.cdiv(e, 1024) * 1024, m * (n_pad // TILE) * capacity))
 
 
 def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=False):
@@ -294,25 +289,33 @@ def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=Fals
       w, ((0, n_pad - w.shape[0]), (0, 0)))
   wg, wu, wd = pad(w_gate), pad(w_up), pad(w_down)
 
+  e_cap = entry_capacity(cfg, mp, n_pad, cap)
+  budget = cfg.overflow_rows_for(m)
+
   def sparse():
     xp = common.pad_rows(x_MxD, 128)
     tw = twell_gate.gate_twell(xp, wg, capacity=cap, interpret=interpret)
     outs = twell_ffn.fused_up_down(xp, wg, wu, wd, tw, return_r=w_up is not None,
                                    interpret=interpret)
     r = outs[2] if w_up is not None else jnp.zeros((mp, nt, cap), F32)
-    tw_m = twell.TwELL(tw.values_MxTxC[:m], tw.indices_MxTxC[:m], tw.counts_MxT[:m],
-                       n_cols=n_pad, tile=TILE)
-    flagged = tw_m.row_overflow()
-    stats = FFNStats(l0=jnp.sum(tw_m.counts_MxT) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
-                     overflow_rows=jnp.sum(flagged, dtype=jnp.int32),
-                     dense_fallback=jnp.sum(flagged) > cfg.overflow_rows_for(m),
-                     active_per_neuron=_active_counts(x_MxD, w_gate, tw_m, flagged, n))
-    return (outs[0][:m], stats), (tw.values_MxTxC, tw.indices_MxTxC, tw.counts_MxT, r)
+    flagged_p = tw.row_overflow()
+    flagged = flagged_p[:m]
+    # The weight gradients' entry lists depend on the pattern only: built here, kept as residuals.
+    lists = twell_wgrad.entry_lists(tw, ~flagged_p, e_cap)
+    n_flagged = jnp.sum(flagged, dtype=jnp.int32)
+    active = lists.active_per_neuron()[:n] + _flagged_active_counts(
+        x_MxD, w_gate, flagged, n_flagged, budget)
+    stats = FFNStats(l0=jnp.sum(tw.counts_MxT[:m]) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
+                     overflow_rows=n_flagged,
+                     dense_fallback=(n_flagged > budget) | lists.overflowed(),
+                     active_per_neuron=active)
+    return (outs[0][:m], stats), (tw.values_MxTxC, tw.indices_MxTxC, tw.counts_MxT, r, lists)
 
   def dense():
     y, stats = dense_forward_chunked(x_MxD, w_gate, w_up, w_down)
     empty = (jnp.zeros((mp, nt, cap), jnp.bfloat16), jnp.zeros((mp, nt, cap), jnp.int16),
-             jnp.zeros((mp, nt), jnp.int32), jnp.zeros((mp, nt, cap), F32))
+             jnp.zeros((mp, nt), jnp.int32), jnp.zeros((mp, nt, cap), F32),
+             twell_wgrad.EntryLists.empty(e_cap, n_pad))
     return (y, stats), empty
 
   if cfg.max_active_fraction is None:
@@ -322,21 +325,38 @@ def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=Fals
     too_dense = (ffn_backend.estimate_active_fraction(x_MxD, w_gate)
                  > ffn_backend.dispatch_threshold(cfg, m))
     out, packed = lax.cond(too_dense, dense, sparse)
-  vals, idx, cnt, r = packed
+  vals, idx, cnt, r, lists = packed
   tw = twell.TwELL(vals, idx, cnt, n_cols=n_pad, tile=TILE)
-  return out, (x_MxD, w_gate, w_up, w_down, tw, r if w_up is not None else None, too_dense)
+  return out, (x_MxD, w_gate, w_up, w_down, tw, r if w_up is not None else None, lists,
+               too_dense)
 
 
-def _active_counts(x_MxD, w_gate, tw, flagged, n):
-  valid = tw.valid_mask() & ~flagged[:, None, None]
-  cols = jnp.where(valid, tw.global_indices(), tw.n_cols)
-  act = jnp.zeros((tw.n_cols,), jnp.int32).at[cols.reshape(-1)].add(1, mode="drop")[:n]
-  dense_rows = jnp.where(flagged[:, None], jnp.logical_not(matmul_nt(x_MxD, w_gate) <= 0), False)
-  return act + jnp.sum(dense_rows, axis=0, dtype=jnp.int32)
+def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_CHUNK):
+  """[d_ff] active counts of the gate on the flagged rows (their entries are not in the lists):
+  a gate matmul on the gathered rows (at most ``budget``), or, with more, over all rows in
+  row chunks (no [M, d_ff] buffer)."""
+  m = x_MxD.shape[0]
+  n = w_gate.shape[0]
+
+  def few():
+    (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+    xo = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
+    act = jnp.logical_not(matmul_nt(xo, w_gate) <= 0) & (rows < m)[:, None]
+    return jnp.sum(act, axis=0, dtype=jnp.int32)
+
+  def many():
+    def body(inp):
+      xc, fc = inp
+      act = jnp.logical_not(matmul_nt(xc, w_gate) <= 0) & fc[:, None]
+      return jnp.sum(act, axis=0, dtype=jnp.int32)
+    return jnp.sum(lax.map(body, (_chunks(x_MxD, chunk), _chunks(flagged, chunk))), axis=0)
+
+  return lax.cond(n_flagged == 0, lambda: jnp.zeros((n,), jnp.int32),
+                  lambda: lax.cond(n_flagged > budget, many, few))
 
 
 def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
-  x, w_gate, w_up, w_down, tw, r, too_dense = residuals
+  x, w_gate, w_up, w_down, tw, r, lists, too_dense = residuals
   d_y, d_stats = cotangents
   m, _ = x.shape
   n = w_gate.shape[0]
@@ -349,18 +369,21 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
   wg, wu, wd = pad(w_gate), pad(w_up), pad(w_down)
   xp = common.pad_rows(x, 128)
   dyp = common.pad_rows(d_y.astype(x.dtype), 128)
-  flagged_p = tw.row_overflow()
-  flagged = flagged_p[:m]
+  flagged = tw.row_overflow()[:m]
   n_flagged = jnp.sum(flagged, dtype=jnp.int32)
-  unpad = lambda g: g[:n]
+  dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]
 
   def sparse():
     dx, du, dr = backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff, interpret=interpret)
-    keep = ~flagged_p
-    tvals = (tw.values_MxTxC.astype(F32) * r).astype(jnp.bfloat16) if gated else tw.values_MxTxC
-    slot_values = [du] + ([dr] if gated else []) + [tvals]
-    bs = [xp] + ([xp] if gated else []) + [dyp]
-    dws = weight_gradients(tw, slot_values, keep, bs)
+    # Weight gradients from the forward's entry lists: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut
+    # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
+    if gated:
+      c = lists.gather([du, dr, tw.values_MxTxC, r])
+      coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
+    else:
+      coefs = lists.gather([du, tw.values_MxTxC])
+    dws = twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
+                                              out_dtype=w_gate.dtype, interpret=interpret)
     # Rows with an overflowed tile: dense row path (exact), at most `budget` of them.
     (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
     x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
@@ -368,14 +391,14 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
     g = dense_grads_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff, real=rows < m,
                             chunk=min(ROW_CHUNK, budget))
     dx = dx[:m].at[rows].add(g[0], mode="drop")
-    return (dx,) + tuple(unpad(dw) + gw for dw, gw in zip(dws, g[1:]))
+    return tuple(a.astype(dt) for a, dt in zip(
+        (dx,) + tuple(dw[:n].astype(F32) + gw for dw, gw in zip(dws, g[1:])), dtypes))
 
   def dense():
-    return tuple(dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff))
+    return tuple(g.astype(dt) for g, dt in zip(
+        dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff), dtypes))
 
-  grads = lax.cond(too_dense | (n_flagged > budget), dense, sparse)
-  dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]
-  return tuple(g.astype(dt) for g, dt in zip(grads, dtypes))
+  return lax.cond(too_dense | (n_flagged > budget) | lists.overflowed(), dense, sparse)
 
 
 def make_ops(interpret: bool):

@@ -188,6 +188,12 @@ class WarpKernel:
     per_cta = arith.divui(arith.addi(c(m), arith.subi(self.n_ctas, c(1))), self.n_ctas)
     lo = arith.minui(arith.muli(self.cta, per_cta), c(m))
     hi = arith.minui(arith.addi(lo, per_cta), c(m))
+    self.for_each_ticket(arith.subi(hi, lo), ctr_ref, lambda t: process(arith.addi(lo, t)))
+
+  def for_each_ticket(self, n_tickets, ctr_ref, process):
+    """Calls ``process(ticket)`` once for every ticket in [0, n_tickets) (an i32 value, the same
+    for the whole CTA): this CTA's warps take tickets in order from an SMEM counter."""
+    c = self.c
     with mgpu.when(self.eq(self.tid, c(0))):
       memref.store(c(0), ctr_ref, [mgpu.c(0, self.index)])
     gpu.barrier()
@@ -201,8 +207,8 @@ class WarpKernel:
                                    llvm.AtomicOrdering.monotonic)])
       with ir.InsertionPoint(ticket.else_block):
         scf.yield_([c(0)])
-      t = arith.addi(lo, self.bcast(ticket.result))
-      scf.condition(self.lt(t, hi), [t])
+      t = self.bcast(ticket.result)
+      scf.condition(self.lt(t, n_tickets), [t])
     after = loop.after.blocks.append(self.i32)
     with ir.InsertionPoint(after):
       process(after.arguments[0])

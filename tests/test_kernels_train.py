@@ -76,6 +76,8 @@ def test_training_path_gradients_match_dense_float32(key, dist, capacity, budget
     assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
   if capacity == 8:
     assert int(st.overflow_rows) > 0
+  # The sparse path (entry lists, sparse weight gradients) ran unless the row budget was exceeded.
+  assert bool(st.dense_fallback) == (budget == 1)
 
 
 def test_training_dispatcher_takes_dense_branch(key):

@@ -19,6 +19,10 @@ class SparseFFNConfig:
   ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
   max_active_fraction: the Pallas backend's dispatcher runs the dense FFN when the estimated
     fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark.
+  entry_capacity: (Pallas training) active entries of one call that the sparse weight gradients
+    can hold (default: 1.25x the dispatcher's threshold density, M x d_ff x fraction). A call
+    with more entries than this runs its backward on the exact dense path and says so in
+    ``FFNStats.dense_fallback``.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -27,13 +31,14 @@ class SparseFFNConfig:
   ell_width: int = hybrid.DEFAULT_WIDTH
   tail_capacity: int | None = None
   max_active_fraction: float | None = 0.0105
+  entry_capacity: int | None = None
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"SparseFFNConfig.{name} must be a positive int, got {v!r}")
-    for name in ("overflow_capacity", "tail_capacity"):
+    for name in ("overflow_capacity", "tail_capacity", "entry_capacity"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")

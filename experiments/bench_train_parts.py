@@ -1,0 +1,114 @@
+"""Where the sparse training step's time goes: CUPTI kernel time of each stage of the Pallas
+training path, timed one by one outside the dispatcher's lax.cond (CUPTI cannot see kernels
+inside XLA's device-side conditionals), next to the bf16 dense FFN's forward + backward.
+
+Stages: forward (gate kernel -> TwELL, fused up/down storing R), entry lists (compaction and
+sort by neuron), backward kernel (dX, dU, dR), weight gradients (gather of slot values, sparse
+weight-gradient kernel, partial-row reduction).
+
+    PYTHONPATH=$PWD python3 experiments/bench_train_parts.py --out experiments/results/train_parts.json
+"""
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from experiments import bench_utils
+from pallas_kernels import twell_ffn, twell_gate, twell_train, twell_wgrad
+from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
+from sparse_jax.synthetic import make_ffn_problem
+
+F32 = jnp.float32
+
+
+def stages(p, dy, cfg_capacity=32, **wgrad_kw):
+  m = p.x.shape[0]
+  n_pad = p.w_gate.shape[0]
+  e_cap = twell_train.entry_capacity(twell_train.SparseFFNConfig(), m, n_pad, cfg_capacity)
+
+  @jax.jit
+  def fwd(x, wg, wu, wd):
+    tw = twell_gate.gate_twell(x, wg, capacity=cfg_capacity)
+    y, l1, r = twell_ffn.fused_up_down(x, wg, wu, wd, tw, return_r=True)
+    return y, l1, r, tw
+
+  @jax.jit
+  def lists_fn(tw):
+    return twell_wgrad.entry_lists(tw, jnp.ones((m,), bool), e_cap)
+
+  @jax.jit
+  def bwd(x, dy, wg, wu, wd, tw, r):
+    return twell_train.backward_kernel(x, dy, wg, wu, wd, tw, r, jnp.float32(1e-6))
+
+  @jax.jit
+  def wgrad(lists, du, dr, tw, r, x, dy):
+    c = lists.gather([du, dr, tw.values_MxTxC, r])
+    coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
+    return twell_wgrad.sparse_weight_gradients(lists, coefs, x, dy, n_x=2,
+                                               out_dtype=jnp.bfloat16, **wgrad_kw)
+
+  @jax.jit
+  def dense(x, wg, wu, wd, dy):
+    def loss(x, wg, wu, wd):
+      y, l1 = bf16_gated_ffn_with_l1(x, wg, wu, wd)
+      return jnp.sum(y.astype(F32) * dy.astype(F32)) + 1e-2 * l1
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+
+  a = (p.x, p.w_gate, p.w_up, p.w_down)
+  out = {}
+  y, l1, r, tw = fwd(*a)
+  out["forward"] = bench_utils.cupti_ms(fwd, *a)[0]
+  lists = lists_fn(tw)
+  out["entry_lists"] = bench_utils.cupti_ms(lists_fn, tw)[0]
+  dx, du, dr = bwd(p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)
+  out["backward_kernel"] = bench_utils.cupti_ms(bwd, p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)[0]
+  out["weight_grads"] = bench_utils.cupti_ms(wgrad, lists, du, dr, tw, r, p.x, dy)[0]
+  out["wgrad_kernels"] = bench_utils.cupti_breakdown(wgrad, lists, du, dr, tw, r, p.x, dy)
+  out["sparse_total"] = sum(out[k] for k in ("forward", "entry_lists", "backward_kernel",
+                                              "weight_grads"))
+  out["dense_fwd_bwd"] = bench_utils.cupti_ms(dense, *a, dy)[0]
+  out["speedup"] = out["dense_fwd_bwd"] / out["sparse_total"]
+  out["n_entries"] = int(lists.n_entries)
+  out["entry_capacity"] = e_cap
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--m", type=int, default=16384)
+  ap.add_argument("--active", type=float, nargs="+", default=[11, 28, 56])
+  ap.add_argument("--dist", nargs="+", default=["uniform", "skewed"])
+  ap.add_argument("--unroll", type=int, default=twell_wgrad.UNROLL)
+  ap.add_argument("--warpgroups", type=int, default=twell_wgrad.WARPGROUPS)
+  ap.add_argument("--out", default="experiments/results/train_parts.json")
+  args = ap.parse_args(argv)
+  if jax.devices()[0].platform != "gpu":
+    raise SystemExit("bench_train_parts.py needs a GPU")
+  header = bench_utils.run_header()
+  print(f"device {header['device']}  jax {header['jax']}")
+  cols = ("forward", "entry_lists", "backward_kernel", "weight_grads", "sparse_total",
+          "dense_fwd_bwd", "speedup")
+  print(f"{'dist':8} {'act':>5} " + " ".join(f"{c[:12]:>12}" for c in cols))
+  records = []
+  key = jax.random.key(0)
+  for dist in args.dist:
+    for active in args.active:
+      key, k1, k2 = jax.random.split(key, 3)
+      p = make_ffn_problem(k1, args.m, 2048, 5632, active_per_token=active, distribution=dist)
+      dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
+      r = stages(p, dy, unroll=args.unroll, warpgroups=args.warpgroups)
+      rec = dict(M=args.m, distribution=dist, active_per_token=p.active_per_token(),
+                 unroll=args.unroll, warpgroups=args.warpgroups, timer="CUPTI median of 20", **r)
+      records.append(rec)
+      print(f"{dist:8} {rec['active_per_token']:5.1f} " +
+            " ".join(f"{r[c]:12.3f}" for c in cols), flush=True)
+      print("   wgrad kernels: " + ", ".join(f"{n[:40]} {t:.3f}" for n, t in r["wgrad_kernels"]))
+      bench_utils.write_results(args.out, header, records)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

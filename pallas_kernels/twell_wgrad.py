@@ -1,0 +1,330 @@
+"""Sparse weight gradients of the training backward: dW_k = S_k^T B_k on the active pattern only.
+
+For the gated FFN, with the backward kernel's slot values dU, dR and the forward's T = bf16(P R):
+    dWg[j] = sum_i dU[i, j] x_i,   dWu[j] = sum_i dR[i, j] x_i,   dWd[j] = sum_i T[i, j] dOut_i
+(non-gated: dWu = dU^T X and dWd = P^T dOut). Each sum runs over the tokens on which neuron j was
+active: ~81 of 16384 tokens at 28 active/token, so the dense products (1.1 TFLOP for the three)
+waste ~99.5% of their FLOPs. Work here is proportional to the entries.
+
+1. ``entry_lists`` (XLA, O(entries)): the TwELL slots of the rows kept for the sparse path are
+   compacted into a list of at most ``capacity`` entries (row-major), then stably sorted by neuron
+   (a key/index radix sort), giving per entry its token row and coefficients, and per neuron the
+   start of its segment. More entries than ``capacity`` is reported (``n_entries``) and the caller
+   takes its exact dense path.
+2. ``task_table`` (XLA, O(d_ff)): one task per neuron segment, split into pieces of ``piece``
+   entries when a neuron is active on more tokens (hot neurons of skewed models would otherwise
+   leave one warp working long after the rest). ``piece`` grows by powers of two until the
+   pieces of split neurons fit ``partial_rows``. Single-piece neurons are written straight to the
+   output (zeros for a neuron with no entries); pieces of split neurons go to f32 partial rows
+   that XLA sums per neuron afterwards. No atomics, so the result is deterministic.
+3. The kernel (Mosaic GPU, CUDA cores, through ``plgpu.inline_mgpu``): a warp takes a (d_model
+   slice, task) ticket, walks the task's entries ``unroll`` at a time (all loads issued before the
+   FMAs) and accumulates ``coef * x_i`` (and ``coef * dOut_i``) in registers, lanes over columns
+   (16-byte loads, 8 columns per lane and 256-column chunk). Tickets are d-slice-major, so at any
+   time the whole GPU reads one slice of x and dOut (2 x 16 MB at M = 16384, d_model 2048),
+   which stays in L2.
+
+Floor (H200, M = 16384, d_model 2048, d_ff 5632, 28 active/token): 460k entries, each reading a
+4 KB row of x and of dOut: 3.8 GB from L2, ~0.4 ms; 2.8 G FMAs are ~0.1 ms on the CUDA cores.
+Interpret mode cannot run ``inline_mgpu``: the interpretable path computes the same task table's
+sums with array ops (``_wgrad_jnp``); cross-lowering checks the GPU path's MLIR on the CPU.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import common
+from sparse_jax.formats import twell
+
+F32 = jnp.float32
+PIECE = 512          # entries per task before a neuron's segment is split
+PARTIAL_ROWS = 512   # f32 partial rows for the pieces of split neurons
+UNROLL = 4           # entries whose rows are in flight at once per warp
+WARPGROUPS = 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EntryLists:
+  """Active TwELL entries sorted by neuron (rows ascending within a neuron). Built from the
+  forward's pattern alone, so the training forward builds it once and the backward reuses it.
+
+  rows [E] int32 token row and slots [E] int32 flat TwELL slot ``(row * T + tile) * C + s``;
+  entries past ``n_entries`` are padding (row 0, slot -1). seg_start [N_pad + 1] int32: neuron j's
+  entries are ``seg_start[j]:seg_start[j + 1]``. n_entries: the true entry count; above E the
+  lists are incomplete and must not be used (``overflowed``).
+  """
+
+  rows: jax.Array
+  slots: jax.Array
+  seg_start: jax.Array
+  n_entries: jax.Array
+
+  @property
+  def capacity(self) -> int:
+    return self.rows.shape[0]
+
+  def overflowed(self) -> jax.Array:
+    return self.n_entries > self.capacity
+
+  def active_per_neuron(self) -> jax.Array:
+    return jnp.diff(self.seg_start)
+
+  def gather(self, slot_values) -> jax.Array:
+    """[K, E] f32: each [M, T, C] array of ``slot_values`` at the entries (0 on padding)."""
+    ok = self.slots >= 0
+    safe = jnp.where(ok, self.slots, 0)
+    return jnp.stack([jnp.where(ok, v.reshape(-1)[safe].astype(F32), 0.0) for v in slot_values])
+
+  @staticmethod
+  def empty(capacity: int, n_pad: int) -> "EntryLists":
+    return EntryLists(rows=jnp.zeros((capacity,), jnp.int32),
+                      slots=jnp.full((capacity,), -1, jnp.int32),
+                      seg_start=jnp.zeros((n_pad + 1,), jnp.int32),
+                      n_entries=jnp.zeros((), jnp.int32))
+
+
+def entry_counts(tw: twell.TwELL, keep_rows: jax.Array) -> jax.Array:
+  """[M, T] counts of the TwELL tiles on the rows kept for the sparse path: rows in ``keep_rows``
+  without an overflowed tile (those belong to an exact dense row path). 0 elsewhere."""
+  ok = keep_rows & ~tw.row_overflow()
+  return jnp.where(ok[:, None], tw.counts_MxT, 0)
+
+
+def entry_lists(tw: twell.TwELL, keep_rows: jax.Array, capacity: int) -> EntryLists:
+  """Compacts TwELL's active slots on the kept rows (``entry_counts``) and sorts them by neuron."""
+  _, n_tiles, cap = tw.values_MxTxC.shape
+  n_pad = tw.n_cols
+  cnt = entry_counts(tw, keep_rows).reshape(-1)
+  incl = jnp.cumsum(cnt)
+  total = incl[-1]
+  e = jnp.arange(capacity, dtype=jnp.int32)
+  valid = e < total
+  rt = jnp.searchsorted(incl, e, side="right").astype(jnp.int32)
+  rt = jnp.where(valid, rt, 0)
+  s = jnp.where(valid, e - (incl[rt] - cnt[rt]), 0)
+  slot = rt * cap + s
+  neuron = (rt % n_tiles) * tw.tile + tw.indices_MxTxC.reshape(-1)[slot].astype(jnp.int32)
+  key = jnp.where(valid, neuron, n_pad)
+  key_sorted, perm = lax.sort((key, e), num_keys=1, is_stable=True)
+  valid_sorted = key_sorted < n_pad
+  seg_start = jnp.searchsorted(key_sorted, jnp.arange(n_pad + 1, dtype=jnp.int32),
+                               side="left").astype(jnp.int32)
+  return EntryLists(rows=jnp.where(valid_sorted, rt[perm] // n_tiles, 0),
+                    slots=jnp.where(valid_sorted, slot[perm], -1),
+                    seg_start=seg_start, n_entries=total)
+
+
+def task_table(seg_start: jax.Array, *, piece: int = PIECE, partial_rows: int = PARTIAL_ROWS):
+  """(tasks [N_pad + partial_rows, 4] int32 = (start, end, out_row, partial_row), partial_neuron
+  [partial_rows] int32 (N_pad where unused)). out_row / partial_row are -1 where not written."""
+  n_pad = seg_start.shape[0] - 1
+  count = jnp.diff(seg_start)
+  n_entries = seg_start[-1]
+  sizes = [piece]
+  while sizes[-1] < (1 << 31) // 2 and len(sizes) < 24:
+    sizes.append(sizes[-1] * 2)
+  sizes = jnp.asarray(sizes, jnp.int32)
+  # Partial rows needed at each candidate piece size; the smallest size that fits wins.
+  need = jnp.sum(jnp.where(count[None, :] > sizes[:, None],
+                           -(-count[None, :] // sizes[:, None]), 0), axis=1)
+  b = sizes[jnp.argmax(need <= partial_rows)]
+  multi = count > b
+  n_pieces = jnp.where(multi, -(-count // b), 1)
+  first = jnp.cumsum(n_pieces) - n_pieces
+  n_tasks = jnp.sum(n_pieces)
+  pfirst = jnp.cumsum(jnp.where(multi, n_pieces, 0)) - jnp.where(multi, n_pieces, 0)
+  t_cap = n_pad + partial_rows
+  k = jnp.arange(t_cap, dtype=jnp.int32)
+  j = jnp.clip(jnp.searchsorted(first, k, side="right").astype(jnp.int32) - 1, 0, n_pad - 1)
+  q = k - first[j]
+  live = k < n_tasks
+  start = jnp.where(live, seg_start[j] + q * b, n_entries)
+  end = jnp.where(live, jnp.minimum(start + b, seg_start[j + 1]), n_entries)
+  out_row = jnp.where(live & ~multi[j], j, -1)
+  part_row = jnp.where(live & multi[j], pfirst[j] + q, -1)
+  partial_neuron = jnp.full((partial_rows,), n_pad, jnp.int32).at[
+      jnp.where(part_row >= 0, part_row, partial_rows)].set(j, mode="drop")
+  tasks = jnp.stack([start, end, out_row, part_row], axis=1).astype(jnp.int32)
+  return tasks, partial_neuron
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _slice_width(d_model: int) -> int:
+  return 512 if d_model % 512 == 0 else 256
+
+
+def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, ctr_ref, *,
+                n_x: int, unroll: int):
+  """Per-warp CUDA-core code: tickets (slice, task); lanes over 8-column groups of the slice."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref, vector
+  from jax._src.lib.mlir.dialects import math as mlir_math
+  import jax.experimental.mosaic.gpu as mgpu
+  from pallas_kernels.warp_mgpu import WarpKernel
+
+  _, d_model = ir.MemRefType(x_ref.type).shape
+  t_cap = ir.MemRefType(task_ref.type).shape[0]
+  width = _slice_width(d_model)
+  n_slices, chunks = d_model // width, width // 256
+  n_prod = n_x + 1
+  w = WarpKernel(d_model)
+  c, cf = w.c, w.cf
+  out_dtype = ir.MemRefType(out_refs[0].type).element_type
+  v8out = ir.VectorType.get((8,), out_dtype)
+
+  per_cta = arith.divui(arith.addi(c(t_cap), arith.subi(w.n_ctas, c(1))), w.n_ctas)
+  lo = arith.minui(arith.muli(w.cta, per_cta), c(t_cap))
+  hi = arith.minui(arith.addi(lo, per_cta), c(t_cap))
+  span = arith.subi(hi, lo)
+  safe_span = arith.maxui(span, c(1))
+
+  def process(ticket):
+    sl = arith.divui(ticket, safe_span)
+    k = w.idx(arith.addi(lo, arith.remui(ticket, safe_span)))
+    start = memref.load(task_ref, [k, w.idx(c(0))])
+    end = memref.load(task_ref, [k, w.idx(c(1))])
+    out_row = memref.load(task_ref, [k, w.idx(c(2))])
+    part_row = memref.load(task_ref, [k, w.idx(c(3))])
+    base = arith.muli(sl, c(width))
+    cols = [w.idx(arith.addi(base, arith.muli(arith.addi(w.lane, c(32 * ch)), c(8))))
+            for ch in range(chunks)]
+    n_steps = arith.divui(arith.addi(arith.subi(end, start), c(unroll - 1)), c(unroll))
+    init = [w.zero] * (n_prod * chunks)
+
+    @mgpu.fori(n_steps, init)
+    def _steps(step, acc):
+      e0 = arith.addi(start, arith.muli(w.as_i32(step), c(unroll)))
+      loaded = []
+      for u in range(unroll):
+        e = arith.addi(e0, c(u))
+        valid = w.lt(e, end)
+        e_safe = w.idx(arith.select(valid, e, e0))
+        row = w.idx(memref.load(rows_ref, [e_safe]))
+        coefs = [arith.select(valid, memref.load(coef_ref, [w.idx(c(p)), e_safe]), cf(0.0))
+                 for p in range(n_prod)]
+        xs = [vector.load(w.v8bf, x_ref, [row, col]) for col in cols]
+        dys = [vector.load(w.v8bf, dy_ref, [row, col]) for col in cols]
+        loaded.append((coefs, xs, dys))
+      acc = list(acc)
+      for coefs, xs, dys in loaded:
+        for p in range(n_prod):
+          cv = vector.broadcast(w.v8f, coefs[p])
+          src = xs if p < n_x else dys
+          for ch in range(chunks):
+            i = p * chunks + ch
+            acc[i] = mlir_math.fma(cv, arith.extf(w.v8f, src[ch]), acc[i])
+      return acc
+
+    acc = list(_steps.results)
+    with mgpu.when(arith.cmpi(arith.CmpIPredicate.sge, out_row, c(0))):
+      for p in range(n_prod):
+        for ch in range(chunks):
+          v = acc[p * chunks + ch]
+          v = v if out_dtype == w.f32 else arith.truncf(v8out, v)
+          vector.store(v, out_refs[p], [w.idx(out_row), cols[ch]])
+    with mgpu.when(arith.cmpi(arith.CmpIPredicate.sge, part_row, c(0))):
+      for p in range(n_prod):
+        for ch in range(chunks):
+          vector.store(acc[p * chunks + ch], part_ref, [w.idx(part_row), w.idx(c(p)), cols[ch]])
+
+  w.for_each_ticket(arith.muli(span, c(n_slices)), ctr_ref, process)
+
+
+def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, *, n_x: int):
+  """Interpretable path: every task's sums with array ops, written where the kernel writes them."""
+  tasks = task_ref[...]
+  rows, coefs = rows_ref[...], coef_ref[...]
+  n_pad = out_refs[0].shape[0]
+  p_cap = part_ref.shape[0]
+  start, end, out_row, part_row = (tasks[:, i] for i in range(4))
+  e = jnp.arange(rows.shape[0], dtype=jnp.int32)
+  # Tasks are ordered and contiguous: entry e belongs to the first task whose end exceeds it.
+  owner = jnp.searchsorted(end, e, side="right").astype(jnp.int32)
+  owner = jnp.where(e < end[-1], owner, tasks.shape[0])
+  x, dy = x_ref[...].astype(F32), dy_ref[...].astype(F32)
+  sums = []
+  for p in range(n_x + 1):
+    b = (x if p < n_x else dy)[rows] * coefs[p][:, None]
+    sums.append(jax.ops.segment_sum(b, owner, num_segments=tasks.shape[0]))
+  del start
+  orow = jnp.where(out_row >= 0, out_row, n_pad)
+  prow = jnp.where(part_row >= 0, part_row, p_cap)
+  for p, ref in enumerate(out_refs):
+    ref[...] = jnp.zeros(ref.shape, ref.dtype).at[orow].set(sums[p].astype(ref.dtype), mode="drop")
+  part = jnp.stack(sums, axis=1)
+  part_ref[...] = jnp.zeros(part_ref.shape, F32).at[prow].set(part, mode="drop")
+
+
+def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: int, out_dtype,
+                        partial_rows: int = PARTIAL_ROWS, interpret: bool = False,
+                        warpgroups: int = WARPGROUPS, unroll: int = UNROLL):
+  """(outputs [n_x + 1] x [N_pad, D] out_dtype, partials [partial_rows, n_x + 1, D] f32)."""
+  _, d = x_MxD.shape
+  if d % 256:
+    raise ValueError(f"d_model={d} must be a multiple of 256")
+  n_pad = lists.seg_start.shape[0] - 1
+  n_prod = n_x + 1
+  out_type = tuple(jax.ShapeDtypeStruct((n_pad, d), out_dtype) for _ in range(n_prod)) + (
+      jax.ShapeDtypeStruct((partial_rows, n_prod, d), F32),)
+  if interpret:
+    grid, scratch, threads = (1,), [], 1
+  else:
+    grid, scratch, threads = (common.num_sms(),), [plgpu.SMEM((1,), jnp.int32)], warpgroups
+
+  def body(x_ref, dy_ref, rows_ref, coef_ref, task_ref, *rest):
+    out_refs, part_ref, scr = rest[:n_prod], rest[n_prod], rest[n_prod + 1:]
+    if interpret:
+      _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, n_x=n_x)
+      return
+    refs = (x_ref, dy_ref, rows_ref, coef_ref, task_ref, *out_refs, part_ref, *scr)
+
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
+    def _(ctx, *r):
+      del ctx
+      _wgrad_mgpu(*r[:5], r[5:5 + n_prod], r[5 + n_prod], r[6 + n_prod], n_x=n_x, unroll=unroll)
+
+    _(*refs)
+
+  f = plgpu.kernel(
+      body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
+      num_threads=threads, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=common.interpret_params() if interpret else None)
+  outs = f(x_MxD, dy_MxD, lists.rows, coefs, tasks)
+  return list(outs[:n_prod]), outs[n_prod]
+
+
+def reduce_partials(outs, partials, partial_neuron):
+  """Writes the summed partial rows of split neurons into their output rows."""
+  n_pad = outs[0].shape[0]
+  p_cap = partials.shape[0]
+  live = partial_neuron < n_pad
+  # Partial rows are ordered by neuron: a neuron's rank among split neurons numbers its segment.
+  new = live & jnp.concatenate([live[:1], partial_neuron[1:] != partial_neuron[:-1]])
+  seg = jnp.where(live, jnp.cumsum(new) - 1, p_cap)
+  sums = jax.ops.segment_sum(jnp.where(live[:, None, None], partials, 0.0), seg,
+                             num_segments=p_cap)
+  neuron_of_seg = jnp.full((p_cap,), n_pad, jnp.int32).at[jnp.where(new, seg, p_cap)].set(
+      partial_neuron, mode="drop")
+  return [o.at[neuron_of_seg].set(sums[:, p].astype(o.dtype), mode="drop")
+          for p, o in enumerate(outs)]
+
+
+def sparse_weight_gradients(lists: EntryLists, coefs, x_MxD, dy_MxD, *, n_x: int, out_dtype,
+                            interpret: bool = False, piece: int = PIECE,
+                            partial_rows: int = PARTIAL_ROWS, **kernel_kw):
+  """dW_p = S_p^T B_p, [N_pad, D] each, for the sparse S_p with values ``coefs[p]`` ([K, E] f32,
+  K = n_x + 1) on the entries of ``lists``; B_p is x for p < n_x and dy for the last."""
+  tasks, partial_neuron = task_table(lists.seg_start, piece=piece, partial_rows=partial_rows)
+  outs, partials = weight_grads_kernel(x_MxD, dy_MxD, lists, coefs, tasks, n_x=n_x,
+                                       out_dtype=out_dtype,
+                                       partial_rows=partial_rows, interpret=interpret, **kernel_kw)
+  return reduce_partials(outs, partials, partial_neuron)
