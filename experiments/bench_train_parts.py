@@ -23,7 +23,7 @@ from sparse_jax.synthetic import make_ffn_problem
 F32 = jnp.float32
 
 
-def stages(p, dy, cfg_capacity=32, **wgrad_kw):
+def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgrad_kw):
   m = p.x.shape[0]
   n_pad = p.w_gate.shape[0]
   e_cap = twell_train.entry_capacity(twell_train.SparseFFNConfig(), m, n_pad, cfg_capacity)
@@ -40,7 +40,8 @@ def stages(p, dy, cfg_capacity=32, **wgrad_kw):
 
   @jax.jit
   def bwd(x, dy, wg, wu, wd, tw, r):
-    return twell_train.backward_kernel(x, dy, wg, wu, wd, tw, r, jnp.float32(1e-6))
+    return twell_train.backward_kernel(x, dy, wg, wu, wd, tw, r, jnp.float32(1e-6),
+                                       entries_per_step=bwd_steps)
 
   @jax.jit
   def wgrad(lists, du, dr, tw, r, x, dy):
@@ -62,6 +63,7 @@ def stages(p, dy, cfg_capacity=32, **wgrad_kw):
   out["forward"] = bench_utils.cupti_ms(fwd, *a)[0]
   lists = lists_fn(tw)
   out["entry_lists"] = bench_utils.cupti_ms(lists_fn, tw)[0]
+  out["entry_lists_kernels"] = bench_utils.cupti_breakdown(lists_fn, tw)
   dx, du, dr = bwd(p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)
   out["backward_kernel"] = bench_utils.cupti_ms(bwd, p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)[0]
   out["weight_grads"] = bench_utils.cupti_ms(wgrad, lists, du, dr, tw, r, p.x, dy)[0]
@@ -83,6 +85,8 @@ def main(argv=None):
   ap.add_argument("--dist", nargs="+", default=["uniform", "skewed"])
   ap.add_argument("--unroll", type=int, default=twell_wgrad.UNROLL)
   ap.add_argument("--warpgroups", type=int, default=twell_wgrad.WARPGROUPS)
+  ap.add_argument("--bwd-steps", type=int, default=twell_train.ENTRIES_PER_STEP,
+                  help="entries per step of the backward kernel")
   ap.add_argument("--out", default="experiments/results/train_parts.json")
   args = ap.parse_args(argv)
   if jax.devices()[0].platform != "gpu":
@@ -99,13 +103,16 @@ def main(argv=None):
       key, k1, k2 = jax.random.split(key, 3)
       p = make_ffn_problem(k1, args.m, 2048, 5632, active_per_token=active, distribution=dist)
       dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
-      r = stages(p, dy, unroll=args.unroll, warpgroups=args.warpgroups)
+      r = stages(p, dy, bwd_steps=args.bwd_steps, unroll=args.unroll, warpgroups=args.warpgroups)
       rec = dict(M=args.m, distribution=dist, active_per_token=p.active_per_token(),
-                 unroll=args.unroll, warpgroups=args.warpgroups, timer="CUPTI median of 20", **r)
+                 unroll=args.unroll, warpgroups=args.warpgroups, bwd_steps=args.bwd_steps,
+                 timer="CUPTI median of 20", **r)
       records.append(rec)
       print(f"{dist:8} {rec['active_per_token']:5.1f} " +
             " ".join(f"{r[c]:12.3f}" for c in cols), flush=True)
-      print("   wgrad kernels: " + ", ".join(f"{n[:40]} {t:.3f}" for n, t in r["wgrad_kernels"]))
+      for part in ("wgrad_kernels", "entry_lists_kernels"):
+        top = sorted(r[part], key=lambda nt: -nt[1])[:6]
+        print(f"   {part}: " + ", ".join(f"{n[:32]} {t:.3f}" for n, t in top))
       bench_utils.write_results(args.out, header, records)
   print(f"wrote {args.out}")
 

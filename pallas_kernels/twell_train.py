@@ -42,7 +42,8 @@ ENTRIES_PER_STEP = 2
 
 
 def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, r_ref,
-                   coeff_ref, dx_ref, du_ref, dr_ref, ej_ref, ev_ref, es_ref, ctr_ref):
+                   coeff_ref, dx_ref, du_ref, dr_ref, ej_ref, ev_ref, es_ref, ctr_ref, *,
+                   entries_per_step: int = ENTRIES_PER_STEP):
   """Per-warp backward. Non-gated: ``wu_ref``/``r_ref``/``dr_ref`` are None and ``wg_ref`` holds
   the up weights (P is the hidden activation itself)."""
   from jax._src.lib.mlir import ir
@@ -67,11 +68,11 @@ def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_
     # Rows with an overflowed tile belong to the dense row path: no entries, zero dx row.
     total = arith.select(flagged, c(0), total)
     dy = w.load_row(dy_ref, t)
-    n_steps = arith.divui(arith.addi(total, c(ENTRIES_PER_STEP - 1)), c(ENTRIES_PER_STEP))
+    n_steps = arith.divui(arith.addi(total, c(entries_per_step - 1)), c(entries_per_step))
 
     @mgpu.fori(n_steps, [w.zero] * nch)
     def _entries(step, acc):
-      picks = w.pick_entries(step, ENTRIES_PER_STEP, total, ej_ref, ev_ref)
+      picks = w.pick_entries(step, entries_per_step, total, ej_ref, ev_ref)
       downs = [w.load_row(wd_ref, row) for row, *_ in picks]
       grads = []
       for (row, p, valid, e_safe), vd in zip(picks, downs):
@@ -134,7 +135,8 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
 
 
 def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTxC, coeff, *,
-                    interpret: bool = False, warpgroups: int = 2):
+                    interpret: bool = False, warpgroups: int = 2,
+                    entries_per_step: int = ENTRIES_PER_STEP):
   """(dx [M, D] f32, dU slots, dR slots) for the rows without an overflowed tile (flagged rows:
   dx 0, slots unspecified). ``coeff``: the L1 cotangent over (M * d_ff), a scalar."""
   m, d = x_MxD.shape
@@ -171,7 +173,7 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
         del ctx
         it = iter(r)
         args = [None if p is None else next(it) for p in present] + list(it)
-        _backward_mgpu(*args)
+        _backward_mgpu(*args, entries_per_step=entries_per_step)
 
       _(*ref_args)
     else:

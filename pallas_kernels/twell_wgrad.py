@@ -103,11 +103,15 @@ def entry_lists(tw: twell.TwELL, keep_rows: jax.Array, capacity: int) -> EntryLi
   cnt = entry_counts(tw, keep_rows).reshape(-1)
   incl = jnp.cumsum(cnt)
   total = incl[-1]
+  excl = incl - cnt
   e = jnp.arange(capacity, dtype=jnp.int32)
   valid = e < total
-  rt = jnp.searchsorted(incl, e, side="right").astype(jnp.int32)
-  rt = jnp.where(valid, rt, 0)
-  s = jnp.where(valid, e - (incl[rt] - cnt[rt]), 0)
+  # (row, tile) of compact entry e: mark each non-empty (row, tile) at its first entry, then a
+  # running max carries it over the tile's other entries.
+  marks = jnp.full((capacity,), -1, jnp.int32).at[jnp.where(cnt > 0, excl, capacity)].set(
+      jnp.arange(cnt.shape[0], dtype=jnp.int32), mode="drop")
+  rt = jnp.where(valid, lax.cummax(marks), 0)
+  s = jnp.where(valid, e - excl[rt], 0)
   slot = rt * cap + s
   neuron = (rt % n_tiles) * tw.tile + tw.indices_MxTxC.reshape(-1)[slot].astype(jnp.int32)
   key = jnp.where(valid, neuron, n_pad)
@@ -154,6 +158,20 @@ def task_table(seg_start: jax.Array, *, piece: int = PIECE, partial_rows: int = 
   return tasks, partial_neuron
 
 
+TASK_OVERHEAD = 16   # a task's fixed cost (loads, flush), in entries, for balancing CTAs
+
+
+def cta_bounds(tasks, n_ctas: int) -> jax.Array:
+  """[n_ctas + 1] task index bounds giving each CTA about the same work (entries plus a fixed
+  cost per task), so skewed neuron activity does not leave CTAs idle."""
+  work = tasks[:, 1] - tasks[:, 0] + jnp.where((tasks[:, 2] >= 0) | (tasks[:, 3] >= 0),
+                                               TASK_OVERHEAD, 0)
+  cum = jnp.cumsum(work)
+  goal = (jnp.arange(n_ctas + 1, dtype=jnp.int32).astype(F32) * (cum[-1].astype(F32) / n_ctas))
+  b = jnp.searchsorted(cum.astype(F32), goal, side="left").astype(jnp.int32)
+  return b.at[0].set(0).at[-1].set(tasks.shape[0])
+
+
 # --------------------------------------------------------------------------- kernel
 
 
@@ -161,7 +179,8 @@ def _slice_width(d_model: int) -> int:
   return 512 if d_model % 512 == 0 else 256
 
 
-def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, ctr_ref, *,
+def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_refs, part_ref,
+                ctr_ref, *,
                 n_x: int, unroll: int):
   """Per-warp CUDA-core code: tickets (slice, task); lanes over 8-column groups of the slice."""
   from jax._src.lib.mlir import ir
@@ -171,7 +190,6 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref,
   from pallas_kernels.warp_mgpu import WarpKernel
 
   _, d_model = ir.MemRefType(x_ref.type).shape
-  t_cap = ir.MemRefType(task_ref.type).shape[0]
   width = _slice_width(d_model)
   n_slices, chunks = d_model // width, width // 256
   n_prod = n_x + 1
@@ -180,9 +198,8 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref,
   out_dtype = ir.MemRefType(out_refs[0].type).element_type
   v8out = ir.VectorType.get((8,), out_dtype)
 
-  per_cta = arith.divui(arith.addi(c(t_cap), arith.subi(w.n_ctas, c(1))), w.n_ctas)
-  lo = arith.minui(arith.muli(w.cta, per_cta), c(t_cap))
-  hi = arith.minui(arith.addi(lo, per_cta), c(t_cap))
+  lo = memref.load(bounds_ref, [w.idx(w.cta)])
+  hi = arith.maxsi(lo, memref.load(bounds_ref, [w.idx(arith.addi(w.cta, c(1)))]))
   span = arith.subi(hi, lo)
   safe_span = arith.maxui(span, c(1))
 
@@ -279,17 +296,17 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: 
   else:
     grid, scratch, threads = (common.num_sms(),), [plgpu.SMEM((1,), jnp.int32)], warpgroups
 
-  def body(x_ref, dy_ref, rows_ref, coef_ref, task_ref, *rest):
+  def body(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *rest):
     out_refs, part_ref, scr = rest[:n_prod], rest[n_prod], rest[n_prod + 1:]
     if interpret:
       _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, n_x=n_x)
       return
-    refs = (x_ref, dy_ref, rows_ref, coef_ref, task_ref, *out_refs, part_ref, *scr)
+    refs = (x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *out_refs, part_ref, *scr)
 
     @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
     def _(ctx, *r):
       del ctx
-      _wgrad_mgpu(*r[:5], r[5:5 + n_prod], r[5 + n_prod], r[6 + n_prod], n_x=n_x, unroll=unroll)
+      _wgrad_mgpu(*r[:6], r[6:6 + n_prod], r[6 + n_prod], r[7 + n_prod], n_x=n_x, unroll=unroll)
 
     _(*refs)
 
@@ -298,7 +315,7 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: 
       num_threads=threads, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=common.interpret_params() if interpret else None)
-  outs = f(x_MxD, dy_MxD, lists.rows, coefs, tasks)
+  outs = f(x_MxD, dy_MxD, lists.rows, coefs, tasks, cta_bounds(tasks, grid[0]))
   return list(outs[:n_prod]), outs[n_prod]
 
 

@@ -129,3 +129,16 @@ def test_weight_gradients_cross_lower(key):
   f = jax.jit(lambda x, dy, lists, coefs: twell_wgrad.sparse_weight_gradients(
       lists, coefs, x, dy, n_x=2, out_dtype=jnp.bfloat16))
   assert "mosaic_gpu" in f.trace(p.x, dy, lists, coefs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_cta_bounds_balance_skewed_work(key):
+  _, tw, _, keep, _ = _problem(key, active=30, dist="skewed")
+  lists = twell_wgrad.entry_lists(tw, keep, capacity=8192)
+  tasks, _ = twell_wgrad.task_table(lists.seg_start, piece=16, partial_rows=256)
+  n_ctas = 7
+  b = np.asarray(twell_wgrad.cta_bounds(tasks, n_ctas))
+  t = np.asarray(tasks)
+  assert b[0] == 0 and b[-1] == len(t) and np.all(np.diff(b) >= 0)
+  work = t[:, 1] - t[:, 0] + np.where((t[:, 2] >= 0) | (t[:, 3] >= 0), twell_wgrad.TASK_OVERHEAD, 0)
+  per_cta = [work[b[c]:b[c + 1]].sum() for c in range(n_ctas)]
+  assert max(per_cta) <= work.sum() / n_ctas + work.max()
