@@ -121,7 +121,9 @@ class ModelConfig:
 class DataConfig:
   """Where the text comes from and how it becomes fixed-length training sequences.
 
-  source: "stdlib" (the running interpreter's standard-library *.py files, no download), local
+  source: "stdlib" (the running interpreter's standard-library *.py files, no download),
+    "stdlib-prose" (English prose from the standard library, no download: the docstrings of its
+    non-test modules, read with ast, and the pydoc topic texts of pydoc_data/topics.py), local
     files or globs separated by commas (.txt/.md/.py/... one document per file, .jsonl one per
     line, .parquet one per row), or "hf:NAME[:CONFIG]" for a Hugging Face dataset (needs the
     ``datasets`` package and a network; the first max_docs documents are used).

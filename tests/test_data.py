@@ -8,6 +8,7 @@ import pytest
 from sparse_jax.config import DataConfig
 from sparse_jax.data import (Batches, ByteTokenizer, HFTokenizer, build_corpus, expand_paths,
                              iter_documents, load_tokenizer, stdlib_files, validation_batches)
+from sparse_jax.data.sources import module_prose, pydoc_topics, stdlib_prose_documents
 
 _WORDS = ["sparse", "relu", "gate", "neuron", "token", "jax", "ffn", "layer", "über", "naïve",
           "中文", "loss", "\t", "\n", "def", "return", "(", ")", ":", "=", "0", "42"]
@@ -195,3 +196,71 @@ def test_validation_batches(np_rng):
   np.testing.assert_array_equal(vb[0][1], tokens[8:17])
   with pytest.raises(ValueError, match="raise data.val_fraction"):
     validation_batches(tokens[:20], 8, 3, 5)
+
+
+def test_module_prose_reads_docstrings_in_source_order(tmp_path):
+  src = tmp_path / "mod.py"
+  src.write_text('''"""Module summary.
+
+    Indented body line.
+"""
+import os  # comments are not prose here
+
+X = "a string that is not a docstring"
+
+
+class A:
+  """Class A does things."""
+
+  def method(self):
+    """Method of A."""
+
+    def inner():
+      """Nested function."""
+
+
+async def g():
+  """An async function."""
+
+
+def no_doc():
+  return 1
+''')
+  assert module_prose(str(src)) == ("Module summary.\n\nIndented body line.\n\nClass A does "
+                                    "things.\n\nMethod of A.\n\nNested function.\n\nAn async "
+                                    "function.")
+  bad = tmp_path / "py2.py"
+  bad.write_text('print "not python 3"\n')
+  assert module_prose(str(bad)) == ""  # skipped, not an error
+  empty = tmp_path / "empty.py"
+  empty.write_text("x = 1\n")
+  assert module_prose(str(empty)) == ""
+
+
+def test_stdlib_prose_source():
+  docs = list(stdlib_prose_documents())
+  kinds = [k for k, _ in docs]
+  n_topics = len(pydoc_topics())
+  # Module docstrings first, then every pydoc topic (sorted by topic name).
+  assert n_topics > 50 and kinds == ["docstrings"] * (len(docs) - n_topics) + ["topic"] * n_topics
+  assert len(docs) - n_topics > 300
+  assert [t for _, t in docs[-n_topics:]] == [t for _, t in pydoc_topics()]
+  assert any(t.startswith('The "while" statement') for _, t in docs[-n_topics:])
+  assert all(t and t == t.strip() for _, t in docs)
+  total = sum(len(t.encode()) for _, t in docs)
+  assert total > 1_000_000  # ~2.2 MB with Python 3.12
+  # Mostly letters and spaces: prose, not code.
+  text = "".join(t for _, t in docs[:50])
+  assert sum(c.isalpha() or c.isspace() for c in text) / len(text) > 0.85
+  # Selectable like the other sources; deterministic; test suites left out.
+  cfg = DataConfig(source="stdlib-prose", max_docs=30, seq_len=32)
+  got = list(iter_documents(cfg))
+  assert got == [t for _, t in docs[:30]] == list(iter_documents(cfg))
+  prose = {t for _, t in docs}
+  tests = [p for p in stdlib_files() if "test" in p.parts][:40]
+  if tests:  # some Python builds ship without the test suite
+    assert not any(module_prose(str(p)) in prose for p in tests if module_prose(str(p)))
+  corpus = build_corpus(cfg, ByteTokenizer(), progress=False)
+  assert corpus.n_docs == 30
+  assert np.sum(corpus.train_tokens == ByteTokenizer.EOS) + np.sum(
+      corpus.val_tokens == ByteTokenizer.EOS) == 30

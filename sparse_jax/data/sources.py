@@ -2,14 +2,23 @@
 
 Every source yields documents (str) in a deterministic order, so a corpus built twice from the
 same files is the same corpus.
+
+* ``stdlib``: the running interpreter's standard-library ``*.py`` files (code), one per file.
+* ``stdlib-prose``: English prose from the standard library, no download and no module imported:
+  per non-test module, its docstrings (module, classes, functions, in source order, read with
+  ``ast``), then every topic text of ``pydoc_data/topics.py`` (the reference-manual sections
+  ``help()`` shows), one document per topic in sorted topic order.
 """
 from __future__ import annotations
 
+import ast
+import functools
 import glob
 import json
 import os
 import pathlib
 import sysconfig
+import warnings
 from typing import Iterator
 
 from sparse_jax.config import DataConfig
@@ -26,6 +35,63 @@ def stdlib_files() -> list[pathlib.Path]:
   if not files:
     raise FileNotFoundError(f"no *.py files under the standard library path {root}")
   return files
+
+
+# Directories of the standard library's own test suites: their docstrings describe tests, and
+# some Python builds ship without them, so stdlib-prose leaves them out.
+_TEST_DIRS = {"test", "tests", "idle_test"}
+STDLIB_PROSE = "stdlib-prose"
+
+
+def _docstrings(tree: ast.AST) -> Iterator[str]:
+  """Docstrings of a module and of its classes and functions (nested too), in source order."""
+  if isinstance(tree, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+    doc = ast.get_docstring(tree, clean=True)
+    if doc and doc.strip():
+      yield doc.strip()
+  for child in ast.iter_child_nodes(tree):
+    yield from _docstrings(child)
+
+
+@functools.lru_cache(maxsize=None)
+def module_prose(path: str) -> str:
+  """The docstrings of one source file joined by blank lines ("" when it has none or does not
+  parse). Cached: a sweep builds the same corpus many times in one process."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # e.g. SyntaxWarning: invalid escape sequences
+      tree = ast.parse(pathlib.Path(path).read_bytes(), filename=path)
+  except (SyntaxError, ValueError):  # Python 2 examples, null bytes
+    return ""
+  return "\n\n".join(_docstrings(tree))
+
+
+@functools.lru_cache(maxsize=None)
+def pydoc_topics() -> tuple[tuple[str, str], ...]:
+  """(topic, text) pairs of ``pydoc_data/topics.py``, sorted by topic, read as a literal."""
+  path = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "pydoc_data" / "topics.py"
+  if not path.is_file():
+    raise FileNotFoundError(f"data.source={STDLIB_PROSE!r}: no {path} in this Python")
+  for node in ast.parse(path.read_bytes(), filename=str(path)).body:
+    if (isinstance(node, ast.Assign) and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name) and node.targets[0].id == "topics"):
+      topics = ast.literal_eval(node.value)
+      return tuple(sorted((str(k), str(v).strip()) for k, v in topics.items() if str(v).strip()))
+  raise ValueError(f"{path} defines no 'topics' dictionary")
+
+
+def stdlib_prose_documents() -> Iterator[tuple[str, str]]:
+  """(kind, text) of the stdlib-prose source in its fixed order: kind "docstrings" for each
+  non-test module with docstrings (sorted by path), then "topic" for each pydoc topic."""
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  for path in stdlib_files():
+    if _TEST_DIRS & set(path.relative_to(root).parts):
+      continue
+    text = module_prose(str(path))
+    if text:
+      yield "docstrings", text
+  for _, text in pydoc_topics():
+    yield "topic", text
 
 
 def expand_paths(spec: str) -> list[str]:
@@ -115,6 +181,8 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
   """The documents of ``cfg.source``, in a fixed order, at most ``cfg.max_docs`` of them."""
   if cfg.source == "stdlib":
     docs = (p.read_text(encoding="utf-8", errors="replace") for p in stdlib_files())
+  elif cfg.source == STDLIB_PROSE:
+    docs = (text for _, text in stdlib_prose_documents())
   elif cfg.source.startswith("hf:"):
     docs = _hf_documents(cfg)
   else:
