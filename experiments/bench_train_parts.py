@@ -72,6 +72,25 @@ def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgr
                                               "weight_grads"))
   out["dense_fwd_bwd"] = bench_utils.cupti_ms(dense, *a, dy)[0]
   out["speedup"] = out["dense_fwd_bwd"] / out["sparse_total"]
+  # The whole sparse step as jax.grad runs it (dispatch conds bypassed so CUPTI sees every kernel).
+  from sparse_jax import ops
+  cfg = ops.SparseFFNConfig(max_active_fraction=None, entry_capacity=e_cap)
+
+  @jax.jit
+  def step(x, wg, wu, wd, dy):
+    def loss(x, wg, wu, wd):
+      y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation="pallas", config=cfg)
+      return jnp.sum(y.astype(F32) * dy.astype(F32)) + 1e-2 * st.l1
+    return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+
+  twell_train.PROFILE_WITHOUT_DISPATCH = True
+  try:
+    out["step_cupti"] = bench_utils.cupti_ms(step, *a, dy)[0]
+    out["step_kernels"] = bench_utils.cupti_breakdown(step, *a, dy)
+    out["step_wall"] = bench_utils.wall_ms_per_call(step, *a, dy, calls=20)[1]
+  finally:
+    twell_train.PROFILE_WITHOUT_DISPATCH = False
+  out["dense_wall"] = bench_utils.wall_ms_per_call(dense, *a, dy, calls=20)[1]
   out["n_entries"] = int(lists.n_entries)
   out["entry_capacity"] = e_cap
   return out
@@ -94,7 +113,7 @@ def main(argv=None):
   header = bench_utils.run_header()
   print(f"device {header['device']}  jax {header['jax']}")
   cols = ("forward", "entry_lists", "backward_kernel", "weight_grads", "sparse_total",
-          "dense_fwd_bwd", "speedup")
+          "dense_fwd_bwd", "speedup", "step_cupti", "step_wall", "dense_wall")
   print(f"{'dist':8} {'act':>5} " + " ".join(f"{c[:12]:>12}" for c in cols))
   records = []
   key = jax.random.key(0)
@@ -110,9 +129,10 @@ def main(argv=None):
       records.append(rec)
       print(f"{dist:8} {rec['active_per_token']:5.1f} " +
             " ".join(f"{r[c]:12.3f}" for c in cols), flush=True)
-      for part in ("wgrad_kernels", "entry_lists_kernels"):
-        top = sorted(r[part], key=lambda nt: -nt[1])[:6]
-        print(f"   {part}: " + ", ".join(f"{n[:32]} {t:.3f}" for n, t in top))
+      for part in ("wgrad_kernels", "entry_lists_kernels", "step_kernels"):
+        top = sorted(r[part], key=lambda nt: -nt[1])[:12 if part == "step_kernels" else 6]
+        print(f"   {part} ({len(r[part])} kernels, {sum(t for _, t in r[part]):.3f} ms): "
+            + ", ".join(f"{n[:32]} {t:.3f}" for n, t in top))
       bench_utils.write_results(args.out, header, records)
   print(f"wrote {args.out}")
 

@@ -131,20 +131,21 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
     d_r = jnp.where(valid, d_t * p, 0.0)
     dr_ref[rows] = d_r
     dx = dx + jnp.dot(scatter(d_r), wu_ref[...].astype(F32))
-  dx_ref[rows] = dx
+  dx_ref[rows] = dx.astype(dx_ref.dtype)
 
 
 def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTxC, coeff, *,
                     interpret: bool = False, warpgroups: int = 2,
                     entries_per_step: int = ENTRIES_PER_STEP):
-  """(dx [M, D] f32, dU slots, dR slots) for the rows without an overflowed tile (flagged rows:
-  dx 0, slots unspecified). ``coeff``: the L1 cotangent over (M * d_ff), a scalar."""
+  """(dx [M, D] in x's dtype, dU slots, dR slots) for the rows without an overflowed tile (flagged
+  rows: dx 0, slots unspecified). ``coeff``: the L1 cotangent over (M * d_ff), a scalar."""
   m, d = x_MxD.shape
   gated = w_up is not None
   list_len = tw.n_tiles * tw.capacity
   n_warps = warpgroups * 4
   slots = jax.ShapeDtypeStruct(tw.values_MxTxC.shape, F32)
-  out_type = (jax.ShapeDtypeStruct((m, d), F32), slots) + ((slots,) if gated else ())
+  # dx in x's dtype: accumulated in f32 registers, rounded once on the store.
+  out_type = (jax.ShapeDtypeStruct((m, d), x_MxD.dtype), slots) + ((slots,) if gated else ())
   if interpret:
     grid, scratch = (2,), []
     if m % (grid[0] * warpgroups):
@@ -198,6 +199,13 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
 # materialised [M, d_ff] activations would set the step's peak memory even when never taken.
 
 ROW_CHUNK = 2048
+# The backward's dense branch holds ~6 [chunk, d_ff] f32 temporaries: 1024 rows keep it near the
+# sparse branch's footprint (a conditional reserves its largest branch).
+BWD_ROW_CHUNK = 1024
+# Profiling only (experiments/bench_train_parts.py): the backward skips its dense/sparse lax.cond
+# so CUPTI sees every kernel (it cannot see kernels inside XLA's device-side conditionals).
+# Inexact when the dense branch would have been taken; never set it for training.
+PROFILE_WITHOUT_DISPATCH = False
 
 
 def _chunks(a, chunk):
@@ -233,9 +241,10 @@ def dense_forward_chunked(x, w_gate, w_up, w_down, chunk=ROW_CHUNK):
       dense_fallback=jnp.ones((), bool), active_per_neuron=act)
 
 
-def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=ROW_CHUNK):
-  """Gradients of sum(y * d_y) + coeff * sum|h| of the bf16 dense FFN, recomputing each row
-  chunk's activations inside a scan (memory: one chunk's). ``real`` masks rows out."""
+def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=BWD_ROW_CHUNK):
+  """Gradients (dx in x's dtype, f32 weight gradients) of sum(y * d_y) + coeff * sum|h| of the
+  bf16 dense FFN, recomputing each row chunk's activations inside a scan (memory: one chunk's
+  temporaries plus the f32 weight-gradient sums). ``real`` masks rows out."""
   m, d = x.shape
   real = jnp.ones((m,), bool) if real is None else real
   gated = w_up is not None
@@ -254,7 +263,7 @@ def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=RO
     xc, dyc, rc = inp
     _, vjp = jax.vjp(lambda xc_, *w: f(xc_, rc, *w), xc, *ws)
     dxc, *dws = vjp((dyc, coeff))
-    return [a + g.astype(F32) for a, g in zip(acc, dws)], dxc.astype(F32)
+    return [a + g.astype(F32) for a, g in zip(acc, dws)], dxc.astype(x.dtype)
 
   init = [jnp.zeros(w.shape, F32) for w in ws]
   dws, dxs = lax.scan(body, init, (_chunks(x, chunk), _chunks(d_y.astype(x.dtype), chunk),
@@ -386,20 +395,28 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
       coefs = lists.gather([du, tw.values_MxTxC])
     dws = twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
                                               out_dtype=w_gate.dtype, interpret=interpret)
-    # Rows with an overflowed tile: dense row path (exact), at most `budget` of them.
-    (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
-    x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
-    dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
-    g = dense_grads_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff, real=rows < m,
-                            chunk=min(ROW_CHUNK, budget))
-    dx = dx[:m].at[rows].add(g[0], mode="drop")
-    return tuple(a.astype(dt) for a, dt in zip(
-        (dx,) + tuple(dw[:n].astype(F32) + gw for dw, gw in zip(dws, g[1:])), dtypes))
+    grads = (dx[:m],) + tuple(dw[:n] for dw in dws)
+
+    def add_flagged_rows(grads):
+      # Rows with an overflowed tile: dense row path (exact), at most `budget` of them.
+      (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+      x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+      dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
+      g = dense_grads_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff, real=rows < m,
+                              chunk=min(BWD_ROW_CHUNK, budget))
+      dx = grads[0].at[rows].set(g[0].astype(grads[0].dtype), mode="drop")  # kernel left 0 there
+      return (dx,) + tuple((dw.astype(F32) + gw).astype(dw.dtype)
+                           for dw, gw in zip(grads[1:], g[1:]))
+
+    grads = lax.cond(n_flagged > 0, add_flagged_rows, lambda g: g, grads)
+    return tuple(a.astype(dt) for a, dt in zip(grads, dtypes))
 
   def dense():
     return tuple(g.astype(dt) for g, dt in zip(
         dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff), dtypes))
 
+  if PROFILE_WITHOUT_DISPATCH:
+    return sparse()
   return lax.cond(too_dense | (n_flagged > budget) | lists.overflowed(), dense, sparse)
 
 

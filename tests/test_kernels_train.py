@@ -39,7 +39,8 @@ def test_backward_kernel_interpret_matches_entry_math(key, gated):
   d_u = jnp.where(pf > 0, d_t * (u if gated else 1.0), 0.0)
   dx_ref = d_u @ f32(p.w_gate) + ((d_t * pf) @ f32(p.w_up) if gated else 0.0)
   ok = ~flagged
-  assert rel_err(dx[ok], dx_ref[ok]) < 1e-4
+  assert dx.dtype == p.x.dtype  # rounded once from f32 registers
+  assert rel_err(dx[ok], dx_ref[ok]) < 4e-3
   assert float(jnp.abs(dx[flagged]).max()) == 0.0  # flagged rows belong to the dense row path
   valid = np.asarray(tw.valid_mask()) & ok[:, None, None]
   du_ref = jnp.take_along_axis(d_u, cols, axis=1).reshape(du.shape)
