@@ -37,8 +37,12 @@ class FFNProblem:
     return float(jnp.mean(jnp.sum(pre > 0, axis=1)))
 
 
-def _firing_probabilities(rng: np.random.Generator, d_ff: int, mean_active: float,
-                          distribution: Distribution) -> np.ndarray:
+def firing_probabilities(rng: np.random.Generator, d_ff: int, mean_active: float,
+                         distribution: Distribution) -> np.ndarray:
+  """[d_ff] per-neuron firing probabilities whose sum is ``mean_active`` (active neurons per
+  token): all equal (``"uniform"``) or the ``"skewed"`` profile of the module docstring."""
+  if distribution not in ("uniform", "skewed"):
+    raise ValueError(f"distribution must be 'uniform' or 'skewed', got {distribution!r}")
   target = mean_active / d_ff
   if distribution == "uniform":
     return np.full(d_ff, target)
@@ -69,7 +73,7 @@ def make_ffn_problem(key: jax.Array, m: int, d_model: int, d_ff: int, *,
   w = (jax.random.normal(k_g, (d_ff, d_model - 1), jnp.float32) / np.sqrt(d_model - 1)).astype(dtype)
   # Pre-activations without thresholds, from the rounded operands the FFN will see.
   pre = jnp.dot(x[:, 1:].astype(jnp.float32), w.astype(jnp.float32).T)
-  p = _firing_probabilities(rng, d_ff, active_per_token, distribution)
+  p = firing_probabilities(rng, d_ff, active_per_token, distribution)
   ranks = np.clip(np.floor((1.0 - p) * m).astype(np.int64), 0, m - 1)
   theta = jnp.take_along_axis(jnp.sort(pre, axis=0), jnp.asarray(ranks)[None, :], axis=0)[0]
   theta = jnp.where(jnp.asarray(p) > 0, theta, DEAD_THRESHOLD)
