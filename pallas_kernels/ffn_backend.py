@@ -94,12 +94,16 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
   return jax.lax.cond(too_dense, dense, sparse)
 
 
-def dispatch_threshold(cfg: SparseFFNConfig, m: int) -> float:
+def dispatch_threshold(cfg: SparseFFNConfig, m: int, training: bool = False) -> float:
   """Active fraction above which the dense FFN is faster. ``max_active_fraction`` holds for
   M >= 16384 tokens; fewer tokens leave the fused kernel's CTAs fewer tokens to balance, and the
   break-even falls roughly with sqrt(M) (bench_ffn.py on an H200: 56 active/token of 5632 is 1.12x
-  at M = 16384 but 0.84x skewed at M = 4096)."""
-  return cfg.max_active_fraction * min(1.0, (m / 16384) ** 0.5)
+  at M = 16384 but 0.84x skewed at M = 4096). ``training``: the forward + backward line,
+  ``max_active_fraction_train`` (bench_ffn_train.py)."""
+  frac = cfg.max_active_fraction
+  if training and cfg.max_active_fraction_train is not None:
+    frac = min(frac, cfg.max_active_fraction_train)
+  return frac * min(1.0, (m / 16384) ** 0.5)
 
 
 def dense_with_stats(x_MxD, w_gate, w_up, w_down):

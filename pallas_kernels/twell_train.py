@@ -271,6 +271,43 @@ def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=BW
   return (dxs.reshape(-1, d)[:m], *dws)
 
 
+NEURON_CHUNK = 1536   # widest d_ff chunk of the dense branch's backward
+
+
+def dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff, max_chunk=NEURON_CHUNK):
+  """The backward's dense branch: gradients of sum(y * d_y) + coeff * sum|h| of the bf16 dense
+  FFN (as ``bf16_gated_ffn_with_l1`` computes it), recomputing the activations one d_ff chunk at
+  a time over all M rows. Every weight-gradient row depends on one chunk only, so each chunk's
+  dW is final (in the weight dtype); only dx sums over chunks (f32). Matmuls keep M = all rows
+  (tensor-core sized); temporaries are ~6 [M, chunk] bf16 arrays plus the f32 dx."""
+  m, d = x.shape
+  n = w_gate.shape[0]
+  gated = w_up is not None
+  n_chunks = common.cdiv(n, max_chunk)
+  width = common.cdiv(common.cdiv(n, n_chunks), 128) * 128
+  n_pad = width * n_chunks
+  ws = [w for w in (w_gate, w_up, w_down) if w is not None]
+  chunks = [jnp.pad(w, ((0, n_pad - n), (0, 0))).reshape(n_chunks, width, d) for w in ws]
+  dot_nt = lambda a, b: lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+  d_y = d_y.astype(x.dtype)
+
+  def f(xx, *w):
+    wg, wu, wd = w if gated else (w[0], None, w[1])
+    h = jax.nn.relu(dot_nt(xx, wg))
+    if wu is not None:
+      h = h * dot_nt(xx, wu)
+    y = lax.dot_general(h, wd, (((1,), (0,)), ((), ())))
+    return y, jnp.sum(jnp.abs(h.astype(F32)))
+
+  def body(dx, w):
+    _, vjp = jax.vjp(f, x, *w)
+    dxc, *dws = vjp((d_y, coeff))
+    return dx + dxc.astype(F32), dws
+
+  dx, dws = lax.scan(body, jnp.zeros((m, d), F32), chunks)
+  return (dx,) + tuple(g.reshape(n_pad, d)[:n] for g in dws)
+
+
 ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
 FORCED_FRACTION = 0.05    # density the entry capacity assumes when the dispatcher is off
 
@@ -280,8 +317,10 @@ def entry_capacity(cfg: SparseFFNConfig, m: int, n_pad: int, capacity: int) -> i
   if cfg.entry_capacity is not None:
     return cfg.entry_capacity
   from pallas_kernels import ffn_backend
-  frac = (ffn_backend.dispatch_threshold(cfg, m) if cfg.max_active_fraction is not None
-          else FORCED_FRACTION)
+  if cfg.max_active_fraction is None:
+    frac = FORCED_FRACTION
+  else:
+    frac = ffn_backend.dispatch_threshold(cfg, m, training=True)
   e = int(ENTRY_HEADROOM * frac * m * n_pad) + 1
   return max(1024, min(common.cdiv(e, 1024) * 1024, m * (n_pad // TILE) * capacity))
 
@@ -334,7 +373,7 @@ def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=Fals
     out, packed = sparse()
   else:
     too_dense = (ffn_backend.estimate_active_fraction(x_MxD, w_gate)
-                 > ffn_backend.dispatch_threshold(cfg, m))
+                 > ffn_backend.dispatch_threshold(cfg, m, training=True))
     out, packed = lax.cond(too_dense, dense, sparse)
   vals, idx, cnt, r, lists = packed
   tw = twell.TwELL(vals, idx, cnt, n_cols=n_pad, tile=TILE)
@@ -413,7 +452,7 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
 
   def dense():
     return tuple(g.astype(dt) for g, dt in zip(
-        dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff), dtypes))
+        dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff), dtypes))
 
   if PROFILE_WITHOUT_DISPATCH:
     return sparse()

@@ -19,6 +19,9 @@ class SparseFFNConfig:
   ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
   max_active_fraction: the Pallas backend's dispatcher runs the dense FFN when the estimated
     fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark.
+  max_active_fraction_train: the same line for a training call (forward + backward under
+    ``jax.grad``), where the sparse path stops paying earlier; None uses ``max_active_fraction``.
+    With ``max_active_fraction=None`` both are off (always sparse).
   entry_capacity: (Pallas training) active entries of one call that the sparse weight gradients
     can hold (default: 1.25x the dispatcher's threshold density, M x d_ff x fraction). A call
     with more entries than this runs its backward on the exact dense path and says so in
@@ -31,6 +34,7 @@ class SparseFFNConfig:
   ell_width: int = hybrid.DEFAULT_WIDTH
   tail_capacity: int | None = None
   max_active_fraction: float | None = 0.0105
+  max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
 
   def __post_init__(self):
@@ -42,9 +46,10 @@ class SparseFFNConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")
-    if self.max_active_fraction is not None and not 0.0 < self.max_active_fraction <= 1.0:
-      raise ValueError("SparseFFNConfig.max_active_fraction must be None or in (0, 1], got "
-                       f"{self.max_active_fraction!r}")
+    for name in ("max_active_fraction", "max_active_fraction_train"):
+      v = getattr(self, name)
+      if v is not None and not 0.0 < v <= 1.0:
+        raise ValueError(f"SparseFFNConfig.{name} must be None or in (0, 1], got {v!r}")
     if self.twell_capacity > self.tile:
       raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
 
