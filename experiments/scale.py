@@ -12,13 +12,18 @@ sharded steps as ``sparse-jax train``. Each run compiles and warms up for ``--wa
 awaited at the end of each window) and reports the median window. Batches are random token ids
 (``--data synthetic``, no download) or the stdlib corpus (``--data stdlib``). A fresh model is ~50%
 active at init, so its sparse FFN takes the exact dense fallback; ``--init-from RUN_DIR`` starts
-from a trained checkpoint of the same model to time the sparse regime. The measured active neurons
-per token and the dense-path share are recorded with the throughput.
+from a trained checkpoint of the same model to time the sparse regime, or ``--calibrate-sparsity S``
+sets the gates of the fresh model (``sparse_jax.calibrate``, skewed profile, on random token ids)
+so that a fraction 1 - S of the neurons fires, and freezes the learning rate near 0 (a warmup of
+10**9 steps) so that the sparsity stays put while the timed steps still compute the full update.
+The measured active neurons per token and the dense-path share are recorded with the throughput.
 
     PYTHONPATH=$PWD python3 experiments/scale.py --config 0.5b --steps 10 \\
         --out experiments/results/scale_0.5b_h200x2.json         # all local GPUs vs one
     python experiments/scale.py --config tiny --cpu-devices 8 --steps 3 --warmup 1 --repeats 1 \\
         --per-device-batch 2 --out /tmp/scale_smoke.json          # CPU smoke run, 8 fake devices
+    PYTHONPATH=$PWD python3 experiments/scale.py --config 0.5b --calibrate-sparsity 0.995 \\
+        --out experiments/results/scale_0.5b_sparse_h200x2.json  # the sparse regime, untrained
 
 The JSON (``--out``; default ``experiments/results/scale_<config>_<device>x<N>.json``) holds the
 command, the devices, the settings and one record per device count; it is rewritten after each
@@ -61,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   p.add_argument("--data", choices=("synthetic", "stdlib"), default="synthetic")
   p.add_argument("--init-from", metavar="RUN_DIR",
                  help="start from this run's latest checkpoint (same model settings)")
+  p.add_argument("--calibrate-sparsity", type=float, metavar="S",
+                 help="calibrate the fresh model's gates to sparsity S (e.g. 0.995: 0.5%% of the "
+                      "neurons active) and freeze the learning rate near 0")
+  p.add_argument("--calib-sequences", type=int, default=16,
+                 help="random sequences (of data.seq_len tokens) for --calibrate-sparsity "
+                      "(default 16; half fit the gates, half check them)")
   p.add_argument("--cpu-devices", type=int,
                  help="run on this many simulated CPU devices (smoke runs without a GPU)")
   p.add_argument("--out", help="result JSON path")
@@ -70,6 +81,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     value = getattr(args, name)
     if value is not None and value < 1:
       p.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+  if args.calibrate_sparsity is not None:
+    if not 0.0 < args.calibrate_sparsity < 1.0:
+      p.error(f"--calibrate-sparsity must be in (0, 1), got {args.calibrate_sparsity}")
+    if args.init_from:
+      p.error("--calibrate-sparsity and --init-from exclude each other")
+    if args.calib_sequences < 2:
+      p.error(f"--calib-sequences must be at least 2, got {args.calib_sequences}")
   return args
 
 
@@ -122,8 +140,55 @@ def _restore_run(run_dir: str, cfg: Config, template):
     ckpt.close()
 
 
-def measure(cfg: Config, devices: list, mesh_spec: str, args) -> dict:
-  """Throughput of ``cfg`` trained on ``devices`` (one: no mesh)."""
+FROZEN_WARMUP = 10**9  # lr warmup steps under --calibrate-sparsity: lr ~ 0, the gates stay put
+
+
+def calibrated_params(cfg: Config, sparsity: float, sequences: int):
+  """(host parameters, Calibration) of the fresh model of ``cfg`` (the seed of ``init_state``)
+  with its gates calibrated so that a fraction 1 - ``sparsity`` of the neurons fires."""
+  import jax
+  from flax import nnx
+
+  from sparse_jax.calibrate import calibrate_gates
+  from sparse_jax.nn import Transformer
+
+  if cfg.model.ffn not in ("relu_sparse", "relu_nongated_sparse"):
+    raise ValueError(f"--calibrate-sparsity: model.ffn is {cfg.model.ffn!r}, not a sparse FFN")
+  model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
+  tokens = np.random.default_rng(1000 + cfg.train.seed).integers(
+      0, cfg.model.vocab_size, size=(sequences, cfg.data.seq_len), dtype=np.int32)
+  calibration = calibrate_gates(model, tokens, target_active_fraction=1.0 - sparsity,
+                                profile="skewed", seed=cfg.train.seed)
+  params = jax.device_get(nnx.state(model, nnx.Param))
+  del model
+  gc.collect()
+  return params, calibration
+
+
+def _state_from(cfg: Config, mesh, params):
+  """``init_state`` with the given (host) parameters in place of the fresh ones."""
+  import functools
+
+  import jax
+
+  from sparse_jax import parallel
+  from sparse_jax.train.step import _split_model, _state_around, state_shardings
+
+  graphdef, fresh = _split_model(cfg, mesh)  # ShardedFFN keeps the FFN's state paths
+  if jax.tree.structure(fresh) != jax.tree.structure(params):
+    raise ValueError("calibrated parameters do not match the model's parameter tree")
+  del fresh
+  if mesh is None:
+    return graphdef, _state_around(jax.device_put(params), cfg)
+  params = parallel.place(params, parallel.tree_shardings(params, mesh))
+  state = jax.jit(functools.partial(_state_around, cfg=cfg), donate_argnums=0,
+                  out_shardings=state_shardings(cfg, mesh))(params)
+  return graphdef, state
+
+
+def measure(cfg: Config, devices: list, mesh_spec: str, args, params=None) -> dict:
+  """Throughput of ``cfg`` trained on ``devices`` (one: no mesh), from ``params`` (host
+  parameters, e.g. calibrated) if given, else from a fresh model."""
   import jax
 
   from sparse_jax import parallel
@@ -134,7 +199,10 @@ def measure(cfg: Config, devices: list, mesh_spec: str, args) -> dict:
   if mesh is not None:
     parallel.check_batch(cfg.train.batch_size // cfg.train.grad_accum, mesh)
   with jax.default_device(devices[0]):
-    graphdef, state = init_state(cfg, mesh)
+    if params is not None:
+      graphdef, state = _state_from(cfg, mesh, params)
+    else:
+      graphdef, state = init_state(cfg, mesh)
     if args.init_from:
       state = _restore_run(args.init_from, cfg, state)
     train = step_functions(graphdef, step_config(cfg), mesh)[0]
@@ -201,6 +269,11 @@ def main(argv: list[str] | None = None) -> dict:
     from sparse_jax.parallel import mesh_shape
     mesh_shape(args.mesh, n)  # a bad --mesh fails before any measurement
   cfg, _ = resolve_config(apply_overrides(get_config(args.config), args.overrides))
+  params = calibration = None
+  if args.calibrate_sparsity is not None:
+    cfg = apply_overrides(cfg, [f"train.warmup_steps={FROZEN_WARMUP}"])
+    print(f"calibrating the gates to sparsity {args.calibrate_sparsity} ...", flush=True)
+    params, calibration = calibrated_params(cfg, args.calibrate_sparsity, args.calib_sequences)
   per_device = args.per_device_batch or cfg.train.batch_size // cfg.train.grad_accum
   kind = getattr(all_devices[0], "device_kind", all_devices[0].platform)
   out = args.out or os.path.join(
@@ -215,11 +288,20 @@ def main(argv: list[str] | None = None) -> dict:
       grad_accum=args.grad_accum, seq_len=cfg.data.seq_len,
       compute_dtype=cfg.model.compute_dtype, ffn=cfg.model.ffn, ffn_impl=cfg.model.ffn_impl,
       data=args.data, init_from=args.init_from, steps=args.steps, warmup=args.warmup,
-      repeats=args.repeats, model=dataclasses.asdict(cfg.model), records=[], efficiency=None)
+      repeats=args.repeats, model=dataclasses.asdict(cfg.model),
+      warmup_steps=cfg.train.warmup_steps, calibrate_sparsity=args.calibrate_sparsity,
+      records=[], efficiency=None)
+  if calibration is not None:
+    check = calibration.check_active_fraction_L
+    result.update(
+        calib_sequences=args.calib_sequences, calib_profile=calibration.profile,
+        calib_check_active_fraction=float(np.mean(check)),
+        calib_check_active_fraction_L=[float(x) for x in check],
+        calib_check_active_per_token=float(np.mean(check)) * cfg.model.d_ff)
   for count in sorted({1, n}):
     print(f"measuring {count} device(s) ...", flush=True)
     run_cfg = run_config(cfg, count, per_device, args.grad_accum)
-    result["records"].append(measure(run_cfg, all_devices[:count], args.mesh, args))
+    result["records"].append(measure(run_cfg, all_devices[:count], args.mesh, args, params))
     if count > 1:
       one = result["records"][0]["tokens_per_s"]
       result["efficiency"] = result["records"][-1]["tokens_per_s"] / (count * one)

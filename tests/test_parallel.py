@@ -373,3 +373,29 @@ def test_scale_script_smoke(tmp_path, capsys):
                              eight["tokens_per_s"] / (8 * one["tokens_per_s"]))
   assert len(on_disk["devices"]) == 8 and on_disk["command"].startswith("python experiments/")
   assert np.isfinite(eight["final_loss"])
+
+
+def test_scale_script_calibrated_sparsity(tmp_path):
+  """--calibrate-sparsity: both runs start from the calibrated (sparse) model, lr frozen."""
+  sys.path.insert(0, ROOT)
+  from experiments import scale
+  out = str(tmp_path / "scale_sparse.json")
+  result = scale.main(["--config", "tiny", "--cpu-devices", "8", "--steps", "2", "--warmup", "1",
+                       "--repeats", "1", "--per-device-batch", "2", "--calibrate-sparsity", "0.99",
+                       "--out", out])
+  on_disk = json.load(open(out))
+  assert on_disk == json.loads(json.dumps(result))
+  d_ff = on_disk["model"]["d_ff"]
+  assert on_disk["calibrate_sparsity"] == 0.99 and on_disk["warmup_steps"] == scale.FROZEN_WARMUP
+  assert on_disk["ffn"] == "relu_sparse"
+  assert 0 < on_disk["calib_check_active_fraction"] < 0.05
+  one, eight = on_disk["records"]
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  for rec in (one, eight):
+    print(f"{rec['devices']} device(s): active/token {rec['active_per_token']:.2f} of {d_ff}, "
+          f"dense share {rec['dense_fallback_share']:.2f}")
+    assert 0 < rec["active_per_token"] < 0.1 * d_ff  # a fresh model: ~0.5 * d_ff
+    assert rec["dense_fallback_share"] < 0.5
+    assert np.isfinite(rec["final_loss"])
+  # The same calibrated model and batches on both: the measured sparsity agrees.
+  np.testing.assert_allclose(one["active_per_token"], eight["active_per_token"], rtol=0.5)
