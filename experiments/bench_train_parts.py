@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from experiments import bench_utils
 from pallas_kernels import twell_ffn, twell_gate, twell_train, twell_wgrad
+from sparse_jax import ops
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
@@ -26,7 +27,7 @@ F32 = jnp.float32
 def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgrad_kw):
   m = p.x.shape[0]
   n_pad = p.w_gate.shape[0]
-  e_cap = twell_train.entry_capacity(twell_train.SparseFFNConfig(), m, n_pad, cfg_capacity)
+  e_cap = twell_train.entry_capacity(ops.SparseFFNConfig(), m, n_pad, cfg_capacity)
 
   @jax.jit
   def fwd(x, wg, wu, wd):
@@ -73,7 +74,6 @@ def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgr
   out["dense_fwd_bwd"] = bench_utils.cupti_ms(dense, *a, dy)[0]
   out["speedup"] = out["dense_fwd_bwd"] / out["sparse_total"]
   # The whole sparse step as jax.grad runs it (dispatch conds bypassed so CUPTI sees every kernel).
-  from sparse_jax import ops
   cfg = ops.SparseFFNConfig(max_active_fraction=None, entry_capacity=e_cap)
 
   @jax.jit

@@ -194,14 +194,11 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
 
 
 # --------------------------------------------------------------------------- glue
-# Everything dense below runs over row chunks inside lax.map / lax.scan, so no [M, d_ff] buffer is
-# ever allocated: XLA reserves a conditional's largest branch, so a dense fallback branch that
+# Everything dense below runs over row chunks or d_ff chunks inside lax.map / lax.scan, so no
+# [M, d_ff] buffer is ever allocated: XLA reserves a conditional's largest branch, so a dense fallback branch that
 # materialised [M, d_ff] activations would set the step's peak memory even when never taken.
 
 ROW_CHUNK = 2048
-# The backward's dense branch holds ~6 [chunk, d_ff] f32 temporaries: 1024 rows keep it near the
-# sparse branch's footprint (a conditional reserves its largest branch).
-BWD_ROW_CHUNK = 1024
 # Profiling only (experiments/bench_train_parts.py): the backward skips its dense/sparse lax.cond
 # so CUPTI sees every kernel (it cannot see kernels inside XLA's device-side conditionals).
 # Inexact when the dense branch would have been taken; never set it for training.
@@ -239,36 +236,6 @@ def dense_forward_chunked(x, w_gate, w_up, w_down, chunk=ROW_CHUNK):
   return ys.reshape(-1, d)[:m], FFNStats(
       l0=acts_total / m, l1=jnp.sum(l1s) / (m * n), overflow_rows=jnp.zeros((), jnp.int32),
       dense_fallback=jnp.ones((), bool), active_per_neuron=act)
-
-
-def dense_grads_chunked(x, d_y, w_gate, w_up, w_down, coeff, real=None, chunk=BWD_ROW_CHUNK):
-  """Gradients (dx in x's dtype, f32 weight gradients) of sum(y * d_y) + coeff * sum|h| of the
-  bf16 dense FFN, recomputing each row chunk's activations inside a scan (memory: one chunk's
-  temporaries plus the f32 weight-gradient sums). ``real`` masks rows out."""
-  m, d = x.shape
-  real = jnp.ones((m,), bool) if real is None else real
-  gated = w_up is not None
-  ws = (w_gate, w_up, w_down) if gated else (w_gate, w_down)
-
-  def f(xc, rc, *w):
-    wg, wu, wd = (w if gated else (w[0], None, w[1]))
-    pre = matmul_nt(xc, wg)
-    h = jax.nn.relu(pre)
-    if wu is not None:
-      h = h * matmul_nt(xc, wu)
-    h = jnp.where(rc[:, None], h, 0.0).astype(xc.dtype)
-    return matmul_nn(h, wd).astype(xc.dtype), jnp.sum(jnp.abs(h.astype(F32)))
-
-  def body(acc, inp):
-    xc, dyc, rc = inp
-    _, vjp = jax.vjp(lambda xc_, *w: f(xc_, rc, *w), xc, *ws)
-    dxc, *dws = vjp((dyc, coeff))
-    return [a + g.astype(F32) for a, g in zip(acc, dws)], dxc.astype(x.dtype)
-
-  init = [jnp.zeros(w.shape, F32) for w in ws]
-  dws, dxs = lax.scan(body, init, (_chunks(x, chunk), _chunks(d_y.astype(x.dtype), chunk),
-                                   _chunks(real, chunk)))
-  return (dxs.reshape(-1, d)[:m], *dws)
 
 
 NEURON_CHUNK = 1536   # widest d_ff chunk of the dense branch's backward
@@ -441,8 +408,8 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
       (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
       x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
       dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
-      g = dense_grads_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff, real=rows < m,
-                              chunk=min(BWD_ROW_CHUNK, budget))
+      # Fill rows are zero in x and dOut, so they contribute nothing; their dx rows are dropped.
+      g = dense_grads_neuron_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff)
       dx = grads[0].at[rows].set(g[0].astype(grads[0].dtype), mode="drop")  # kernel left 0 there
       return (dx,) + tuple((dw.astype(F32) + gw).astype(dw.dtype)
                            for dw, gw in zip(grads[1:], g[1:]))

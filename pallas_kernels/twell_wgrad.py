@@ -261,7 +261,7 @@ def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, 
   rows, coefs = rows_ref[...], coef_ref[...]
   n_pad = out_refs[0].shape[0]
   p_cap = part_ref.shape[0]
-  start, end, out_row, part_row = (tasks[:, i] for i in range(4))
+  end, out_row, part_row = tasks[:, 1], tasks[:, 2], tasks[:, 3]
   e = jnp.arange(rows.shape[0], dtype=jnp.int32)
   # Tasks are ordered and contiguous: entry e belongs to the first task whose end exceeds it.
   owner = jnp.searchsorted(end, e, side="right").astype(jnp.int32)
@@ -271,7 +271,6 @@ def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, 
   for p in range(n_x + 1):
     b = (x if p < n_x else dy)[rows] * coefs[p][:, None]
     sums.append(jax.ops.segment_sum(b, owner, num_segments=tasks.shape[0]))
-  del start
   orow = jnp.where(out_row >= 0, out_row, n_pad)
   prow = jnp.where(part_row >= 0, part_row, p_cap)
   for p, ref in enumerate(out_refs):
