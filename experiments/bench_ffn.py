@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_utils
-from pallas_kernels import ffn_backend, twell_gate
+from pallas_kernels import twell_gate
 from sparse_jax import ops
-from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
+from sparse_jax.ops import pallas_backend
+from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, dense_with_stats
 from sparse_jax.synthetic import make_ffn_problem
 
 
@@ -44,8 +45,8 @@ def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
                                                          config=forced_cfg))
   forced = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas",
                                                    config=forced_cfg)[0])
-  probe = jax.jit(ffn_backend.estimate_active_fraction)
-  dense_branch = jax.jit(lambda *a: ffn_backend.dense_with_stats(*a)[0])
+  probe = jax.jit(pallas_backend.estimate_active_fraction)
+  dense_branch = jax.jit(lambda *a: dense_with_stats(*a)[0])
   gate = jax.jit(lambda x, w: twell_gate.gate_twell(x, w, capacity=cfg.twell_capacity))
   dense_gate = jax.jit(lambda x, w: jnp.maximum(x @ w.T, 0))
 
@@ -54,7 +55,7 @@ def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
   # CUPTI does not see kernels inside XLA's device-side conditionals, so the dispatched op is
   # timed as: the probe + the branch it takes, each measured by CUPTI on its own.
   probe_ms, _ = bench_utils.cupti_ms(probe, p.x, p.w_gate, iterations=iterations)
-  chose_dense = bool(float(probe(p.x, p.w_gate)) > ffn_backend.dispatch_threshold(cfg, m))
+  chose_dense = bool(float(probe(p.x, p.w_gate)) > pallas_backend.dispatch_threshold(cfg, m))
   branch_ms = (bench_utils.cupti_ms(dense_branch, *args, iterations=iterations)[0]
                if chose_dense else forced_ms)
   sparse_ms = probe_ms + branch_ms

@@ -11,23 +11,26 @@ weight-gradient kernel, partial-row reduction).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from experiments import bench_utils
-from pallas_kernels import twell_ffn, twell_gate, twell_train, twell_wgrad
+from pallas_kernels import twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax import ops
+from sparse_jax.ops import pallas_backend
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
 F32 = jnp.float32
 
 
-def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgrad_kw):
+def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
+           wgrad_cfg=twell_wgrad.DEFAULT_CONFIG):
   m = p.x.shape[0]
   n_pad = p.w_gate.shape[0]
-  e_cap = twell_train.entry_capacity(ops.SparseFFNConfig(), m, n_pad, cfg_capacity)
+  e_cap = pallas_backend.entry_capacity(ops.SparseFFNConfig(), m, n_pad, cfg_capacity)
 
   @jax.jit
   def fwd(x, wg, wu, wd):
@@ -41,15 +44,15 @@ def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgr
 
   @jax.jit
   def bwd(x, dy, wg, wu, wd, tw, r):
-    return twell_train.backward_kernel(x, dy, wg, wu, wd, tw, r, jnp.float32(1e-6),
-                                       entries_per_step=bwd_steps)
+    return twell_backward.backward_kernel(x, dy, wg, wu, wd, tw, r, jnp.float32(1e-6),
+                                          config=bwd_cfg)
 
   @jax.jit
   def wgrad(lists, du, dr, tw, r, x, dy):
     c = lists.gather([du, dr, tw.values_MxTxC, r])
     coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
     return twell_wgrad.sparse_weight_gradients(lists, coefs, x, dy, n_x=2,
-                                               out_dtype=jnp.bfloat16, **wgrad_kw)
+                                               out_dtype=jnp.bfloat16, config=wgrad_cfg)
 
   @jax.jit
   def dense(x, wg, wu, wd, dy):
@@ -83,13 +86,13 @@ def stages(p, dy, cfg_capacity=32, bwd_steps=twell_train.ENTRIES_PER_STEP, **wgr
       return jnp.sum(y.astype(F32) * dy.astype(F32)) + 1e-2 * st.l1
     return jax.grad(loss, argnums=(0, 1, 2, 3))(x, wg, wu, wd)
 
-  twell_train.PROFILE_WITHOUT_DISPATCH = True
+  pallas_backend.PROFILE_WITHOUT_DISPATCH = True
   try:
     out["step_cupti"] = bench_utils.cupti_ms(step, *a, dy)[0]
     out["step_kernels"] = bench_utils.cupti_breakdown(step, *a, dy)
     out["step_wall"] = bench_utils.wall_ms_per_call(step, *a, dy, calls=20)[1]
   finally:
-    twell_train.PROFILE_WITHOUT_DISPATCH = False
+    pallas_backend.PROFILE_WITHOUT_DISPATCH = False
   out["dense_wall"] = bench_utils.wall_ms_per_call(dense, *a, dy, calls=20)[1]
   out["n_entries"] = int(lists.n_entries)
   out["entry_capacity"] = e_cap
@@ -102,9 +105,9 @@ def main(argv=None):
   ap.add_argument("--m", type=int, default=16384)
   ap.add_argument("--active", type=float, nargs="+", default=[11, 28, 56])
   ap.add_argument("--dist", nargs="+", default=["uniform", "skewed"])
-  ap.add_argument("--unroll", type=int, default=twell_wgrad.UNROLL)
-  ap.add_argument("--warpgroups", type=int, default=twell_wgrad.WARPGROUPS)
-  ap.add_argument("--bwd-steps", type=int, default=twell_train.ENTRIES_PER_STEP,
+  ap.add_argument("--unroll", type=int, default=twell_wgrad.DEFAULT_CONFIG.unroll)
+  ap.add_argument("--warpgroups", type=int, default=twell_wgrad.DEFAULT_CONFIG.warpgroups)
+  ap.add_argument("--bwd-steps", type=int, default=twell_backward.DEFAULT_CONFIG.entries_per_step,
                   help="entries per step of the backward kernel")
   ap.add_argument("--out", default="experiments/results/train_parts.json")
   args = ap.parse_args(argv)
@@ -122,7 +125,11 @@ def main(argv=None):
       key, k1, k2 = jax.random.split(key, 3)
       p = make_ffn_problem(k1, args.m, 2048, 5632, active_per_token=active, distribution=dist)
       dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
-      r = stages(p, dy, bwd_steps=args.bwd_steps, unroll=args.unroll, warpgroups=args.warpgroups)
+      r = stages(p, dy,
+                 bwd_cfg=dataclasses.replace(twell_backward.DEFAULT_CONFIG,
+                                             entries_per_step=args.bwd_steps),
+                 wgrad_cfg=dataclasses.replace(twell_wgrad.DEFAULT_CONFIG, unroll=args.unroll,
+                                               warpgroups=args.warpgroups))
       rec = dict(M=args.m, distribution=dist, active_per_token=p.active_per_token(),
                  unroll=args.unroll, warpgroups=args.warpgroups, bwd_steps=args.bwd_steps,
                  timer="CUPTI median of 20", **r)

@@ -17,8 +17,8 @@ import os
 import jax
 
 from experiments import bench_utils
-from pallas_kernels import ffn_backend
 from sparse_jax import ops
+from sparse_jax.ops import pallas_backend
 from sparse_jax.ops.dense import gated_ffn
 from sparse_jax.synthetic import make_ffn_problem
 
@@ -41,10 +41,10 @@ def main(argv=None):
       "dispatched": jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas",
                                                             config=cfg)[0]),
       "cond_dense_dense": jax.jit(lambda x, *w: jax.lax.cond(
-          ffn_backend.estimate_active_fraction(x, w[0]) > 0.5,
+          pallas_backend.estimate_active_fraction(x, w[0]) > 0.5,
           lambda: gated_ffn(x, *w), lambda: gated_ffn(x, *w))),
       "probe_plus_dense": jax.jit(lambda x, *w: gated_ffn(x, *w) + (
-          ffn_backend.estimate_active_fraction(x, w[0]) > 2.0).astype(x.dtype)),
+          pallas_backend.estimate_active_fraction(x, w[0]) > 2.0).astype(x.dtype)),
   }
   rows = []
   for dist in args.dist:

@@ -1,10 +1,65 @@
-"""Shared helpers for the Mosaic GPU kernels: device queries, interpret mode, padding."""
+"""Shared helpers for the Mosaic GPU kernels: device queries, interpret mode, padding, and the
+two sizes every TwELL kernel shares.
+
+Two different 256s run through these kernels; they are given two names:
+
+* ``TWELL_TILE`` (256): the default TwELL column tile, i.e. how many hidden neurons one tile of
+  the format covers. It is a tuning value: the gate kernel takes it from ``GateConfig.tile_n``,
+  the kernels reading TwELL take it from the format (``TwELL.tile``).
+* ``WARP_ROW_SPAN`` (256 = 32 lanes x 8 bf16): the d_model columns one warp covers in one pass of
+  16-byte loads (``warp_mgpu``). It is fixed by the hardware, so d_model must be a multiple of it.
+"""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
+
+TWELL_TILE = 256
+WARP_ROW_SPAN = 32 * 8
+WARPS_PER_WARPGROUP = 4
+# Shared memory a kernel may give to its per-warp entry lists (the rest: staging, counters).
+ENTRY_LIST_SMEM_BYTES = 200 * 1024
+
+# --------------------------------------------------------------------------- interpret mode
+# The one place that decides whether Pallas kernels run in Mosaic GPU interpret mode (on the CPU)
+# or compiled. Kernels and the op's Pallas backend ask ``pallas_interpret()`` while tracing; the
+# SPARSE_JAX_PALLAS_INTERPRET=1 environment variable switches it on for a whole process, and
+# ``interpret_mode(True)`` for a block (the tests' ``pallas_interpret`` fixture). It is read at
+# trace time: a function jitted under one mode keeps that mode in jax's compilation cache.
+_interpret = os.environ.get("SPARSE_JAX_PALLAS_INTERPRET", "") == "1"
+
+
+def pallas_interpret() -> bool:
+  """True when Pallas kernels run in GPU interpret mode (CPU), False when they are compiled."""
+  return _interpret
+
+
+@contextlib.contextmanager
+def interpret_mode(on: bool = True):
+  """Runs the enclosed traces with interpret mode ``on`` (restored afterwards)."""
+  global _interpret
+  saved, _interpret = _interpret, bool(on)
+  try:
+    yield
+  finally:
+    _interpret = saved
+
+
+def interpret_params():
+  """``plgpu.kernel(interpret=...)``: GPU interpret mode (TMA, barriers and wgmma on the CPU), or
+  None (compiled) as ``pallas_interpret()`` says."""
+  if not pallas_interpret():
+    return None
+  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  # Unwritten outputs come back as NaN (ints: their max), so a missed store fails the checks.
+  return InterpretGPUParams(uninitialized_memory="nan")
+
+
+# --------------------------------------------------------------------------- devices
 
 
 @functools.cache
@@ -30,11 +85,7 @@ def num_sms() -> int:
   return 132
 
 
-def interpret_params():
-  """GPU interpret mode (runs TMA, barriers and wgmma on the CPU)."""
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-  # Unwritten outputs come back as NaN (ints: their max), so a missed store fails the checks.
-  return InterpretGPUParams(uninitialized_memory="nan")
+# --------------------------------------------------------------------------- shapes
 
 
 def pad_rows(a: jax.Array, multiple: int) -> jax.Array:
@@ -45,3 +96,19 @@ def pad_rows(a: jax.Array, multiple: int) -> jax.Array:
 
 def cdiv(a: int, b: int) -> int:
   return -(-a // b)
+
+
+def check_row_span(d_model: int, kernel: str) -> None:
+  """The per-warp kernels cover a row in passes of ``WARP_ROW_SPAN`` columns."""
+  if d_model % WARP_ROW_SPAN:
+    raise ValueError(f"d_model={d_model} must be a multiple of {WARP_ROW_SPAN} for the {kernel} "
+                     f"(one warp reads a row in {WARP_ROW_SPAN}-column passes)")
+
+
+def check_entry_lists(n_warps: int, list_len: int, kernel: str) -> None:
+  """Per warp, three SMEM entry lists (column, value, slot) of ``list_len`` 4-byte words."""
+  need = n_warps * list_len * 12
+  if need > ENTRY_LIST_SMEM_BYTES:
+    raise NotImplementedError(
+        f"the {kernel}'s entry lists need {need} bytes of shared memory (warps={n_warps} x "
+        f"n_tiles x capacity={list_len}), more than {ENTRY_LIST_SMEM_BYTES}")

@@ -15,16 +15,17 @@ GPU path (``compute="mgpu"``, per-lane code through ``plgpu.inline_mgpu``): one 
 tokens strided over all warps of a persistent grid.
   1. lane l < n_tiles reads the count of tile l, a warp scan gives each tile's offset, and each
      lane copies its tile's entries (global column, gate value) into a per-warp list in SMEM;
-  2. lane l holds x[8(l + 32k) : 8(l + 32k) + 8] for k < d_model / 256 (16-byte coalesced loads)
+  2. lane l holds x[8(l + 32k) : 8(l + 32k) + 8] for k < d_model / 256 (16-byte coalesced loads, ``common.WARP_ROW_SPAN``)
      and the same slice of the f32 output accumulator;
   3. entries are taken two at a time: both Wu rows are loaded before the first reduction (loads in
      flight), each dot product is a per-lane FMA chain plus a 5-step butterfly, then both Wd rows
      are folded into the accumulator;
   4. tiles whose count exceeds the capacity (their TwELL row lost entries) are recomputed exactly:
-     the warp takes the tile's 256 gate dot products itself and runs every active neuron through
+     the warp takes the tile's gate dot products itself (one per neuron of the tile) and runs every active neuron through
      the same math, so the kernel is exact on any input with no fallback pass outside it;
   5. the row is stored once as bf16, and lane 0 stores the row's sum |h| (for the L1 statistic).
-Interpret mode cannot run ``inline_mgpu``: the
+The TwELL tile width comes with the format (``TwELL.tile``). Interpret mode
+(``common.pallas_interpret()``) cannot run ``inline_mgpu``: the
 interpretable path (``compute="jnp"``) computes each warpgroup's token block with array ops in the
 same kernel skeleton (grid, token partition, output stores).
 """
@@ -42,8 +43,6 @@ from jax import lax
 from pallas_kernels import common
 from sparse_jax.formats.twell import TwELL
 
-WARPS_PER_WG = 4
-
 
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
@@ -51,21 +50,24 @@ class FusedConfig:
   are loaded before the first reduction; split_loads: load the Wd rows only after the dot products
   (fewer live registers) instead of with the Wu rows (more bytes in flight); dynamic: warps of a
   CTA take the CTA's tokens from a shared-memory counter (balances skewed per-token activity)
-  instead of a fixed stride. x stays packed in bf16 registers (the tuned choice)."""
+  instead of a fixed stride; overflow_rows_per_step: gate rows an overflowed tile's exact
+  recomputation loads at once (the TwELL tile must be a multiple of it). x stays packed in bf16
+  registers (the tuned choice). interpret_ctas: the grid of the interpretable path."""
   warpgroups: int = 2
   entries_per_step: int = 4
   split_loads: bool = True
   dynamic: bool = True
+  overflow_rows_per_step: int = 4
+  interpret_ctas: int = 2
 
 
 # Chosen by experiments/tune_twell.py on an H200 (NOTES_twell.md): 0.475 ms uniform / 0.525 ms
 # skewed at 28 active per token, M = 16384; 3-4 warpgroups spill registers and run 2x slower.
 DEFAULT_CONFIG = FusedConfig()
-DEFAULT_WARPGROUPS = DEFAULT_CONFIG.warpgroups
 
 
 def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, r_ref,
-                ej_ref, ev_ref, es_ref, ctr_ref, *, cfg: FusedConfig):
+                ej_ref, ev_ref, es_ref, ctr_ref, *, cfg: FusedConfig, tile_width: int):
   """Per-warp CUDA-core code. ``wu_ref`` is None for the non-gated FFN (``wg_ref`` then holds the
   up weights: the gate of a non-gated FFN is its hidden activation). ``r_ref`` (training) receives
   the up projection r at every TwELL slot; None for inference."""
@@ -83,14 +85,14 @@ def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_re
   nch = w.chunks
 
   def dense_tile(x, tile, carry):
-    """Exact path for a tile whose count exceeded the capacity: its 256 gate values are
+    """Exact path for a tile whose count exceeded the capacity: its ``tile_width`` gate values are
     recomputed here (x . Wg[j]), rounded to bf16 as the gate kernel rounds them, and every active
     neuron (not g <= 0, so NaN counts) goes through the same up/down math as the list entries."""
-    step = 4
+    step = cfg.overflow_rows_per_step
 
-    @mgpu.fori(c(256 // step), list(carry))
+    @mgpu.fori(c(tile_width // step), list(carry))
     def _rows(jstep, carry):
-      j0 = arith.addi(arith.muli(tile, c(256)), arith.muli(w.as_i32(jstep), c(step)))
+      j0 = arith.addi(arith.muli(tile, c(tile_width)), arith.muli(w.as_i32(jstep), c(step)))
       rows = [arith.addi(j0, c(b)) for b in range(step)]
       gates = [w.dot(x, w.load_row(wg_ref, r)) for r in rows]
       for row, g in zip(rows, gates):
@@ -106,7 +108,7 @@ def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_re
 
   def process_token(t):
     total, masks = w.build_entry_list(t, cnt_ref, idx_ref, val_ref, ej_ref, ev_ref,
-                                      es_ref if r_ref is not None else None)
+                                      es_ref if r_ref is not None else None, tile_width=tile_width)
     x = w.load_row(x_ref, t)
     n_steps = arith.divui(arith.addi(total, c(per_step - 1)), c(per_step))
 
@@ -150,7 +152,7 @@ def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_re
 
 
 def _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, r_ref,
-               *, rows):
+               *, rows, tile_width):
   """Interpretable path: the same math with array ops for a block of tokens, overflowed tiles
   recomputed exactly as the GPU path does."""
   gated = wu_ref is not None
@@ -161,13 +163,13 @@ def _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref
   n_rows = idx.shape[0]
   over = cnt > capacity
   valid = (lax.broadcasted_iota(jnp.int32, idx.shape, 2) < cnt[:, :, None]) & ~over[:, :, None]
-  col = (idx + lax.broadcasted_iota(jnp.int32, idx.shape, 1) * 256).reshape(n_rows, -1)
+  col = (idx + lax.broadcasted_iota(jnp.int32, idx.shape, 1) * tile_width).reshape(n_rows, -1)
   x = x_ref[rows].astype(jnp.float32)
-  g_twell = jnp.zeros((n_rows, n_tiles * 256), jnp.float32).at[
+  g_twell = jnp.zeros((n_rows, n_tiles * tile_width), jnp.float32).at[
       jnp.arange(n_rows)[:, None], col].add(jnp.where(valid, val, 0.0).reshape(col.shape))
   g_exact = jnp.dot(x, wg_ref[...].astype(jnp.float32).T)
   g_exact = jnp.where(jnp.logical_not(g_exact <= 0), g_exact, 0.0).astype(jnp.bfloat16)
-  g = jnp.where(jnp.repeat(over, 256, axis=1), g_exact.astype(jnp.float32), g_twell)
+  g = jnp.where(jnp.repeat(over, tile_width, axis=1), g_exact.astype(jnp.float32), g_twell)
   if gated:
     u = jnp.dot(x, wu_ref[...].astype(jnp.float32).T)
     h = (g * u).astype(jnp.bfloat16)
@@ -183,7 +185,7 @@ def _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref
 
 def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
                   w_down: jax.Array, tw: TwELL, *, return_r: bool = False,
-                  compute: Literal["mgpu", "jnp", "auto"] = "auto", interpret: bool = False,
+                  compute: Literal["mgpu", "jnp", "auto"] = "auto",
                   config: FusedConfig | None = None):
   """(y [M, D] bf16, per-row sum |h| [M] f32[, r [M, tiles, C] f32]) from TwELL-packed gate
   activations, exact for every row: tiles whose count exceeds the capacity are recomputed from
@@ -194,34 +196,38 @@ def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
   TwELL slot of tiles that did not overflow (other slots unspecified)."""
   m, d = x_MxD.shape
   gated = w_up is not None
+  cfg = config or DEFAULT_CONFIG
+  interpret = common.pallas_interpret()
   if return_r and not gated:
     raise ValueError("return_r needs the gated FFN (the non-gated one has no up projection)")
-  if d % 256:
-    raise ValueError(f"d_model={d} must be a multiple of 256 for the fused kernel")
-  if tw.tile != 256 or tw.n_rows != m:
-    raise ValueError(f"TwELL must be tile 256 with {m} rows, got tile {tw.tile}, rows {tw.n_rows}")
+  common.check_row_span(d, "fused kernel")
+  if tw.n_rows != m:
+    raise ValueError(f"TwELL has {tw.n_rows} rows but x has {m}")
+  if tw.tile % cfg.overflow_rows_per_step or tw.tile > 1 << 15:
+    raise NotImplementedError(f"TwELL tile={tw.tile}: the fused kernel needs a multiple of "
+                              f"FusedConfig.overflow_rows_per_step={cfg.overflow_rows_per_step} "
+                              "whose local indices fit int16")
+  n_cols = tw.n_tiles * tw.tile
   for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
-    if w is not None and (w.shape != (tw.n_tiles * 256, d) or w.dtype != jnp.bfloat16):
-      raise ValueError(f"{name} must be bf16 [{tw.n_tiles * 256}, {d}], got {w.dtype} {w.shape}")
+    if w is not None and (w.shape != (n_cols, d) or w.dtype != jnp.bfloat16):
+      raise ValueError(f"{name} must be bf16 [{n_cols}, {d}], got {w.dtype} {w.shape}")
   if compute == "auto":
     compute = "jnp" if interpret else "mgpu"
-  cfg = config or DEFAULT_CONFIG
   warpgroups = cfg.warpgroups
   out_type = [jax.ShapeDtypeStruct((m, d), jnp.bfloat16), jax.ShapeDtypeStruct((m,), jnp.float32)]
   if return_r:
     out_type.append(jax.ShapeDtypeStruct((m, tw.n_tiles, tw.capacity), jnp.float32))
-  n_warps = warpgroups * WARPS_PER_WG
+  n_warps = warpgroups * common.WARPS_PER_WARPGROUP
   list_len = tw.n_tiles * tw.capacity
   if compute == "mgpu":
-    if n_warps * list_len * 12 > 200 * 1024:
-      raise NotImplementedError(f"entry lists need {n_warps * list_len * 12} bytes of SMEM")
+    common.check_entry_lists(n_warps, list_len, "fused kernel")
     scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
                plgpu.SMEM((n_warps, list_len), jnp.float32),
                plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
     grid = (common.num_sms(),)
   else:
     scratch = []
-    grid = (2,)
+    grid = (cfg.interpret_ctas,)
   blocks = grid[0] * warpgroups
   if compute == "jnp" and m % blocks:
     raise NotImplementedError(f"the interpretable path needs M divisible by {blocks}")
@@ -245,19 +251,19 @@ def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
         del ctx
         it = iter(r)
         args = [None if p is None else next(it) for p in present]
-        _fused_mgpu(*args, cfg=cfg)
+        _fused_mgpu(*args, cfg=cfg, tile_width=tw.tile)
 
       _(*ref_args)
     else:
       wg = lax.axis_index("sm") * warpgroups + lax.axis_index("wg")
       _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref,
-                 r_ref, rows=pl.ds(wg * rows_per_wg, rows_per_wg))
+                 r_ref, rows=pl.ds(wg * rows_per_wg, rows_per_wg), tile_width=tw.tile)
 
   f = plgpu.kernel(
       body, out_type=tuple(out_type), scratch_types=scratch, grid=grid, grid_names=("sm",),
       num_threads=warpgroups, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=common.interpret_params() if interpret else None)
+      interpret=common.interpret_params())
   args = (x_MxD, w_gate) + ((w_up,) if gated else ()) + (w_down, tw.counts_MxT,
                                                          tw.indices_MxTxC, tw.values_MxTxC)
   return f(*args)

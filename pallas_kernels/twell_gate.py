@@ -1,22 +1,23 @@
 """Gate matmul with TwELL packing in its epilogue (Mosaic GPU, Hopper).
 
 ``relu(x @ w_gate.T)`` on wgmma, fed by a TMA, warp-specialised pipeline (one memory warpgroup,
-two consumer warpgroups, each owning a 64 x 256 accumulator: a CTA tile is 128 tokens x one 256-wide
-TwELL column tile), persistent over the output tiles in a planar-snake order, after jax's
+two consumer warpgroups, each owning a 64 x ``tile_n`` accumulator: a CTA tile is 128 tokens x one
+TwELL column tile of ``GateConfig.tile_n`` neurons), persistent over the output tiles in a planar-snake order, after jax's
 ``hopper_matmul_mgpu``. The epilogue applies the ReLU to the f32 accumulator and compacts every row
 of the tile into TwELL (count + up to ``capacity`` (local column, value) entries) straight from the
 registers: the dense hidden matrix never reaches HBM.
 
-Compaction (per row of the 64 x 256 accumulator, whose row is spread over the 4 lanes of a quad):
+Compaction (per row of the 64 x tile_n accumulator, whose row is spread over the 4 lanes of a quad):
 a per-thread count, an exclusive scan over the quad with ``shfl.idx``, then predicated stores of
 the entries into a shared-memory staging tile that one TMA store per tile writes out; the exact
 count goes straight to GMEM. This needs per-lane code, written with ``plgpu.inline_mgpu``
-(``compaction="mgpu"``). GPU interpret mode cannot run ``inline_mgpu``, so interpret runs use
+(``compaction="mgpu"``). GPU interpret mode (``common.pallas_interpret()``) cannot run
+``inline_mgpu``, so interpret runs use
 ``compaction="jnp"``: the same per-tile result computed with array ops (cumsum + scatter) that only
 the interpreter accepts. Everything else (pipeline, TMA, wgmma, staging, stores) is shared.
 
-Output: ``sparse_jax.formats.TwELL`` (values bf16 [M, N/256, C], tile-local int16 indices,
-counts int32 [M, N/256]); entries inside a tile row come out lane-interleaved (any order is valid).
+Output: ``sparse_jax.formats.TwELL`` (values bf16 [M, N/tile_n, C], tile-local int16 indices,
+counts int32 [M, N/tile_n]); entries inside a tile row come out lane-interleaved (any order is valid).
 Active means ``not (h <= 0)``, so a NaN pre-activation is kept active, never dropped.
 """
 from __future__ import annotations
@@ -33,16 +34,21 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels import common
+from pallas_kernels.common import TWELL_TILE
 from sparse_jax.formats.twell import TwELL
-
-TILE_N = 256  # the TwELL tile: one consumer warpgroup owns 64 rows x one tile
 
 
 @dataclasses.dataclass(frozen=True)
 class GateConfig:
-  """Defaults from experiments/tune_twell.py on an H200 (NOTES_twell.md): tile_k 128 with two
+  """Tile sizes and pipeline depth of the gate kernel.
+
+  tile_n: the TwELL tile width (neurons per column tile; one consumer warpgroup owns 64 rows x
+    one tile). A multiple of 64 up to 256 (a wgmma's widest N); 256 is the tuned value.
+  tile_k: d_model slice per pipeline stage; max_concurrent_steps: stages in flight.
+  Defaults from experiments/tune_twell.py on an H200 (NOTES_twell.md): tile_k 128 with two
   stages was fastest (0.4956 ms at M=16384, d_model 2048, d_ff 5632); 2-CTA clusters with the
   weight tile multicast did not help (0.497-0.511 ms)."""
+  tile_n: int = TWELL_TILE
   tile_k: int = 128
   max_concurrent_steps: int = 2
   grid_minor_dim: int = 1          # planar-snake order: 0 = M minor, 1 = N minor
@@ -51,12 +57,13 @@ class GateConfig:
   compaction: Literal["mgpu", "jnp", "auto"] = "auto"
 
   def smem_bytes(self, capacity: int) -> int:
-    stage = (128 * self.tile_k + TILE_N * self.tile_k) * 2
+    stage = (128 * self.tile_k + self.tile_n * self.tile_k) * 2
     return self.max_concurrent_steps * stage + 2 * 64 * capacity * 4
 
 
-def default_config(capacity: int, d_model: int | None = None) -> GateConfig:
-  cfg = GateConfig()
+def default_config(capacity: int, d_model: int | None = None,
+                   tile_n: int = TWELL_TILE) -> GateConfig:
+  cfg = GateConfig(tile_n=tile_n)
   if d_model is not None and d_model % cfg.tile_k:
     cfg = dataclasses.replace(cfg, tile_k=64, max_concurrent_steps=4)
   while cfg.smem_bytes(capacity) > 220 * 1024 and cfg.max_concurrent_steps > 2:
@@ -143,14 +150,15 @@ def _kernel(x_gmem, w_gmem, cnt_gmem, idx_gmem, val_gmem, *, capacity, config: G
   swizzle = plgpu.find_swizzle(tile_k * 16)
   transforms = (plgpu.TilingTransform((8, swizzle // 2)), plgpu.SwizzleTransform(swizzle))
   cluster = 2 if config.cluster_m else 1
-  m_iters, n_iters, k_iters = m // (128 * cluster), n // TILE_N, k // tile_k
+  tile_n = config.tile_n
+  m_iters, n_iters, k_iters = m // (128 * cluster), n // tile_n, k // tile_k
   compact = _compact_mgpu if compaction == "mgpu" else _compact_jnp
 
   def get_pipeline(body, compute_context):
     return plgpu.emit_pipeline_warp_specialized(
         body, grid=(k_iters,), memory_registers=40,
         in_specs=[plgpu.BlockSpec((128, tile_k), lambda kk: (0, kk), transforms=transforms),
-                  plgpu.BlockSpec((TILE_N, tile_k), lambda kk: (0, kk), transforms=transforms,
+                  plgpu.BlockSpec((tile_n, tile_k), lambda kk: (0, kk), transforms=transforms,
                                   collective_axes=("cluster",) if config.cluster_m else ())],
         wg_axis="wg", num_compute_wgs=2, max_concurrent_steps=config.max_concurrent_steps,
         compute_context=compute_context)
@@ -176,7 +184,7 @@ def _kernel(x_gmem, w_gmem, cnt_gmem, idx_gmem, val_gmem, *, capacity, config: G
       rows = pl.ds(m_idx * 128 + wg * 64, 64)
 
       def compute_context(eval_pipeline):
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((64, TILE_N), jnp.float32))
+        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((64, tile_n), jnp.float32))
         def _acc_scope(acc_ref):
           eval_pipeline(acc_ref)
           acc = acc_ref[...]
@@ -193,10 +201,17 @@ def _kernel(x_gmem, w_gmem, cnt_gmem, idx_gmem, val_gmem, *, capacity, config: G
         return acc_ref
 
       get_pipeline(mma_body, compute_context)(
-          x_gmem.at[pl.ds(m_idx * 128, 128), :], w_gmem.at[pl.ds(n_idx * TILE_N, TILE_N), :],
+          x_gmem.at[pl.ds(m_idx * 128, 128), :], w_gmem.at[pl.ds(n_idx * tile_n, tile_n), :],
           allocations=pipeline_allocs)
 
   plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def check_tile(tile_n: int) -> None:
+  """The TwELL tile the gate kernel can produce: one consumer warpgroup's wgmma N."""
+  if tile_n % 64 or not 64 <= tile_n <= 256:
+    raise NotImplementedError(f"GateConfig.tile_n={tile_n}: the gate kernel takes a TwELL tile "
+                              "that is a multiple of 64 up to 256 (one wgmma's N)")
 
 
 def check_shapes(x_MxK, w_NxK, capacity, config: GateConfig) -> None:
@@ -207,23 +222,26 @@ def check_shapes(x_MxK, w_NxK, capacity, config: GateConfig) -> None:
   if m % (256 if config.cluster_m else 128):
     raise ValueError(f"M={m} must be a multiple of {256 if config.cluster_m else 128} (the public "
                      "op pads)")
-  if n % TILE_N:
-    raise ValueError(f"d_ff={n} must be a multiple of {TILE_N}")
+  check_tile(config.tile_n)
+  if n % config.tile_n:
+    raise ValueError(f"d_ff={n} must be a multiple of tile_n={config.tile_n}")
   if k % config.tile_k:
     raise ValueError(f"d_model={k} must be a multiple of tile_k={config.tile_k}")
   if x_MxK.dtype != jnp.bfloat16 or w_NxK.dtype != jnp.bfloat16:
     raise NotImplementedError(f"the gate kernel takes bf16 operands, got {x_MxK.dtype}, {w_NxK.dtype}")
-  if not 8 <= capacity <= TILE_N or capacity % 8:
-    raise ValueError(f"capacity must be a multiple of 8 in [8, 256], got {capacity}")
+  if not 8 <= capacity <= config.tile_n or capacity % 8:
+    raise ValueError(f"capacity must be a multiple of 8 in [8, tile_n={config.tile_n}], got "
+                     f"{capacity}")
 
 
 def gate_twell(x_MxK: jax.Array, w_gate_NxK: jax.Array, *, capacity: int,
-               config: GateConfig | None = None, interpret: bool = False) -> TwELL:
+               config: GateConfig | None = None) -> TwELL:
   """TwELL of ``relu(x @ w_gate.T)``; x [M, d_model] (M % 128 == 0), w_gate [d_ff, d_model]."""
   config = config or default_config(capacity, x_MxK.shape[1])
   check_shapes(x_MxK, w_gate_NxK, capacity, config)
   m = x_MxK.shape[0]
-  n_tiles = w_gate_NxK.shape[0] // TILE_N
+  n_tiles = w_gate_NxK.shape[0] // config.tile_n
+  interpret = common.pallas_interpret()
   compaction = config.compaction
   if compaction == "auto":
     compaction = "jnp" if interpret else "mgpu"
@@ -237,7 +255,7 @@ def gate_twell(x_MxK: jax.Array, w_gate_NxK: jax.Array, *, capacity: int,
       grid_names=("sm",), cluster=(cluster,), cluster_names=("cluster",),
       num_threads=3, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=common.interpret_params() if interpret else None)
+      interpret=common.interpret_params())
   cnt, idx, val = f(x_MxK, w_gate_NxK)
-  return TwELL(values_MxTxC=val, indices_MxTxC=idx, counts_MxT=cnt, n_cols=n_tiles * TILE_N,
-               tile=TILE_N)
+  return TwELL(values_MxTxC=val, indices_MxTxC=idx, counts_MxT=cnt,
+               n_cols=n_tiles * config.tile_n, tile=config.tile_n)

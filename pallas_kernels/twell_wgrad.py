@@ -26,8 +26,9 @@ waste ~99.5% of their FLOPs. Work here is proportional to the entries.
 
 Floor (H200, M = 16384, d_model 2048, d_ff 5632, 28 active/token): 460k entries, each reading a
 4 KB row of x and of dOut: 3.8 GB from L2, ~0.4 ms; 2.8 G FMAs are ~0.1 ms on the CUDA cores.
-Interpret mode cannot run ``inline_mgpu``: the interpretable path computes the same task table's
-sums with array ops (``_wgrad_jnp``); cross-lowering checks the GPU path's MLIR on the CPU.
+Interpret mode (``common.pallas_interpret()``) cannot run ``inline_mgpu``: the interpretable path
+computes the same task table's sums with array ops (``_wgrad_jnp``); cross-lowering checks the GPU
+path's MLIR on the CPU.
 """
 from __future__ import annotations
 
@@ -42,10 +43,24 @@ from pallas_kernels import common
 from sparse_jax.formats import twell
 
 F32 = jnp.float32
-PIECE = 512          # entries per task before a neuron's segment is split
-PARTIAL_ROWS = 512   # f32 partial rows for the pieces of split neurons
-UNROLL = 4           # entries whose rows are in flight at once per warp
-WARPGROUPS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class WgradConfig:
+  """piece: entries per task before a neuron's segment is split; partial_rows: f32 partial rows
+  for the pieces of split neurons; unroll: entries whose rows are in flight at once per warp;
+  warpgroups: per CTA (one CTA per SM, persistent); task_overhead: a task's fixed cost (loads,
+  flush) in entries, for balancing CTAs; slice_width: d_model columns of one ticket (a multiple
+  of ``common.WARP_ROW_SPAN``; narrower where d_model is not a multiple of it)."""
+  piece: int = 512
+  partial_rows: int = 512
+  unroll: int = 4
+  warpgroups: int = 2
+  task_overhead: int = 16
+  slice_width: int = 512
+
+
+DEFAULT_CONFIG = WgradConfig()
 
 
 @jax.tree_util.register_dataclass
@@ -124,7 +139,8 @@ def entry_lists(tw: twell.TwELL, keep_rows: jax.Array, capacity: int) -> EntryLi
                     seg_start=seg_start, n_entries=total)
 
 
-def task_table(seg_start: jax.Array, *, piece: int = PIECE, partial_rows: int = PARTIAL_ROWS):
+def task_table(seg_start: jax.Array, *, piece: int = DEFAULT_CONFIG.piece,
+               partial_rows: int = DEFAULT_CONFIG.partial_rows):
   """(tasks [N_pad + partial_rows, 4] int32 = (start, end, out_row, partial_row), partial_neuron
   [partial_rows] int32 (N_pad where unused)). out_row / partial_row are -1 where not written."""
   n_pad = seg_start.shape[0] - 1
@@ -158,14 +174,11 @@ def task_table(seg_start: jax.Array, *, piece: int = PIECE, partial_rows: int = 
   return tasks, partial_neuron
 
 
-TASK_OVERHEAD = 16   # a task's fixed cost (loads, flush), in entries, for balancing CTAs
-
-
-def cta_bounds(tasks, n_ctas: int) -> jax.Array:
+def cta_bounds(tasks, n_ctas: int, task_overhead: int = DEFAULT_CONFIG.task_overhead) -> jax.Array:
   """[n_ctas + 1] task index bounds giving each CTA about the same work (entries plus a fixed
   cost per task), so skewed neuron activity does not leave CTAs idle."""
   work = tasks[:, 1] - tasks[:, 0] + jnp.where((tasks[:, 2] >= 0) | (tasks[:, 3] >= 0),
-                                               TASK_OVERHEAD, 0)
+                                               task_overhead, 0)
   cum = jnp.cumsum(work)
   goal = (jnp.arange(n_ctas + 1, dtype=jnp.int32).astype(F32) * (cum[-1].astype(F32) / n_ctas))
   b = jnp.searchsorted(cum.astype(F32), goal, side="left").astype(jnp.int32)
@@ -175,13 +188,13 @@ def cta_bounds(tasks, n_ctas: int) -> jax.Array:
 # --------------------------------------------------------------------------- kernel
 
 
-def _slice_width(d_model: int) -> int:
-  return 512 if d_model % 512 == 0 else 256
+def slice_width(d_model: int, cfg: WgradConfig) -> int:
+  """The ticket's d_model slice: ``cfg.slice_width`` where it divides d_model, else one warp pass."""
+  return cfg.slice_width if d_model % cfg.slice_width == 0 else common.WARP_ROW_SPAN
 
 
 def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_refs, part_ref,
-                ctr_ref, *,
-                n_x: int, unroll: int):
+                ctr_ref, *, n_x: int, unroll: int, width: int):
   """Per-warp CUDA-core code: tickets (slice, task); lanes over 8-column groups of the slice."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, memref, vector
@@ -190,8 +203,7 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
   from pallas_kernels.warp_mgpu import WarpKernel
 
   _, d_model = ir.MemRefType(x_ref.type).shape
-  width = _slice_width(d_model)
-  n_slices, chunks = d_model // width, width // 256
+  n_slices, chunks = d_model // width, width // common.WARP_ROW_SPAN
   n_prod = n_x + 1
   w = WarpKernel(d_model)
   c, cf = w.c, w.cf
@@ -280,12 +292,17 @@ def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, 
 
 
 def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: int, out_dtype,
-                        partial_rows: int = PARTIAL_ROWS, interpret: bool = False,
-                        warpgroups: int = WARPGROUPS, unroll: int = UNROLL):
+                        config: WgradConfig | None = None):
   """(outputs [n_x + 1] x [N_pad, D] out_dtype, partials [partial_rows, n_x + 1, D] f32)."""
+  cfg = config or DEFAULT_CONFIG
+  interpret = common.pallas_interpret()
   _, d = x_MxD.shape
-  if d % 256:
-    raise ValueError(f"d_model={d} must be a multiple of 256")
+  common.check_row_span(d, "weight-gradient kernel")
+  if cfg.slice_width % common.WARP_ROW_SPAN:
+    raise NotImplementedError(f"WgradConfig.slice_width={cfg.slice_width} must be a multiple of "
+                              f"{common.WARP_ROW_SPAN}")
+  width = slice_width(d, cfg)
+  partial_rows = cfg.partial_rows
   n_pad = lists.seg_start.shape[0] - 1
   n_prod = n_x + 1
   out_type = tuple(jax.ShapeDtypeStruct((n_pad, d), out_dtype) for _ in range(n_prod)) + (
@@ -293,7 +310,7 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: 
   if interpret:
     grid, scratch, threads = (1,), [], 1
   else:
-    grid, scratch, threads = (common.num_sms(),), [plgpu.SMEM((1,), jnp.int32)], warpgroups
+    grid, scratch, threads = (common.num_sms(),), [plgpu.SMEM((1,), jnp.int32)], cfg.warpgroups
 
   def body(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *rest):
     out_refs, part_ref, scr = rest[:n_prod], rest[n_prod], rest[n_prod + 1:]
@@ -305,7 +322,8 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: 
     @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
     def _(ctx, *r):
       del ctx
-      _wgrad_mgpu(*r[:6], r[6:6 + n_prod], r[6 + n_prod], r[7 + n_prod], n_x=n_x, unroll=unroll)
+      _wgrad_mgpu(*r[:6], r[6:6 + n_prod], r[6 + n_prod], r[7 + n_prod], n_x=n_x,
+                  unroll=cfg.unroll, width=width)
 
     _(*refs)
 
@@ -313,8 +331,8 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: 
       body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
       num_threads=threads, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-      interpret=common.interpret_params() if interpret else None)
-  outs = f(x_MxD, dy_MxD, lists.rows, coefs, tasks, cta_bounds(tasks, grid[0]))
+      interpret=common.interpret_params())
+  outs = f(x_MxD, dy_MxD, lists.rows, coefs, tasks, cta_bounds(tasks, grid[0], cfg.task_overhead))
   return list(outs[:n_prod]), outs[n_prod]
 
 
@@ -335,12 +353,12 @@ def reduce_partials(outs, partials, partial_neuron):
 
 
 def sparse_weight_gradients(lists: EntryLists, coefs, x_MxD, dy_MxD, *, n_x: int, out_dtype,
-                            interpret: bool = False, piece: int = PIECE,
-                            partial_rows: int = PARTIAL_ROWS, **kernel_kw):
+                            config: WgradConfig | None = None):
   """dW_p = S_p^T B_p, [N_pad, D] each, for the sparse S_p with values ``coefs[p]`` ([K, E] f32,
   K = n_x + 1) on the entries of ``lists``; B_p is x for p < n_x and dy for the last."""
-  tasks, partial_neuron = task_table(lists.seg_start, piece=piece, partial_rows=partial_rows)
+  cfg = config or DEFAULT_CONFIG
+  tasks, partial_neuron = task_table(lists.seg_start, piece=cfg.piece,
+                                     partial_rows=cfg.partial_rows)
   outs, partials = weight_grads_kernel(x_MxD, dy_MxD, lists, coefs, tasks, n_x=n_x,
-                                       out_dtype=out_dtype,
-                                       partial_rows=partial_rows, interpret=interpret, **kernel_kw)
+                                       out_dtype=out_dtype, config=cfg)
   return reduce_partials(outs, partials, partial_neuron)

@@ -1,9 +1,9 @@
 """Per-warp CUDA-core building blocks for the TwELL kernels, emitted through ``plgpu.inline_mgpu``.
 
 One warp owns one token at a time. A lane holds 8-element slices ``8(lane + 32k) .. +8`` of every
-d_model-wide row (16-byte coalesced loads), so a dot product is a per-lane FMA chain plus a
+d_model-wide row (16-byte coalesced loads; ``common.WARP_ROW_SPAN`` columns per pass), so a dot product is a per-lane FMA chain plus a
 butterfly, and an axpy into an accumulator needs no communication. Used by the fused forward
-(``twell_ffn``) and the backward (``twell_train``); everything here runs inside an ``inline_mgpu``
+(``twell_ffn``), the backward (``twell_backward``) and the weight gradients (``twell_wgrad``); everything here runs inside an ``inline_mgpu``
 body and therefore only on the GPU (interpret mode cannot run it).
 """
 from __future__ import annotations
@@ -13,14 +13,16 @@ from jax._src.lib.mlir import ir
 from jax._src.lib.mlir.dialects import arith, gpu, llvm, memref, nvvm, scf, vector
 from jax._src.lib.mlir.dialects import math as mlir_math
 
+from pallas_kernels.common import WARP_ROW_SPAN
+
 
 class WarpKernel:
   """Types, lane geometry and helpers for one ``inline_mgpu`` body with rows of ``d_model``."""
 
   def __init__(self, d_model: int):
-    if d_model % 256:
-      raise ValueError(f"d_model={d_model} must be a multiple of 256")
-    self.chunks = d_model // 256
+    if d_model % WARP_ROW_SPAN:
+      raise ValueError(f"d_model={d_model} must be a multiple of {WARP_ROW_SPAN}")
+    self.chunks = d_model // WARP_ROW_SPAN
     self.i32, self.index = ir.IntegerType.get_signless(32), ir.IndexType.get()
     self.i1 = ir.IntegerType.get_signless(1)
     self.f32, self.bf16 = ir.F32Type.get(), ir.BF16Type.get()
@@ -103,8 +105,9 @@ class WarpKernel:
     return list(branch.results)
 
   # ---- TwELL entry lists
-  def build_entry_list(self, t, cnt_ref, idx_ref, val_ref, ej_ref, ev_ref, es_ref=None):
-    """Copies token t's TwELL entries into this warp's SMEM lists: global column (ej), value as
+  def build_entry_list(self, t, cnt_ref, idx_ref, val_ref, ej_ref, ev_ref, es_ref=None, *,
+                       tile_width: int):
+    """Copies token t's TwELL entries (``tile_width``: the TwELL tile's neurons) into this warp's SMEM lists: global column (ej), value as
     f32 (ev) and, if asked, the flat slot ``tile * capacity + s`` (es). Tiles whose count exceeds
     the capacity contribute nothing and are returned as ballot masks (one i32 per 32 tiles)
     together with the number of entries."""
@@ -132,7 +135,7 @@ class WarpKernel:
         pos = self.idx(arith.addi(start, self.as_i32(s)))
         local = arith.extui(self.i32, memref.load(idx_ref, [self.idx(t), self.idx(safe_tile),
                                                             self.idx(s)]))
-        memref.store(arith.addi(arith.muli(safe_tile, c(256)), local), ej_ref,
+        memref.store(arith.addi(arith.muli(safe_tile, c(tile_width)), local), ej_ref,
                      [self.idx(self.warp), pos])
         memref.store(arith.extf(self.f32, memref.load(val_ref, [self.idx(t), self.idx(safe_tile),
                                                                 self.idx(s)])),

@@ -23,6 +23,15 @@ def key():
   return jax.random.key(seed)
 
 
+@pytest.fixture
+def pallas_interpret():
+  """Pallas kernels (and implementation="pallas") run in Mosaic GPU interpret mode on the CPU
+  for this test: the one switch, ``pallas_kernels.common.interpret_mode``."""
+  from pallas_kernels import common
+  with common.interpret_mode(True):
+    yield
+
+
 def rel_err(a, b) -> float:
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
   b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)

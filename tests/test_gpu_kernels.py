@@ -105,7 +105,8 @@ def test_weight_gradient_kernel_paper_shape(key, dist, piece, out_dtype):
   def run(tw, vals, x, dy):
     lists = twell_wgrad.entry_lists(tw, keep, 262144)
     return twell_wgrad.sparse_weight_gradients(lists, lists.gather(vals), x, dy, n_x=2,
-                                               out_dtype=out_dtype, piece=piece), lists
+                                               out_dtype=out_dtype,
+                                               config=twell_wgrad.WgradConfig(piece=piece)), lists
 
   outs, lists = run(tw, vals, p.x, dy)
   assert not bool(lists.overflowed())

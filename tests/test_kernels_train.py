@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from pallas_kernels import ffn_backend, twell_train
+from pallas_kernels import twell_backward
 from sparse_jax import ops
 from sparse_jax.formats import twell
-from sparse_jax.ops.dense import ffn_with_l1
+from sparse_jax.ops import pallas_backend
+from sparse_jax.ops.dense import dense_grads_neuron_chunked, ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_backward_kernel_interpret_matches_entry_math(key, gated):
+def test_backward_kernel_interpret_matches_entry_math(pallas_interpret, key, gated):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 256, 256, 512, active_per_token=12, distribution="skewed")
   dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
@@ -28,9 +29,8 @@ def test_backward_kernel_interpret_matches_entry_math(key, gated):
   cols = tw.global_indices().reshape(256, -1)
   r = jnp.take_along_axis(u, cols, axis=1).reshape(tw.values_MxTxC.shape)
   coeff = jnp.float32(0.013)
-  dx, du, dr = twell_train.backward_kernel(p.x, dy, p.w_gate, p.w_up if gated else None,
-                                           p.w_down, tw, r if gated else None, coeff,
-                                           interpret=True)
+  dx, du, dr = twell_backward.backward_kernel(p.x, dy, p.w_gate, p.w_up if gated else None,
+                                              p.w_down, tw, r if gated else None, coeff)
   # Reference: dense math on the pattern.
   f32 = lambda a: a.astype(jnp.float32)
   pf = f32(g)
@@ -53,7 +53,8 @@ def test_backward_kernel_interpret_matches_entry_math(key, gated):
 
 @pytest.mark.parametrize("dist,capacity,budget", [("uniform", 32, None), ("skewed", 8, 256),
                                                   ("skewed", 8, 1)])
-def test_training_path_gradients_match_dense_float32(key, dist, capacity, budget):
+def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist, capacity,
+                                                    budget):
   """capacity 8 makes rows overflow: with room in the row path they are exact there; with a
   budget of 1 row the whole backward runs dense. Both must match jax.grad of the dense FFN."""
   k1, k2 = jax.random.split(key)
@@ -63,7 +64,7 @@ def test_training_path_gradients_match_dense_float32(key, dist, capacity, budget
                             overflow_capacity=budget)
 
   def loss(x, wg, wu, wd):
-    y, st = ffn_backend.gated_ffn_pallas_interpret(x, wg, wu, wd, cfg)
+    y, st = pallas_backend.gated_ffn(x, wg, wu, wd, cfg)
     return jnp.sum(y.astype(jnp.float32) * cot) + 0.7 * st.l1, st
 
   def loss_ref(x, wg, wu, wd):
@@ -81,12 +82,12 @@ def test_training_path_gradients_match_dense_float32(key, dist, capacity, budget
   assert bool(st.dense_fallback) == (budget == 1)
 
 
-def test_training_dispatcher_takes_dense_branch(key):
+def test_training_dispatcher_takes_dense_branch(pallas_interpret, key):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 128, 256, 512, active_per_token=40)
   cot = jax.random.normal(k2, p.x.shape, jnp.float32)
   cfg = ops.SparseFFNConfig(max_active_fraction=0.001)
-  loss = lambda *a: jnp.sum(ffn_backend.gated_ffn_pallas_interpret(*a, cfg)[0].astype(
+  loss = lambda *a: jnp.sum(pallas_backend.gated_ffn(*a, cfg)[0].astype(
       jnp.float32) * cot)
   loss_ref = lambda *a: jnp.sum(ffn_with_l1(*a)[0] * cot)
   g = jax.grad(loss, argnums=(1, 3))(p.x, p.w_gate, p.w_up, p.w_down)
@@ -100,10 +101,10 @@ def test_training_path_cross_lowers(key, gated):
   p = make_ffn_problem(key, 300, 512, 768, active_per_token=12)
   cfg = ops.SparseFFNConfig()
   if gated:
-    f = lambda *a: ffn_backend.gated_ffn_pallas(*a, cfg)
+    f = lambda *a: pallas_backend.gated_ffn(*a, cfg)
     args = (p.x, p.w_gate, p.w_up, p.w_down)
   else:
-    f = lambda *a: ffn_backend.relu_ffn_pallas(*a, cfg)
+    f = lambda *a: pallas_backend.relu_ffn(*a, cfg)
     args = (p.x, p.w_gate, p.w_down)
   loss = lambda *a: jnp.sum(f(*a)[0].astype(jnp.float32)) + f(*a)[1].l1
   g = jax.jit(jax.grad(loss, argnums=tuple(range(len(args)))))
@@ -119,7 +120,7 @@ def test_dense_branch_neuron_chunks_match_dense_float32(key, gated):
   dy = jax.random.normal(k2, p.x.shape, jnp.float32)
   coeff = 0.3 / (128 * 600)
   wu = p.w_up if gated else None
-  g = twell_train.dense_grads_neuron_chunked(p.x, dy, p.w_gate, wu, p.w_down, coeff, max_chunk=256)
+  g = dense_grads_neuron_chunked(p.x, dy, p.w_gate, wu, p.w_down, coeff, max_chunk=256)
 
   def loss_ref(x, wg, wu, wd):
     y, l1 = ffn_with_l1(x, wg, wu, wd)

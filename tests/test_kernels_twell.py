@@ -7,9 +7,10 @@ import pytest
 from conftest import rel_err
 from ffn_checks import PallasChecks
 
-from pallas_kernels import ffn_backend, twell_ffn, twell_gate
+from pallas_kernels import twell_ffn, twell_gate
 from sparse_jax import ops
 from sparse_jax.formats import twell
+from sparse_jax.ops import base, pallas_backend
 from sparse_jax.synthetic import make_ffn_problem
 
 
@@ -31,10 +32,10 @@ def _entries(tw, r, t):
 
 
 @pytest.mark.parametrize("dist,capacity", [("uniform", 16), ("skewed", 8)])
-def test_gate_kernel_interpret_matches_encode(key, dist, capacity):
+def test_gate_kernel_interpret_matches_encode(pallas_interpret, key, dist, capacity):
   p = make_ffn_problem(key, 256, 128, 512, active_per_token=14, distribution=dist)
   x = p.x.at[7, 5].set(jnp.nan)  # a NaN row: every gate neuron is active, never dropped
-  tw = twell_gate.gate_twell(x, p.w_gate, capacity=capacity, interpret=True)
+  tw = twell_gate.gate_twell(x, p.w_gate, capacity=capacity)
   ref = twell.encode(_gate_ref(x, p.w_gate), capacity=capacity)
   clear = _clear_rows(x, p.w_gate)
   clear[7] = True
@@ -57,14 +58,13 @@ def test_gate_kernel_interpret_matches_encode(key, dist, capacity):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_fused_kernel_interpret_matches_reference(key, gated):
+def test_fused_kernel_interpret_matches_reference(pallas_interpret, key, gated):
   """Every row exact, including rows whose tiles overflowed the capacity (recomputed in-kernel)."""
   p = make_ffn_problem(key, 256, 256, 512, active_per_token=12, distribution="skewed")
   g = _gate_ref(p.x, p.w_gate)
   tw = twell.encode(g, capacity=8)
   assert bool(tw.row_overflow().any())
-  y, l1 = twell_ffn.fused_up_down(p.x, p.w_gate, p.w_up if gated else None, p.w_down, tw,
-                                  interpret=True)
+  y, l1 = twell_ffn.fused_up_down(p.x, p.w_gate, p.w_up if gated else None, p.w_down, tw)
   u = jnp.dot(p.x, p.w_up.T, preferred_element_type=jnp.float32)
   h = (g.astype(jnp.float32) * u).astype(jnp.bfloat16) if gated else g
   ref = jnp.dot(h.astype(jnp.float32), p.w_down.astype(jnp.float32))
@@ -94,8 +94,8 @@ def test_pallas_op_with_gradients_cross_lowers(key):
   p = make_ffn_problem(key, 300, 256, 512, active_per_token=12)
 
   def step(x, wg, wu, wd):
-    y, st = ffn_backend.gated_ffn_pallas(x, wg, wu, wd, ops.SparseFFNConfig())
-    g = jax.grad(lambda wd: jnp.sum(ffn_backend.gated_ffn_pallas(
+    y, st = pallas_backend.gated_ffn(x, wg, wu, wd, ops.SparseFFNConfig())
+    g = jax.grad(lambda wd: jnp.sum(pallas_backend.gated_ffn(
         x, wg, wu, wd, ops.SparseFFNConfig())[0].astype(jnp.float32)))(wd)
     return y, st, g
 
@@ -115,19 +115,20 @@ def test_fused_kernel_rejects_bad_shapes(key):
     twell_gate.gate_twell(p.x.astype(jnp.float32), p.w_gate.astype(jnp.float32), capacity=8)
 
 
+@pytest.mark.usefixtures("pallas_interpret")
 class TestPallasBackendInterpret(PallasChecks):
   """The whole check suite through the Pallas backend, kernels in interpret mode."""
   implementation = "pallas-interpret"
   M, D, N = 96, 256, 512
 
   def call(self, x, wg, wu, wd, cfg, gated):
-    ops.api._check_weights(x, [("w_gate", wg), ("w_up", wu), ("w_down", wd)])
+    base.check_weights(x, [("w_gate", wg), ("w_up", wu), ("w_down", wd)])
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if gated:
-      y, st = ffn_backend.gated_ffn_pallas_interpret(x2, wg, wu, wd, cfg)
+      y, st = pallas_backend.gated_ffn(x2, wg, wu, wd, cfg)
     else:
-      y, st = ffn_backend.relu_ffn_pallas_interpret(x2, wg, wd, cfg)
+      y, st = pallas_backend.relu_ffn(x2, wg, wd, cfg)
     return y.reshape(*lead, y.shape[-1]), st
 
   def test_bad_arguments_raise_clear_errors(self, key):

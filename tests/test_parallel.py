@@ -1,6 +1,5 @@
 """Training on a device mesh, on the 8 simulated CPU devices: mesh specs, the FSDP rule, sharded
 steps that match one device, checkpoints resumed on other meshes, the scaling script's smoke run."""
-import functools
 import json
 import os
 import socket
@@ -211,20 +210,6 @@ def test_sharded_bf16_step_matches_one_device():
     total += p0.size
   print(f"updates of opposite sign: {flipped} of {total} entries")
   assert flipped < 5e-3 * total
-
-
-@pytest.fixture
-def pallas_interpret():
-  """implementation="pallas" runs the Mosaic GPU kernels in interpret mode on the CPU."""
-  from pallas_kernels import ffn_backend
-  from sparse_jax.ops import api
-  saved = api._BACKENDS.get("pallas")
-  api.register_backend("pallas", ffn_backend.gated_ffn_pallas_interpret,
-                       ffn_backend.relu_ffn_pallas_interpret,
-                       functools.partial(ffn_backend.supports, interpret=True))
-  yield
-  if saved is not None:
-    api.register_backend("pallas", *saved)
 
 
 def test_pallas_backend_runs_per_device(pallas_interpret):

@@ -1,102 +1,73 @@
-"""Public sparse FFN ops: argument checks, backend choice, shape plumbing.
+"""Public sparse FFN ops: argument checks, the choice of implementation, shape plumbing.
 
-Weight layout (explicit, one row per hidden neuron, the paper's G, K, V)::
+``IMPLEMENTATIONS`` is the static table of implementations, fastest first. Each names the module
+that implements the op, with three functions of 2-D ``x [M, d_model]`` and checked weights:
+``supports(x_MxD, weights, config) -> str | None`` (None: it can run these arguments here; else
+the reason), ``gated_ffn(x_MxD, w_gate, w_up, w_down, config)`` and
+``relu_ffn(x_MxD, w_up, w_down, config)``, both returning ``(y, FFNStats)`` and differentiable.
+A module is imported on first use, so importing ``sparse_jax.ops`` does not import the kernels.
+Adding a backend: its module, a row here, a test subclass of ``tests/ffn_checks.py``.
 
-    w_gate  [d_ff, d_model]     h = relu(x @ w_gate.T) * (x @ w_up.T)
-    w_up    [d_ff, d_model]     y = h @ w_down
-    w_down  [d_ff, d_model]
-
-A Flax ``nnx.Linear(d_model, d_ff)`` kernel is ``[d_model, d_ff]``: pass its transpose.
+Weight layout: see ``sparse_jax.ops.base``.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+import importlib
+from types import ModuleType
+from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
-from sparse_jax.ops import reference
-from sparse_jax.ops.config import FFNStats, SparseFFNConfig
+from sparse_jax.ops.base import FFNStats, SparseFFNConfig, check_weights
 
-Implementation = Literal["xla", "pallas"] | None
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-# name -> (gated_fn(x, wg, wu, wd, cfg), relu_fn(x, wu, wd, cfg), supports(x, weights, cfg) -> str|None)
-_BACKENDS: dict[str, tuple[Callable, Callable, Callable]] = {
-    "xla": (reference.gated_ffn_xla, reference.relu_ffn_xla, lambda *a: None),
+IMPLEMENTATIONS: dict[str, str] = {
+    "pallas_mosaic_gpu": "sparse_jax.ops.pallas_backend",  # Hopper kernels (pallas_kernels/)
+    "xla": "sparse_jax.ops.reference",                      # the definition; runs anywhere
 }
+ALIASES = {"pallas": "pallas_mosaic_gpu"}
+Implementation = Literal["xla", "pallas_mosaic_gpu", "pallas"] | None
 
 
-def register_backend(name: str, gated_fn: Callable, relu_fn: Callable, supports: Callable) -> None:
-  """Adds a backend. ``supports(x_MxD, weights, cfg)`` returns None if the backend can run these
-  arguments here, else the reason it cannot (then ``implementation=None`` falls back to XLA)."""
-  _BACKENDS[name] = (gated_fn, relu_fn, supports)
-
-
-def _load_pallas() -> None:
-  if "pallas" not in _BACKENDS:
-    try:
-      from pallas_kernels import ffn_backend  # noqa: F401  (registers itself)
-    except ImportError:
-      pass
+def _module(name: str) -> ModuleType:
+  return importlib.import_module(IMPLEMENTATIONS[name])
 
 
 def available_implementations() -> list[str]:
-  _load_pallas()
-  return list(_BACKENDS)
+  """The implementations whose module imports in this installation (fastest first)."""
+  names = []
+  for name in IMPLEMENTATIONS:
+    try:
+      _module(name)
+    except ImportError:
+      continue
+    names.append(name)
+  return names
 
 
-def _check_array(name: str, a, ndim: int | None = None) -> None:
-  if not hasattr(a, "shape") or not hasattr(a, "dtype"):
-    raise TypeError(f"{name} must be an array, got {type(a).__name__}")
-  if ndim is not None and a.ndim != ndim:
-    raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
-  if not any(jnp.dtype(a.dtype) == jnp.dtype(d) for d in _FLOAT_DTYPES):
-    raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+def _why_not(name: str, x_MxD, weights, cfg) -> str | None:
+  try:
+    module = _module(name)
+  except ImportError as e:
+    return f"it is not available in this installation ({e})"
+  return module.supports(x_MxD, weights, cfg)
 
 
-def _check_weights(x, named_weights: list[tuple[str, jax.Array]]) -> None:
-  _check_array("x", x)
-  if x.ndim < 1:
-    raise ValueError("x must have a feature axis: shape [..., d_model]")
-  d_model = x.shape[-1]
-  if x.size == 0:
-    raise ValueError(f"x has no tokens (shape {tuple(x.shape)})")
-  d_ff = None
-  for name, w in named_weights:
-    _check_array(name, w, ndim=2)
-    if w.shape[1] != d_model:
-      hint = ""
-      if w.shape[0] == d_model:
-        hint = (f" It looks like the [d_model, d_ff] layout; sparse_jax weights are neuron-major "
-                f"[d_ff, d_model]: pass {name}.T.")
-      raise ValueError(f"{name} must have shape [d_ff, d_model={d_model}] (one row per hidden "
-                       f"neuron), got {tuple(w.shape)}.{hint}")
-    if d_ff is None:
-      d_ff = w.shape[0]
-    elif w.shape[0] != d_ff:
-      raise ValueError(f"{name} has d_ff={w.shape[0]} rows but {named_weights[0][0]} has {d_ff}")
-    if jnp.dtype(w.dtype) != jnp.dtype(x.dtype):
-      raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}; cast them to one compute "
-                      "dtype (e.g. bf16 weights and activations, f32 master weights outside)")
-
-
-def _resolve(implementation: Implementation, x_MxD, weights, cfg) -> str:
-  if implementation not in ("xla", "pallas", None):
-    raise ValueError(f"implementation must be 'xla', 'pallas' or None, got {implementation!r}")
-  _load_pallas()
-  if implementation == "xla":
-    return "xla"
-  if "pallas" not in _BACKENDS:
-    if implementation == "pallas":
-      raise NotImplementedError("the Pallas backend is not available in this installation")
-    return "xla"
-  reason = _BACKENDS["pallas"][2](x_MxD, weights, cfg)
-  if reason is None:
-    return "pallas"
-  if implementation == "pallas":
-    raise NotImplementedError(f"the Pallas backend cannot run this call: {reason}")
-  return "xla"
+def _resolve(implementation: Implementation, x_MxD, weights, cfg) -> ModuleType:
+  """The implementation's module: the one asked for (``NotImplementedError`` naming why it cannot
+  run), or with None the first in ``IMPLEMENTATIONS`` that can."""
+  name = ALIASES.get(implementation, implementation)
+  if name is None:
+    for candidate in IMPLEMENTATIONS:
+      if _why_not(candidate, x_MxD, weights, cfg) is None:
+        return _module(candidate)
+    raise NotImplementedError("no implementation can run this call")  # xla runs everything
+  if name not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {', '.join(IMPLEMENTATIONS)}, 'pallas' or "
+                     f"None, got {implementation!r}")
+  reason = _why_not(name, x_MxD, weights, cfg)
+  if reason is not None:
+    raise NotImplementedError(f"implementation {implementation!r} cannot run this call: {reason}")
+  return _module(name)
 
 
 def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
@@ -106,15 +77,15 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
 
   Returns ``(y [..., d_model], FFNStats)``; ``stats.l1`` is differentiable (add ``coeff * l1`` to
   the loss to train sparsity). ``implementation``: ``"xla"`` (reference, any backend),
-  ``"pallas"`` (Hopper kernels; raises ``NotImplementedError`` where they cannot run) or ``None``
-  (the fastest that can run, falling back to XLA).
+  ``"pallas_mosaic_gpu"`` (alias ``"pallas"``: Hopper kernels; raises ``NotImplementedError``
+  where they cannot run) or ``None`` (the fastest that can run, falling back to XLA).
   """
-  _check_weights(x, [("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)])
+  check_weights(x, [("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)])
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
   backend = _resolve(implementation, x_MxD, (w_gate, w_up, w_down), cfg)
-  y, stats = _BACKENDS[backend][0](x_MxD, w_gate, w_up, w_down, cfg)
+  y, stats = backend.gated_ffn(x_MxD, w_gate, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats
 
 
@@ -122,10 +93,10 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
                implementation: Implementation = None,
                config: SparseFFNConfig | None = None) -> tuple[jax.Array, FFNStats]:
   """Non-gated sparse FFN ``relu(x Wu^T) @ Wd``; same conventions as ``gated_sparse_ffn``."""
-  _check_weights(x, [("w_up", w_up), ("w_down", w_down)])
+  check_weights(x, [("w_up", w_up), ("w_down", w_down)])
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
   backend = _resolve(implementation, x_MxD, (w_up, w_down), cfg)
-  y, stats = _BACKENDS[backend][1](x_MxD, w_up, w_down, cfg)
+  y, stats = backend.relu_ffn(x_MxD, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats

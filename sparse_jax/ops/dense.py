@@ -1,43 +1,78 @@
-"""Dense FFNs: the numerical ground truth and the exact fallback of the sparse op.
+"""The dense gated FFN, written once: the numerical ground truth of the sparse op, the dense FFN
+kinds of the model, and the exact dense fallbacks of the backends (with their chunked forms).
 
 Weights are neuron-major, one row per hidden neuron: ``w_gate``, ``w_up``, ``w_down`` are all
-``[d_ff, d_model]`` (the paper's G, K, V). ``h = relu(x @ w_gate.T) * (x @ w_up.T)``,
-``y = h @ w_down``.
+``[d_ff, d_model]`` (the paper's G, K, V). ``h = act(x @ w_gate.T) * (x @ w_up.T)``,
+``y = h @ w_down``; ``w_up=None`` is the non-gated FFN ``act(x @ w_gate.T) @ w_down``.
+
+Two roundings of the same FFN appear, and each caller keeps the one it always had:
+
+* **f32 hidden** (``ffn``, ``ffn_with_l1``, ``gated_ffn``, ``dense_forward_chunked``): the
+  matmuls return f32, h is formed in f32 and rounded once to the compute dtype for the down
+  projection. This is the ground truth and the model's dense kinds.
+* **as a bf16 model computes it** (``ffn_as_model``, ``bf16_gated_ffn_with_l1``,
+  ``dense_with_stats``, ``dense_grads_neuron_chunked``): every matmul output in the compute dtype
+  (f32 accumulation inside the matmul). The benchmarks' dense baseline and the Pallas backend's
+  dense branches, whose speed is compared against it.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-F32 = jnp.float32
+from sparse_jax.ops.base import F32, FFNStats, make_stats, stats_from_active
+
+ACTIVATIONS = {"relu": jax.nn.relu, "silu": jax.nn.silu}
+ROW_CHUNK = 2048      # rows per step of the row-chunked forward
+NEURON_CHUNK = 1536   # widest d_ff chunk of the d_ff-chunked gradients
 
 
 def matmul_nt(a_MxK: jax.Array, b_NxK: jax.Array) -> jax.Array:
   """a @ b.T with f32 accumulation."""
-  return jax.lax.dot_general(a_MxK, b_NxK, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+  return lax.dot_general(a_MxK, b_NxK, (((1,), (1,)), ((), ())), preferred_element_type=F32)
 
 
 def matmul_nn(a_MxK: jax.Array, b_KxN: jax.Array) -> jax.Array:
   """a @ b with f32 accumulation."""
-  return jax.lax.dot_general(a_MxK, b_KxN, (((1,), (0,)), ((), ())), preferred_element_type=F32)
+  return lax.dot_general(a_MxK, b_KxN, (((1,), (0,)), ((), ())), preferred_element_type=F32)
 
 
 def matmul_tn(a_KxM: jax.Array, b_KxN: jax.Array) -> jax.Array:
   """a.T @ b with f32 accumulation (the weight-gradient product)."""
-  return jax.lax.dot_general(a_KxM, b_KxN, (((0,), (0,)), ((), ())), preferred_element_type=F32)
+  return lax.dot_general(a_KxM, b_KxN, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
-def hidden(x_MxD, w_gate_NxD, w_up_NxD=None):
-  """Hidden activations in f32: relu(x Wg^T) * (x Wu^T), or relu(x Wu^T) without a gate."""
-  p = jax.nn.relu(matmul_nt(x_MxD, w_gate_NxD))
+def _activation(name: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+  return ACTIVATIONS[name]
+
+
+# --------------------------------------------------------------------------- f32 hidden
+
+
+def hidden(x_MxD, w_gate_NxD, w_up_NxD=None, activation: str = "relu"):
+  """Hidden activations in f32: act(x Wg^T) * (x Wu^T), or act(x Wg^T) without an up weight."""
+  p = _activation(activation)(matmul_nt(x_MxD, w_gate_NxD))
   return p if w_up_NxD is None else p * matmul_nt(x_MxD, w_up_NxD)
+
+
+def ffn(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD, activation: str = "relu"):
+  """(y [M, D] in x.dtype, h [M, d_ff] f32): the dense FFN with f32 hidden activations."""
+  h = hidden(x_MxD, w_gate_NxD, w_up_NxD, activation)
+  return matmul_nn(h.astype(x_MxD.dtype), w_down_NxD).astype(x_MxD.dtype), h
 
 
 def ffn_with_l1(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD):
   """(y [M, D] in x.dtype, mean |h| in f32). ``w_up_NxD=None`` is the non-gated FFN."""
-  h = hidden(x_MxD, w_gate_NxD, w_up_NxD)
-  y = matmul_nn(h.astype(x_MxD.dtype), w_down_NxD).astype(x_MxD.dtype)
+  y, h = ffn(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD)
   return y, jnp.mean(jnp.abs(h))
+
+
+def hidden_stats(h_MxN: jax.Array) -> FFNStats:
+  """FFNStats of a dense FFN's hidden activations (active: h != 0; the model's dense kinds)."""
+  return stats_from_active(h_MxN != 0, jnp.mean(jnp.abs(h_MxN.astype(F32))))
 
 
 def gated_ffn(x, w_gate, w_up, w_down):
@@ -54,13 +89,89 @@ def relu_ffn(x, w_up, w_down):
   return y.reshape(*lead, y.shape[-1])
 
 
-def bf16_gated_ffn_with_l1(x_MxD, w_gate, w_up, w_down):
-  """The dense FFN as a bf16 model computes it (matmul outputs in the compute dtype, f32
-  accumulation inside the matmuls): the baseline the benchmarks compare against. Returns
-  (y, mean |h| in f32). ``w_up=None``: non-gated."""
-  dot = lambda a, b: jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
-  h = jax.nn.relu(dot(x_MxD, w_gate))
+def _row_chunks(a, chunk):
+  pad = (-a.shape[0]) % chunk
+  a = a if pad == 0 else jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1))
+  return a.reshape(-1, chunk, *a.shape[1:])
+
+
+def dense_forward_chunked(x_MxD, w_gate, w_up, w_down, chunk: int = ROW_CHUNK
+                          ) -> tuple[jax.Array, FFNStats]:
+  """(y, FFNStats with ``dense_fallback`` set) of the f32-hidden dense FFN, ``chunk`` rows at a
+  time inside ``lax.map``: temporaries are [chunk, d_ff], never [M, d_ff]. XLA reserves a
+  conditional's largest branch, so a dense fallback that materialised [M, d_ff] would set a
+  training step's peak memory even when never taken."""
+  m, d = x_MxD.shape
+  n = w_gate.shape[0]
+
+  def body(xc):
+    pre = matmul_nt(xc, w_gate)
+    y, h = ffn(xc, w_gate, w_up, w_down)
+    return (y, jnp.sum(jnp.abs(h.astype(xc.dtype).astype(F32))),
+            jnp.sum(jnp.logical_not(pre <= 0), axis=0, dtype=jnp.int32))
+
+  ys, l1s, acts = lax.map(body, _row_chunks(x_MxD, chunk))
+  act = jnp.sum(acts, axis=0)
+  # Zero padding rows are inactive everywhere (pre = 0), so they add nothing to the counts.
+  return ys.reshape(-1, d)[:m], make_stats(
+      l0=jnp.sum(act) / m, l1=jnp.sum(l1s) / (m * n), active_per_neuron=act, dense_fallback=True)
+
+
+# --------------------------------------------------------------------------- as a model computes it
+
+
+def ffn_as_model(x_MxD, w_gate, w_up, w_down, activation: str = "relu"):
+  """(y, h, pre): the dense FFN as a bf16 model computes it: every matmul output in the compute
+  dtype (f32 accumulation inside the matmuls). ``pre`` is the gate's pre-activation."""
+  dot = lambda a, b: lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+  pre = dot(x_MxD, w_gate)
+  h = _activation(activation)(pre)
   if w_up is not None:
     h = h * dot(x_MxD, w_up)
-  y = jax.lax.dot_general(h, w_down, (((1,), (0,)), ((), ())))
+  return lax.dot_general(h, w_down, (((1,), (0,)), ((), ()))), h, pre
+
+
+def bf16_gated_ffn_with_l1(x_MxD, w_gate, w_up, w_down):
+  """The dense FFN as a bf16 model computes it: the baseline the benchmarks compare against.
+  Returns (y, mean |h| in f32). ``w_up=None``: non-gated."""
+  y, h, _ = ffn_as_model(x_MxD, w_gate, w_up, w_down)
   return y, jnp.mean(jnp.abs(h.astype(F32)))
+
+
+def dense_with_stats(x_MxD, w_gate, w_up, w_down) -> tuple[jax.Array, FFNStats]:
+  """A dispatcher's dense branch: ``ffn_as_model`` and its statistics from the one gate matmul
+  (active: ``not pre <= 0``, so NaN counts), with ``dense_fallback`` set."""
+  y, h, pre = ffn_as_model(x_MxD, w_gate, w_up, w_down)
+  return y, stats_from_active(jnp.logical_not(pre <= 0), jnp.mean(jnp.abs(h.astype(F32))),
+                              dense_fallback=True)
+
+
+def dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff, max_chunk=NEURON_CHUNK):
+  """Gradients of sum(y * d_y) + coeff * sum|h| of ``ffn_as_model``, recomputing the activations
+  one d_ff chunk at a time over all M rows. Every weight-gradient row depends on one chunk only,
+  so each chunk's dW is final (in the weight dtype); only dx sums over chunks (f32). Matmuls keep
+  M = all rows (tensor-core sized); temporaries are ~6 [M, chunk] bf16 arrays plus the f32 dx.
+  Returns (dx f32, dW_gate[, dW_up], dW_down)."""
+  m, d = x.shape
+  n = w_gate.shape[0]
+  gated = w_up is not None
+  cdiv = lambda a, b: -(-a // b)
+  n_chunks = cdiv(n, max_chunk)
+  width = cdiv(cdiv(n, n_chunks), 128) * 128
+  n_pad = width * n_chunks
+  ws = [w for w in (w_gate, w_up, w_down) if w is not None]
+  chunks = [jnp.pad(w, ((0, n_pad - n), (0, 0))).reshape(n_chunks, width, d) for w in ws]
+  d_y = d_y.astype(x.dtype)
+
+  def f(xx, *w):
+    wg, wu, wd = w if gated else (w[0], None, w[1])
+    y, h, _ = ffn_as_model(xx, wg, wu, wd)
+    return y, jnp.sum(jnp.abs(h.astype(F32)))
+
+  def body(dx, w):
+    _, vjp = jax.vjp(f, x, *w)
+    dxc, *dws = vjp((d_y, coeff))
+    return dx + dxc.astype(F32), dws
+
+  dx, dws = lax.scan(body, jnp.zeros((m, d), F32), chunks)
+  return (dx,) + tuple(g.reshape(n_pad, d)[:n] for g in dws)

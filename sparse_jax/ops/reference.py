@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.formats import hybrid, twell
-from sparse_jax.ops.config import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, ffn_with_l1, hidden, matmul_nn, matmul_nt, matmul_tn
+from sparse_jax.ops.base import F32, FFNStats, SparseFFNConfig, make_stats
+from sparse_jax.ops.dense import ffn_with_l1, hidden, matmul_nn, matmul_nt, matmul_tn
 
 
 def _abs_grad(t):
@@ -36,16 +36,18 @@ def _abs_grad(t):
   return jnp.where(t >= 0, 1.0, -1.0).astype(t.dtype)
 
 
+def supports(x_MxD, weights, cfg: SparseFFNConfig) -> str | None:
+  """The reference runs every argument that passes ``base.check_weights``, on any device."""
+  del x_MxD, weights, cfg
+  return None
+
+
 def _stats(l0, l1, overflow_rows, dense_fallback, active_MxN) -> FFNStats:
-  return FFNStats(l0=jnp.asarray(l0, F32), l1=jnp.asarray(l1, F32),
-                  overflow_rows=jnp.asarray(overflow_rows, jnp.int32),
-                  dense_fallback=jnp.asarray(dense_fallback, bool),
-                  active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
+  return make_stats(l0=l0, l1=l1, overflow_rows=overflow_rows, dense_fallback=dense_fallback,
+                    active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
 
 
-def _dense_path(x, w_gate, w_up, w_down):
-  y, l1 = ffn_with_l1(x, w_gate, w_up, w_down)
-  return y, l1
+_dense_path = ffn_with_l1
 
 
 # --------------------------------------------------------------------------- inference: TwELL
@@ -191,10 +193,11 @@ def _f32(tree):
 
 
 # --------------------------------------------------------------------------- custom_vjp ops
+# The implementation's entry points (``api.IMPLEMENTATIONS["xla"]``): x [M, D], checked weights.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def gated_ffn_xla(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
+def gated_ffn(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   return twell_forward(x_MxD, w_gate, w_up, w_down, cfg)
 
 
@@ -207,11 +210,11 @@ def _gated_bwd(cfg, residuals, cotangents):
   return hybrid_backward(residuals, cotangents)
 
 
-gated_ffn_xla.defvjp(_gated_fwd, _gated_bwd)
+gated_ffn.defvjp(_gated_fwd, _gated_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def relu_ffn_xla(x_MxD, w_up, w_down, cfg: SparseFFNConfig):
+def relu_ffn(x_MxD, w_up, w_down, cfg: SparseFFNConfig):
   return twell_forward(x_MxD, w_up, None, w_down, cfg)
 
 
@@ -224,4 +227,4 @@ def _relu_bwd(cfg, residuals, cotangents):
   return hybrid_backward(residuals, cotangents)
 
 
-relu_ffn_xla.defvjp(_relu_fwd, _relu_bwd)
+relu_ffn.defvjp(_relu_fwd, _relu_bwd)

@@ -1,16 +1,32 @@
-"""Configuration and statistics of the sparse FFN op."""
+"""What every implementation of the sparse FFN op shares: its configuration, its statistics (and
+the one constructor of them) and the checks of its arguments.
+
+Weight layout (explicit, one row per hidden neuron, the paper's G, K, V)::
+
+    w_gate  [d_ff, d_model]     h = relu(x @ w_gate.T) * (x @ w_up.T)
+    w_up    [d_ff, d_model]     y = h @ w_down
+    w_down  [d_ff, d_model]
+
+A Flax ``nnx.Linear(d_model, d_ff)`` kernel is ``[d_model, d_ff]``: pass its transpose.
+"""
 from __future__ import annotations
 
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from sparse_jax.formats import hybrid, twell
+
+F32 = jnp.float32
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseFFNConfig:
-  """Static capacities of the sparse formats. ``None`` fields are derived from the token count M.
+  """Static capacities of the sparse formats and the Pallas backend's dispatch lines. ``None``
+  fields are derived from the token count M. A run sets every field as ``model.sparse.<field>``
+  (``sparse_jax.config``); docs/method.md explains the formats and the dispatch.
 
   tile, twell_capacity: TwELL (inference) tile width and slots per (row, tile).
   overflow_capacity: (XLA reference) rows whose TwELL tile overflowed that one call recomputes
@@ -84,3 +100,64 @@ class FFNStats:
   overflow_rows: jax.Array
   dense_fallback: jax.Array
   active_per_neuron: jax.Array
+
+
+def make_stats(*, l0, l1, active_per_neuron, overflow_rows=0, dense_fallback=False) -> FFNStats:
+  """The one constructor of ``FFNStats``: every implementation builds its statistics here, so the
+  dtypes agree (l0, l1 f32; counts int32). ``dense_fallback`` keeps a float dtype (the share of
+  devices that ran dense, ``sparse_jax.parallel``) and is a bool otherwise."""
+  fallback = jnp.asarray(dense_fallback)
+  if not jnp.issubdtype(fallback.dtype, jnp.floating):
+    fallback = fallback.astype(bool)
+  return FFNStats(l0=jnp.asarray(l0, F32), l1=jnp.asarray(l1, F32),
+                  overflow_rows=jnp.asarray(overflow_rows, jnp.int32), dense_fallback=fallback,
+                  active_per_neuron=jnp.asarray(active_per_neuron, jnp.int32))
+
+
+def stats_from_active(active_MxN: jax.Array, l1, *, overflow_rows=0,
+                      dense_fallback=False) -> FFNStats:
+  """FFNStats from a dense [M, d_ff] mask of active neurons and the call's L1 (mean |h|)."""
+  m = active_MxN.shape[0]
+  return make_stats(l0=jnp.sum(active_MxN, dtype=jnp.int32) / m, l1=l1,
+                    overflow_rows=overflow_rows, dense_fallback=dense_fallback,
+                    active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _check_array(name: str, a, ndim: int | None = None) -> None:
+  if not hasattr(a, "shape") or not hasattr(a, "dtype"):
+    raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+  if ndim is not None and a.ndim != ndim:
+    raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(a.shape)}")
+  if not any(jnp.dtype(a.dtype) == jnp.dtype(d) for d in FLOAT_DTYPES):
+    raise TypeError(f"{name} must be float32, bfloat16 or float16, got {a.dtype}")
+
+
+def check_weights(x, named_weights: list[tuple[str, jax.Array]]) -> None:
+  """Raises a ValueError/TypeError naming the bad argument: x [..., d_model], weights
+  [d_ff, d_model] (neuron-major, one dtype with x)."""
+  _check_array("x", x)
+  if x.ndim < 1:
+    raise ValueError("x must have a feature axis: shape [..., d_model]")
+  d_model = x.shape[-1]
+  if x.size == 0:
+    raise ValueError(f"x has no tokens (shape {tuple(x.shape)})")
+  d_ff = None
+  for name, w in named_weights:
+    _check_array(name, w, ndim=2)
+    if w.shape[1] != d_model:
+      hint = ""
+      if w.shape[0] == d_model:
+        hint = (f" It looks like the [d_model, d_ff] layout; sparse_jax weights are neuron-major "
+                f"[d_ff, d_model]: pass {name}.T.")
+      raise ValueError(f"{name} must have shape [d_ff, d_model={d_model}] (one row per hidden "
+                       f"neuron), got {tuple(w.shape)}.{hint}")
+    if d_ff is None:
+      d_ff = w.shape[0]
+    elif w.shape[0] != d_ff:
+      raise ValueError(f"{name} has d_ff={w.shape[0]} rows but {named_weights[0][0]} has {d_ff}")
+    if jnp.dtype(w.dtype) != jnp.dtype(x.dtype):
+      raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}; cast them to one compute "
+                      "dtype (e.g. bf16 weights and activations, f32 master weights outside)")

@@ -1,0 +1,315 @@
+"""The ``"pallas_mosaic_gpu"`` implementation of the sparse FFN op: the glue around the Hopper
+kernels of ``pallas_kernels`` (support check, dispatch, padding, custom_vjp forward and backward,
+dense fallbacks). The kernels themselves know nothing of this module.
+
+Inference (the primal of the custom_vjp):
+  1. dispatcher: the gate of a strided sample of tokens (about 1/64 of them) estimates the active
+     fraction on device; ``lax.cond`` runs the dense FFN (``dense.dense_with_stats``) when it is
+     above ``dispatch_threshold`` (where the sparse path stops paying), with no host sync;
+  2. gate kernel -> TwELL (``twell_gate``); fused up + down kernel (``twell_ffn``);
+  3. tiles that overflowed the TwELL capacity are recomputed exactly inside the fused kernel (no
+     fallback pass); the overflowed rows are counted in the stats.
+
+Training (the custom_vjp's forward and backward): the gate kernel packs P = relu(x Wg^T) into
+TwELL; the fused kernel computes y and also stores the up projection R = x Wu^T at every TwELL
+slot. Residuals are x, the weights, TwELL(P), R and the neuron-sorted entry lists of the weight
+gradients (``twell_wgrad.entry_lists``): no dense M x d_ff activation is kept. The backward runs
+the per-token backward kernel (``twell_backward``: dx and the slot values dU, dR), then the
+sparse weight gradients dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut (``twell_wgrad``).
+Rows with an overflowed TwELL tile are skipped by the kernels' sparse backward and computed
+exactly by a dense row path (at most ``overflow_capacity`` rows; beyond that, or with more active
+entries than ``entry_capacity``, or when the dispatcher chose dense, the backward runs dense under
+``lax.cond``). Every dense branch is chunked (``dense.dense_forward_chunked``,
+``dense.dense_grads_neuron_chunked``) so no branch allocates [M, d_ff]. docs/method.md has the
+rules and the numbers behind the thresholds.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_wgrad
+from sparse_jax.formats import twell
+from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
+from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
+                                  dense_grads_neuron_chunked, dense_with_stats, matmul_nt)
+
+ROW_BLOCK = 128           # the gate kernel's CTA rows: x is padded to a multiple of it
+ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
+FORCED_FRACTION = 0.05    # density the entry capacity assumes when the dispatcher is off
+MAX_TWELL_CAPACITY = 128  # the gate kernel's staging tiles (2 x 64 rows x capacity per CTA)
+# Profiling only (experiments/bench_train_parts.py): the backward skips its dense/sparse lax.cond
+# so CUPTI sees every kernel (it cannot see kernels inside XLA's device-side conditionals).
+# Inexact when the dense branch would have been taken; never set it for training.
+PROFILE_WITHOUT_DISPATCH = False
+
+
+def gate_config(cfg: SparseFFNConfig, d_model: int) -> twell_gate.GateConfig:
+  """The gate kernel's tuning for this op config (its TwELL tile is ``cfg.tile``)."""
+  return twell_gate.default_config(cfg.twell_capacity, d_model, tile_n=cfg.tile)
+
+
+def supports(x_MxD, weights, cfg: SparseFFNConfig) -> str | None:
+  """None if the kernels can run these arguments here, else why not."""
+  if not common.pallas_interpret() and not common.hopper_available():
+    return "needs an NVIDIA Hopper (sm_90) GPU as the default device"
+  if x_MxD.dtype != jnp.bfloat16:
+    return f"the kernels take bfloat16, got {x_MxD.dtype}"
+  d_model = x_MxD.shape[1]
+  if d_model % common.WARP_ROW_SPAN:
+    return f"d_model={d_model} must be a multiple of {common.WARP_ROW_SPAN}"
+  if cfg.twell_capacity % 8 or cfg.twell_capacity > MAX_TWELL_CAPACITY:
+    return (f"twell_capacity must be a multiple of 8 up to {MAX_TWELL_CAPACITY}, got "
+            f"{cfg.twell_capacity}")
+  n_tiles = common.cdiv(weights[0].shape[0], cfg.tile)
+  warps = max(twell_ffn.DEFAULT_CONFIG.warpgroups,
+              twell_backward.DEFAULT_CONFIG.warpgroups) * common.WARPS_PER_WARPGROUP
+  try:
+    twell_gate.check_tile(cfg.tile)
+    common.check_entry_lists(warps, n_tiles * cfg.twell_capacity, "fused kernel")
+  except NotImplementedError as e:
+    return str(e)
+  return None
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def estimate_active_fraction(x_MxD, w_gate) -> jax.Array:
+  """Active fraction of the gate on ~1/64 of the tokens (evenly strided), on device."""
+  m = x_MxD.shape[0]
+  n_probe = min(m, max(64, m // 64))
+  rows = (jnp.arange(n_probe) * (m // n_probe)).astype(jnp.int32)
+  pre = matmul_nt(jnp.take(x_MxD, rows, axis=0), w_gate)
+  return jnp.mean(jnp.logical_not(pre <= 0).astype(F32))
+
+
+def dispatch_threshold(cfg: SparseFFNConfig, m: int, training: bool = False) -> float:
+  """Active fraction above which the dense FFN is faster. ``max_active_fraction`` holds for
+  M >= 16384 tokens; fewer tokens leave the fused kernel's CTAs fewer tokens to balance, and the
+  break-even falls roughly with sqrt(M) (bench_ffn.py on an H200: 56 active/token of 5632 is 1.12x
+  at M = 16384 but 0.84x skewed at M = 4096). ``training``: the forward + backward line,
+  ``max_active_fraction_train`` (bench_ffn_train.py)."""
+  frac = cfg.max_active_fraction
+  if training and cfg.max_active_fraction_train is not None:
+    frac = min(frac, cfg.max_active_fraction_train)
+  return frac * min(1.0, (m / 16384) ** 0.5)
+
+
+def entry_capacity(cfg: SparseFFNConfig, m: int, n_pad: int, capacity: int) -> int:
+  """Static capacity of the weight gradients' entry lists (``SparseFFNConfig.entry_capacity``)."""
+  if cfg.entry_capacity is not None:
+    return cfg.entry_capacity
+  if cfg.max_active_fraction is None:
+    frac = FORCED_FRACTION
+  else:
+    frac = dispatch_threshold(cfg, m, training=True)
+  e = int(ENTRY_HEADROOM * frac * m * n_pad) + 1
+  return max(1024, min(common.cdiv(e, 1024) * 1024, m * (n_pad // cfg.tile) * capacity))
+
+
+def _pad_neurons(w, n_pad):
+  return w if w is None or w.shape[0] == n_pad else jnp.pad(w, ((0, n_pad - w.shape[0]), (0, 0)))
+
+
+def _active_per_neuron(tw: twell.TwELL) -> jax.Array:
+  valid = tw.valid_mask()
+  cols = jnp.where(valid, tw.global_indices(), tw.n_cols)
+  return jnp.zeros((tw.n_cols,), jnp.int32).at[cols.reshape(-1)].add(1, mode="drop")
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
+  """Inference forward. Returns (y [M, D], FFNStats)."""
+  m, d = x_MxD.shape
+  n = w_gate.shape[0]
+  n_pad = common.cdiv(n, cfg.tile) * cfg.tile
+
+  def dense():
+    return dense_with_stats(x_MxD, w_gate, w_up, w_down)
+
+  def sparse():
+    wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
+    xp = common.pad_rows(x_MxD, ROW_BLOCK)
+    tw = twell_gate.gate_twell(xp, wg, capacity=cfg.twell_capacity, config=gate_config(cfg, d))
+    # Exact on every row: the fused kernel recomputes tiles that overflowed the capacity.
+    y, l1_rows = twell_ffn.fused_up_down(xp, wg, wu, wd, tw)
+    tw = twell.TwELL(tw.values_MxTxC[:m], tw.indices_MxTxC[:m], tw.counts_MxT[:m],
+                     n_cols=n_pad, tile=cfg.tile)
+    flagged = tw.row_overflow()
+    # Statistics below are dropped by XLA when the caller does not use them.
+    active = lax.cond(jnp.any(flagged),
+                      lambda: dense_with_stats(x_MxD, w_gate, w_up, w_down)[1].active_per_neuron,
+                      lambda: _active_per_neuron(tw)[:n])
+    return y[:m], make_stats(l0=jnp.sum(tw.counts_MxT) / m, l1=jnp.sum(l1_rows[:m]) / (m * n),
+                             overflow_rows=jnp.sum(flagged, dtype=jnp.int32),
+                             active_per_neuron=active)
+
+  if cfg.max_active_fraction is None:
+    return sparse()
+  too_dense = estimate_active_fraction(x_MxD, w_gate) > dispatch_threshold(cfg, m)
+  return lax.cond(too_dense, dense, sparse)
+
+
+# --------------------------------------------------------------------------- training forward
+
+
+def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
+  """Training forward: ((y, FFNStats), residuals). Residuals are sparse (TwELL(P), R). Like the
+  inference path, a probe of the gate's density sends too-dense calls to the dense FFN under
+  ``lax.cond`` (on device); the backward follows the same branch."""
+  m, d = x_MxD.shape
+  n = w_gate.shape[0]
+  n_pad = common.cdiv(n, cfg.tile) * cfg.tile
+  mp = common.cdiv(m, ROW_BLOCK) * ROW_BLOCK
+  nt, cap = n_pad // cfg.tile, cfg.twell_capacity
+  wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
+
+  e_cap = entry_capacity(cfg, mp, n_pad, cap)
+  budget = cfg.overflow_rows_for(m)
+
+  def sparse():
+    xp = common.pad_rows(x_MxD, ROW_BLOCK)
+    tw = twell_gate.gate_twell(xp, wg, capacity=cap, config=gate_config(cfg, d))
+    outs = twell_ffn.fused_up_down(xp, wg, wu, wd, tw, return_r=w_up is not None)
+    r = outs[2] if w_up is not None else jnp.zeros((mp, nt, cap), F32)
+    flagged_p = tw.row_overflow()
+    flagged = flagged_p[:m]
+    # The weight gradients' entry lists depend on the pattern only: built here, kept as residuals.
+    lists = twell_wgrad.entry_lists(tw, ~flagged_p, e_cap)
+    n_flagged = jnp.sum(flagged, dtype=jnp.int32)
+    active = lists.active_per_neuron()[:n] + _flagged_active_counts(
+        x_MxD, w_gate, flagged, n_flagged, budget)
+    stats = make_stats(l0=jnp.sum(tw.counts_MxT[:m]) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
+                       overflow_rows=n_flagged,
+                       dense_fallback=(n_flagged > budget) | lists.overflowed(),
+                       active_per_neuron=active)
+    return (outs[0][:m], stats), (tw.values_MxTxC, tw.indices_MxTxC, tw.counts_MxT, r, lists)
+
+  def dense():
+    y, stats = dense_forward_chunked(x_MxD, w_gate, w_up, w_down)
+    empty = (jnp.zeros((mp, nt, cap), jnp.bfloat16), jnp.zeros((mp, nt, cap), jnp.int16),
+             jnp.zeros((mp, nt), jnp.int32), jnp.zeros((mp, nt, cap), F32),
+             twell_wgrad.EntryLists.empty(e_cap, n_pad))
+    return (y, stats), empty
+
+  if cfg.max_active_fraction is None:
+    too_dense = jnp.zeros((), bool)
+    out, packed = sparse()
+  else:
+    too_dense = (estimate_active_fraction(x_MxD, w_gate)
+                 > dispatch_threshold(cfg, m, training=True))
+    out, packed = lax.cond(too_dense, dense, sparse)
+  vals, idx, cnt, r, lists = packed
+  tw = twell.TwELL(vals, idx, cnt, n_cols=n_pad, tile=cfg.tile)
+  return out, (x_MxD, w_gate, w_up, w_down, tw, r if w_up is not None else None, lists,
+               too_dense)
+
+
+def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_CHUNK):
+  """[d_ff] active counts of the gate on the flagged rows (their entries are not in the lists):
+  a gate matmul on the gathered rows (at most ``budget``), or, with more, over all rows in
+  row chunks (no [M, d_ff] buffer)."""
+  m = x_MxD.shape[0]
+  n = w_gate.shape[0]
+
+  def few():
+    (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+    xo = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
+    act = jnp.logical_not(matmul_nt(xo, w_gate) <= 0) & (rows < m)[:, None]
+    return jnp.sum(act, axis=0, dtype=jnp.int32)
+
+  def many():
+    def body(inp):
+      xc, fc = inp
+      act = jnp.logical_not(matmul_nt(xc, w_gate) <= 0) & fc[:, None]
+      return jnp.sum(act, axis=0, dtype=jnp.int32)
+    return jnp.sum(lax.map(body, (_row_chunks(x_MxD, chunk), _row_chunks(flagged, chunk))),
+                   axis=0)
+
+  return lax.cond(n_flagged == 0, lambda: jnp.zeros((n,), jnp.int32),
+                  lambda: lax.cond(n_flagged > budget, many, few))
+
+
+# --------------------------------------------------------------------------- training backward
+
+
+def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
+  x, w_gate, w_up, w_down, tw, r, lists, too_dense = residuals
+  d_y, d_stats = cotangents
+  m, _ = x.shape
+  n = w_gate.shape[0]
+  n_pad = tw.n_cols
+  gated = w_up is not None
+  budget = cfg.overflow_rows_for(m)
+  coeff = d_stats.l1.astype(F32) / (m * n)
+  wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
+  xp = common.pad_rows(x, ROW_BLOCK)
+  dyp = common.pad_rows(d_y.astype(x.dtype), ROW_BLOCK)
+  flagged = tw.row_overflow()[:m]
+  n_flagged = jnp.sum(flagged, dtype=jnp.int32)
+  dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]
+
+  def sparse():
+    dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff)
+    # Weight gradients from the forward's entry lists: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut
+    # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
+    if gated:
+      c = lists.gather([du, dr, tw.values_MxTxC, r])
+      coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
+    else:
+      coefs = lists.gather([du, tw.values_MxTxC])
+    dws = twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
+                                              out_dtype=w_gate.dtype)
+    grads = (dx[:m],) + tuple(dw[:n] for dw in dws)
+
+    def add_flagged_rows(grads):
+      # Rows with an overflowed tile: dense row path (exact), at most `budget` of them.
+      (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+      x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
+      dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
+      # Fill rows are zero in x and dOut, so they contribute nothing; their dx rows are dropped.
+      g = dense_grads_neuron_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff)
+      dx = grads[0].at[rows].set(g[0].astype(grads[0].dtype), mode="drop")  # kernel left 0 there
+      return (dx,) + tuple((dw.astype(F32) + gw).astype(dw.dtype)
+                           for dw, gw in zip(grads[1:], g[1:]))
+
+    grads = lax.cond(n_flagged > 0, add_flagged_rows, lambda g: g, grads)
+    return tuple(a.astype(dt) for a, dt in zip(grads, dtypes))
+
+  def dense():
+    return tuple(g.astype(dt) for g, dt in zip(
+        dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff), dtypes))
+
+  if PROFILE_WITHOUT_DISPATCH:
+    return sparse()
+  return lax.cond(too_dense | (n_flagged > budget) | lists.overflowed(), dense, sparse)
+
+
+# --------------------------------------------------------------------------- custom_vjp ops
+# The implementation's entry points (``api.IMPLEMENTATIONS["pallas_mosaic_gpu"]``): x [M, D],
+# checked weights; whether the kernels run compiled or interpreted is ``common.pallas_interpret()``
+# at trace time.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gated_ffn(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
+  return twell_forward(x_MxD, w_gate, w_up, w_down, cfg)
+
+
+gated_ffn.defvjp(lambda x, wg, wu, wd, cfg: training_forward(x, wg, wu, wd, cfg),
+                 lambda cfg, res, ct: training_backward(res, ct, cfg))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def relu_ffn(x_MxD, w_up, w_down, cfg: SparseFFNConfig):
+  return twell_forward(x_MxD, w_up, None, w_down, cfg)
+
+
+relu_ffn.defvjp(lambda x, wu, wd, cfg: training_forward(x, wu, None, wd, cfg),
+                lambda cfg, res, ct: training_backward(res, ct, cfg))
