@@ -13,7 +13,9 @@ Every preset trains on all local devices (``parallel.mesh=auto``: data parallel)
 
 Every field can be overridden with ``section.field=value`` strings (``apply_overrides``), e.g.
 ``model.n_layers=4 train.lr=3e-4 data.source=/data/fineweb/*.parquet``; values are parsed by the
-field's type and checked by the dataclasses, so a bad value names the field it belongs to.
+field's type and checked by the dataclasses, so a bad value names the field it belongs to. Nested
+sections take one more dot: ``model.sparse.twell_capacity=64`` sets a field of the sparse op's
+``SparseFFNConfig``.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import dataclasses
 import types
 import typing
 from typing import Any
+
+from sparse_jax.ops.base import SparseFFNConfig
 
 FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense")
 FFN_IMPLS = ("auto", "xla", "pallas")
@@ -58,6 +62,11 @@ class ModelConfig:
     (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines).
   ffn_impl: sparse op backend; auto picks the fastest that can run (Pallas on Hopper, else XLA).
   attention_impl: auto uses cuDNN flash attention on a GPU with 16-bit compute, else XLA.
+  sparse: the sparse op's capacities and dispatch lines (``sparse_jax.ops.SparseFFNConfig``), set
+    as ``model.sparse.<field>``. ``sparse.ell_width`` is the Hybrid-format ELL width in training:
+    rows with more active neurons go to the dense tail. Early in training (before L1 bites) most
+    rows are long; the op stays exact. (Run directories before this section had
+    ``model.sparse_ell_width``; ``Config.from_dict`` maps it.)
   """
 
   vocab_size: int | None = None
@@ -75,12 +84,12 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
-  # Hybrid-format ELL width of the sparse op in training: rows with more active neurons go to the
-  # dense tail. Early in training (before L1 bites) most rows are long; the op stays exact.
-  sparse_ell_width: int = 128
+  sparse: SparseFFNConfig = SparseFFNConfig()
 
   def __post_init__(self):
-    _positive_ints(self, "model", ("d_model", "n_layers", "n_heads", "d_ff", "sparse_ell_width"))
+    _positive_ints(self, "model", ("d_model", "n_layers", "n_heads", "d_ff"))
+    _require(isinstance(self.sparse, SparseFFNConfig), "model.sparse", self.sparse,
+             "must be a sparse_jax.ops.SparseFFNConfig")
     for name in ("vocab_size", "n_kv_heads", "head_dim"):
       v = getattr(self, name)
       _require(v is None or (isinstance(v, int) and v > 0), f"model.{name}", v,
@@ -292,7 +301,13 @@ class Config:
   @classmethod
   def from_dict(cls, d: dict) -> "Config":
     # Checkpoints from before the parallel section have none: they ran on the default mesh.
-    return cls(name=d["name"], model=ModelConfig(**d["model"]), data=DataConfig(**d["data"]),
+    # Those from before model.sparse had model.sparse_ell_width (the one field then settable).
+    model = dict(d["model"])
+    sparse = dict(model.pop("sparse", None) or {})
+    if "sparse_ell_width" in model:
+      sparse.setdefault("ell_width", model.pop("sparse_ell_width"))
+    model["sparse"] = SparseFFNConfig(**sparse)
+    return cls(name=d["name"], model=ModelConfig(**model), data=DataConfig(**d["data"]),
                train=TrainConfig(**d["train"]), parallel=ParallelConfig(**d.get("parallel", {})))
 
 
@@ -365,22 +380,44 @@ def _parse_value(text: str, typ: Any, where: str) -> Any:
   raise TypeError(f"{where}: cannot override a field of type {typ}")
 
 
+# Override keys that were renamed: old scripts keep working.
+RENAMED_KEYS = {"model.sparse_ell_width": "model.sparse.ell_width"}
+
+
+def _replace_nested(obj, changes: dict[tuple[str, ...], Any]):
+  """``obj`` with ``changes`` ({field path: value}) applied, innermost dataclasses first."""
+  direct = {path[0]: v for path, v in changes.items() if len(path) == 1}
+  nested: dict[str, dict[tuple[str, ...], Any]] = {}
+  for path, v in changes.items():
+    if len(path) > 1:
+      nested.setdefault(path[0], {})[path[1:]] = v
+  for name, sub in nested.items():
+    direct[name] = _replace_nested(getattr(obj, name), sub)
+  return dataclasses.replace(obj, **direct)
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-  """``["model.n_layers=4", "train.lr=3e-4"]`` applied to ``cfg`` (a new, validated Config)."""
+  """``["model.n_layers=4", "train.lr=3e-4", "model.sparse.twell_capacity=64"]`` applied to
+  ``cfg`` (a new, validated Config)."""
   sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "name"}
-  changes: dict[str, dict[str, Any]] = {}
+  changes: dict[tuple[str, ...], Any] = {}
   for item in overrides:
     if "=" not in item:
       raise ValueError(f"override {item!r} must look like section.field=value")
     path, text = item.split("=", 1)
-    section, _, field = path.strip().partition(".")
-    if section not in sections or not field:
+    path = RENAMED_KEYS.get(path.strip(), path.strip())
+    section, *fields = path.split(".")
+    if section not in sections or not fields:
       raise ValueError(f"override {item!r}: the key must be one of "
                        f"{', '.join(s + '.<field>' for s in sections)}")
-    types_ = _field_types(type(getattr(cfg, section)))
-    if field not in types_:
-      raise ValueError(f"override {item!r}: {section} has no field {field!r}; fields: "
-                       f"{', '.join(types_)}")
-    changes.setdefault(section, {})[field] = _parse_value(text, types_[field], path.strip())
-  return dataclasses.replace(
-      cfg, **{s: dataclasses.replace(getattr(cfg, s), **c) for s, c in changes.items()})
+    obj, where = getattr(cfg, section), section
+    for i, field in enumerate(fields):
+      types_ = _field_types(type(obj))
+      if field not in types_:
+        raise ValueError(f"override {item!r}: {where} has no field {field!r}; fields: "
+                         f"{', '.join(types_)}")
+      obj, where = getattr(obj, field), f"{where}.{field}"
+      if i < len(fields) - 1 and not dataclasses.is_dataclass(obj):
+        raise ValueError(f"override {item!r}: {where} is a value, not a section")
+    changes[(section, *fields)] = _parse_value(text, types_[field], path)
+  return _replace_nested(cfg, changes)

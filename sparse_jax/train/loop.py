@@ -77,6 +77,7 @@ def step_config(cfg: Config) -> Config:
 
 
 def _check_resumable(saved: dict, cfg: Config) -> None:
+  saved = Config.from_dict(saved).to_dict()  # an older run's config in today's fields
   now = cfg.to_dict()
   for section in ("model", "data"):
     diff = {k: (saved[section].get(k), v) for k, v in now[section].items()
