@@ -174,7 +174,7 @@ def _state_from(cfg: Config, mesh, params):
   from sparse_jax import parallel
   from sparse_jax.train.step import _split_model, _state_around, state_shardings
 
-  graphdef, fresh = _split_model(cfg, mesh)  # ShardedFFN keeps the FFN's state paths
+  graphdef, fresh = _split_model(cfg, mesh)  # a mesh-built FFN has the same state paths
   if jax.tree.structure(fresh) != jax.tree.structure(params):
     raise ValueError("calibrated parameters do not match the model's parameter tree")
   del fresh

@@ -26,9 +26,8 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sparse_jax.nn.ffn import FFN, SPARSE_KINDS
+from sparse_jax.nn.ffn import FFN
 from sparse_jax.nn.model import Transformer, sown_ffn_stats
-from sparse_jax.ops.dense import matmul_nt
 
 F32 = jnp.float32
 # Surprisal bins in nats: one per nat up to 16 (a 49k vocabulary's uniform guess is 10.8), then
@@ -38,14 +37,7 @@ SURPRISAL_EDGES = np.concatenate([np.arange(17.0), [np.inf]])
 
 def active_per_token(ffn: FFN, x_BxLxD: jax.Array) -> jax.Array:
   """[B, L] int32: neurons of ``ffn`` active for each token of its input, as its stats count."""
-  dt = ffn.compute_dtype
-  x_MxD = x_BxLxD.astype(dt).reshape(-1, x_BxLxD.shape[-1])
-  gate_MxF = matmul_nt(x_MxD, ffn.gate_param[...].astype(dt))
-  if ffn.kind in SPARSE_KINDS:
-    active_MxF = jax.nn.relu(gate_MxF).astype(dt) != 0
-  else:
-    act = jax.nn.relu if ffn.kind == "relu_dense" else jax.nn.silu
-    active_MxF = act(gate_MxF) * matmul_nt(x_MxD, ffn.w_up_FxD[...].astype(dt)) != 0
+  active_MxF = ffn.active_mask(x_BxLxD)
   return jnp.sum(active_MxF, axis=1, dtype=jnp.int32).reshape(x_BxLxD.shape[:2])
 
 

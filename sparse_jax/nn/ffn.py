@@ -4,33 +4,32 @@
 * ``relu_nongated_sparse``: ``relu(x Wu^T) @ Wd`` through ``sparse_jax.ops.sparse_ffn``.
 * ``relu_dense``: the same gated FFN as ``relu_sparse`` computed densely (the baseline).
 * ``silu_dense``: the usual Llama SwiGLU FFN.
+The dense kinds are ``sparse_jax.ops.dense.ffn`` (f32 hidden activations).
 
 Every variant sows its ``FFNStats`` (L0, L1, per-neuron activity, overflow) as an
 ``nnx.Intermediate`` named ``ffn_stats``; ``sparse_jax.nn.forward_with_stats`` collects them.
+
+Under a device mesh (``mesh`` given at construction) a sparse kind runs its op per device
+(``sparse_jax.parallel.ffn.per_device``): the op's formats and fallbacks are built over the tokens
+of one call and the Pallas kernels are per-device calls, so the compiler cannot partition it.
+Dense kinds are partitioned by the compiler like the rest of the model.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from sparse_jax import ops
 from sparse_jax.nn.layers import F32, normal
-from sparse_jax.ops.dense import matmul_nn, matmul_nt
+from sparse_jax.ops import dense
+from sparse_jax.ops.dense import hidden_stats as dense_stats  # noqa: F401  (public name)
+from sparse_jax.parallel.ffn import per_device
 
 STATS_NAME = "ffn_stats"
 SPARSE_KINDS = ("relu_sparse", "relu_nongated_sparse")
-
-
-def dense_stats(h_MxN: jax.Array) -> ops.FFNStats:
-  """FFNStats of a dense FFN's hidden activations (same definitions as the sparse op's)."""
-  active_MxN = h_MxN != 0
-  return ops.FFNStats(
-      l0=jnp.mean(jnp.sum(active_MxN, axis=1, dtype=F32)),
-      l1=jnp.mean(jnp.abs(h_MxN.astype(F32))),
-      overflow_rows=jnp.zeros((), jnp.int32),
-      dense_fallback=jnp.zeros((), bool),
-      active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
+DENSE_ACTIVATIONS = {"relu_dense": "relu", "silu_dense": "silu"}
 
 
 def _capturing(module: nnx.Module) -> bool:
@@ -42,14 +41,20 @@ def _capturing(module: nnx.Module) -> bool:
 class FFN(nnx.Module):
 
   def __init__(self, d_model: int, d_ff: int, *, kind: str, implementation: str,
-               ell_width: int, out_std_scale: float, compute_dtype, param_dtype,
-               rngs: nnx.Rngs):
+               out_std_scale: float, compute_dtype, param_dtype, rngs: nnx.Rngs,
+               sparse: ops.SparseFFNConfig | None = None, mesh: Mesh | None = None):
+    if kind not in SPARSE_KINDS and kind not in DENSE_ACTIVATIONS:
+      raise ValueError(f"kind must be one of {', '.join(SPARSE_KINDS + tuple(DENSE_ACTIVATIONS))}"
+                       f", got {kind!r}")
     self.kind = kind
     self.gated = kind != "relu_nongated_sparse"
     self.implementation = None if implementation == "auto" else implementation
-    self.sparse_config = ops.SparseFFNConfig(ell_width=ell_width)
+    self.sparse_config = sparse or ops.SparseFFNConfig()
     self.compute_dtype = compute_dtype
     self.param_dtype = param_dtype
+    # Only the sparse kinds need the mesh (their op runs per device); the dense kinds are left to
+    # the compiler's partitioning.
+    self.mesh = mesh if kind in SPARSE_KINDS else None
     if self.gated:
       self.w_gate_FxD = normal(rngs, (d_ff, d_model), d_model ** -0.5, param_dtype)
     self.w_up_FxD = normal(rngs, (d_ff, d_model), d_model ** -0.5, param_dtype)
@@ -60,26 +65,45 @@ class FFN(nnx.Module):
     """The weight whose ReLU decides which neurons fire (the up projection when not gated)."""
     return self.w_gate_FxD if self.gated else self.w_up_FxD
 
-  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
-    dt = self.compute_dtype
-    x = x_BxLxD.astype(dt)
-    w_up, w_down = self.w_up_FxD[...].astype(dt), self.w_down_FxD[...].astype(dt)
+  def _weights(self) -> dict[str, jax.Array]:
+    """The weights in the compute dtype (under a mesh: cast before the per-device map, so the
+    FSDP all-gather moves compute-dtype weights)."""
+    names = ("w_gate_FxD",) * self.gated + ("w_up_FxD", "w_down_FxD")
+    return {n: getattr(self, n)[...].astype(self.compute_dtype) for n in names}
+
+  def compute(self, x_BxLxD: jax.Array, w: dict[str, jax.Array]
+              ) -> tuple[jax.Array, ops.FFNStats]:
+    """(y, FFNStats) of this FFN kind with weights ``w`` (``_weights()``), on one device."""
+    x = x_BxLxD.astype(self.compute_dtype)
     if self.kind == "relu_sparse":
-      y, stats = ops.gated_sparse_ffn(x, self.w_gate_FxD[...].astype(dt), w_up, w_down,
-                                      implementation=self.implementation,
-                                      config=self.sparse_config)
-    elif self.kind == "relu_nongated_sparse":
-      y, stats = ops.sparse_ffn(x, w_up, w_down, implementation=self.implementation,
-                                config=self.sparse_config)
+      return ops.gated_sparse_ffn(x, w["w_gate_FxD"], w["w_up_FxD"], w["w_down_FxD"],
+                                  implementation=self.implementation, config=self.sparse_config)
+    if self.kind == "relu_nongated_sparse":
+      return ops.sparse_ffn(x, w["w_up_FxD"], w["w_down_FxD"], implementation=self.implementation,
+                            config=self.sparse_config)
+    y_MxD, h_MxF = dense.ffn(x.reshape(-1, x.shape[-1]), w["w_gate_FxD"], w["w_up_FxD"],
+                             w["w_down_FxD"], activation=DENSE_ACTIVATIONS[self.kind])
+    return y_MxD.reshape(x.shape), dense_stats(h_MxF)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    if self.mesh is None:
+      y, stats = self.compute(x_BxLxD, self._weights())
     else:
-      x_MxD = x.reshape(-1, x.shape[-1])
-      act = jax.nn.relu if self.kind == "relu_dense" else jax.nn.silu
-      h_MxF = act(matmul_nt(x_MxD, self.w_gate_FxD[...].astype(dt))) * matmul_nt(x_MxD, w_up)
-      y = matmul_nn(h_MxF.astype(dt), w_down).astype(dt).reshape(x.shape)
-      stats = dense_stats(h_MxF)
+      y, stats = per_device(self.compute, self.mesh, x_BxLxD, self._weights())
     if _capturing(self):
       self.sow(nnx.Intermediate, STATS_NAME, stats)
     return y
+
+  def active_mask(self, x_BxLxD: jax.Array) -> jax.Array:
+    """[B * L, d_ff] bool: the neurons active on each token, as this kind's stats count them (the
+    sparse kinds: the ReLU gate rounded to the compute dtype is nonzero; the dense kinds: the
+    hidden activation is nonzero)."""
+    dt = self.compute_dtype
+    x_MxD = x_BxLxD.astype(dt).reshape(-1, x_BxLxD.shape[-1])
+    if self.kind in SPARSE_KINDS:
+      return dense.hidden(x_MxD, self.gate_param[...].astype(dt)).astype(dt) != 0
+    return dense.hidden(x_MxD, self.w_gate_FxD[...].astype(dt), self.w_up_FxD[...].astype(dt),
+                        activation=DENSE_ACTIVATIONS[self.kind]) != 0
 
   def reinit_gate_rows(self, dead_F: jax.Array, key: jax.Array) -> None:
     """Re-draws the gate rows of the neurons flagged in ``dead_F`` from the initial distribution.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from sparse_jax.config import ModelConfig
 from sparse_jax.nn.ffn import FFN, STATS_NAME
@@ -18,7 +19,7 @@ from sparse_jax.nn.layers import F32, Attention, KVCache, RMSNorm, normal
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + ffn(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
     cdt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
     # Residual-branch outputs start smaller with depth so the stream's scale stays ~1 at init.
     out_scale = (2 * cfg.n_layers) ** -0.5
@@ -28,8 +29,8 @@ class Block(nnx.Module):
                           out_std_scale=out_scale, compute_dtype=cdt, param_dtype=pdt, rngs=rngs)
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     self.ffn = FFN(cfg.d_model, cfg.d_ff, kind=cfg.ffn, implementation=cfg.ffn_impl,
-                   ell_width=cfg.sparse_ell_width, out_std_scale=out_scale, compute_dtype=cdt,
-                   param_dtype=pdt, rngs=rngs)
+                   sparse=cfg.sparse, out_std_scale=out_scale, compute_dtype=cdt,
+                   param_dtype=pdt, rngs=rngs, mesh=mesh)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
@@ -47,9 +48,13 @@ def _call_block(block: Block, x_BxLxD: jax.Array) -> jax.Array:
 
 
 class Transformer(nnx.Module):
-  """tokens [B, L] int -> logits [B, L, vocab] fp32."""
+  """tokens [B, L] int -> logits [B, L, vocab] fp32.
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  ``mesh``: the device mesh of a sharded run; the sparse FFNs then run their op per device
+  (``sparse_jax.parallel.per_device``). None: one device, or the compiler's partitioning.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
     if cfg.vocab_size is None:
       raise ValueError("ModelConfig.vocab_size is None: resolve it against the tokenizer first "
                        "(cfg.resolve_vocab(tokenizer.vocab_size))")
@@ -60,7 +65,7 @@ class Transformer(nnx.Module):
     # stream at init and the model starts by predicting its input token (initial loss >> ln V).
     self.embed_VxD = normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5,
                             jnp.dtype(cfg.param_dtype))
-    self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, mesh=mesh) for _ in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:

@@ -6,7 +6,7 @@ so gradients and AdamW moments are fp32 while the matmuls run in bf16.
 
 On a device mesh (``sparse_jax.parallel``) the same step functions are compiled with the state's
 named shardings (FSDP rule) and the batch split over every device as in/out shardings, and the
-model's sparse FFNs run per device (``ShardedFFN``); ``mesh=None`` is plain single-device training.
+model's sparse FFNs run per device (``Transformer(mesh=...)``); ``mesh=None`` is plain single-device training.
 """
 from __future__ import annotations
 
@@ -41,9 +41,7 @@ class TrainState:
 
 
 def _split_model(cfg: Config, mesh: Mesh | None) -> tuple[nnx.GraphDef, nnx.State]:
-  model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed))
-  if mesh is not None:
-    parallel.shard_ffns(model, mesh)
+  model = Transformer(cfg.model, rngs=nnx.Rngs(params=cfg.train.seed), mesh=mesh)
   return nnx.split(model, nnx.Param)
 
 
