@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_utils
+from sparse_jax import benchmarking
 from pallas_kernels import ffn_backend, twell_gate
 from sparse_jax import ops
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
@@ -49,17 +49,17 @@ def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
   gate = jax.jit(lambda x, w: twell_gate.gate_twell(x, w, capacity=cfg.twell_capacity))
   dense_gate = jax.jit(lambda x, w: jnp.maximum(x @ w.T, 0))
 
-  dense_ms, _ = bench_utils.cupti_ms(dense, *args, iterations=iterations)
-  forced_ms, forced_all = bench_utils.cupti_ms(forced, *args, iterations=iterations)
+  dense_ms, _ = benchmarking.cupti_ms(dense, *args, iterations=iterations)
+  forced_ms, forced_all = benchmarking.cupti_ms(forced, *args, iterations=iterations)
   # CUPTI does not see kernels inside XLA's device-side conditionals, so the dispatched op is
   # timed as: the probe + the branch it takes, each measured by CUPTI on its own.
-  probe_ms, _ = bench_utils.cupti_ms(probe, p.x, p.w_gate, iterations=iterations)
+  probe_ms, _ = benchmarking.cupti_ms(probe, p.x, p.w_gate, iterations=iterations)
   chose_dense = bool(float(probe(p.x, p.w_gate)) > ffn_backend.dispatch_threshold(cfg, m))
-  branch_ms = (bench_utils.cupti_ms(dense_branch, *args, iterations=iterations)[0]
+  branch_ms = (benchmarking.cupti_ms(dense_branch, *args, iterations=iterations)[0]
                if chose_dense else forced_ms)
   sparse_ms = probe_ms + branch_ms
-  gate_ms, _ = bench_utils.cupti_ms(gate, p.x, p.w_gate, iterations=iterations)
-  dense_gate_ms, _ = bench_utils.cupti_ms(dense_gate, p.x, p.w_gate, iterations=iterations)
+  gate_ms, _ = benchmarking.cupti_ms(gate, p.x, p.w_gate, iterations=iterations)
+  dense_gate_ms, _ = benchmarking.cupti_ms(dense_gate, p.x, p.w_gate, iterations=iterations)
 
   y, stats = sparse_stats(*args)
   y_forced, stats_forced = forced_stats(*args)
@@ -77,7 +77,7 @@ def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
              forced_ms_spread=[float(np.min(forced_all)), float(np.max(forced_all))],
              twell_capacity=cfg.twell_capacity)
   if breakdown:
-    rec["kernels_forced"] = [k for k in bench_utils.cupti_breakdown(forced, *args) if k[1] > 0]
+    rec["kernels_forced"] = [k for k in benchmarking.cupti_breakdown(forced, *args) if k[1] > 0]
   # Wall-clock (launch gaps, the conditional) is measured by dispatch_overhead.py in a fresh
   # process: once CUPTI has been attached, wall times in the same process come out inflated.
   return rec
@@ -100,7 +100,7 @@ def main(argv=None):
     raise SystemExit("bench_ffn.py needs a GPU (it times Mosaic GPU kernels with CUPTI)")
 
   cfg = ops.SparseFFNConfig(twell_capacity=args.capacity, max_active_fraction=args.max_active_fraction)
-  header = bench_utils.run_header()
+  header = benchmarking.run_header()
   print(f"device {header['device']}  jax {header['jax']}")
   records = []
   hdr = (f"{'M':>6} {'dist':8} {'act/tok':>7} {'dense':>7} {'sparse':>7} {'speedup':>7} "
@@ -118,7 +118,7 @@ def main(argv=None):
               f"{r['speedup']:7.2f} {r['sparse_forced_ms']:7.3f} {r['speedup_forced']:5.2f} "
               f"{r['gate_ms']:6.3f} {r['dense_gate_ms']:6.3f} {r['rel_err']:8.1e} "
               f"{r['overflow_rows']:5d} {'D' if r['dispatcher_chose_dense'] else 'S':>5}", flush=True)
-        bench_utils.write_results(args.out, header, records)
+        benchmarking.write_results(args.out, header, records)
   print(f"wrote {args.out}")
 
 

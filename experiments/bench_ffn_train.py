@@ -17,7 +17,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from experiments import bench_utils
+from sparse_jax import benchmarking
 from sparse_jax import ops
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
@@ -53,7 +53,7 @@ def peak_bytes(f, *args) -> int:
 
 
 def wall_ms(f, *args, windows=5, calls=10) -> float:
-  return statistics.median(bench_utils.wall_ms_per_call(f, *args, calls=calls)[1]
+  return statistics.median(benchmarking.wall_ms_per_call(f, *args, calls=calls)[1]
                            for _ in range(windows))
 
 
@@ -68,7 +68,7 @@ def main(argv=None):
   if jax.devices()[0].platform != "gpu":
     raise SystemExit("bench_ffn_train.py needs a GPU")
   cfg = ops.SparseFFNConfig(twell_capacity=args.capacity)
-  header = bench_utils.run_header()
+  header = benchmarking.run_header()
   print(f"device {header['device']}  jax {header['jax']}")
   print(f"{'M':>6} {'dist':8} {'act/tok':>7} {'dense':>7} {'sparse':>7} {'speedup':>7} {'forced':>7} "
         f"{'x':>5} {'peak D':>8} {'peak S':>8} {'ratio':>5} {'grad err':>8}")
@@ -105,7 +105,7 @@ def main(argv=None):
               f"{times['sparse']:7.3f} {rec['speedup']:7.2f} {times['forced']:7.3f} "
               f"{rec['speedup_forced']:5.2f} {peaks['dense'] / 2**30:8.2f} "
               f"{peaks['sparse'] / 2**30:8.2f} {rec['peak_ratio']:5.2f} {err:8.1e}", flush=True)
-        bench_utils.write_results(args.out, header, records)
+        benchmarking.write_results(args.out, header, records)
   print(f"wrote {args.out} (peaks in GiB)")
 
 
