@@ -91,6 +91,7 @@ from sparse_jax.benchmarking.model_rows import (MODES, VARIANTS, estimate_peak_b
                                                 param_count, plot, row_key)
 from sparse_jax.benchmarking.results import child_result_path, short_error  # noqa: E402
 from sparse_jax.config import ModelConfig, apply_overrides, get_config  # noqa: E402
+from sparse_jax.synthetic import NEURON_PROFILES as PROFILES  # noqa: E402
 DEFAULT_CONFIGS = ("0.5b", "1b", "1.5b", "2b")
 DEFAULT_BATCH = {"forward": 64, "train": 16}
 FROZEN_WARMUP = 10**9
@@ -325,7 +326,8 @@ def parse_args(argv):
                  help="dense,sparse (default both; one side completes a row measured earlier)")
   p.add_argument("--sparsity", default="0.995,0.99",
                  help="target sparsities of the calibrated gates (default 0.995,0.99)")
-  p.add_argument("--profile", choices=("skewed", "uniform"), default="skewed")
+  p.add_argument("--profile", choices=PROFILES, default="skewed",
+                 help="per-neuron firing profile of the calibrated gates (sparse_jax.synthetic)")
   p.add_argument("--checkpoint", help="benchmark this trained model (run or HF directory) "
                                       "instead of calibrated ones; --configs is ignored")
   p.add_argument("--data", default="synthetic",
