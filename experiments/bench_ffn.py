@@ -11,7 +11,7 @@ weights and inputs so that the real op sees that activity pattern):
 * ``kernel_speedup``: the breakdown, CUPTI kernel sums (launch gaps excluded) of dense over
   sparse_forced, when the dispatcher chose sparse (its dense branch runs inside a device-side
   conditional that CUPTI does not see); ``kernel_speedup_forced`` always. CUPTI runs after every
-  wall-clock measurement of a (shape, M): once attached it can inflate later wall times.
+  wall-clock measurement of the run: once attached it can inflate later wall times.
 * ``rel_err`` / ``rel_err_forced``: vs the float32 FFN on ``err_rows`` rows (first row included);
   ``overflow_rows``: rows whose TwELL tiles overflowed (recomputed exactly); ``dense_fallback``:
   the dispatcher ran the dense path; the summary gives the share of such cases.
@@ -135,26 +135,16 @@ def main(argv=None):
   header = dict(benchmarking.run_header(command), implementation=impl, settings=settings,
                 config=dataclasses.asdict(cfg), cupti=use_cupti)
   print(f"device {header['device']}  jax {header['jax']}  implementation {impl}  {settings}")
-  records = []
-  for d_model, d_ff in args.shape:
-    for m in args.m:
-      cases = ffn_cases.cases_for(args, m, d_model, d_ff)
-      p0 = cases[0].problem(args.seq_len)
-      fns, compile_s = compile_fns((p0.x, p0.w_gate, p0.w_up, p0.w_down), impl, cfg)
-      del p0
-      print(f"M={m} {d_model}x{d_ff}: compiled in {compile_s:.0f} s", flush=True)
-      done = []
-      for case in cases:  # wall clock first: CUPTI may inflate later wall times
-        rec = dict(wall_case(case, fns, settings, args), compile_s=compile_s,
-                   twell_capacity=cfg.twell_capacity, implementation=impl)
-        done.append((case, rec))
-        records.append(rec)
-        print("  " + " | ".join(row(rec)), flush=True)
-        benchmarking.write_results(args.out, header, records, summary=summary(records))
-      if use_cupti:
-        for case, rec in done:
-          cupti_case(case, rec, fns, settings, args)
-        benchmarking.write_results(args.out, header, records, summary=summary(records))
+  def compile_case(case):
+    p = case.problem(args.seq_len)
+    return compile_fns((p.x, p.w_gate, p.w_up, p.w_down), impl, cfg)
+
+  records = ffn_cases.run_grid(
+      args, settings, header, compile_fns=compile_case,
+      wall_case=lambda case, fns: wall_case(case, fns, settings, args),
+      cupti_case=lambda case, rec, fns: cupti_case(case, rec, fns, settings, args),
+      row=row, summary=summary, use_cupti=use_cupti,
+      extra=dict(twell_capacity=cfg.twell_capacity, implementation=impl))
   print(benchmarking.format_table(HEAD, [row(r) for r in records]))
   s = summary(records)
   print(f"min speedup {s['min_speedup']:.2f} ({s['min_speedup_case']}); dispatcher ran dense in "

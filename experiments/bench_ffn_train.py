@@ -9,7 +9,7 @@ Per case:
   its dispatcher, ``sparse_forced`` always sparse (``max_active_fraction=None``).
 * ``kernel_speedup_forced``: CUPTI kernel sums of dense over sparse_forced (a breakdown: launch
   gaps and kernels inside device-side conditionals are not counted), measured after all wall
-  clocks of a (shape, M).
+  clocks of the run.
 * peak memory: XLA's buffer assignment of each compiled step (arguments + outputs + temporaries
   - aliasing), ``peak_ratio`` sparse / dense;
 * ``grad_rel_err``: the largest relative error of the four gradients vs the float32 step;
@@ -160,27 +160,17 @@ def main(argv=None):
   header = dict(benchmarking.run_header(command), implementation=impl, settings=settings,
                 config=dataclasses.asdict(cfg), l1_coeff=L1_COEFF, cupti=use_cupti)
   print(f"device {header['device']}  jax {header['jax']}  implementation {impl}  {settings}")
-  records = []
-  for d_model, d_ff in args.shape:
-    for m in args.m:
-      cases = ffn_cases.cases_for(args, m, d_model, d_ff)
-      p0 = cases[0].problem(args.seq_len)
-      cot0 = jnp.zeros(p0.x.shape, jnp.float32)  # shapes only: nothing is computed on it
-      steps, compile_s = compile_steps((p0.x, p0.w_gate, p0.w_up, p0.w_down, cot0), impl, cfg)
-      del p0, cot0
-      print(f"M={m} {d_model}x{d_ff}: compiled in {compile_s:.0f} s", flush=True)
-      done = []
-      for case in cases:  # wall clock first: CUPTI may inflate later wall times
-        rec = dict(wall_case(case, steps, settings, args), compile_s=compile_s,
-                   twell_capacity=cfg.twell_capacity, implementation=impl)
-        done.append((case, rec))
-        records.append(rec)
-        print("  " + " | ".join(row(rec)), flush=True)
-        benchmarking.write_results(args.out, header, records, summary=summary(records))
-      if use_cupti:
-        for case, rec in done:
-          cupti_case(case, rec, steps, settings, args)
-        benchmarking.write_results(args.out, header, records, summary=summary(records))
+  def compile_case(case):
+    p = case.problem(args.seq_len)
+    cot = jnp.zeros(p.x.shape, jnp.float32)  # shapes only: nothing is computed on it
+    return compile_steps((p.x, p.w_gate, p.w_up, p.w_down, cot), impl, cfg)
+
+  records = ffn_cases.run_grid(
+      args, settings, header, compile_fns=compile_case,
+      wall_case=lambda case, steps: wall_case(case, steps, settings, args),
+      cupti_case=lambda case, rec, steps: cupti_case(case, rec, steps, settings, args),
+      row=row, summary=summary, use_cupti=use_cupti,
+      extra=dict(twell_capacity=cfg.twell_capacity, implementation=impl))
   print(benchmarking.format_table(HEAD, [row(r) for r in records]))
   s = summary(records)
   print(f"min speedup {s['min_speedup']:.2f} ({s['min_speedup_case']}); dispatcher ran dense in "

@@ -157,3 +157,30 @@ def require_platform(args, script: str) -> None:
   if not args.cpu_smoke and jax.devices()[0].platform != "gpu":
     raise SystemExit(f"{script} needs a GPU (it times Mosaic GPU kernels); --cpu-smoke runs it "
                      "on the CPU with the XLA implementation")
+
+
+def run_grid(args, settings: dict, header: dict, *, compile_fns, wall_case, cupti_case, row,
+             summary, use_cupti: bool, extra: dict) -> list[dict]:
+  """Every case of the grid: per (shape, M) ``compile_fns(first case) -> (fns, seconds)`` once,
+  then ``wall_case(case, fns) -> record`` for each case (a table row printed, the JSON at
+  ``args.out`` rewritten after each); CUPTI (``cupti_case(case, record, fns)``, in place) only
+  after every wall-clock measurement of the run, since an attached CUPTI can inflate wall times.
+  """
+  from sparse_jax.benchmarking.results import write_results
+  records, done = [], []
+  for d_model, d_ff in args.shape:
+    for m in args.m:
+      cases = cases_for(args, m, d_model, d_ff)
+      fns, compile_s = compile_fns(cases[0])
+      print(f"M={m} {d_model}x{d_ff}: compiled in {compile_s:.0f} s", flush=True)
+      for case in cases:
+        rec = dict(wall_case(case, fns), compile_s=compile_s, **extra)
+        done.append((case, rec, fns))
+        records.append(rec)
+        print("  " + " | ".join(row(rec)), flush=True)
+        write_results(args.out, header, records, summary=summary(records))
+  if use_cupti:
+    for case, rec, fns in done:
+      cupti_case(case, rec, fns)
+    write_results(args.out, header, records, summary=summary(records))
+  return records
