@@ -1,126 +1,156 @@
-"""FFN benchmark: dense XLA FFN vs the Pallas sparse FFN (inference), on a Hopper GPU.
+"""FFN inference benchmark: the bf16 dense XLA FFN vs the sparse FFN op, on a Hopper GPU.
 
-Shapes of the paper's 2B model FFN (d_model 2048, d_ff 5632), bf16, synthetic calibrated gate
-sparsity (``sparse_jax.synthetic``) for uniform and skewed activations. Times are CUPTI kernel
-times (medians of repeated runs). ``sparse_ms`` is the public op with its dispatcher;
-``sparse_forced_ms`` always takes the sparse kernels; ``gate_ms`` is the gate kernel with TwELL
-packing alone and ``dense_gate_ms`` XLA's ``relu(x @ Wg^T)``.
+Per case (shape x M x activity distribution x density; ``sparse_jax.synthetic`` builds gate
+weights and inputs so that the real op sees that activity pattern):
 
-    PYTHONPATH=$PWD python3 experiments/bench_ffn.py --m 16384 --out experiments/results/ffn_h100.json
+* ``speedup`` (the headline): wall clock, dense and sparse timed side by side
+  (``sparse_jax.benchmarking.side_by_side``: alternating in this process on the same inputs,
+  median over rounds of back-to-back calls), ``dense_ms / sparse_ms``. ``sparse`` is the public
+  op with its dispatcher (``gated_sparse_ffn``, ``SparseFFNConfig`` defaults but
+  ``--capacity``); ``sparse_forced`` always takes the sparse kernels (``max_active_fraction=None``).
+* ``kernel_speedup``: the breakdown, CUPTI kernel sums (launch gaps excluded) of dense over
+  sparse_forced, when the dispatcher chose sparse (its dense branch runs inside a device-side
+  conditional that CUPTI does not see); ``kernel_speedup_forced`` always. CUPTI runs after every
+  wall-clock measurement of the run: once attached it can inflate later wall times.
+* ``rel_err`` / ``rel_err_forced``: vs the float32 FFN on ``err_rows`` rows (first row included);
+  ``overflow_rows``: rows whose TwELL tiles overflowed (recomputed exactly); ``dense_fallback``:
+  the dispatcher ran the dense path; the summary gives the share of such cases.
+
+    python3 experiments/bench_ffn.py --quick --out $OUT/bench_ffn.json   # H200: ~2-3 min
+    python3 experiments/bench_ffn.py --m 4096 16384 65536 --shape 2048x5632 4096x14336
+    python3 experiments/bench_ffn.py --cpu-smoke --out /tmp/bench_ffn.json   # any machine
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
+import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_utils
-from pallas_kernels import twell_gate
-from sparse_jax import ops
-from sparse_jax.ops import pallas_backend
-from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, dense_with_stats
-from sparse_jax.synthetic import make_ffn_problem
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sparse_jax import benchmarking, ops  # noqa: E402
+from sparse_jax.benchmarking import ffn_cases  # noqa: E402
+from sparse_jax.benchmarking.results import command_line, fmt  # noqa: E402
+from sparse_jax.ops.dense import bf16_gated_ffn_with_l1  # noqa: E402
+
+TIMED = ("dense", "sparse", "sparse_forced")
 
 
-def rel_err_f32(y, p, rows):
-  f32 = lambda a: a.astype(jnp.float32)
-  x = f32(p.x[rows])
-  hp = jax.lax.Precision.HIGHEST
-  h = jnp.maximum(jnp.dot(x, f32(p.w_gate).T, precision=hp), 0) * jnp.dot(x, f32(p.w_up).T, precision=hp)
-  ref = jnp.dot(h, f32(p.w_down), precision=hp)
-  return float(jnp.linalg.norm(f32(y[rows]) - ref) / jnp.linalg.norm(ref))
+def compile_fns(args4, impl: str, cfg: ops.SparseFFNConfig) -> tuple[dict, float]:
+  """Every function of a (shape, M), compiled once for these argument shapes."""
+  forced = dataclasses.replace(cfg, max_active_fraction=None)
+  op = lambda c: (lambda *a: ops.gated_sparse_ffn(*a, implementation=impl, config=c))  # noqa: E731
+  fns = dict(dense=lambda *a: bf16_gated_ffn_with_l1(*a)[0],  # the dense model in bf16
+             # Timed functions return y only, as inference does (unused statistics are dropped).
+             sparse=lambda *a: op(cfg)(*a)[0], sparse_forced=lambda *a: op(forced)(*a)[0],
+             stats=op(cfg), stats_forced=op(forced))
+  t0 = time.perf_counter()
+  out = {k: jax.jit(f).lower(*args4).compile() for k, f in fns.items()}
+  return out, time.perf_counter() - t0
 
 
-def bench_case(key, m, d_model, d_ff, active, dist, cfg, iterations, breakdown):
-  p = make_ffn_problem(key, m, d_model, d_ff, active_per_token=active, distribution=dist)
-  args = (p.x, p.w_gate, p.w_up, p.w_down)
-  dense = jax.jit(lambda *a: bf16_gated_ffn_with_l1(*a)[0])  # the dense model in bf16
-  # Timed functions return y only, as inference does, so unused statistics are dropped by XLA.
-  sparse_stats = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas", config=cfg))
-  forced_cfg = dataclasses.replace(cfg, max_active_fraction=None)
-  forced_stats = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas",
-                                                         config=forced_cfg))
-  forced = jax.jit(lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas",
-                                                   config=forced_cfg)[0])
-  probe = jax.jit(pallas_backend.estimate_active_fraction)
-  dense_branch = jax.jit(lambda *a: dense_with_stats(*a)[0])
-  gate = jax.jit(lambda x, w: twell_gate.gate_twell(x, w, capacity=cfg.twell_capacity))
-  dense_gate = jax.jit(lambda x, w: jnp.maximum(x @ w.T, 0))
+def wall_case(case, fns, settings, args) -> dict:
+  p = case.problem(args.seq_len)
+  a = (p.x, p.w_gate, p.w_up, p.w_down)
+  wall = benchmarking.side_by_side({k: fns[k] for k in TIMED}, a, rounds=settings["rounds"],
+                                   calls_per_round=settings["calls_per_round"], baseline="dense")
+  (y, st), (y_f, st_f) = fns["stats"](*a), fns["stats_forced"](*a)
+  rows = ffn_cases.error_rows(case.m, settings["err_rows"])
+  ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED}
+  return dict(
+      case.fields(), **ffn_cases.activity_fields(p), speedup=wall["speedup"]["sparse"],
+      speedup_forced=wall["speedup"]["sparse_forced"], dense_ms=ms["dense"],
+      sparse_ms=ms["sparse"], sparse_forced_ms=ms["sparse_forced"], wall=wall,
+      op_active_per_token=float(st_f.l0), rel_err=ffn_cases.rel_err_f32(y, p, rows),
+      rel_err_forced=ffn_cases.rel_err_f32(y_f, p, rows), overflow_rows=int(st.overflow_rows),
+      overflow_rows_forced=int(st_f.overflow_rows),
+      overflow_share_forced=int(st_f.overflow_rows) / case.m,
+      dense_fallback=float(st.dense_fallback), dense_fallback_forced=float(st_f.dense_fallback))
 
-  dense_ms, _ = bench_utils.cupti_ms(dense, *args, iterations=iterations)
-  forced_ms, forced_all = bench_utils.cupti_ms(forced, *args, iterations=iterations)
-  # CUPTI does not see kernels inside XLA's device-side conditionals, so the dispatched op is
-  # timed as: the probe + the branch it takes, each measured by CUPTI on its own.
-  probe_ms, _ = bench_utils.cupti_ms(probe, p.x, p.w_gate, iterations=iterations)
-  chose_dense = bool(float(probe(p.x, p.w_gate)) > pallas_backend.dispatch_threshold(cfg, m))
-  branch_ms = (bench_utils.cupti_ms(dense_branch, *args, iterations=iterations)[0]
-               if chose_dense else forced_ms)
-  sparse_ms = probe_ms + branch_ms
-  gate_ms, _ = bench_utils.cupti_ms(gate, p.x, p.w_gate, iterations=iterations)
-  dense_gate_ms, _ = bench_utils.cupti_ms(dense_gate, p.x, p.w_gate, iterations=iterations)
 
-  y, stats = sparse_stats(*args)
-  y_forced, stats_forced = forced_stats(*args)
-  rows = np.linspace(0, m - 1, min(m, 2048)).astype(np.int32)
-  rec = dict(M=m, d_model=d_model, d_ff=d_ff, distribution=dist, target_active=active,
-             active_per_token=float(stats_forced.l0), dense_ms=dense_ms, sparse_ms=sparse_ms,
-             speedup=dense_ms / sparse_ms, sparse_forced_ms=forced_ms,
-             speedup_forced=dense_ms / forced_ms, gate_ms=gate_ms, dense_gate_ms=dense_gate_ms,
-             gate_vs_dense_gate=gate_ms / dense_gate_ms,
-             rel_err=rel_err_f32(y, p, rows), rel_err_forced=rel_err_f32(y_forced, p, rows),
-             overflow_rows=int(stats_forced.overflow_rows),
-             dispatcher_chose_dense=chose_dense, probe_ms=probe_ms,
-             stats_dense_fallback=bool(stats.dense_fallback),
-             forced_dense_fallback=bool(stats_forced.dense_fallback),
-             forced_ms_spread=[float(np.min(forced_all)), float(np.max(forced_all))],
-             twell_capacity=cfg.twell_capacity)
-  if breakdown:
-    rec["kernels_forced"] = [k for k in bench_utils.cupti_breakdown(forced, *args) if k[1] > 0]
-  # Wall-clock (launch gaps, the conditional) is measured by dispatch_overhead.py in a fresh
-  # process: once CUPTI has been attached, wall times in the same process come out inflated.
-  return rec
+def cupti_case(case, rec, fns, settings, args) -> None:
+  p = case.problem(args.seq_len)
+  a = (p.x, p.w_gate, p.w_up, p.w_down)
+  n = settings["cupti_iterations"]
+  dense, _ = benchmarking.cupti_ms(fns["dense"], *a, iterations=n)
+  forced, spread = benchmarking.cupti_ms(fns["sparse_forced"], *a, iterations=n)
+  rec.update(cupti_dense_ms=dense, cupti_sparse_forced_ms=forced,
+             cupti_sparse_forced_spread=[float(np.min(spread)), float(np.max(spread))],
+             kernel_speedup_forced=dense / forced,
+             kernel_speedup=None if rec["dense_fallback"] else dense / forced)
+  if args.breakdown:
+    rec["kernels_forced"] = [k for k in benchmarking.cupti_breakdown(fns["sparse_forced"], *a)
+                             if k[1] > 0]
+
+
+HEAD = ("M", "shape", "dist", "act/tok", "p99", "dense ms", "sparse ms", "speedup", "forced ms",
+        "x forced", "kernel x", "rel err", "ovf rows", "path")
+
+
+def row(r: dict) -> tuple:
+  return (str(r["M"]), f"{r['d_model']}x{r['d_ff']}", r["distribution"],
+          f"{r['active_per_token']:.1f}", f"{r['active_p99']:.0f}", f"{r['dense_ms']:.3f}",
+          f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}", f"{r['sparse_forced_ms']:.3f}",
+          f"{r['speedup_forced']:.2f}", fmt(r.get("kernel_speedup_forced"), ".2f"),
+          f"{r['rel_err']:.1e}", str(r["overflow_rows_forced"]),
+          "dense" if r["dense_fallback"] else "sparse")
+
+
+def summary(records: list[dict]) -> dict:
+  if not records:
+    return {}
+  worst = min(records, key=lambda r: r["speedup"])
+  return dict(cases=len(records), min_speedup=worst["speedup"],
+              min_speedup_case=f"{worst['distribution']} {worst['target_active']:g}/token "
+                               f"M={worst['M']} {worst['d_model']}x{worst['d_ff']}",
+              dense_fallback_share=float(np.mean([r["dense_fallback"] for r in records])),
+              max_rel_err=max(r["rel_err"] for r in records))
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--m", type=int, nargs="+", default=[4096, 16384, 65536])
-  ap.add_argument("--active", type=float, nargs="+", default=[11, 28, 56, 168, 560])
-  ap.add_argument("--dist", nargs="+", default=["uniform", "skewed"])
-  ap.add_argument("--d-model", type=int, default=2048)
-  ap.add_argument("--d-ff", type=int, default=5632)
-  ap.add_argument("--capacity", type=int, default=32)
-  ap.add_argument("--max-active-fraction", type=float, default=ops.SparseFFNConfig().max_active_fraction)
-  ap.add_argument("--iterations", type=int, default=20)
-  ap.add_argument("--breakdown", action="store_true", help="per-kernel times and host-sync check")
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ffn_cases.add_grid_args(ap)
+  ap.add_argument("--capacity", type=int, default=32, help="SparseFFNConfig.twell_capacity")
+  ap.add_argument("--max-active-fraction", type=float,
+                  default=ops.SparseFFNConfig().max_active_fraction)
+  ap.add_argument("--impl", help="the op's implementation (default: the accelerated one)")
+  ap.add_argument("--no-cupti", action="store_true", help="wall clock only")
+  ap.add_argument("--breakdown", action="store_true", help="per-kernel CUPTI times")
   ap.add_argument("--out", default="experiments/results/bench_ffn.json")
+  argv = sys.argv[1:] if argv is None else list(argv)
   args = ap.parse_args(argv)
-  if jax.devices()[0].platform != "gpu":
-    raise SystemExit("bench_ffn.py needs a GPU (it times Mosaic GPU kernels with CUPTI)")
+  settings = ffn_cases.resolve(args)
+  ffn_cases.require_platform(args, "bench_ffn.py")
+  impl = ffn_cases.sparse_implementation(args.impl, args.cpu_smoke)
+  use_cupti = not (args.no_cupti or args.cpu_smoke)
+  cfg = ops.SparseFFNConfig(twell_capacity=args.capacity,
+                            max_active_fraction=args.max_active_fraction)
+  command = command_line("experiments/bench_ffn.py", argv)
+  header = dict(benchmarking.run_header(command), implementation=impl, settings=settings,
+                config=dataclasses.asdict(cfg), cupti=use_cupti)
+  print(f"device {header['device']}  jax {header['jax']}  implementation {impl}  {settings}")
+  def compile_case(case):
+    p = case.problem(args.seq_len)
+    return compile_fns((p.x, p.w_gate, p.w_up, p.w_down), impl, cfg)
 
-  cfg = ops.SparseFFNConfig(twell_capacity=args.capacity, max_active_fraction=args.max_active_fraction)
-  header = bench_utils.run_header()
-  print(f"device {header['device']}  jax {header['jax']}")
-  records = []
-  hdr = (f"{'M':>6} {'dist':8} {'act/tok':>7} {'dense':>7} {'sparse':>7} {'speedup':>7} "
-         f"{'forced':>7} {'x':>5} {'gate':>6} {'Dgate':>6} {'relerr':>8} {'ovf':>5} {'disp':>5}")
-  print(hdr)
-  key = jax.random.key(0)
-  for m in args.m:
-    for dist in args.dist:
-      for active in args.active:
-        key, sub = jax.random.split(key)
-        r = bench_case(sub, m, args.d_model, args.d_ff, active, dist, cfg, args.iterations,
-                       args.breakdown)
-        records.append(r)
-        print(f"{m:6d} {dist:8} {r['active_per_token']:7.1f} {r['dense_ms']:7.3f} {r['sparse_ms']:7.3f} "
-              f"{r['speedup']:7.2f} {r['sparse_forced_ms']:7.3f} {r['speedup_forced']:5.2f} "
-              f"{r['gate_ms']:6.3f} {r['dense_gate_ms']:6.3f} {r['rel_err']:8.1e} "
-              f"{r['overflow_rows']:5d} {'D' if r['dispatcher_chose_dense'] else 'S':>5}", flush=True)
-        bench_utils.write_results(args.out, header, records)
+  records = ffn_cases.run_grid(
+      args, settings, header, compile_fns=compile_case,
+      wall_case=lambda case, fns: wall_case(case, fns, settings, args),
+      cupti_case=lambda case, rec, fns: cupti_case(case, rec, fns, settings, args),
+      row=row, summary=summary, use_cupti=use_cupti,
+      extra=dict(twell_capacity=cfg.twell_capacity, implementation=impl))
+  print(benchmarking.format_table(HEAD, [row(r) for r in records]))
+  s = summary(records)
+  print(f"min speedup {s['min_speedup']:.2f} ({s['min_speedup_case']}); dispatcher ran dense in "
+        f"{100 * s['dense_fallback_share']:.0f}% of cases; max rel err {s['max_rel_err']:.1e}")
   print(f"wrote {args.out}")
+  return dict(header=header, records=records, summary=s)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from experiments import bench_utils
+from sparse_jax import benchmarking
 from pallas_kernels import twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax import ops
 from sparse_jax.ops import pallas_backend
@@ -64,17 +64,17 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   a = (p.x, p.w_gate, p.w_up, p.w_down)
   out = {}
   y, l1, r, tw = fwd(*a)
-  out["forward"] = bench_utils.cupti_ms(fwd, *a)[0]
+  out["forward"] = benchmarking.cupti_ms(fwd, *a)[0]
   lists = lists_fn(tw)
-  out["entry_lists"] = bench_utils.cupti_ms(lists_fn, tw)[0]
-  out["entry_lists_kernels"] = bench_utils.cupti_breakdown(lists_fn, tw)
+  out["entry_lists"] = benchmarking.cupti_ms(lists_fn, tw)[0]
+  out["entry_lists_kernels"] = benchmarking.cupti_breakdown(lists_fn, tw)
   dx, du, dr = bwd(p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)
-  out["backward_kernel"] = bench_utils.cupti_ms(bwd, p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)[0]
-  out["weight_grads"] = bench_utils.cupti_ms(wgrad, lists, du, dr, tw, r, p.x, dy)[0]
-  out["wgrad_kernels"] = bench_utils.cupti_breakdown(wgrad, lists, du, dr, tw, r, p.x, dy)
+  out["backward_kernel"] = benchmarking.cupti_ms(bwd, p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)[0]
+  out["weight_grads"] = benchmarking.cupti_ms(wgrad, lists, du, dr, tw, r, p.x, dy)[0]
+  out["wgrad_kernels"] = benchmarking.cupti_breakdown(wgrad, lists, du, dr, tw, r, p.x, dy)
   out["sparse_total"] = sum(out[k] for k in ("forward", "entry_lists", "backward_kernel",
                                               "weight_grads"))
-  out["dense_fwd_bwd"] = bench_utils.cupti_ms(dense, *a, dy)[0]
+  out["dense_fwd_bwd"] = benchmarking.cupti_ms(dense, *a, dy)[0]
   out["speedup"] = out["dense_fwd_bwd"] / out["sparse_total"]
   # The whole sparse step as jax.grad runs it (dispatch conds bypassed so CUPTI sees every kernel).
   cfg = ops.SparseFFNConfig(max_active_fraction=None, entry_capacity=e_cap)
@@ -88,12 +88,12 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
 
   pallas_backend.PROFILE_WITHOUT_DISPATCH = True
   try:
-    out["step_cupti"] = bench_utils.cupti_ms(step, *a, dy)[0]
-    out["step_kernels"] = bench_utils.cupti_breakdown(step, *a, dy)
-    out["step_wall"] = bench_utils.wall_ms_per_call(step, *a, dy, calls=20)[1]
+    out["step_cupti"] = benchmarking.cupti_ms(step, *a, dy)[0]
+    out["step_kernels"] = benchmarking.cupti_breakdown(step, *a, dy)
+    out["step_wall"] = benchmarking.wall_ms_per_call(step, *a, dy, calls=20)[1]
   finally:
     pallas_backend.PROFILE_WITHOUT_DISPATCH = False
-  out["dense_wall"] = bench_utils.wall_ms_per_call(dense, *a, dy, calls=20)[1]
+  out["dense_wall"] = benchmarking.wall_ms_per_call(dense, *a, dy, calls=20)[1]
   out["n_entries"] = int(lists.n_entries)
   out["entry_capacity"] = e_cap
   return out
@@ -113,7 +113,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   if jax.devices()[0].platform != "gpu":
     raise SystemExit("bench_train_parts.py needs a GPU")
-  header = bench_utils.run_header()
+  header = benchmarking.run_header()
   print(f"device {header['device']}  jax {header['jax']}")
   cols = ("forward", "entry_lists", "backward_kernel", "weight_grads", "sparse_total",
           "dense_fwd_bwd", "speedup", "step_cupti", "step_wall", "dense_wall")
@@ -140,7 +140,7 @@ def main(argv=None):
         top = sorted(r[part], key=lambda nt: -nt[1])[:12 if part == "step_kernels" else 6]
         print(f"   {part} ({len(r[part])} kernels, {sum(t for _, t in r[part]):.3f} ms): "
             + ", ".join(f"{n[:32]} {t:.3f}" for n, t in top))
-      bench_utils.write_results(args.out, header, records)
+      benchmarking.write_results(args.out, header, records)
   print(f"wrote {args.out}")
 
 

@@ -16,7 +16,7 @@ import os
 
 import jax
 
-from experiments import bench_utils
+from sparse_jax import benchmarking
 from sparse_jax import ops
 from sparse_jax.ops import pallas_backend
 from sparse_jax.ops.dense import gated_ffn
@@ -55,7 +55,7 @@ def main(argv=None):
       for name, f in fns.items():
         if args.only and name not in args.only:
           continue
-        disp, wall = bench_utils.wall_ms_per_call(f, *a, calls=30)
+        disp, wall = benchmarking.wall_ms_per_call(f, *a, calls=30)
         rows.append(dict(label=args.label, xla_flags=os.environ.get("XLA_FLAGS", ""), M=args.m,
                          distribution=dist, active=active, fn=name, wall_ms=wall,
                          dispatch_ms=disp))
@@ -63,7 +63,7 @@ def main(argv=None):
               f"host dispatch {disp:6.3f} ms", flush=True)
   prev = json.load(open(args.out)) if os.path.exists(args.out) else []
   with open(args.out, "w") as f:
-    json.dump(prev + [dict(bench_utils.run_header(), **r) for r in rows], f, indent=1)
+    json.dump(prev + [dict(benchmarking.run_header(), **r) for r in rows], f, indent=1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import bench_utils
+from sparse_jax import benchmarking
 from pallas_kernels import twell_ffn, twell_gate
 from sparse_jax.synthetic import make_ffn_problem
 
@@ -34,7 +34,7 @@ def main(argv=None):
   ap.add_argument("--out", default="experiments/results/tune_twell.json")
   ap.add_argument("--gate-only", action="store_true")
   args = ap.parse_args(argv)
-  header = bench_utils.run_header()
+  header = benchmarking.run_header()
   print(header["device"])
   records = []
   cases = [("uniform", 28.0), ("skewed", 28.0), ("uniform", 56.0)][:1 if args.gate_only else 3]
@@ -52,7 +52,7 @@ def main(argv=None):
       f = jax.jit(lambda x, wu, wd, tw, cfg=cfg, wg=p.w_gate: twell_ffn.fused_up_down(
           x, wg, wu, wd, tw, config=cfg)[0])
       try:
-        ms, _ = bench_utils.cupti_ms(f, p.x, p.w_up, p.w_down, tw, iterations=args.iterations)
+        ms, _ = benchmarking.cupti_ms(f, p.x, p.w_up, p.w_down, tw, iterations=args.iterations)
         y = f(p.x, p.w_up, p.w_down, tw)
         err = float(jnp.linalg.norm((y[rows].astype(jnp.float32) - ref)[ok]) /
                     jnp.linalg.norm(ref[ok]))
@@ -66,7 +66,7 @@ def main(argv=None):
       for gcfg in GATE_VARIANTS:
         f = jax.jit(lambda x, w, gcfg=gcfg: twell_gate.gate_twell(x, w, capacity=32, config=gcfg))
         try:
-          ms, _ = bench_utils.cupti_ms(f, p.x, p.w_gate, iterations=args.iterations)
+          ms, _ = benchmarking.cupti_ms(f, p.x, p.w_gate, iterations=args.iterations)
           same = bool(jnp.all(f(p.x, p.w_gate).counts_MxT == tw.counts_MxT))
         except Exception as e:
           ms, same = float("nan"), repr(e)[:300]
@@ -74,10 +74,10 @@ def main(argv=None):
                             counts_match=same))
         print(f"gate {ms:8.4f} ms  counts_match={same}  {gcfg}", flush=True)
       dense_gate = jax.jit(lambda x, w: jnp.maximum(x @ w.T, 0))
-      ms, _ = bench_utils.cupti_ms(dense_gate, p.x, p.w_gate, iterations=args.iterations)
+      ms, _ = benchmarking.cupti_ms(dense_gate, p.x, p.w_gate, iterations=args.iterations)
       records.append(dict(kind="xla_dense_gate", M=args.m, ms=ms))
       print(f"xla dense gate {ms:8.4f} ms")
-    bench_utils.write_results(args.out, header, records)
+    benchmarking.write_results(args.out, header, records)
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ biases, so per-neuron thresholds are built into the model's own weights (``calib
    first half of the calibration sequences; the layer's scalar ``alpha`` (bisection) makes the mean
    active fraction on the second half equal the target (it corrects the overshoot of quantiles
    fitted on few sequences; recorded, ~0.7-1). The rates ``p_j`` come from
-   ``sparse_jax.synthetic.firing_probabilities`` (the FFN benchmark's profiles): ``"uniform"`` (all
-   equal) or ``"skewed"`` (30% of neurons dead, the others log-uniform over three orders of
+   ``sparse_jax.synthetic.firing_probabilities`` (the FFN benchmark's neuron profiles):
+   ``"uniform"`` (all equal), ``"zipf"`` (rate of rank k ~ 1/k, hot neurons anywhere),
+   ``"clustered"`` (skewed with the hottest neurons packed into two adjacent TwELL tiles) or
+   ``"skewed"`` (30% of neurons dead, the others log-uniform over three orders of
    magnitude), with mean ``target_active_fraction``. Dead neurons get a threshold far above every
    calibration value.
 3. **Measurement** (``measure_activity``): the achieved active fraction per layer on other tokens
@@ -49,12 +51,12 @@ from flax import nnx
 
 from sparse_jax.nn.model import Transformer
 from sparse_jax.ops.dense import matmul_nn, matmul_nt
-from sparse_jax.synthetic import firing_probabilities
+from sparse_jax.synthetic import NEURON_PROFILES, SKEWED_TOKEN_SIGMA, firing_probabilities
 
 F32 = jnp.float32
-PROFILES = ("uniform", "skewed")
+PROFILES = NEURON_PROFILES
 ATTN_OUT_SCALE = 0.1
-TOKEN_SCALE_SIGMA = 0.2  # the FFN benchmark's skewed per-token scale (sparse_jax.synthetic)
+TOKEN_SCALE_SIGMA = SKEWED_TOKEN_SIGMA  # the FFN benchmark's per-token scale (non-uniform profiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +231,11 @@ def calibrate_gates(model: Transformer, tokens_BxL, *, target_active_fraction: f
   cfg = model.cfg
   if cfg.d_model < 2:
     raise ValueError("d_model must be at least 2 (channel 0 carries the thresholds)")
+  # A profile that cannot be made at this d_ff (e.g. clustered) fails before the model changes.
+  firing_probabilities(np.random.default_rng(seed), cfg.d_ff, target_active_fraction * cfg.d_ff,
+                       profile)
   if token_scale_sigma is None:
-    token_scale_sigma = TOKEN_SCALE_SIGMA if profile == "skewed" else 0.0
+    token_scale_sigma = TOKEN_SCALE_SIGMA if profile != "uniform" else 0.0
   shape_weights(model, attn_out_scale=attn_out_scale, token_scale_sigma=token_scale_sigma,
                 seed=seed)
   add_constant_channel(model, constant)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from experiments import bench_model
+from sparse_jax.benchmarking import model_rows
 from sparse_jax.config import get_config
 
 REQUIRED = ("device", "config", "mode", "sparsity_target", "sparsity_measured", "batch", "seq",
@@ -34,6 +35,9 @@ def test_quick_mode_writes_rows(tmp_path):
     assert 0.97 < r["sparsity_measured"] < 0.999
     assert len(r["op_active_per_token_L"]) == r["n_layers"] == 2
     assert r["mj_per_token_dense"] is None  # no NVML on the CPU
+    # The dense model is relu_dense built from the config with the same (calibrated) weights:
+    # both compute the same function.
+    assert r["dense_baseline"] == "relu_dense" and r["final_loss_rel_diff"] < 1e-2
   assert os.path.exists(str(tmp_path / "bench.png"))
 
 
@@ -50,15 +54,15 @@ def _result(variant, tokens_per_ms, error=None):
 def test_rows_merge_across_invocations(tmp_path):
   out = str(tmp_path / "m.json")
   spec = lambda v: dict(config="1b", mode="train", variant=v, levels=[dict(target=0.99)],
-                        profile="skewed", batch=16, seq=2048, dense_baseline="bf16",
+                        profile="skewed", batch=16, seq=2048, dense_baseline="relu_dense",
                         overrides=[], data="synthetic", sparse_impl_label="pallas")
   run = lambda i: dict(run_id=str(i), command=f"run {i}", date="d", device="gpu:X", jax="0")
   # Invocation 1: dense measured, sparse skipped at the budget.
-  bench_model.merge_results(out, run(1), bench_model.make_rows(
+  model_rows.merge_results(out, run(1), model_rows.make_rows(
       [(spec("dense"), _result("dense", 10.0)),
        (spec("sparse"), dict(error="skipped: --max-minutes budget"))], run(1)))
   # Invocation 2: only the sparse side.
-  data = bench_model.merge_results(out, run(2), bench_model.make_rows(
+  data = model_rows.merge_results(out, run(2), model_rows.make_rows(
       [(spec("sparse"), _result("sparse", 12.0))], run(2)))
   (row,) = data["records"]
   assert row["speedup"] == pytest.approx(1.2)
@@ -66,7 +70,7 @@ def test_rows_merge_across_invocations(tmp_path):
   assert row["measured_in"]["sparse"]["command"] == "run 2"
   assert "error_sparse" not in row and len(data["runs"]) == 2
   # A failed re-measurement of one side keeps the earlier numbers and notes the error.
-  data = bench_model.merge_results(out, run(3), bench_model.make_rows(
+  data = model_rows.merge_results(out, run(3), model_rows.make_rows(
       [(spec("dense"), _result("dense", 0, error="OOM")),
        (spec("sparse"), _result("sparse", 15.0))], run(3)))
   (row,) = data["records"]
@@ -76,8 +80,8 @@ def test_rows_merge_across_invocations(tmp_path):
 
 def test_estimates_and_batch_parsing():
   m = get_config("2b").model
-  assert bench_model.param_count(m) == 2_053_269_504
-  assert 50e9 < bench_model.estimate_peak_bytes(m, "train", 16, 2048) < 110e9
+  assert model_rows.param_count(m) == 2_053_269_504
+  assert 50e9 < model_rows.estimate_peak_bytes(m, "train", 16, 2048) < 110e9
   assert bench_model._parse_batch("forward=32,train=8") == {"forward": 32, "train": 8}
   assert bench_model._parse_batch("4") == {"forward": 4, "train": 4}
   with pytest.raises(ValueError):

@@ -29,7 +29,7 @@ def seeds(key) -> tuple[int, np.random.Generator]:
 forward = nnx.jit(forward_with_stats)
 
 
-@pytest.mark.parametrize("profile", ["uniform", "skewed"])
+@pytest.mark.parametrize("profile", ["uniform", "skewed", "zipf"])
 def test_hits_target_on_fresh_tokens(key, profile):
   seed, rng = seeds(key)
   model = Transformer(tiny_cfg(), rngs=nnx.Rngs(seed))
@@ -52,8 +52,11 @@ def test_hits_target_on_fresh_tokens(key, profile):
   never = np.mean(np.asarray(stats.active_per_neuron) == 0, axis=1)
   if profile == "skewed":
     assert np.all(never > 0.25), never
-  else:
+  elif profile == "uniform":
     assert np.all(never < 0.1), never
+  else:  # zipf: a few hot neurons carry a large share of the activity
+    counts = np.sort(np.asarray(stats.active_per_neuron), axis=1)[:, ::-1]
+    assert np.all(counts[:, :10].sum(axis=1) > 0.2 * counts.sum(axis=1))
 
 
 def test_constant_channel_is_exact_and_models_agree(key):
@@ -77,7 +80,9 @@ def test_bad_arguments(key):
   model = Transformer(tiny_cfg(n_layers=1), rngs=nnx.Rngs(0))
   tokens = np.zeros((4, 16), np.int32)
   with pytest.raises(ValueError, match="profile"):
-    calibrate_gates(model, tokens, target_active_fraction=0.1, profile="zipf")
+    calibrate_gates(model, tokens, target_active_fraction=0.1, profile="bimodal")
+  with pytest.raises(ValueError, match="clustered"):  # d_ff 352 < three TwELL tiles
+    calibrate_gates(model, tokens, target_active_fraction=0.1, profile="clustered")
   with pytest.raises(ValueError, match="target_active_fraction"):
     calibrate_gates(model, tokens, target_active_fraction=1.5)
   with pytest.raises(ValueError, match="batch >= 2"):

@@ -1,4 +1,5 @@
-"""experiments/study_l1.py: a tiny L1 sweep on the CPU, interrupted and resumed, then its report."""
+"""experiments/study_l1.py and its report (sparse_jax.eval.study_report): a tiny L1 sweep on the
+CPU, interrupted and resumed, then its report."""
 import json
 import math
 import os
@@ -11,6 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from experiments import study_l1  # noqa: E402
+from sparse_jax.eval import study_report  # noqa: E402
 
 STEPS = 4
 
@@ -38,10 +40,10 @@ def _finite(obj, where="study"):
 def test_settle_step():
   steps = [10, 20, 30, 40, 50, 60, 70]
   # Final value: mean of the last 5 = 10; within 10% from step 30 on.
-  assert study_l1.settle_step(steps, [100, 50, 10.5, 9.5, 10, 10, 10], tail=5)["step"] == 30
+  assert study_report.settle_step(steps, [100, 50, 10.5, 9.5, 10, 10, 10], tail=5)["step"] == 30
   # A late excursion moves the settling step past it.
-  assert study_l1.settle_step(steps, [10, 10, 10, 20, 10, 10, 10], tail=3)["step"] == 50
-  assert study_l1.settle_step([], [])["step"] is None
+  assert study_report.settle_step(steps, [10, 10, 10, 20, 10, 10, 10], tail=3)["step"] == 50
+  assert study_report.settle_step([], [])["step"] is None
 
 
 def test_arguments_are_checked(tmp_path, capsys):
@@ -94,11 +96,11 @@ def test_sweep_resumes_and_reports(tmp_path, capsys):
 
   # 4. The report: files, finite numbers, consistent with each other.
   results = tmp_path / "results"
-  for name in ["study.json", "table.md", *study_l1.PLOTS.values()]:
+  for name in ["study.json", "table.md", *study_report.PLOTS.values()]:
     assert os.path.getsize(results / name) > 0, name
   doc = open(tmp_path / "doc" / "study.md").read()
   assert "## The paper's claims against these numbers" in doc and "sum_neurons" in doc
-  for png in study_l1.PLOTS.values():
+  for png in study_report.PLOTS.values():
     assert png in doc
   study = json.load(open(results / "study.json"))
   _finite(study)

@@ -1,0 +1,46 @@
+"""experiments/bench_ffn.py and bench_ffn_train.py run end to end on the CPU (--cpu-smoke: the
+XLA implementation at a tiny size) and write the JSON the GPU runs write."""
+import json
+
+import pytest
+
+from experiments import bench_ffn, bench_ffn_train
+
+SMOKE = ["--cpu-smoke", "--dist", "uniform", "clustered", "dense_starts", "--active", "28",
+         "--rounds", "2", "--calls-per-round", "1"]
+
+
+@pytest.mark.parametrize("script", [bench_ffn, bench_ffn_train], ids=["inference", "training"])
+def test_cpu_smoke_writes_the_table_json(script, tmp_path):
+  out = str(tmp_path / "bench.json")
+  res = script.main([*SMOKE, "--out", out])
+  data = json.load(open(out))
+  assert data["header"]["device"].startswith("cpu") and data["header"]["implementation"] == "xla"
+  assert "--cpu-smoke" in data["header"]["command"]
+  records = data["records"]
+  assert [r["distribution"] for r in records] == ["uniform", "clustered", "dense_starts"]
+  for r in records:
+    assert r["device"] == data["header"]["device"] and r["command"] == data["header"]["command"]
+    assert r["M"] == 512 and (r["d_model"], r["d_ff"]) == (128, 1024)
+    assert abs(r["active_per_token"] - 28) < 3
+    # The headline is the side-by-side wall clock; its ratio is the medians' ratio.
+    wall = r["wall"]["candidates"]
+    assert set(wall) == {"dense", "sparse", "sparse_forced"}
+    assert r["speedup"] == pytest.approx(wall["dense"]["median_ms"] / wall["sparse"]["median_ms"])
+    assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["wall"]["rounds"] == 2
+    assert r.get("kernel_speedup_forced") is None  # no CUPTI on the CPU
+    assert r["dense_fallback"] in (0.0, 1.0) and r["overflow_rows"] >= 0
+    err = r["rel_err"] if script is bench_ffn else r["grad_rel_err"]
+    assert 0 < err < 2e-2
+  starts = records[2]
+  assert starts["active_max"] > 0.15 * 1024  # the sequence start is dense
+  assert data["summary"]["cases"] == 3 and res["summary"]["min_speedup"] > 0
+  if script is bench_ffn_train:
+    assert all(r["dense_peak_bytes"] > 0 and r["peak_ratio"] > 0 for r in records)
+
+
+def test_grid_flags():
+  with pytest.raises(SystemExit):
+    bench_ffn.main(["--cpu-smoke", "--shape", "12"])
+  with pytest.raises(SystemExit):
+    bench_ffn.main(["--cpu-smoke", "--dist", "bimodal"])
