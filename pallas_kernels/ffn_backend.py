@@ -20,9 +20,9 @@ import jax.numpy as jnp
 
 from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax.formats import twell
-from sparse_jax.ops import api
+from sparse_jax.ops import api, dispatch
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, matmul_nt
+from sparse_jax.ops.dense import F32
 
 TILE = twell_gate.TILE_N
 # Tests and CPU users set this to run implementation="pallas" in Mosaic GPU interpret mode.
@@ -53,13 +53,11 @@ def _pad_neurons(w, n_pad):
   return w if w is None or w.shape[0] == n_pad else jnp.pad(w, ((0, n_pad - w.shape[0]), (0, 0)))
 
 
-def estimate_active_fraction(x_MxD, w_gate) -> jax.Array:
-  """Active fraction of the gate on ~1/64 of the tokens (evenly strided), on device."""
-  m = x_MxD.shape[0]
-  n_probe = min(m, max(64, m // 64))
-  rows = (jnp.arange(n_probe) * (m // n_probe)).astype(jnp.int32)
-  pre = matmul_nt(jnp.take(x_MxD, rows, axis=0), w_gate)
-  return jnp.mean(jnp.logical_not(pre <= 0).astype(F32))
+def estimate_active_fraction(x_MxD, w_gate, capacity: int = twell.DEFAULT_CAPACITY) -> jax.Array:
+  """Effective active fraction on device: the gate of a seeded random sample of tokens, plus the
+  cost of the (token, tile) pairs over ``capacity``. Issue 14 hook: the logic lives in
+  ``sparse_jax.ops.dispatch`` (keep this a one-line call when the file moves)."""
+  return dispatch.estimate(x_MxD, w_gate, dispatch.ProbeConfig(tile=TILE, capacity=capacity))
 
 
 def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=False):
@@ -90,7 +88,8 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
 
   if cfg.max_active_fraction is None:
     return sparse()
-  too_dense = estimate_active_fraction(x_MxD, w_gate) > dispatch_threshold(cfg, m)
+  too_dense = (estimate_active_fraction(x_MxD, w_gate, cfg.twell_capacity)
+               > dispatch_threshold(cfg, m))
   return jax.lax.cond(too_dense, dense, sparse)
 
 
