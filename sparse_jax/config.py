@@ -46,6 +46,17 @@ def _choice(obj, section: str, name: str, choices: tuple[str, ...]) -> None:
   _require(v in choices, f"{section}.{name}", v, f"must be one of {', '.join(choices)}")
 
 
+def _check_hot_neurons(cfg) -> None:
+  hot = cfg.sparse_hot_neurons
+  if hot is None:
+    return
+  ok = isinstance(hot, (list, tuple)) and len(hot) == cfg.n_layers and all(
+      isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= cfg.d_ff for n in hot)
+  _require(ok, "model.sparse_hot_neurons", hot,
+           f"must be none or one integer in [0, d_ff={cfg.d_ff}] per layer ({cfg.n_layers})")
+  object.__setattr__(cfg, "sparse_hot_neurons", tuple(hot))  # JSON gives a list
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder: tied embeddings, RMSNorm, RoPE, causal MHA/GQA, a chosen FFN.
@@ -78,6 +89,10 @@ class ModelConfig:
   # Hybrid-format ELL width of the sparse op in training: rows with more active neurons go to the
   # dense tail. Early in training (before L1 bites) most rows are long; the op stays exact.
   sparse_ell_width: int = 128
+  # Issue 14: per layer, the first n neurons are computed densely and the rest sparsely
+  # (sparse_jax.ops.hotcold); set by `sparse-jax prepare-inference`, whose checkpoint has its
+  # neurons permuted hottest first. None: the plain sparse op in every layer.
+  sparse_hot_neurons: tuple[int, ...] | None = None
 
   def __post_init__(self):
     _positive_ints(self, "model", ("d_model", "n_layers", "n_heads", "d_ff", "sparse_ell_width"))
@@ -97,6 +112,7 @@ class ModelConfig:
     _choice(self, "model", "compute_dtype", DTYPES)
     _choice(self, "model", "param_dtype", DTYPES)
     _require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+    _check_hot_neurons(self)
     _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
 
   @property

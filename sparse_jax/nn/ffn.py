@@ -16,6 +16,7 @@ from flax import nnx
 
 from sparse_jax import ops
 from sparse_jax.nn.layers import F32, normal
+from sparse_jax.ops import hotcold
 from sparse_jax.ops.dense import matmul_nn, matmul_nt
 
 STATS_NAME = "ffn_stats"
@@ -43,11 +44,13 @@ class FFN(nnx.Module):
 
   def __init__(self, d_model: int, d_ff: int, *, kind: str, implementation: str,
                ell_width: int, out_std_scale: float, compute_dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, hot_neurons: int | None = None):
     self.kind = kind
     self.gated = kind != "relu_nongated_sparse"
     self.implementation = None if implementation == "auto" else implementation
     self.sparse_config = ops.SparseFFNConfig(ell_width=ell_width)
+    # Issue 14: a prepared checkpoint computes neurons [0, hot_neurons) densely (hotcold.py).
+    self.hot_neurons = hot_neurons
     self.compute_dtype = compute_dtype
     self.param_dtype = param_dtype
     if self.gated:
@@ -64,7 +67,9 @@ class FFN(nnx.Module):
     dt = self.compute_dtype
     x = x_BxLxD.astype(dt)
     w_up, w_down = self.w_up_FxD[...].astype(dt), self.w_down_FxD[...].astype(dt)
-    if self.kind == "relu_sparse":
+    if self.kind in SPARSE_KINDS and self.hot_neurons is not None:
+      y, stats = hotcold.prepared_ffn(self, x, w_up, w_down)
+    elif self.kind == "relu_sparse":
       y, stats = ops.gated_sparse_ffn(x, self.w_gate_FxD[...].astype(dt), w_up, w_down,
                                       implementation=self.implementation,
                                       config=self.sparse_config)

@@ -107,6 +107,17 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
   return y.reshape(*lead, d_model), stats
 
 
+def prepared_ffn(ffn, x, w_up, w_down):
+  """A model FFN (``sparse_jax.nn.FFN`` of a sparse kind) with ``ffn.hot_neurons`` set: the split
+  op on its weights in the compute dtype. The split was chosen from measured statistics when the
+  checkpoint was prepared, so the cold part runs sparse without the per-call dispatcher
+  (no probe, no ``lax.cond`` in the hot path); it stays exact on any batch."""
+  cfg = dataclasses.replace(ffn.sparse_config, max_active_fraction=None)
+  w_gate = ffn.w_gate_FxD[...].astype(x.dtype) if ffn.gated else w_up
+  return hot_cold_ffn(x, w_gate, w_up if ffn.gated else None, w_down, n_hot=ffn.hot_neurons,
+                      implementation=ffn.implementation, config=cfg)
+
+
 # --------------------------------------------------------------------------- choosing the split
 
 
