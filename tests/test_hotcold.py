@@ -234,3 +234,39 @@ def test_probe_counts_overflowed_tiles(key):
   eff = dispatch.effective_active_fraction(active, overflow, n)
   np.testing.assert_allclose(float(eff), float(active) + 0.5, rtol=1e-6)
   assert bool(dispatch.too_dense(x, wg, 0.3)) and not bool(dispatch.too_dense(x, wg, 0.99))
+
+
+# --------------------------------------------------------------------------- the Pallas backend
+
+
+def test_split_with_pallas_kernels_interpret(key):
+  """The cold part on the Pallas kernels (Mosaic GPU interpret mode), an odd cold count (384 of a
+  768-column padded range): equal to the unsplit XLA reference."""
+  from pallas_kernels import ffn_backend
+  p = make_ffn_problem(key, 128, 256, 512, active_per_token=12.0, distribution="skewed")
+  p = dataclasses.replace(p, w_gate=p.w_gate.at[:, 0].add(jnp.asarray(1e-2, jnp.bfloat16)))
+  cfg = ops.SparseFFNConfig(max_active_fraction=None)
+  y, st = hotcold.hot_cold_ffn(p.x, p.w_gate, p.w_up, p.w_down, n_hot=128, config=cfg,
+                               cold_op=ffn_backend.gated_ffn_pallas_interpret)
+  y_ref, st_ref = ops.gated_sparse_ffn(p.x, p.w_gate, p.w_up, p.w_down, implementation="xla")
+  assert rel_err(y, y_ref) < 1e-2
+  np.testing.assert_array_equal(np.asarray(st.active_per_neuron),
+                                np.asarray(st_ref.active_per_neuron))
+
+
+def test_split_with_pallas_kernels_cross_lowers(key):
+  """The split with the Pallas cold part, forward and gradients, lowers for a CUDA GPU."""
+  from pallas_kernels import ffn_backend
+  p = make_ffn_problem(key, 256, 256, 768, active_per_token=12.0)
+  cfg = ops.SparseFFNConfig()
+  op = ffn_backend.gated_ffn_pallas
+
+  def step(x, wg, wu, wd):
+    split = lambda wd: hotcold.hot_cold_ffn(x, wg, wu, wd, n_hot=256, config=cfg, cold_op=op)
+    y, st = split(wd)
+    g = jax.grad(lambda wd: jnp.sum(split(wd)[0].astype(jnp.float32)))(wd)
+    return y, st, g
+
+  lowered = jax.jit(step).trace(p.x, p.w_gate, p.w_up, p.w_down).lower(
+      lowering_platforms=("cuda",))
+  assert "mosaic_gpu" in lowered.as_text()

@@ -4,7 +4,6 @@ with the split FFN, the CLI round trip."""
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
