@@ -353,12 +353,16 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _parse_value(text: str, typ: Any, where: str) -> Any:
-  """Parses ``text`` as a value of the annotated type (int, float, bool, str, or X | None)."""
+  """Parses ``text`` as a value of the annotated type (int, float, bool, str, tuple[X, ...] as
+  comma-separated values, or X | None)."""
   args = typing.get_args(typ)
   if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
     if type(None) in args and text.strip().lower() in ("none", "null"):
       return None
     (typ,) = [a for a in args if a is not type(None)]
+  if typing.get_origin(typ) is tuple:  # tuple[int, ...]: comma-separated, e.g. 128,0,256
+    elem = typing.get_args(typ)[0]
+    return tuple(_parse_value(t, elem, where) for t in text.split(",") if t.strip())
   try:
     if typ is bool:
       low = text.strip().lower()

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from sparse_jax import cli, hf, inference
-from sparse_jax.config import Config, ModelConfig
+from sparse_jax.config import Config, ModelConfig, apply_overrides
 from sparse_jax.nn import Transformer, forward_with_stats
 from sparse_jax.ops.hotcold import LayerPlan
 
@@ -34,6 +34,10 @@ def test_model_config_checks_hot_neurons():
       ModelConfig(n_layers=2, sparse_hot_neurons=bad)
   cfg = Config(model=ModelConfig(n_layers=2, sparse_hot_neurons=(128, 0)))
   assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+  assert apply_overrides(Config(), ["model.sparse_hot_neurons=128,0"]) == cfg
+  assert apply_overrides(cfg, ["model.sparse_hot_neurons=none"]).model.sparse_hot_neurons is None
+  with pytest.raises(ValueError, match="sparse_hot_neurons"):
+    apply_overrides(Config(), ["model.sparse_hot_neurons=128"])
 
 
 def test_permuted_checkpoint_gives_the_same_logits():
