@@ -14,6 +14,7 @@ first, so the hot ones share a few tiles: the case that made the op 0.75x of den
 
     PYTHONPATH=$PWD python3 experiments/bench_hotcold.py --out experiments/results/hotcold_h200.json
     PYTHONPATH=$PWD python3 experiments/bench_hotcold.py --predict-only   # CPU: the cost model only
+    SPARSE_JAX_PALLAS_INTERPRET=1 ... --m 256 --d-model 256 --d-ff 1024 --rounds 1 --calls 1  # smoke
 """
 from __future__ import annotations
 
@@ -86,10 +87,10 @@ def unsplit_predicted_ms(plan: hotcold.LayerPlan, gate_ms: dict) -> float:
   return gate_ms["pallas_gate"] + 1e3 * plan.predicted["unsplit_s"]
 
 
-def predict_only(args) -> list[dict]:
+def predict_only(args, cases) -> list[dict]:
   rng = np.random.default_rng(0)
   out = []
-  for profile, active in CASES:
+  for profile, active in cases:
     freq = probabilities(profile, rng, args.d_ff, active)
     plan = hotcold.plan_layer(freq, d_model=args.d_model, m=args.m)
     split = predicted_ms(plan, args.d_ff, FLOOR_MS)
@@ -127,14 +128,14 @@ def rel_err_f32(y, x, wg, wu, wd, rows) -> float:
   return float(jnp.linalg.norm(f32(y[rows]) - ref) / jnp.linalg.norm(ref))
 
 
-def bench(args) -> list[dict]:
-  from pallas_kernels import twell_gate
+def bench(args, cases) -> list[dict]:
+  from pallas_kernels import ffn_backend, twell_gate
   from sparse_jax import ops
   from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
   cfg = ops.SparseFFNConfig()
   forced = dataclasses.replace(cfg, max_active_fraction=None)
   out = []
-  for i, (profile, active) in enumerate(CASES):
+  for i, (profile, active) in enumerate(cases):
     p = make_problem(jax.random.key(i), profile, args.m, args.d_model, args.d_ff, active)
     pre = jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32).astype(p.x.dtype)
     freq = np.asarray(jnp.mean(pre > 0, axis=0, dtype=jnp.float32), np.float64)
@@ -152,7 +153,8 @@ def bench(args) -> list[dict]:
                    (p.x, wg, wu, wd), args.rounds, args.calls)
     gates = wall_ms(dict(dense_gate=jax.jit(lambda x, w: jnp.maximum(x @ w.T, 0)),
                          pallas_gate=jax.jit(lambda x, w: twell_gate.gate_twell(
-                             x, w, capacity=cfg.twell_capacity))),
+                             x, w, capacity=cfg.twell_capacity,
+                             interpret=ffn_backend.INTERPRET))),
                     (p.x, p.w_gate), args.rounds, args.calls)
     y, st = split_fn(p.x, wg, wu, wd)
     rows = np.linspace(0, args.m - 1, min(args.m, 2048)).astype(np.int32)
@@ -179,11 +181,19 @@ def main():
   ap.add_argument("--d-ff", type=int, default=5632)
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--calls", type=int, default=10)
+  ap.add_argument("--cases", help="comma-separated profile:active subset, e.g. skewed:28,zipf:28 "
+                                  "(default: all of CASES)")
   ap.add_argument("--predict-only", action="store_true",
                   help="the cost model's predictions only (no GPU needed)")
   ap.add_argument("--out", help="JSON results file")
   args = ap.parse_args()
-  records = predict_only(args) if args.predict_only else bench(args)
+  cases = CASES
+  if args.cases:
+    cases = [(c.split(":")[0], float(c.split(":")[1])) for c in args.cases.split(",")]
+    bad = [c for c, _ in cases if c not in ("uniform", "skewed", "zipf", "clustered")]
+    if bad:
+      raise SystemExit(f"--cases: unknown profile(s) {bad}")
+  records = predict_only(args, cases) if args.predict_only else bench(args, cases)
   print(f"{'profile':>10} {'active':>6} {'n_hot':>6} {'hot share':>9}  speed-up vs dense")
   for r in records:
     if args.predict_only:

@@ -126,17 +126,35 @@ def prepare(checkpoint: str, *, out: str, data: str | None = None, max_tokens: i
   counts, n_tokens = firing_counts(loaded.model, batches, progress=progress)
   plans = plan_model(counts, n_tokens, d_model=cfg.model.d_model, m=m, cost=cost)
   model, cfg = apply_plan(loaded.model, cfg, plans)
+  check = _check_batch(loaded.model, model, batches[0])
   files = hf.export_hf(model, out, tokenizer=cfg.data.tokenizer, dtype=dtype,
                        max_position_embeddings=cfg.data.seq_len)
   summary = dict(
       checkpoint=os.path.abspath(checkpoint), label=loaded.label, out=os.path.abspath(out),
       data=described, tokens=n_tokens, m=m, cost_model=dataclasses.asdict(cost),
       sparse_hot_neurons=list(cfg.model.sparse_hot_neurons), d_ff=cfg.model.d_ff, files=files,
+      first_batch=check,
       layers=[_layer_summary(i, plan, c / n_tokens) for i, (plan, c) in
               enumerate(zip(plans, counts))])
   with open(os.path.join(out, PLAN_FILE), "w") as fh:
     json.dump(summary, fh, indent=2)
   return summary
+
+
+def _check_batch(original: Transformer, prepared: Transformer, batch: np.ndarray) -> dict:
+  """Both models on the first calibration batch: the prepared one must compute the same function
+  (max |logit difference|, per-layer active neurons/token) and shows what the layout did to the
+  TwELL overflow (rows over capacity per layer, before and after; the sparse op's own counts)."""
+  tokens = jnp.asarray(batch)
+  logits, st = forward_with_stats(original, tokens)
+  logits_p, st_p = forward_with_stats(prepared, tokens)
+  return dict(tokens=int(np.prod(batch.shape)),
+              max_abs_logit_diff=float(jnp.max(jnp.abs(logits_p - logits))),
+              max_abs_logit=float(jnp.max(jnp.abs(logits))),
+              active_per_token=[float(v) for v in st.l0],
+              active_per_token_prepared=[float(v) for v in st_p.l0],
+              overflow_rows=[int(v) for v in st.overflow_rows],
+              overflow_rows_prepared=[int(v) for v in st_p.overflow_rows])
 
 
 def _layer_summary(layer: int, plan: LayerPlan, freq_F: np.ndarray) -> dict:
@@ -152,9 +170,13 @@ def format_summary(s: dict) -> str:
   lines = [f"prepared {s['label']} -> {s['out']} ({s['tokens']:,} calibration tokens: "
            f"{s['data']})", "layer  active/token  dense neurons  dense share  predicted "
            f"sparse part vs unsplit (M={s['m']})"]
+  check = s["first_batch"]
   for ly in s["layers"]:
     p = ly["predicted"]
     ratio = p["unsplit_s"] / p["total_s"] if p["total_s"] > 0 else float("inf")
     lines.append(f"{ly['layer']:5d}  {ly['mean_active']:12.2f}  {ly['n_hot']:6d} of {s['d_ff']:<5d}"
                  f"  {100 * p['hot_share_of_activity']:9.1f}%  {ratio:.2f}x")
+  lines.append(f"first batch ({check['tokens']} tokens): max |logit difference| "
+               f"{check['max_abs_logit_diff']:.2e} of {check['max_abs_logit']:.2f}; TwELL overflow "
+               f"rows per layer {check['overflow_rows']} -> {check['overflow_rows_prepared']}")
   return "\n".join(lines)

@@ -109,6 +109,9 @@ def test_prepare_inference_cli_round_trip(tmp_path, capsys):
     hot = json.load(fh)[hf.HOT_NEURONS_FIELD]
   assert hot == plan["sparse_hot_neurons"] and len(hot) == 3
   assert plan["tokens"] == 256  # 4 windows of 32 tokens, 2 per batch
+  check = plan["first_batch"]
+  assert check["max_abs_logit_diff"] < 1e-5 * max(1.0, check["max_abs_logit"])
+  np.testing.assert_allclose(check["active_per_token_prepared"], check["active_per_token"])
   assert all(0 <= n <= D_FF and (n % 128 == 0 or n == D_FF) for n in hot)
 
   from sparse_jax.eval import load_checkpoint
