@@ -23,6 +23,11 @@ def _model(seed: int, **kw) -> tuple[Transformer, Config]:
   return Transformer(mcfg, rngs=nnx.Rngs(seed)), Config(model=mcfg)
 
 
+@nnx.jit
+def _forward(model, tokens):
+  return forward_with_stats(model, tokens)
+
+
 def _tokens(seed: int, b=2, length=24):
   return jnp.asarray(np.random.default_rng(seed).integers(0, 259, (b, length)), jnp.int32)
 
@@ -51,8 +56,8 @@ def test_permuted_checkpoint_gives_the_same_logits():
   assert new_cfg.model.sparse_hot_neurons == (0, 256, D_FF)
   assert [b.ffn.hot_neurons for b in prepared.blocks] == [0, 256, D_FF]
   tokens = _tokens(seed)
-  logits, stats = forward_with_stats(model, tokens)
-  logits_p, stats_p = forward_with_stats(prepared, tokens)
+  logits, stats = _forward(model, tokens)
+  logits_p, stats_p = _forward(prepared, tokens)
   np.testing.assert_allclose(np.asarray(logits_p), np.asarray(logits), rtol=2e-5, atol=2e-5)
   np.testing.assert_allclose(np.asarray(stats_p.l0), np.asarray(stats.l0), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(stats_p.l1), np.asarray(stats.l1), rtol=1e-5)
@@ -66,8 +71,8 @@ def test_firing_counts_and_plan_model():
   batches = [np.asarray(_tokens(s)) for s in (1, 2)]
   counts, n = inference.firing_counts(model, batches)
   assert counts.shape == (3, D_FF) and n == 2 * 2 * 24
-  _, stats = forward_with_stats(model, jnp.asarray(batches[0]))
-  _, stats2 = forward_with_stats(model, jnp.asarray(batches[1]))
+  _, stats = _forward(model, jnp.asarray(batches[0]))
+  _, stats2 = _forward(model, jnp.asarray(batches[1]))
   np.testing.assert_array_equal(counts, np.asarray(stats.active_per_neuron)
                                 + np.asarray(stats2.active_per_neuron))
   plans = inference.plan_model(counts, n, d_model=64)
