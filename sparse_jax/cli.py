@@ -6,6 +6,7 @@
     sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
     sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
     sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
+    sparse-jax prepare-inference --checkpoint runs/tiny --out prepared/tiny
 
 ``eval`` and ``generate`` take a run directory or a Hugging Face Llama-format checkpoint directory.
 
@@ -261,6 +262,38 @@ def _export_hf(args: argparse.Namespace) -> int:
   return 0
 
 
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True, help="a run directory or a Hugging Face "
+                                                     "Llama-format directory (ReLU-gated FFN)")
+  p.add_argument("--out", required=True, help="new directory for the prepared checkpoint "
+                                              "(Hugging Face Llama format + sparse_inference.json)")
+  p.add_argument("--data", help="calibration text: files/globs or 'stdlib' (default: the run's "
+                                "validation split)")
+  p.add_argument("--max-tokens", type=int, default=65536, help="calibration tokens (default 65536)")
+  p.add_argument("--seq-len", type=int, help="tokens per window (default: the run's data.seq_len)")
+  p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
+  p.add_argument("--m", type=int, default=16384,
+                 help="tokens per FFN call the split is planned for (default 16384)")
+  p.add_argument("--step", type=int, help="run directories: this step (default: the latest)")
+  p.add_argument("--tokenizer", help="'bytes' or a tokenizer.json (default: the checkpoint's)")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                 help="storage dtype of the written weights (default float32)")
+  p.add_argument("--allow-unknown-config", action="store_true",
+                 help="Hugging Face checkpoints: ignore unknown config.json fields")
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _prepare_inference(args: argparse.Namespace) -> int:
+  from sparse_jax import inference
+  summary = inference.prepare(
+      args.checkpoint, out=args.out, data=args.data, max_tokens=args.max_tokens,
+      seq_len=args.seq_len, batch_size=args.batch_size, step=args.step, tokenizer=args.tokenizer,
+      m=args.m, dtype=args.dtype, allow_unknown_config=args.allow_unknown_config,
+      progress=not args.no_progress)
+  print(inference.format_summary(summary))
+  return 0
+
+
 COMMANDS: dict[str, Command] = {
     "train": Command("train a sparse language model (resumes from its checkpoints)",
                      _train_arguments, _train),
@@ -270,6 +303,9 @@ COMMANDS: dict[str, Command] = {
                         _generate_arguments, _generate),
     "export-hf": Command("write a checkpoint as a Hugging Face Llama-format directory",
                          _export_arguments, _export_hf),
+    "prepare-inference": Command("measure firing frequencies, split each FFN into dense hot and "
+                                 "sparse cold neurons, save the permuted checkpoint (issue 14)",
+                                 _prepare_arguments, _prepare_inference),
 }
 
 
@@ -286,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt as e:
     print(f"sparse-jax {args.command}: {e or 'interrupted'}", file=sys.stderr)
     return 130
-  except (ValueError, FileNotFoundError, ImportError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
     if args.debug:
       raise
     print(f"sparse-jax {args.command}: error: {e}", file=sys.stderr)

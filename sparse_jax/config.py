@@ -50,6 +50,17 @@ def _choice(obj, section: str, name: str, choices: tuple[str, ...]) -> None:
   _require(v in choices, f"{section}.{name}", v, f"must be one of {', '.join(choices)}")
 
 
+def _check_hot_neurons(cfg) -> None:
+  hot = cfg.sparse_hot_neurons
+  if hot is None:
+    return
+  ok = isinstance(hot, (list, tuple)) and len(hot) == cfg.n_layers and all(
+      isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= cfg.d_ff for n in hot)
+  _require(ok, "model.sparse_hot_neurons", hot,
+           f"must be none or one integer in [0, d_ff={cfg.d_ff}] per layer ({cfg.n_layers})")
+  object.__setattr__(cfg, "sparse_hot_neurons", tuple(hot))  # JSON gives a list
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """A Llama-style decoder: tied embeddings, RMSNorm, RoPE, causal MHA/GQA, a chosen FFN.
@@ -85,6 +96,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   remat: bool = False
   sparse: SparseFFNConfig = SparseFFNConfig()
+  # Issue 14: per layer, the first n neurons are computed densely and the rest sparsely
+  # (sparse_jax.ops.hotcold); set by `sparse-jax prepare-inference`, whose checkpoint has its
+  # neurons permuted hottest first. None: the plain sparse op in every layer.
+  sparse_hot_neurons: tuple[int, ...] | None = None
 
   def __post_init__(self):
     _positive_ints(self, "model", ("d_model", "n_layers", "n_heads", "d_ff"))
@@ -106,6 +121,7 @@ class ModelConfig:
     _choice(self, "model", "compute_dtype", DTYPES)
     _choice(self, "model", "param_dtype", DTYPES)
     _require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
+    _check_hot_neurons(self)
     _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
 
   @property
@@ -352,12 +368,16 @@ def _field_types(cls) -> dict[str, Any]:
 
 
 def _parse_value(text: str, typ: Any, where: str) -> Any:
-  """Parses ``text`` as a value of the annotated type (int, float, bool, str, or X | None)."""
+  """Parses ``text`` as a value of the annotated type (int, float, bool, str, tuple[X, ...] as
+  comma-separated values, or X | None)."""
   args = typing.get_args(typ)
   if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
     if type(None) in args and text.strip().lower() in ("none", "null"):
       return None
     (typ,) = [a for a in args if a is not type(None)]
+  if typing.get_origin(typ) is tuple:  # tuple[int, ...]: comma-separated, e.g. 128,0,256
+    elem = typing.get_args(typ)[0]
+    return tuple(_parse_value(t, elem, where) for t in text.split(",") if t.strip())
   try:
     if typ is bool:
       low = text.strip().lower()

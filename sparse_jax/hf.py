@@ -50,6 +50,9 @@ CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 TOKENIZER_FILE = "tokenizer.json"
+# Issue 14: per-layer dense neuron counts of a checkpoint prepared for sparse inference
+# (sparse_jax.inference); other Llama loaders ignore the field (the weights are an ordinary Llama).
+HOT_NEURONS_FIELD = "sparse_hot_neurons"
 
 _ACT_TO_FFN = {"relu": "relu_sparse", "silu": "silu_dense"}
 _FFN_TO_ACT = {"relu_sparse": "relu", "relu_dense": "relu", "silu_dense": "silu"}
@@ -67,7 +70,7 @@ _IGNORED = {"bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtyp
             "transformers_version", "_name_or_path", "initializer_range", "attention_dropout",
             "pretraining_tp", "use_cache", "max_position_embeddings"}
 _HANDLED = {"model_type", "architectures", "hidden_act", "rms_norm_eps", "rope_theta",
-            "rope_parameters", "tie_word_embeddings"}
+            "rope_parameters", "tie_word_embeddings", HOT_NEURONS_FIELD}
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16}
 
 
@@ -149,7 +152,8 @@ def model_config_from_hf(hf: dict, *, ffn: str | None = None, compute_dtype: str
     del fields["head_dim"]  # the default: configs compare equal to the exported model's
   try:
     return ModelConfig(**fields, ffn=ffn, rope_theta=_rope_theta(hf), norm_eps=float(eps),
-                       compute_dtype=compute_dtype, param_dtype=param_dtype)
+                       compute_dtype=compute_dtype, param_dtype=param_dtype,
+                       sparse_hot_neurons=hf.get(HOT_NEURONS_FIELD))
   except ValueError as e:
     raise ValueError(f"config.json describes a model sparse_jax cannot build: {e}") from None
 
@@ -160,7 +164,9 @@ def hf_config(cfg: ModelConfig, *, max_position_embeddings: int, eos_id: int | N
   if cfg.ffn not in _FFN_TO_ACT:
     raise ValueError(f"model.ffn={cfg.ffn!r} has no Llama-format equivalent (the Llama FFN is "
                      f"gated); exportable FFNs: {', '.join(_FFN_TO_ACT)}")
-  return {
+  extra = {} if cfg.sparse_hot_neurons is None else {
+      HOT_NEURONS_FIELD: list(cfg.sparse_hot_neurons)}
+  return extra | {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
       "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,

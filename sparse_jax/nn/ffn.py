@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from sparse_jax import ops
 from sparse_jax.nn.layers import F32, normal
-from sparse_jax.ops import dense
+from sparse_jax.ops import dense, hotcold
 from sparse_jax.ops.dense import hidden_stats as dense_stats  # noqa: F401  (public name)
 from sparse_jax.parallel.ffn import per_device
 
@@ -42,7 +42,8 @@ class FFN(nnx.Module):
 
   def __init__(self, d_model: int, d_ff: int, *, kind: str, implementation: str,
                out_std_scale: float, compute_dtype, param_dtype, rngs: nnx.Rngs,
-               sparse: ops.SparseFFNConfig | None = None, mesh: Mesh | None = None):
+               sparse: ops.SparseFFNConfig | None = None, mesh: Mesh | None = None,
+               hot_neurons: int | None = None):
     if kind not in SPARSE_KINDS and kind not in DENSE_ACTIVATIONS:
       raise ValueError(f"kind must be one of {', '.join(SPARSE_KINDS + tuple(DENSE_ACTIVATIONS))}"
                        f", got {kind!r}")
@@ -50,6 +51,9 @@ class FFN(nnx.Module):
     self.gated = kind != "relu_nongated_sparse"
     self.implementation = None if implementation == "auto" else implementation
     self.sparse_config = sparse or ops.SparseFFNConfig()
+    # A prepared checkpoint (``sparse-jax prepare-inference``) computes neurons [0, hot_neurons)
+    # densely and the rest through the sparse op (ops.hotcold); None: the plain op.
+    self.hot_neurons = hot_neurons if kind in SPARSE_KINDS else None
     self.compute_dtype = compute_dtype
     self.param_dtype = param_dtype
     # Only the sparse kinds need the mesh (their op runs per device); the dense kinds are left to
@@ -75,6 +79,8 @@ class FFN(nnx.Module):
               ) -> tuple[jax.Array, ops.FFNStats]:
     """(y, FFNStats) of this FFN kind with weights ``w`` (``_weights()``), on one device."""
     x = x_BxLxD.astype(self.compute_dtype)
+    if self.hot_neurons is not None:
+      return hotcold.prepared_ffn(self, x, w)
     if self.kind == "relu_sparse":
       return ops.gated_sparse_ffn(x, w["w_gate_FxD"], w["w_up_FxD"], w["w_down_FxD"],
                                   implementation=self.implementation, config=self.sparse_config)

@@ -19,7 +19,8 @@ from sparse_jax.nn.layers import F32, Attention, KVCache, RMSNorm, normal
 class Block(nnx.Module):
   """x + attn(norm(x)), then x + ffn(norm(x))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None):
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, mesh: Mesh | None = None,
+               layer: int = 0):
     cdt, pdt = jnp.dtype(cfg.compute_dtype), jnp.dtype(cfg.param_dtype)
     # Residual-branch outputs start smaller with depth so the stream's scale stays ~1 at init.
     out_scale = (2 * cfg.n_layers) ** -0.5
@@ -30,7 +31,9 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     self.ffn = FFN(cfg.d_model, cfg.d_ff, kind=cfg.ffn, implementation=cfg.ffn_impl,
                    sparse=cfg.sparse, out_std_scale=out_scale, compute_dtype=cdt,
-                   param_dtype=pdt, rngs=rngs, mesh=mesh)
+                   param_dtype=pdt, rngs=rngs, mesh=mesh,
+                   hot_neurons=None if cfg.sparse_hot_neurons is None
+                   else cfg.sparse_hot_neurons[layer])
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD))
@@ -65,7 +68,8 @@ class Transformer(nnx.Module):
     # stream at init and the model starts by predicting its input token (initial loss >> ln V).
     self.embed_VxD = normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5,
                             jnp.dtype(cfg.param_dtype))
-    self.blocks = nnx.List([Block(cfg, rngs=rngs, mesh=mesh) for _ in range(cfg.n_layers)])
+    self.blocks = nnx.List([Block(cfg, rngs=rngs, mesh=mesh, layer=i)
+                            for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ from jax import lax
 
 from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax.formats import twell
+from sparse_jax.ops import dispatch
 from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
 from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
                                   dense_grads_neuron_chunked, dense_with_stats, matmul_nt)
@@ -78,13 +79,13 @@ def supports(x_MxD, weights, cfg: SparseFFNConfig) -> str | None:
 # --------------------------------------------------------------------------- dispatch
 
 
-def estimate_active_fraction(x_MxD, w_gate) -> jax.Array:
-  """Active fraction of the gate on ~1/64 of the tokens (evenly strided), on device."""
-  m = x_MxD.shape[0]
-  n_probe = min(m, max(64, m // 64))
-  rows = (jnp.arange(n_probe) * (m // n_probe)).astype(jnp.int32)
-  pre = matmul_nt(jnp.take(x_MxD, rows, axis=0), w_gate)
-  return jnp.mean(jnp.logical_not(pre <= 0).astype(F32))
+def estimate_active_fraction(x_MxD, w_gate, cfg: SparseFFNConfig | None = None) -> jax.Array:
+  """Effective active fraction on device: the gate of a seeded random sample of tokens (never
+  aligned to sequence starts) plus the cost of the (token, tile) pairs over the TwELL capacity
+  (``sparse_jax.ops.dispatch``)."""
+  cfg = cfg or SparseFFNConfig()
+  return dispatch.estimate(x_MxD, w_gate,
+                           dispatch.ProbeConfig(tile=cfg.tile, capacity=cfg.twell_capacity))
 
 
 def dispatch_threshold(cfg: SparseFFNConfig, m: int, training: bool = False) -> float:
@@ -152,7 +153,7 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
 
   if cfg.max_active_fraction is None:
     return sparse()
-  too_dense = estimate_active_fraction(x_MxD, w_gate) > dispatch_threshold(cfg, m)
+  too_dense = estimate_active_fraction(x_MxD, w_gate, cfg) > dispatch_threshold(cfg, m)
   return lax.cond(too_dense, dense, sparse)
 
 
@@ -202,7 +203,7 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     too_dense = jnp.zeros((), bool)
     out, packed = sparse()
   else:
-    too_dense = (estimate_active_fraction(x_MxD, w_gate)
+    too_dense = (estimate_active_fraction(x_MxD, w_gate, cfg)
                  > dispatch_threshold(cfg, m, training=True))
     out, packed = lax.cond(too_dense, dense, sparse)
   vals, idx, cnt, r, lists = packed
