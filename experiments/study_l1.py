@@ -67,16 +67,16 @@ from sparse_jax.config import Config, apply_overrides, get_config  # noqa: E402
 from sparse_jax.eval import study_report  # noqa: E402
 from sparse_jax.eval.study_report import run_result  # noqa: E402
 
-
-def _write(path: str, obj) -> None:
-  write_json(path, obj, indent=1, allow_nan=False)
-
 DEFAULT_COEFFS = tuple(float(c) for c in np.logspace(-5, -3, 5))
 # Steps per run when --steps is not given: small ~90 s on one H200 (its 2000-step run took 182 s
 # at ~80 ms/step: 1000 steps ~80 s of training plus compilation and evaluation).
 DEFAULT_STEPS = {"tiny": 300, "small": 1000, "base": 250}
 # Runs set these per run; --set may not.
 _PER_RUN_FIELDS = ("model.ffn", "train.l1_coeff", "train.l1_norm", "train.max_minutes")
+
+
+def _write(path: str, obj) -> None:
+  write_json(path, obj, indent=1, allow_nan=False)
 
 
 @dataclasses.dataclass(frozen=True)

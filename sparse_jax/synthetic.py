@@ -84,7 +84,7 @@ def _rescale(p: np.ndarray, mean_active: float) -> np.ndarray:
   if mean_active > MAX_FIRING_PROB * np.count_nonzero(p):
     raise ValueError(f"mean_active={mean_active} needs more than {MAX_FIRING_PROB} firing "
                      f"probability on each of the {np.count_nonzero(p)} live neurons")
-  for _ in range(100):
+  for _ in range(50):  # as many rounds as before: skewed problems stay bit-identical
     p = np.minimum(p * (mean_active / max(p.sum(), 1e-12)), MAX_FIRING_PROB)
   return p
 
@@ -196,12 +196,10 @@ def make_ffn_problem(key: jax.Array, m: int, d_model: int, d_ff: int, *,
   targets, neuron_mean = _token_targets(rng, distribution, m, d_ff, active_per_token, seq_len)
   profile = distribution if distribution in NEURON_PROFILES else "skewed"
   p = firing_probabilities(rng, d_ff, neuron_mean, profile, tile=tile)
-  # theta_j midway between the order statistics with p_j * M (rounded) values above it and one
-  # more, so that rounding theta to x.dtype does not move a token across it.
-  ranks = np.clip(m - 1 - np.round(p * m).astype(np.int64), 0, m - 1)
-  sorted_pre = jnp.sort(pre, axis=0)
-  take = lambda r: jnp.take_along_axis(sorted_pre, jnp.asarray(r)[None, :], axis=0)[0]  # noqa: E731
-  theta = 0.5 * (take(ranks) + take(np.minimum(ranks + 1, m - 1)))
+  # theta_j: the order statistic with about p_j * M values above it (as before the new
+  # distributions, so uniform and skewed problems are unchanged).
+  ranks = np.clip(np.floor((1.0 - p) * m).astype(np.int64), 0, m - 1)
+  theta = jnp.take_along_axis(jnp.sort(pre, axis=0), jnp.asarray(ranks)[None, :], axis=0)[0]
   theta = jnp.where(jnp.asarray(p) > 0, theta, DEAD_THRESHOLD).astype(dtype)
   c = jnp.ones((m,), jnp.float32)
   if targets is not None:
