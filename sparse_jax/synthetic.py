@@ -6,9 +6,10 @@ set from empirical quantiles of the pre-activations, so the mean number of activ
 hits the target on the very inputs returned.
 
 * ``"uniform"``: every neuron fires with the same probability, every token has the same scale.
-* ``"skewed"``: like trained models (``PAPER.md``): ~30% of neurons never fire, the others' firing
-  frequencies are log-uniform over three orders of magnitude (a few hot neurons), and each token's
-  scale ``s_i`` is log-normal, so per-token activity varies several-fold (long tail of busy tokens).
+* ``"skewed"``: like trained models (docs/method.md): ~30% of neurons never fire, the others'
+  firing frequencies are log-uniform over three orders of magnitude (a few hot neurons), and each
+  token's scale ``s_i`` is log-normal, so per-token activity varies several-fold (long tail of busy
+  tokens).
 """
 from __future__ import annotations
 
