@@ -3,9 +3,9 @@ two sizes every TwELL kernel shares.
 
 Two different 256s run through these kernels; they are given two names:
 
-* ``TWELL_TILE`` (256): the default TwELL column tile, i.e. how many hidden neurons one tile of
-  the format covers. It is a tuning value: the gate kernel takes it from ``GateConfig.tile_n``,
-  the kernels reading TwELL take it from the format (``TwELL.tile``).
+* ``TWELL_TILE`` (256, the format's ``twell.DEFAULT_TILE``): the default TwELL column tile, i.e.
+  how many hidden neurons one tile of the format covers. It is a tuning value: the gate kernel
+  takes it from ``GateConfig.tile_n``, the kernels reading TwELL from the format (``TwELL.tile``).
 * ``WARP_ROW_SPAN`` (256 = 32 lanes x 8 bf16): the d_model columns one warp covers in one pass of
   16-byte loads (``warp_mgpu``). It is fixed by the hardware, so d_model must be a multiple of it.
 """
@@ -18,7 +18,9 @@ import os
 import jax
 import jax.numpy as jnp
 
-TWELL_TILE = 256
+from sparse_jax.formats import twell
+
+TWELL_TILE = twell.DEFAULT_TILE
 WARP_ROW_SPAN = 32 * 8
 WARPS_PER_WARPGROUP = 4
 # Shared memory a kernel may give to its per-warp entry lists (the rest: staging, counters).

@@ -15,14 +15,14 @@ GPU path (``compute="mgpu"``, per-lane code through ``plgpu.inline_mgpu``): one 
 tokens strided over all warps of a persistent grid.
   1. lane l < n_tiles reads the count of tile l, a warp scan gives each tile's offset, and each
      lane copies its tile's entries (global column, gate value) into a per-warp list in SMEM;
-  2. lane l holds x[8(l + 32k) : 8(l + 32k) + 8] for k < d_model / 256 (16-byte coalesced loads, ``common.WARP_ROW_SPAN``)
-     and the same slice of the f32 output accumulator;
+  2. lane l holds x[8(l + 32k) : 8(l + 32k) + 8] for k < d_model / 256 (16-byte coalesced loads,
+     ``common.WARP_ROW_SPAN``) and the same slice of the f32 output accumulator;
   3. entries are taken two at a time: both Wu rows are loaded before the first reduction (loads in
      flight), each dot product is a per-lane FMA chain plus a 5-step butterfly, then both Wd rows
      are folded into the accumulator;
   4. tiles whose count exceeds the capacity (their TwELL row lost entries) are recomputed exactly:
-     the warp takes the tile's gate dot products itself (one per neuron of the tile) and runs every active neuron through
-     the same math, so the kernel is exact on any input with no fallback pass outside it;
+     the warp takes the tile's gate dot products itself (one per neuron of the tile) and runs every
+     active neuron through the same math, so the kernel is exact on any input with no fallback pass outside it;
   5. the row is stored once as bf16, and lane 0 stores the row's sum |h| (for the L1 statistic).
 The TwELL tile width comes with the format (``TwELL.tile``). Interpret mode
 (``common.pallas_interpret()``) cannot run ``inline_mgpu``: the

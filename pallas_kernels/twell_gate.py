@@ -1,9 +1,9 @@
 """Gate matmul with TwELL packing in its epilogue (Mosaic GPU, Hopper).
 
 ``relu(x @ w_gate.T)`` on wgmma, fed by a TMA, warp-specialised pipeline (one memory warpgroup,
-two consumer warpgroups, each owning a 64 x ``tile_n`` accumulator: a CTA tile is 128 tokens x one
-TwELL column tile of ``GateConfig.tile_n`` neurons), persistent over the output tiles in a planar-snake order, after jax's
-``hopper_matmul_mgpu``. The epilogue applies the ReLU to the f32 accumulator and compacts every row
+two consumer warpgroups, each owning a 64 x ``tile_n`` accumulator: a CTA tile is 128 tokens x
+one TwELL column tile of ``GateConfig.tile_n`` neurons), persistent over the output tiles in a
+planar-snake order, after jax's ``hopper_matmul_mgpu``. The epilogue applies the ReLU to the f32 accumulator and compacts every row
 of the tile into TwELL (count + up to ``capacity`` (local column, value) entries) straight from the
 registers: the dense hidden matrix never reaches HBM.
 
@@ -12,12 +12,12 @@ a per-thread count, an exclusive scan over the quad with ``shfl.idx``, then pred
 the entries into a shared-memory staging tile that one TMA store per tile writes out; the exact
 count goes straight to GMEM. This needs per-lane code, written with ``plgpu.inline_mgpu``
 (``compaction="mgpu"``). GPU interpret mode (``common.pallas_interpret()``) cannot run
-``inline_mgpu``, so interpret runs use
-``compaction="jnp"``: the same per-tile result computed with array ops (cumsum + scatter) that only
+``inline_mgpu``, so interpret runs use ``compaction="jnp"``: the same per-tile result computed with array ops (cumsum + scatter) that only
 the interpreter accepts. Everything else (pipeline, TMA, wgmma, staging, stores) is shared.
 
 Output: ``sparse_jax.formats.TwELL`` (values bf16 [M, N/tile_n, C], tile-local int16 indices,
-counts int32 [M, N/tile_n]); entries inside a tile row come out lane-interleaved (any order is valid).
+counts int32 [M, N/tile_n]); entries inside a tile row come out lane-interleaved (any order is
+valid).
 Active means ``not (h <= 0)``, so a NaN pre-activation is kept active, never dropped.
 """
 from __future__ import annotations

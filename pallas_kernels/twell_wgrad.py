@@ -189,7 +189,8 @@ def cta_bounds(tasks, n_ctas: int, task_overhead: int = DEFAULT_CONFIG.task_over
 
 
 def slice_width(d_model: int, cfg: WgradConfig) -> int:
-  """The ticket's d_model slice: ``cfg.slice_width`` where it divides d_model, else one warp pass."""
+  """The ticket's d_model slice: ``cfg.slice_width`` where it divides d_model, else one warp
+  pass."""
   return cfg.slice_width if d_model % cfg.slice_width == 0 else common.WARP_ROW_SPAN
 
 

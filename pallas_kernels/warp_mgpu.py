@@ -1,10 +1,11 @@
 """Per-warp CUDA-core building blocks for the TwELL kernels, emitted through ``plgpu.inline_mgpu``.
 
 One warp owns one token at a time. A lane holds 8-element slices ``8(lane + 32k) .. +8`` of every
-d_model-wide row (16-byte coalesced loads; ``common.WARP_ROW_SPAN`` columns per pass), so a dot product is a per-lane FMA chain plus a
-butterfly, and an axpy into an accumulator needs no communication. Used by the fused forward
-(``twell_ffn``), the backward (``twell_backward``) and the weight gradients (``twell_wgrad``); everything here runs inside an ``inline_mgpu``
-body and therefore only on the GPU (interpret mode cannot run it).
+d_model-wide row (16-byte coalesced loads; ``common.WARP_ROW_SPAN`` columns per pass), so a dot
+product is a per-lane FMA chain plus a butterfly, and an axpy into an accumulator needs no
+communication. Used by the fused forward (``twell_ffn``), the backward (``twell_backward``) and the
+weight gradients (``twell_wgrad``); everything here runs inside an ``inline_mgpu`` body and
+therefore only on the GPU (interpret mode cannot run it).
 """
 from __future__ import annotations
 
@@ -107,10 +108,10 @@ class WarpKernel:
   # ---- TwELL entry lists
   def build_entry_list(self, t, cnt_ref, idx_ref, val_ref, ej_ref, ev_ref, es_ref=None, *,
                        tile_width: int):
-    """Copies token t's TwELL entries (``tile_width``: the TwELL tile's neurons) into this warp's SMEM lists: global column (ej), value as
-    f32 (ev) and, if asked, the flat slot ``tile * capacity + s`` (es). Tiles whose count exceeds
-    the capacity contribute nothing and are returned as ballot masks (one i32 per 32 tiles)
-    together with the number of entries."""
+    """Copies token t's TwELL entries (``tile_width``: the TwELL tile's neurons) into this warp's
+    SMEM lists: global column (ej), value as f32 (ev) and, if asked, the flat slot
+    ``tile * capacity + s`` (es). Tiles whose count exceeds the capacity contribute nothing and
+    are returned as ballot masks (one i32 per 32 tiles) together with the number of entries."""
     _, n_tiles, capacity = ir.MemRefType(idx_ref.type).shape
     c, lane = self.c, self.lane
     masks, base = [], c(0)

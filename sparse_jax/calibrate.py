@@ -12,7 +12,8 @@ biases, so per-neuron thresholds are built into the model's own weights (``calib
    attention averages few tokens, still fire more, as in trained models). In the ``"skewed"``
    profile each embedding row (channels 1:) is also scaled by a per-token-id factor
    ``exp(0.2 N(0, 1))``, the FFN benchmark's per-token scale: busy tokens fire several times the
-   mean (hundreds of neurons for the top 1%, as ``PAPER.md`` reports for trained models).
+   mean (hundreds of neurons for the top 1%, as the paper reports for trained models;
+   docs/method.md).
 1. **A constant residual channel** (``add_constant_channel``): column 0 of the (tied) embedding is
    set to a constant ``c > 0``, and the rows of every attention output projection and FFN down
    projection that write into residual channel 0 are zeroed. Residual channel 0 then holds exactly

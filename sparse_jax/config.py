@@ -26,7 +26,7 @@ from typing import Any
 
 from sparse_jax.ops.base import SparseFFNConfig
 
-FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense")
+FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense", "relu_dense_bf16")
 FFN_IMPLS = ("auto", "xla", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -70,7 +70,9 @@ class ModelConfig:
   n_kv_heads: None means full multi-head attention; fewer (dividing n_heads) is grouped-query.
   head_dim: None means d_model // n_heads.
   ffn: relu_sparse (the paper's ReLU-gated FFN through sparse_jax.ops), relu_nongated_sparse
-    (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines).
+    (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines),
+    relu_dense_bf16 (relu_dense with every matmul output in the compute dtype, as a bf16 model
+    computes it: the benchmarks' dense baseline; same parameters as relu_dense).
   ffn_impl: sparse op backend; auto picks the fastest that can run (Pallas on Hopper, else XLA).
   attention_impl: auto uses cuDNN flash attention on a GPU with 16-bit compute, else XLA.
   sparse: the sparse op's capacities and dispatch lines (``sparse_jax.ops.SparseFFNConfig``), set

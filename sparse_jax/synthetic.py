@@ -9,7 +9,7 @@ on the very inputs returned, and the REAL op sees the activity pattern (nothing 
 Neuron profiles (who fires how often; ``firing_probabilities``):
 
 * ``"uniform"``: every neuron fires with the same probability, every token has the same scale.
-* ``"skewed"``: like trained models (the paper): ~30% of neurons never fire, the others' firing
+* ``"skewed"``: like trained models (docs/method.md): ~30% of neurons never fire, the others' firing
   frequencies are log-uniform over three orders of magnitude (a few hot neurons), and each
   token's scale ``s_i`` is log-normal, so per-token activity varies several-fold.
 * ``"zipf"``: firing probability of the neuron of rank k proportional to ``k ** -ZIPF_EXPONENT``,

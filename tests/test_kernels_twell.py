@@ -7,10 +7,11 @@ import pytest
 from conftest import rel_err
 from ffn_checks import PallasChecks
 
-from pallas_kernels import twell_ffn, twell_gate
+from pallas_kernels import common, twell_ffn, twell_gate
 from sparse_jax import ops
 from sparse_jax.formats import twell
 from sparse_jax.ops import base, pallas_backend
+from sparse_jax.ops.dense import ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
 
@@ -102,6 +103,57 @@ def test_pallas_op_with_gradients_cross_lowers(key):
   lowered = jax.jit(step).trace(p.x, p.w_gate, p.w_up, p.w_down).lower(
       lowering_platforms=("cuda",))
   assert "mosaic_gpu" in lowered.as_text()
+
+
+def test_twell_tile_128_cross_lowers(key):
+  """The TwELL tile is a config value: the real GPU paths of the gate and fused kernels lower
+  with 128-neuron tiles too."""
+  p = make_ffn_problem(key, 256, 256, 384, active_per_token=12)
+  gcfg = twell_gate.GateConfig(tile_n=128)
+  f = jax.jit(lambda x, w: twell_gate.gate_twell(x, w, capacity=16, config=gcfg))
+  assert "mosaic_gpu" in f.trace(p.x, p.w_gate).lower(lowering_platforms=("cuda",)).as_text()
+  tw = twell.encode(_gate_ref(p.x, p.w_gate), tile=128, capacity=16)
+  g = jax.jit(lambda x, wg, wu, wd, tw: twell_ffn.fused_up_down(x, wg, wu, wd, tw))
+  assert "mosaic_gpu" in g.trace(p.x, p.w_gate, p.w_up, p.w_down, tw).lower(
+      lowering_platforms=("cuda",)).as_text()
+
+
+def test_twell_tile_is_a_config_change(pallas_interpret, key):
+  """SparseFFNConfig.tile=128 alone moves every kernel of the Pallas backend to 128-neuron tiles:
+  forward and gradients (overflowed rows included) match the dense float32 FFN."""
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 128, 256, 384, active_per_token=12, distribution="skewed")
+  cot = jax.random.normal(k2, p.x.shape, jnp.float32)
+  cfg = ops.SparseFFNConfig(tile=128, twell_capacity=8, max_active_fraction=None,
+                            overflow_capacity=128)
+
+  def loss(x, wg, wu, wd):
+    y, st = pallas_backend.gated_ffn(x, wg, wu, wd, cfg)
+    return jnp.sum(y.astype(jnp.float32) * cot) + 0.5 * st.l1, st
+
+  def loss_ref(x, wg, wu, wd):
+    y, l1 = ffn_with_l1(x, wg, wu, wd)
+    return jnp.sum(y * cot) + 0.5 * l1
+
+  args = (p.x, p.w_gate, p.w_up, p.w_down)
+  y, st = pallas_backend.gated_ffn(*args, cfg)
+  y_ref, _ = ffn_with_l1(*(a.astype(jnp.float32) for a in args))
+  assert rel_err(y, y_ref) < 1e-2 and int(st.overflow_rows) > 0
+  grads, st = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*args)
+  ref = jax.grad(loss_ref, argnums=(0, 1, 2, 3))(*(a.astype(jnp.float32) for a in args))
+  assert not bool(st.dense_fallback)
+  for name, g, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], grads, ref):
+    assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+
+
+def test_unsupported_twell_tile_raises_naming_it(key):
+  x = jax.random.normal(key, (128, 256), jnp.bfloat16)
+  w = jax.random.normal(key, (384, 256), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="tile_n=96"):
+    twell_gate.gate_twell(x, w, capacity=8, config=twell_gate.GateConfig(tile_n=96))
+  with common.interpret_mode(True), pytest.raises(NotImplementedError, match="tile_n=96"):
+    ops.gated_sparse_ffn(x, w, w, w, implementation="pallas",
+                         config=ops.SparseFFNConfig(tile=96, twell_capacity=8))
 
 
 def test_fused_kernel_rejects_bad_shapes(key):

@@ -97,14 +97,15 @@ def test_task_table_covers_every_entry_once(key, piece, partial_rows):
 
 @pytest.mark.parametrize("piece,partial_rows", [(512, 512), (4, 4096)])
 @pytest.mark.parametrize("n_x", [2, 1])
-def test_weight_gradients_interpret_match_dense_products(pallas_interpret, key, piece, partial_rows, n_x):
+def test_weight_gradients_interpret_match_dense_products(pallas_interpret, key, piece,
+                                                         partial_rows, n_x):
   p, tw, vals, keep, dy = _problem(key, active=20)
   total = int(np.asarray(twell_wgrad.entry_counts(tw, keep)).sum())
   slot_vals = vals[:n_x] + [vals[2]]
   lists = twell_wgrad.entry_lists(tw, keep, capacity=total + 64)
-  outs = twell_wgrad.sparse_weight_gradients(lists, lists.gather(slot_vals), p.x, dy, n_x=n_x, out_dtype=jnp.float32,
-                                             config=twell_wgrad.WgradConfig(
-                                                 piece=piece, partial_rows=partial_rows))
+  wcfg = twell_wgrad.WgradConfig(piece=piece, partial_rows=partial_rows)
+  outs = twell_wgrad.sparse_weight_gradients(lists, lists.gather(slot_vals), p.x, dy, n_x=n_x,
+                                             out_dtype=jnp.float32, config=wcfg)
   ref = _dense_reference(tw, slot_vals, keep, [p.x] * n_x + [dy])
   assert len(outs) == n_x + 1
   for o, r in zip(outs, ref):
@@ -142,6 +143,7 @@ def test_cta_bounds_balance_skewed_work(key):
   b = np.asarray(twell_wgrad.cta_bounds(tasks, n_ctas))
   t = np.asarray(tasks)
   assert b[0] == 0 and b[-1] == len(t) and np.all(np.diff(b) >= 0)
-  work = t[:, 1] - t[:, 0] + np.where((t[:, 2] >= 0) | (t[:, 3] >= 0), twell_wgrad.DEFAULT_CONFIG.task_overhead, 0)
+  overhead = twell_wgrad.DEFAULT_CONFIG.task_overhead
+  work = t[:, 1] - t[:, 0] + np.where((t[:, 2] >= 0) | (t[:, 3] >= 0), overhead, 0)
   per_cta = [work[b[c]:b[c + 1]].sum() for c in range(n_ctas)]
   assert max(per_cta) <= work.sum() / n_ctas + work.max()

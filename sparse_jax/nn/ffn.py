@@ -4,7 +4,10 @@
 * ``relu_nongated_sparse``: ``relu(x Wu^T) @ Wd`` through ``sparse_jax.ops.sparse_ffn``.
 * ``relu_dense``: the same gated FFN as ``relu_sparse`` computed densely (the baseline).
 * ``silu_dense``: the usual Llama SwiGLU FFN.
-The dense kinds are ``sparse_jax.ops.dense.ffn`` (f32 hidden activations).
+* ``relu_dense_bf16``: ``relu_dense`` as a bf16 model computes it (every matmul output in the
+  compute dtype): the benchmarks' dense baseline, same parameters as ``relu_dense``.
+The dense kinds are ``sparse_jax.ops.dense.ffn`` (f32 hidden activations) and
+``sparse_jax.ops.dense.ffn_as_model``.
 
 Every variant sows its ``FFNStats`` (L0, L1, per-neuron activity, overflow) as an
 ``nnx.Intermediate`` named ``ffn_stats``; ``sparse_jax.nn.forward_with_stats`` collects them.
@@ -29,7 +32,9 @@ from sparse_jax.parallel.ffn import per_device
 
 STATS_NAME = "ffn_stats"
 SPARSE_KINDS = ("relu_sparse", "relu_nongated_sparse")
-DENSE_ACTIVATIONS = {"relu_dense": "relu", "silu_dense": "silu"}
+# kind -> (activation, the matmul outputs kept in the compute dtype)
+DENSE_KINDS = {"relu_dense": ("relu", False), "silu_dense": ("silu", False),
+               "relu_dense_bf16": ("relu", True)}
 
 
 def _capturing(module: nnx.Module) -> bool:
@@ -44,9 +49,9 @@ class FFN(nnx.Module):
                out_std_scale: float, compute_dtype, param_dtype, rngs: nnx.Rngs,
                sparse: ops.SparseFFNConfig | None = None, mesh: Mesh | None = None,
                hot_neurons: int | None = None):
-    if kind not in SPARSE_KINDS and kind not in DENSE_ACTIVATIONS:
-      raise ValueError(f"kind must be one of {', '.join(SPARSE_KINDS + tuple(DENSE_ACTIVATIONS))}"
-                       f", got {kind!r}")
+    if kind not in SPARSE_KINDS and kind not in DENSE_KINDS:
+      raise ValueError(f"kind must be one of {', '.join(SPARSE_KINDS + tuple(DENSE_KINDS))}, "
+                       f"got {kind!r}")
     self.kind = kind
     self.gated = kind != "relu_nongated_sparse"
     self.implementation = None if implementation == "auto" else implementation
@@ -87,9 +92,16 @@ class FFN(nnx.Module):
     if self.kind == "relu_nongated_sparse":
       return ops.sparse_ffn(x, w["w_up_FxD"], w["w_down_FxD"], implementation=self.implementation,
                             config=self.sparse_config)
-    y_MxD, h_MxF = dense.ffn(x.reshape(-1, x.shape[-1]), w["w_gate_FxD"], w["w_up_FxD"],
-                             w["w_down_FxD"], activation=DENSE_ACTIVATIONS[self.kind])
+    y_MxD, h_MxF = self._dense(x.reshape(-1, x.shape[-1]), w)
     return y_MxD.reshape(x.shape), dense_stats(h_MxF)
+
+  def _dense(self, x_MxD, w) -> tuple[jax.Array, jax.Array]:
+    activation, as_model = DENSE_KINDS[self.kind]
+    args = (x_MxD, w["w_gate_FxD"], w["w_up_FxD"], w["w_down_FxD"])
+    if as_model:
+      y_MxD, h_MxF, _ = dense.ffn_as_model(*args, activation=activation)
+      return y_MxD, h_MxF
+    return dense.ffn(*args, activation=activation)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     if self.mesh is None:
@@ -108,8 +120,7 @@ class FFN(nnx.Module):
     x_MxD = x_BxLxD.astype(dt).reshape(-1, x_BxLxD.shape[-1])
     if self.kind in SPARSE_KINDS:
       return dense.hidden(x_MxD, self.gate_param[...].astype(dt)).astype(dt) != 0
-    return dense.hidden(x_MxD, self.w_gate_FxD[...].astype(dt), self.w_up_FxD[...].astype(dt),
-                        activation=DENSE_ACTIVATIONS[self.kind]) != 0
+    return self._dense(x_MxD, self._weights())[1] != 0
 
   def reinit_gate_rows(self, dead_F: jax.Array, key: jax.Array) -> None:
     """Re-draws the gate rows of the neurons flagged in ``dead_F`` from the initial distribution.

@@ -41,7 +41,7 @@ from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
 ROW_BLOCK = 128           # the gate kernel's CTA rows: x is padded to a multiple of it
 ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
 FORCED_FRACTION = 0.05    # density the entry capacity assumes when the dispatcher is off
-MAX_TWELL_CAPACITY = 128  # the gate kernel's staging tiles (2 x 64 rows x capacity per CTA)
+MAX_TWELL_CAPACITY = 128  # the paper's largest (compression factor 2); the kernels' checked range
 # Profiling only (experiments/bench_train_parts.py): the backward skips its dense/sparse lax.cond
 # so CUPTI sees every kernel (it cannot see kernels inside XLA's device-side conditionals).
 # Inexact when the dense branch would have been taken; never set it for training.

@@ -6,7 +6,8 @@ so gradients and AdamW moments are fp32 while the matmuls run in bf16.
 
 On a device mesh (``sparse_jax.parallel``) the same step functions are compiled with the state's
 named shardings (FSDP rule) and the batch split over every device as in/out shardings, and the
-model's sparse FFNs run per device (``Transformer(mesh=...)``); ``mesh=None`` is plain single-device training.
+model's sparse FFNs run per device (``Transformer(mesh=...)``); ``mesh=None`` is plain
+single-device training.
 """
 from __future__ import annotations
 
