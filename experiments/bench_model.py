@@ -7,8 +7,8 @@ For each config (``--configs``, default 0.5b,1b,1.5b,2b) and mode (``--modes``):
 * ``train``: one full training step, ``sparse_jax.train.train_step`` (forward, backward with the
   L1 term, AdamW update; fp32 master weights, the preset's remat), on ``batch x seq`` tokens;
 
-it times the **dense** model (``model.ffn=relu_dense``: the model's own dense FFN, built from
-the config like any other run) and the **sparse** model (``model.ffn=relu_sparse``,
+it times the **dense** model (``model.ffn=relu_dense_bf16``: the dense FFN as a bf16 model
+computes it, every matmul output in bf16, built from the config like any other run) and the **sparse** model (``model.ffn=relu_sparse``,
 ``ffn_impl=pallas``: the Pallas TwELL kernels with the on-device dense/sparse dispatch), with the
 same weights (both FFN kinds have the same parameters; the same seed and calibration give the
 same values, or ``--checkpoint`` loads them into either kind).
@@ -97,7 +97,7 @@ DEFAULT_BATCH = {"forward": 64, "train": 16}
 FROZEN_WARMUP = 10**9
 # The dense model's FFN kind (recorded in every row; rows of earlier runs whose baseline was a
 # bf16-output FFN class swapped into the model say "bf16" and stay separate rows).
-DENSE_BASELINE = "relu_dense"
+DENSE_BASELINE = "relu_dense_bf16"
 QUICK = dict(configs="tiny", seq=64, batch="2", calib_batch=8, min_seconds=0.3, windows=2,
              warmup=1)
 
@@ -148,10 +148,10 @@ def _build(spec: dict, variant: str, level: dict):
   from sparse_jax.train import resolve_config
 
   impl = spec["ffn_impl"]
-  kind = "relu_dense" if variant == "dense" else "relu_sparse"
+  kind = DENSE_BASELINE if variant == "dense" else "relu_sparse"
   if level.get("checkpoint"):
     loaded = load_checkpoint(level["checkpoint"], compute_dtype="bfloat16")
-    if loaded.cfg.model.ffn not in ("relu_sparse", "relu_dense"):
+    if loaded.cfg.model.ffn not in ("relu_sparse", "relu_dense", DENSE_BASELINE):
       raise ValueError(f"the checkpoint's FFN is {loaded.cfg.model.ffn!r}: the benchmark compares "
                        "relu_dense with relu_sparse")
     model, cfg = rebuild(loaded.model, loaded.cfg, ffn=kind,

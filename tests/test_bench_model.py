@@ -35,9 +35,9 @@ def test_quick_mode_writes_rows(tmp_path):
     assert 0.97 < r["sparsity_measured"] < 0.999
     assert len(r["op_active_per_token_L"]) == r["n_layers"] == 2
     assert r["mj_per_token_dense"] is None  # no NVML on the CPU
-    # The dense model is relu_dense built from the config with the same (calibrated) weights:
+    # The dense model is relu_dense_bf16 built from the config with the same (calibrated) weights:
     # both compute the same function.
-    assert r["dense_baseline"] == "relu_dense" and r["final_loss_rel_diff"] < 1e-2
+    assert r["dense_baseline"] == "relu_dense_bf16" and r["final_loss_rel_diff"] < 1e-2
   assert os.path.exists(str(tmp_path / "bench.png"))
 
 
