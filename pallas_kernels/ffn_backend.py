@@ -1,9 +1,11 @@
 """The ``implementation="pallas"`` backend of ``sparse_jax.ops``: kernels plus their glue.
 
 Inference forward (the primal):
-  1. dispatcher: the gate of a strided sample of tokens (about 1/64 of them) estimates the active
-     fraction on device; ``lax.cond`` runs the dense FFN when it is above
-     ``SparseFFNConfig.max_active_fraction`` (where the sparse path stops paying), with no host sync;
+  1. dispatcher (``SparseFFNConfig.mode="auto"``): the gate of a strided sample of tokens (about
+     1/64 of them) estimates the active fraction on device; ``lax.cond`` runs the dense FFN when it
+     is above ``SparseFFNConfig.max_active_fraction`` (where the sparse path stops paying), with no
+     host sync. ``mode="sparse"`` skips it (the caller decided); ``mode="dense"`` never reaches
+     this backend (``sparse_jax.ops.modes``);
   2. gate kernel -> TwELL (``twell_gate``); fused up + down kernel (``twell_ffn``);
   3. tiles that overflowed the TwELL capacity are recomputed exactly inside the fused kernel (no
      fallback pass); the overflowed rows are counted in the stats.
@@ -88,8 +90,8 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpre
                            overflow_rows=jnp.sum(flagged, dtype=jnp.int32),
                            dense_fallback=jnp.zeros((), bool), active_per_neuron=active)
 
-  if cfg.max_active_fraction is None:
-    return sparse()
+  if cfg.max_active_fraction is None or cfg.mode == "sparse":
+    return sparse()  # no probe, no conditional around the kernels
   too_dense = estimate_active_fraction(x_MxD, w_gate) > dispatch_threshold(cfg, m)
   return jax.lax.cond(too_dense, dense, sparse)
 

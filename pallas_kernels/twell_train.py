@@ -320,8 +320,13 @@ def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=Fals
     # The weight gradients' entry lists depend on the pattern only: built here, kept as residuals.
     lists = twell_wgrad.entry_lists(tw, ~flagged_p, e_cap)
     n_flagged = jnp.sum(flagged, dtype=jnp.int32)
-    active = lists.active_per_neuron()[:n] + _flagged_active_counts(
-        x_MxD, w_gate, flagged, n_flagged, budget)
+    # Overflowed lists hold only their first entries: then count from the gate on every row (XLA,
+    # row chunks), so the per-neuron counts (dead-neuron tracking) are never short.
+    active = lax.cond(
+        lists.overflowed(),
+        lambda: _flagged_active_counts(x_MxD, w_gate, jnp.ones((m,), bool), jnp.int32(m), budget),
+        lambda: lists.active_per_neuron()[:n] + _flagged_active_counts(
+            x_MxD, w_gate, flagged, n_flagged, budget))
     stats = FFNStats(l0=jnp.sum(tw.counts_MxT[:m]) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
                      overflow_rows=n_flagged,
                      dense_fallback=(n_flagged > budget) | lists.overflowed(),
@@ -335,9 +340,9 @@ def forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig, *, interpret=Fals
              twell_wgrad.EntryLists.empty(e_cap, n_pad))
     return (y, stats), empty
 
-  if cfg.max_active_fraction is None:
+  if cfg.max_active_fraction is None or cfg.mode == "sparse":
     too_dense = jnp.zeros((), bool)
-    out, packed = sparse()
+    out, packed = sparse()  # no probe, no conditional around the kernels
   else:
     too_dense = (ffn_backend.estimate_active_fraction(x_MxD, w_gate)
                  > ffn_backend.dispatch_threshold(cfg, m, training=True))
@@ -423,6 +428,13 @@ def backward(residuals, cotangents, cfg: SparseFFNConfig, *, interpret=False):
 
   if PROFILE_WITHOUT_DISPATCH:
     return sparse()
+  if cfg.mode == "sparse":
+    # The kernels run unconditionally, inside XLA's command buffer. The rare call with more
+    # overflowed rows than the row path's budget, or more entries than the lists hold, is
+    # corrected afterwards by a conditional whose branches hold only XLA ops (the d_ff-chunked
+    # dense gradients: bounded memory, since a conditional reserves its largest branch).
+    grads = sparse()
+    return lax.cond((n_flagged > budget) | lists.overflowed(), dense, lambda: grads)
   return lax.cond(too_dense | (n_flagged > budget) | lists.overflowed(), dense, sparse)
 
 

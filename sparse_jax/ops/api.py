@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.ops import reference
+from sparse_jax.ops import modes, reference
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
 
 Implementation = Literal["xla", "pallas"] | None
@@ -107,12 +107,16 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
   Returns ``(y [..., d_model], FFNStats)``; ``stats.l1`` is differentiable (add ``coeff * l1`` to
   the loss to train sparsity). ``implementation``: ``"xla"`` (reference, any backend),
   ``"pallas"`` (Hopper kernels; raises ``NotImplementedError`` where they cannot run) or ``None``
-  (the fastest that can run, falling back to XLA).
+  (the fastest that can run, falling back to XLA). ``config.mode="dense"`` runs the plain XLA
+  dense FFN whatever the implementation (``sparse_jax.ops.modes``).
   """
   _check_weights(x, [("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)])
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
+  if cfg.mode == "dense":  # plain XLA + jax.grad on every backend (sparse_jax.ops.modes)
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_gate, w_up, w_down)
+    return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_gate, w_up, w_down), cfg)
   y, stats = _BACKENDS[backend][0](x_MxD, w_gate, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats
@@ -126,6 +130,9 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
+  if cfg.mode == "dense":
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_up, None, w_down)
+    return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_up, w_down), cfg)
   y, stats = _BACKENDS[backend][1](x_MxD, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats
