@@ -290,3 +290,24 @@ def test_host_dispatch_switches_and_resumes_bit_identically(tmp_path):
   restore = lambda run: Checkpointer(os.path.join(run, "checkpoints"), keep=2).restore(
       init_state(cfg_r)[1])[0]
   assert_trees_identical(restore(straight), restore(stopped))
+
+
+def test_pattern_reaches_the_per_device_ffns_on_a_mesh(key):
+  """On a mesh the sparse FFNs run an inner FFN per device (parallel.ShardedFFN): the pattern is
+  set there too, and the sharded model under (dense, sparse) computes what one device does."""
+  from sparse_jax import parallel
+  cfg = _tiny("model.compute_dtype=float32", "model.ffn_impl=xla")
+  mesh = parallel.make_mesh("data:2", jax.devices()[:2])
+  graphdef, state = init_state(cfg, mesh)
+  pattern = (LayerOp("dense"), LayerOp("sparse"))
+  gd = graphdef_for(graphdef, state.params, pattern)
+  model = nnx.merge(gd, state.params)
+  inner = [nnx.merge(b.ffn.local_graphdef, nnx.state(b.ffn, nnx.Param)).sparse_config.mode
+           for b in model.blocks]
+  assert inner == ["dense", "sparse"]
+  graphdef1, state1 = init_state(cfg)
+  tokens = jax.random.randint(key, (4, 17), 0, cfg.model.vocab_size)
+  loss = lambda gd_, params: _loss_fn(params, gd_, tokens, 0.01, cfg)[0]
+  on_mesh = jax.jit(loss, static_argnums=0)(gd, state.params)
+  one = loss(graphdef_for(graphdef1, state1.params, pattern), state1.params)
+  np.testing.assert_allclose(float(on_mesh), float(one), rtol=1e-5)
