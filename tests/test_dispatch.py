@@ -17,7 +17,7 @@ from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 from sparse_jax.train import Checkpointer, init_state, resolve_config, train
 from sparse_jax.train.dispatch import (Dispatcher, LayerOp, decide_modes, graphdef_for,
-                                       pattern_code)
+                                       pattern_code, static_graphdef)
 from sparse_jax.train.step import _loss_fn
 from test_checkpoint import assert_trees_identical
 from test_train import fresh_seed, short_run_config
@@ -229,6 +229,15 @@ def test_dispatch_settings_are_validated():
     Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
   with pytest.raises(NotImplementedError, match="n_hot"):
     graphdef_for(graphdef, state.params, (LayerOp("sparse", n_hot=64),) * cfg.model.n_layers)
+  # Fixed kinds for scripts that compile one step (benchmarks): device = unchanged.
+  cfg = _tiny()
+  graphdef, state = init_state(cfg)
+  assert static_graphdef(cfg, graphdef, state.params) is graphdef
+  for kind in ("sparse", "dense"):
+    gd = static_graphdef(_tiny(f"train.dispatch={kind}"), graphdef, state.params)
+    assert {b.ffn.sparse_config.mode for b in nnx.merge(gd, state.params).blocks} == {kind}
+  with pytest.raises(ValueError, match="auto_host"):
+    static_graphdef(_tiny("train.dispatch=auto_host"), graphdef, state.params)
 
 
 # --------------------------------------------------------------------------- patterns in the model

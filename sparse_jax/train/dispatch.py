@@ -121,6 +121,18 @@ def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern) ->
   return new
 
 
+def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
+  """The graphdef of a fixed ``train.dispatch`` (``device``: unchanged; ``sparse``/``dense``: every
+  layer in that mode), for scripts that compile one step without the loop (benchmarks)."""
+  kind = cfg.train.dispatch
+  if kind == "device":
+    return graphdef
+  if kind == "auto_host":
+    raise ValueError("train.dispatch=auto_host decides during a run (sparse_jax.train.train); "
+                     "a single compiled step takes train.dispatch=device, sparse or dense")
+  return graphdef_for(graphdef, params, tuple(LayerOp(kind) for _ in range(cfg.model.n_layers)))
+
+
 class Dispatcher:
   """The run's current pattern, its hysteresis decisions and the compiled step of each pattern.
 
