@@ -1,5 +1,6 @@
 """Static FFN dispatch (issue 15): the op's modes, the host decision with hysteresis, per-layer
 patterns in the model, and exact resume of the dispatch state."""
+import dataclasses
 import json
 import os
 
@@ -320,3 +321,41 @@ def test_pattern_reaches_the_per_device_ffns_on_a_mesh(key):
   on_mesh = jax.jit(loss, static_argnums=0)(gd, state.params)
   one = loss(graphdef_for(graphdef1, state1.params, pattern), state1.params)
   np.testing.assert_allclose(float(on_mesh), float(one), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- hot/cold refresh
+
+
+def test_permuted_neurons_train_identically(key):
+  """Permuting a layer's neurons in the parameters, both AdamW moments and the tracker commutes
+  with a training step (float32, XLA; up to the summation order over neurons); permuting the
+  parameters alone does not (the moments belong to their rows)."""
+  from sparse_jax.train.neuron_order import permute_neurons
+  from sparse_jax.train.step import train_step
+  cfg = _tiny("model.compute_dtype=float32", "model.ffn_impl=xla", "train.warmup_steps=0",
+              "train.lr=1e-2")
+  graphdef, state = init_state(cfg)
+  k1, k2, k3 = jax.random.split(key, 3)
+  batch = lambda k: jax.random.randint(k, (1, 4, 17), 0, cfg.model.vocab_size)
+  step = lambda s, b: train_step(jax.tree.map(jnp.copy, s), b, graphdef=graphdef, cfg=cfg)
+  state, _ = step(state, batch(k1))  # non-zero moments and tracker
+  perm = np.asarray(jax.random.permutation(k2, cfg.model.d_ff))
+  b = batch(k3)
+  after, m_after = step(state, b)
+  permuted_after, m_perm = step(permute_neurons(state, 1, perm), b)
+  np.testing.assert_allclose(float(m_perm["loss"]), float(m_after["loss"]), rtol=1e-6)
+  expected = permute_neurons(after, 1, perm)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(permuted_after)[0],
+                          jax.tree.leaves(expected)):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The parameters permuted without their moments: a different update.
+  start = permute_neurons(state, 1, perm)
+  wrong, _ = step(dataclasses.replace(state, params=start.params), b)
+  gate = lambda s: s.params["blocks"][1]["ffn"]["w_gate_FxD"][...]
+  assert rel_err(gate(wrong) - gate(start), gate(expected) - gate(start)) > 1e-2
+  with pytest.raises(ValueError, match="permutation"):
+    permute_neurons(state, 1, perm[:-1])

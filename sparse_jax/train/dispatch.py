@@ -30,9 +30,9 @@ hysteresis state: bit-identical to an uninterrupted one.
 Hot/cold split in training (issue 15 item 5, shared with the inference split of issue 14): each
 layer's op carries ``n_hot`` (hot neurons computed densely, the rest sparse), refreshed with the
 pattern. The op has no hot/cold path yet, so ``apply_op`` refuses ``n_hot > 0``; when it has,
-``apply_op`` sets it in the layer's config and ``decide`` picks it from the tracker's per-neuron
-counts (permuting a neuron's rows in the parameters and in both AdamW moments keeps the optimiser
-consistent).
+``apply_op`` sets it in the layer's config, the decision picks it from the tracker's per-neuron
+counts, and ``train.neuron_order.permute_neurons`` moves the hot neurons to the front of the
+layer in the parameters, both AdamW moments and the tracker (tested to train identically).
 """
 from __future__ import annotations
 
