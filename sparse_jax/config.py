@@ -176,6 +176,8 @@ class TrainConfig:
   dispatch_sparse_below / dispatch_dense_above: "auto_host"'s hysteresis, as active fractions of
     d_ff at >= 16384 tokens per call (scaled by sqrt(tokens / 16384) below): a dense layer goes
     sparse below the first, a sparse layer goes dense above the second.
+  dispatch_compile_ahead: "auto_host" compiles the likely next pattern's step in a background
+    thread, so a switch does not stall the run on compilation.
   """
 
   steps: int = 600
@@ -206,6 +208,7 @@ class TrainConfig:
   dispatch_every: int = 100
   dispatch_sparse_below: float = 0.0072
   dispatch_dense_above: float = 0.0085
+  dispatch_compile_ahead: bool = True
 
   def __post_init__(self):
     _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",

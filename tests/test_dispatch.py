@@ -257,7 +257,8 @@ def test_per_layer_pattern_matches_all_sparse_and_all_dense(key):
     gd = graphdef_for(graphdef, state.params, pattern)
     model_modes = [b.ffn.sparse_config.mode for b in nnx.merge(gd, state.params).blocks]
     assert model_modes == [op.mode for op in pattern] and pattern_code(pattern) == code
-    (loss, (_, _, stats)), grads = jax.value_and_grad(_loss_fn, has_aux=True)(
+    (loss, (_, _, stats)), grads = jax.jit(
+        jax.value_and_grad(_loss_fn, has_aux=True), static_argnums=(1, 4))(
         state.params, gd, tokens, 0.01, cfg)
     results[code] = (loss, grads, stats)
   for other in ("SS", "DD"):
@@ -359,3 +360,39 @@ def test_permuted_neurons_train_identically(key):
   assert rel_err(gate(wrong) - gate(start), gate(expected) - gate(start)) > 1e-2
   with pytest.raises(ValueError, match="permutation"):
     permute_neurons(state, 1, perm[:-1])
+
+
+def test_compile_ahead_fills_the_step_cache(key):
+  """A layer past the middle of its band makes the dispatcher compile the pattern it approaches in
+  a background thread; switching to it later compiles nothing (the executable is in the loop's
+  jit cache)."""
+  from sparse_jax.train.dispatch import step_lowering
+  from sparse_jax.train.loop import step_config
+  from sparse_jax.train.step import step_functions
+  cfg = _tiny("model.ffn_impl=xla", "train.dispatch=auto_host", "train.dispatch_every=1",
+              "train.dispatch_sparse_below=0.2", "train.dispatch_dense_above=0.4",
+              "train.warmup_steps=0")
+  scfg = step_config(cfg)
+  graphdef, state = init_state(cfg)
+  disp = Dispatcher(cfg, graphdef, state.params, lambda gd: step_functions(gd, scfg)[0],
+                    tokens_per_call=16384, lower=step_lowering(scfg, None))
+  batch = np.asarray(jax.random.randint(key, (1, 4, 17), 0, cfg.model.vocab_size), np.int32)
+  state, _ = disp(jax.tree.map(jnp.copy, state), batch)
+  d_ff = cfg.model.d_ff
+  # Layer 0 at 0.25: inside the band (stays dense), past its midpoint 0.3: SD is likely next.
+  assert not disp.after_step(1, {"l0_ema_L": np.asarray([0.25, 0.5]) * d_ff})
+  assert disp.code() == "DD" and [pattern_code(p) for p in disp.ahead] == ["SD"]
+  next(iter(disp.ahead.values())).join()
+  assert not disp.ahead_errors, disp.ahead_errors
+  compiles = []
+  listener = lambda name, *_, **__: compiles.append(name) if "backend_compile" in name else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    assert disp.after_step(2, {"l0_ema_L": np.asarray([0.1, 0.5]) * d_ff})
+    assert disp.code() == "SD"
+    ahead_state, ahead_metrics = disp(jax.tree.map(jnp.copy, state), batch)
+    jax.block_until_ready(ahead_state)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  assert np.isfinite(float(ahead_metrics["loss"]))

@@ -23,7 +23,11 @@ or global is read at trace time, and ``nnx.split``/``merge`` at the jit boundary
 
 No per-step host sync: the decision reads the EMA from the step's metrics only on decision steps
 (with ``dispatch_every`` a multiple of ``log_every`` the loop fetches them anyway), and the new
-pattern runs from the next step. The state (``kind``, per-layer modes) is saved in the checkpoint
+pattern runs from the next step. Compiling a new pattern's step stalls the run once; with a
+``lower`` function (``jit(...).lower``) the dispatcher compiles the likely next pattern ahead, in
+a background thread: the pattern that the decision would give if each layer's band shrank to its
+midpoint (layers past the middle of the band towards their switch). XLA keeps the executable in
+jit's cache, so the switch itself then compiles nothing. The state (``kind``, per-layer modes) is saved in the checkpoint
 (``Checkpointer`` item ``host``), so a resumed run continues with the same pattern and the same
 hysteresis state: bit-identical to an uninterrupted one.
 
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Callable
 
 import jax
@@ -121,6 +126,16 @@ def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern) ->
   return new
 
 
+def step_lowering(compiled_cfg, mesh) -> Callable:
+  """``lower(graphdef, state_spec, batch_spec)`` of the loop's train step (``train/step.py``)
+  for ``Dispatcher``'s compile-ahead: the same jit objects the loop calls, so the compiled
+  executable lands in their cache."""
+  from sparse_jax.train import step as train_step_module
+  if mesh is None:
+    return lambda gd, s, b: train_step_module.train_step.lower(s, b, graphdef=gd, cfg=compiled_cfg)
+  return lambda gd, s, b: train_step_module.sharded_steps(gd, compiled_cfg, mesh)[0].lower(s, b)
+
+
 def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
   """The graphdef of a fixed ``train.dispatch`` (``device``: unchanged; ``sparse``/``dense``: every
   layer in that mode), for scripts that compile one step without the loop (benchmarks)."""
@@ -138,10 +153,13 @@ class Dispatcher:
 
   ``make_step(graphdef)`` returns the step function ``(state, batch) -> (state, metrics)`` for a
   graphdef (the loop's ``step_functions(...)[0]``); it is called once per pattern.
+  ``lower(graphdef, state_spec, batch_spec)``, if given, lowers that step for abstract arguments
+  (``jit(...).lower``): the likely next pattern is then compiled ahead in a background thread.
   """
 
   def __init__(self, cfg, graphdef: nnx.GraphDef, params: nnx.State,
-               make_step: Callable[[nnx.GraphDef], Callable], *, tokens_per_call: int):
+               make_step: Callable[[nnx.GraphDef], Callable], *, tokens_per_call: int,
+               lower: Callable | None = None):
     from sparse_jax.nn.ffn import SPARSE_KINDS
     tcfg = cfg.train
     self.kind = tcfg.dispatch
@@ -160,6 +178,11 @@ class Dispatcher:
     self._params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     self._make_step = make_step
     self._steps: dict[Pattern, Callable] = {}
+    self._lower = lower
+    self._graphdefs: dict[Pattern, nnx.GraphDef] = {}
+    self._specs = None            # (state, batch) ShapeDtypeStructs, from the first call
+    self.ahead: dict[Pattern, threading.Thread] = {}
+    self.ahead_errors: dict[Pattern, BaseException] = {}
     # "auto_host" starts dense (exact, and as fast as a dense model on a fresh one) and decides
     # after the first step.
     first = {"device": "auto", "auto_host": "dense", "sparse": "sparse", "dense": "dense"}
@@ -169,13 +192,45 @@ class Dispatcher:
     """The compiled step of ``pattern`` (default: the current one), built on first use."""
     pattern = self.pattern if pattern is None else pattern
     if pattern not in self._steps:
-      gd = self._graphdef if self.kind == "device" else graphdef_for(
-          self._graphdef, self._params, pattern)
-      self._steps[pattern] = self._make_step(gd)
+      self._steps[pattern] = self._make_step(self._graphdef_of(pattern))
     return self._steps[pattern]
 
+  def _graphdef_of(self, pattern: Pattern) -> nnx.GraphDef:
+    if self.kind == "device":
+      return self._graphdef
+    if pattern not in self._graphdefs:
+      self._graphdefs[pattern] = graphdef_for(self._graphdef, self._params, pattern)
+    return self._graphdefs[pattern]
+
   def __call__(self, state, batch):
+    if self._specs is None and self._lower is not None:
+      # Only committed arrays carry their sharding into jit's cache key.
+      spec = lambda a: jax.ShapeDtypeStruct(
+          np.shape(a), jax.dtypes.canonicalize_dtype(a.dtype),
+          sharding=a.sharding if getattr(a, "committed", False) else None)
+      self._specs = (jax.tree.map(spec, state), spec(batch))
     return self.step_fn()(state, batch)
+
+  def compile_ahead(self, pattern: Pattern) -> threading.Thread | None:
+    """Starts compiling ``pattern``'s step in a background thread (None: nothing to do). The
+    graphdef is built here, on the caller's thread; a failure is kept in ``ahead_errors`` and the
+    step then compiles on first use as usual."""
+    if (self._lower is None or self._specs is None or pattern in self._steps
+        or pattern in self.ahead):
+      return None
+    gd = self._graphdef_of(pattern)
+    state_spec, batch_spec = self._specs
+
+    def work():
+      try:
+        self._lower(gd, state_spec, batch_spec).compile()
+      except BaseException as e:  # noqa: BLE001 (reported, never fatal: the step compiles later)
+        self.ahead_errors[pattern] = e
+
+    thread = threading.Thread(target=work, name=f"compile {pattern_code(pattern)}", daemon=True)
+    self.ahead[pattern] = thread
+    thread.start()
+    return thread
 
   def due(self, step: int) -> bool:
     """Whether the decision runs after optimiser step ``step`` (1-based count of steps done)."""
@@ -187,12 +242,22 @@ class Dispatcher:
     if not self.due(step):
       return False
     ema_L = np.asarray(jax.device_get(metrics["l0_ema_L"]), np.float64)
-    modes = decide_modes(tuple(op.mode for op in self.pattern), ema_L / self.d_ff,
+    frac_L = ema_L / self.d_ff
+    modes = decide_modes(tuple(op.mode for op in self.pattern), frac_L,
                          sparse_below=self.sparse_below, dense_above=self.dense_above)
     new = tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
     changed = new != self.pattern
     self.pattern = new
+    self.compile_ahead(self.likely_next(frac_L))
     return changed
+
+  def likely_next(self, active_fraction_L) -> Pattern:
+    """The pattern the next decisions approach: the decision with each layer's band shrunk to
+    its midpoint."""
+    mid = 0.5 * (self.sparse_below + self.dense_above)
+    modes = decide_modes(tuple(op.mode for op in self.pattern), active_fraction_L,
+                         sparse_below=mid * (1 - 1e-9), dense_above=mid)
+    return tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
 
   def code(self) -> str:
     return pattern_code(self.pattern)

@@ -33,7 +33,7 @@ from sparse_jax.config import Config, DataConfig, TrainConfig
 from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
 from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train.checkpoint import Checkpointer
-from sparse_jax.train.dispatch import Dispatcher
+from sparse_jax.train.dispatch import Dispatcher, step_lowering
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
 from sparse_jax.train.step import init_state, step_functions
 
@@ -158,7 +158,9 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   # One compiled step per pattern of per-layer FFN modes (train.dispatch; sparse_jax.train.dispatch).
   train_step = Dispatcher(cfg, graphdef, state.params,
                           lambda gd: step_functions(gd, compiled_cfg, mesh)[0],
-                          tokens_per_call=micro * cfg.data.seq_len // (mesh.size if mesh else 1))
+                          tokens_per_call=micro * cfg.data.seq_len // (mesh.size if mesh else 1),
+                          lower=step_lowering(compiled_cfg, mesh)
+                          if tcfg.dispatch_compile_ahead else None)
   if resumed_from is not None:
     train_step.load_state_dict(ckpt.read_host(resumed_from))
   with open(paths.config, "w") as f:
