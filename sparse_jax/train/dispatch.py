@@ -43,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import warnings
 from typing import Callable
 
 import jax
@@ -192,6 +193,11 @@ class Dispatcher:
     """The compiled step of ``pattern`` (default: the current one), built on first use."""
     pattern = self.pattern if pattern is None else pattern
     if pattern not in self._steps:
+      if pattern in self.ahead:
+        self.ahead[pattern].join()  # wait for it rather than compile the same step twice
+      if pattern in self.ahead_errors:
+        warnings.warn(f"compiling the step of pattern {pattern_code(pattern)} ahead failed "
+                      f"({self.ahead_errors[pattern]!r}); it compiles now")
       self._steps[pattern] = self._make_step(self._graphdef_of(pattern))
     return self._steps[pattern]
 
