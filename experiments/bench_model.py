@@ -184,6 +184,7 @@ def run_job(spec: dict) -> dict:
 
   from sparse_jax.calibrate import measure_activity
   from sparse_jax.train import init_tracker, make_optimizer
+  from sparse_jax.train.dispatch import static_graphdef
   from sparse_jax.train.loop import step_config
   from sparse_jax.train.step import TrainState, train_step
 
@@ -258,7 +259,8 @@ def run_job(spec: dict) -> dict:
         batch = jnp.asarray(tokens[None])
         if compiled is None:
           t0 = time.perf_counter()
-          compiled = train_step.lower(state, batch, graphdef=graphdef, cfg=scfg).compile()
+          step_gd = static_graphdef(cfg, graphdef, state.params)  # train.dispatch=sparse|dense
+          compiled = train_step.lower(state, batch, graphdef=step_gd, cfg=scfg).compile()
           compile_s = time.perf_counter() - t0
         rec.update(compiled_memory(compiled))
         check_fits(rec.get("peak_bytes"), device)

@@ -193,6 +193,7 @@ def measure(cfg: Config, devices: list, mesh_spec: str, args, params=None) -> di
 
   from sparse_jax import parallel
   from sparse_jax.train.loop import step_config
+  from sparse_jax.train.dispatch import static_graphdef
   from sparse_jax.train.step import init_state, step_functions
 
   mesh = None if len(devices) == 1 else parallel.make_mesh(mesh_spec, devices)
@@ -205,7 +206,7 @@ def measure(cfg: Config, devices: list, mesh_spec: str, args, params=None) -> di
       graphdef, state = init_state(cfg, mesh)
     if args.init_from:
       state = _restore_run(args.init_from, cfg, state)
-    train = step_functions(graphdef, step_config(cfg), mesh)[0]
+    train = step_functions(static_graphdef(cfg, graphdef, state.params), step_config(cfg), mesh)[0]
     batches = batch_source(cfg, args.data)
     t0 = time.perf_counter()
     for _ in range(args.warmup):

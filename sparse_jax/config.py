@@ -178,6 +178,9 @@ class DataConfig:
              "must be a positive integer or none")
 
 
+DISPATCH_KINDS = ("device", "auto_host", "sparse", "dense")   # sparse_jax.train.dispatch.KINDS
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Optimiser, schedule, sparsity penalty, logging and checkpointing.
@@ -193,6 +196,15 @@ class TrainConfig:
   dead_window: steps over which a neuron that never fires is counted dead; reinit_dead
     re-draws the gate rows of dead neurons at the end of every window.
   max_minutes: stop (and save) after this much wall time even if ``steps`` is not reached.
+  dispatch: how each sparse FFN layer picks sparse or dense (``sparse_jax.train.dispatch``):
+    "device" (the op decides per call on device), "auto_host" (the loop decides per layer from the
+    EMA of active neurons, with hysteresis, every dispatch_every steps; one compiled step per
+    pattern), "sparse" / "dense" (every layer, fixed).
+  dispatch_sparse_below / dispatch_dense_above: "auto_host"'s hysteresis, as active fractions of
+    d_ff at >= 16384 tokens per call (scaled by sqrt(tokens / 16384) below): a dense layer goes
+    sparse below the first, a sparse layer goes dense above the second.
+  dispatch_compile_ahead: "auto_host" compiles the likely next pattern's step in a background
+    thread, so a switch does not stall the run on compilation.
   """
 
   steps: int = 600
@@ -219,6 +231,11 @@ class TrainConfig:
   ckpt_every: int = 200
   keep_checkpoints: int = 2
   max_minutes: float | None = None
+  dispatch: str = "device"
+  dispatch_every: int = 100
+  dispatch_sparse_below: float = 0.0072
+  dispatch_dense_above: float = 0.0085
+  dispatch_compile_ahead: bool = True
 
   def __post_init__(self):
     _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",
@@ -243,6 +260,12 @@ class TrainConfig:
     _choice(self, "train", "l1_norm", L1_NORMS)
     _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
              self.max_minutes, "must be positive or none")
+    _choice(self, "train", "dispatch", DISPATCH_KINDS)
+    _positive_ints(self, "train", ("dispatch_every",))
+    _require(0 < self.dispatch_sparse_below < self.dispatch_dense_above <= 1,
+             "train.dispatch_sparse_below", self.dispatch_sparse_below,
+             f"must be in (0, dispatch_dense_above={self.dispatch_dense_above}) (hysteresis), "
+             "dispatch_dense_above at most 1")
 
 
 MESH_AXES = ("data", "fsdp")

@@ -140,3 +140,32 @@ def test_training_gradients_paper_shape_against_float32(key, dist):
   assert not bool(st.dense_fallback)
   for name, g, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], grads, ref):
     assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("mode,entry_capacity", [("sparse", None), ("sparse", 4096),
+                                                 ("dense", None)])
+def test_static_modes_paper_shape_against_float32(key, mode, entry_capacity):
+  """SparseFFNConfig.mode on the GPU: "sparse" (kernels outside conditionals; with 4096 entries
+  of ~115k the lists overflow and the XLA-only correction must make it exact) and "dense" (the
+  plain XLA FFN under jax.grad), against jax.grad of the float32 dense FFN."""
+  from sparse_jax.ops.dense import ffn_with_l1
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution="skewed")
+  cot = jax.random.normal(k2, p.x.shape, jnp.float32)
+  cfg = ops.SparseFFNConfig(mode=mode, entry_capacity=entry_capacity)
+
+  def loss(x, wg, wu, wd):
+    y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation="pallas", config=cfg)
+    return jnp.sum(y.astype(jnp.float32) * cot) + 0.5 * st.l1, st
+
+  def loss_ref(x, wg, wu, wd):
+    y, l1 = ffn_with_l1(x, wg, wu, wd)
+    return jnp.sum(y * cot) + 0.5 * l1
+
+  args = (p.x, p.w_gate, p.w_up, p.w_down)
+  grads, st = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2, 3)))(*(a.astype(jnp.float32) for a in args))
+  assert bool(st.dense_fallback) == (mode == "dense" or entry_capacity is not None)
+  for name, g, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], grads, ref):
+    assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))

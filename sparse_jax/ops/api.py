@@ -18,6 +18,7 @@ from typing import Literal
 
 import jax
 
+from sparse_jax.ops import modes
 from sparse_jax.ops.base import FFNStats, SparseFFNConfig, check_weights
 
 IMPLEMENTATIONS: dict[str, str] = {
@@ -79,11 +80,16 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
   the loss to train sparsity). ``implementation``: ``"xla"`` (reference, any backend),
   ``"pallas_mosaic_gpu"`` (alias ``"pallas"``: Hopper kernels; raises ``NotImplementedError``
   where they cannot run) or ``None`` (the fastest that can run, falling back to XLA).
+  ``config.mode=\"dense\"`` runs the plain XLA dense FFN whatever the implementation
+  (``sparse_jax.ops.modes``).
   """
   check_weights(x, [("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)])
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
+  if cfg.mode == "dense":  # plain XLA + jax.grad on every backend (sparse_jax.ops.modes)
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_gate, w_up, w_down)
+    return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_gate, w_up, w_down), cfg)
   y, stats = backend.gated_ffn(x_MxD, w_gate, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats
@@ -97,6 +103,9 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
+  if cfg.mode == "dense":
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_up, None, w_down)
+    return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_up, w_down), cfg)
   y, stats = backend.relu_ffn(x_MxD, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats

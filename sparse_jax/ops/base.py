@@ -20,6 +20,7 @@ from sparse_jax.formats import hybrid, twell
 
 F32 = jnp.float32
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,14 @@ class SparseFFNConfig:
     can hold (default: 1.25x the dispatcher's threshold density, M x d_ff x fraction). A call
     with more entries than this runs its backward on the exact dense path and says so in
     ``FFNStats.dense_fallback``.
+  mode: how a call picks its path, a static choice (``sparse_jax.ops.modes``):
+    "auto": the backend decides per call on device (the Pallas dispatcher's gate probe and
+      ``lax.cond``, forward and backward);
+    "sparse": the sparse kernels with no conditional around them; rare overflows are corrected
+      exactly by a conditional that holds only XLA ops;
+    "dense": the plain XLA dense FFN and its ``jax.grad`` (what a dense model runs), with the
+      L1 term and the statistics; any backend, no custom VJP.
+    A training loop sets it per layer from its own measurements (``sparse_jax.train.dispatch``).
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -52,6 +61,7 @@ class SparseFFNConfig:
   max_active_fraction: float | None = 0.0105
   max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
+  mode: str = "auto"
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
@@ -66,6 +76,8 @@ class SparseFFNConfig:
       v = getattr(self, name)
       if v is not None and not 0.0 < v <= 1.0:
         raise ValueError(f"SparseFFNConfig.{name} must be None or in (0, 1], got {v!r}")
+    if self.mode not in MODES:
+      raise ValueError(f"SparseFFNConfig.mode must be one of {MODES}, got {self.mode!r}")
     if self.twell_capacity > self.tile:
       raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
 

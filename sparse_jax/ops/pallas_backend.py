@@ -3,9 +3,11 @@ kernels of ``pallas_kernels`` (support check, dispatch, padding, custom_vjp forw
 dense fallbacks). The kernels themselves know nothing of this module.
 
 Inference (the primal of the custom_vjp):
-  1. dispatcher: the gate of a strided sample of tokens (about 1/64 of them) estimates the active
-     fraction on device; ``lax.cond`` runs the dense FFN (``dense.dense_with_stats``) when it is
-     above ``dispatch_threshold`` (where the sparse path stops paying), with no host sync;
+  1. dispatcher (``SparseFFNConfig.mode="auto"``): the gate of a seeded random sample of tokens
+     (``ops.dispatch``) estimates the active fraction on device; ``lax.cond`` runs the dense FFN
+     (``dense.dense_with_stats``) when it is above ``dispatch_threshold`` (where the sparse path
+     stops paying), with no host sync. ``mode="sparse"`` skips it (the caller decided);
+     ``mode="dense"`` never reaches this backend (``sparse_jax.ops.modes``);
   2. gate kernel -> TwELL (``twell_gate``); fused up + down kernel (``twell_ffn``);
   3. tiles that overflowed the TwELL capacity are recomputed exactly inside the fused kernel (no
      fallback pass); the overflowed rows are counted in the stats.
@@ -151,8 +153,8 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
                              overflow_rows=jnp.sum(flagged, dtype=jnp.int32),
                              active_per_neuron=active)
 
-  if cfg.max_active_fraction is None:
-    return sparse()
+  if cfg.max_active_fraction is None or cfg.mode == "sparse":
+    return sparse()  # no probe, no conditional around the kernels
   too_dense = estimate_active_fraction(x_MxD, w_gate, cfg) > dispatch_threshold(cfg, m)
   return lax.cond(too_dense, dense, sparse)
 
@@ -184,8 +186,13 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     # The weight gradients' entry lists depend on the pattern only: built here, kept as residuals.
     lists = twell_wgrad.entry_lists(tw, ~flagged_p, e_cap)
     n_flagged = jnp.sum(flagged, dtype=jnp.int32)
-    active = lists.active_per_neuron()[:n] + _flagged_active_counts(
-        x_MxD, w_gate, flagged, n_flagged, budget)
+    # Overflowed lists hold only their first entries: then count from the gate on every row (XLA,
+    # row chunks), so the per-neuron counts (dead-neuron tracking) are never short.
+    active = lax.cond(
+        lists.overflowed(),
+        lambda: _flagged_active_counts(x_MxD, w_gate, jnp.ones((m,), bool), jnp.int32(m), budget),
+        lambda: lists.active_per_neuron()[:n] + _flagged_active_counts(
+            x_MxD, w_gate, flagged, n_flagged, budget))
     stats = make_stats(l0=jnp.sum(tw.counts_MxT[:m]) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
                        overflow_rows=n_flagged,
                        dense_fallback=(n_flagged > budget) | lists.overflowed(),
@@ -199,9 +206,9 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
              twell_wgrad.EntryLists.empty(e_cap, n_pad))
     return (y, stats), empty
 
-  if cfg.max_active_fraction is None:
+  if cfg.max_active_fraction is None or cfg.mode == "sparse":
     too_dense = jnp.zeros((), bool)
-    out, packed = sparse()
+    out, packed = sparse()  # no probe, no conditional around the kernels
   else:
     too_dense = (estimate_active_fraction(x_MxD, w_gate, cfg)
                  > dispatch_threshold(cfg, m, training=True))
@@ -289,6 +296,13 @@ def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
 
   if PROFILE_WITHOUT_DISPATCH:
     return sparse()
+  if cfg.mode == "sparse":
+    # The kernels run unconditionally, inside XLA's command buffer. The rare call with more
+    # overflowed rows than the row path's budget, or more entries than the lists hold, is
+    # corrected afterwards by a conditional whose branches hold only XLA ops (the d_ff-chunked
+    # dense gradients: bounded memory, since a conditional reserves its largest branch).
+    grads = sparse()
+    return lax.cond((n_flagged > budget) | lists.overflowed(), dense, lambda: grads)
   return lax.cond(too_dense | (n_flagged > budget) | lists.overflowed(), dense, sparse)
 
 

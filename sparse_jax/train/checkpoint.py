@@ -1,8 +1,9 @@
 """Checkpoints with orbax ``CheckpointManager``: train state, data position, config.
 
-Each step directory holds three items: ``state`` (every array of the TrainState under a flat
-"params/blocks/0/ffn/w_gate_FxD/value"-style name), ``data`` (the data position, JSON) and
-``config`` (the run's config, JSON). Restoring fills a template TrainState built from the config,
+Each step directory holds four items: ``state`` (every array of the TrainState under a flat
+"params/blocks/0/ffn/w_gate_FxD/value"-style name), ``data`` (the data position, JSON),
+``config`` (the run's config, JSON) and ``host`` (the loop's host-side state, JSON: the FFN
+dispatch pattern of ``sparse_jax.train.dispatch``; absent in checkpoints that predate it). Restoring fills a template TrainState built from the config,
 so the restored pytree has exactly the types the jitted step was compiled for.
 
 Sharded state: each array is saved from its shards (every host writes its own), and restored
@@ -48,7 +49,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                      item_names=("state", "data", "config"))
+                                      item_names=("state", "data", "config", "host"))
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -56,11 +57,12 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._mgr.all_steps())
 
-  def save(self, step: int, state: TrainState, data_state: dict, config: dict) -> None:
+  def save(self, step: int, state: TrainState, data_state: dict, config: dict,
+           host_state: dict | None = None) -> None:
     flat, _ = flatten_state(state)
     self._mgr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(flat), data=ocp.args.JsonSave(data_state),
-        config=ocp.args.JsonSave(config)), force=True)
+        config=ocp.args.JsonSave(config), host=ocp.args.JsonSave(host_state or {})), force=True)
 
   def restore(self, template: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict, dict, int]:
@@ -89,6 +91,16 @@ class Checkpointer:
       raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
     return dict(self._mgr.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"])
+
+  def read_host(self, step: int | None = None) -> dict:
+    """The ``host`` item of ``step`` (default: the latest), {} for checkpoints without one."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+    if not os.path.isdir(os.path.join(self.directory, str(step), "host")):
+      return {}
+    return dict(self._mgr.restore(step, args=ocp.args.Composite(
+        host=ocp.args.JsonRestore()))["host"])
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()

@@ -33,6 +33,7 @@ from sparse_jax.config import Config, DataConfig, TrainConfig
 from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
 from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train.checkpoint import Checkpointer
+from sparse_jax.train.dispatch import Dispatcher, step_lowering
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
 from sparse_jax.train.step import init_state, step_functions
 
@@ -155,7 +156,14 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
   compiled_cfg = step_config(cfg)
-  train_step = step_functions(graphdef, compiled_cfg, mesh)[0]
+  # One compiled step per pattern of per-layer FFN modes (train.dispatch; sparse_jax.train.dispatch).
+  train_step = Dispatcher(cfg, graphdef, state.params,
+                          lambda gd: step_functions(gd, compiled_cfg, mesh)[0],
+                          tokens_per_call=micro * cfg.data.seq_len // (mesh.size if mesh else 1),
+                          lower=step_lowering(compiled_cfg, mesh)
+                          if tcfg.dispatch_compile_ahead else None)
+  if resumed_from is not None:
+    train_step.load_state_dict(ckpt.read_host(resumed_from))
   with open(paths.config, "w") as f:
     json.dump(cfg.to_dict(), f, indent=2)
 
@@ -193,14 +201,16 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
         if last_step != start_step:
           steady.append((n_tok, dt))
         rec = dict(split="train", step=step, tokens=step * tokens_per_step,
-                   tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, **metrics)
+                   tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, ffn_modes=train_step.code(),
+                   **metrics)
         log.write(rec)
         bar.set_postfix(_postfix(rec, d_ff), refresh=False)
         last_t, last_step = time.perf_counter(), step
+      train_step.after_step(step, metrics)
       if step % tcfg.eval_every == 0:
         last_val = run_eval(step)
       if step % tcfg.ckpt_every == 0:
-        ckpt.save(step, state, batches.state, cfg.to_dict())
+        ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
   except KeyboardInterrupt:
     stop_reason = "interrupted"
   finally:
@@ -209,7 +219,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     stop_reason = "stop_at"
   # However the loop ended, the state it reached is saved (unless that step already is).
   if step > 0 and ckpt.latest_step() != step:
-    ckpt.save(step, state, batches.state, cfg.to_dict())
+    ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
   ckpt.close()
   if stop_reason == "interrupted":
     raise KeyboardInterrupt(f"interrupted at step {step}; the checkpoint is saved in "

@@ -1,0 +1,282 @@
+"""Each sparse FFN layer's path (sparse kernels or plain dense), decided on the host.
+
+The Pallas backend can decide per call on device (``SparseFFNConfig.mode="auto"``: a gate probe and
+a ``lax.cond``, forward and backward), but kernels inside XLA conditionals run outside the step's
+command buffer, and the dense branch must recompute in chunks to keep the conditional's memory
+bounded. Here the training loop decides instead, from the sparsity tracker's EMA of active neurons
+per layer (``train/sparsity.py``), with hysteresis, every ``train.dispatch_every`` steps:
+
+* a sparse layer goes dense when its active fraction rises above ``train.dispatch_dense_above``;
+* a dense layer goes sparse when it falls below ``train.dispatch_sparse_below`` (lower, so a
+  layer near the line does not flip back and forth);
+
+both fractions of d_ff hold for >= 16384 tokens per call and scale with sqrt(tokens / 16384)
+below, as the on-device line does (``sparse_jax.ops.pallas_backend.dispatch_threshold``: fewer
+tokens leave the sparse kernels less work to balance).
+
+How the choice reaches the FFNs: as static configuration. The model's graphdef carries each
+FFN's ``SparseFFNConfig`` (a static attribute); ``graphdef_for`` rebuilds the graphdef with each
+layer's ``mode`` set, and the step is compiled for that graphdef (a static argument, like the
+config). Nothing changes in the parameters or the optimiser state, so one ``TrainState`` runs
+under every pattern; each pattern (tuple of per-layer ops) is one cached compiled step. No context
+or global is read at trace time, and ``nnx.split``/``merge`` at the jit boundary stay as they are.
+
+No per-step host sync: the decision reads the EMA from the step's metrics only on decision steps
+(with ``dispatch_every`` a multiple of ``log_every`` the loop fetches them anyway), and the new
+pattern runs from the next step. Compiling a new pattern's step stalls the run once; with a
+``lower`` function (``jit(...).lower``) the dispatcher compiles the likely next pattern ahead, in
+a background thread: the pattern that the decision would give if each layer's band shrank to its
+midpoint (layers past the middle of the band towards their switch). XLA keeps the executable in
+jit's cache, so the switch itself then compiles nothing. The state (``kind``, per-layer modes) is saved in the checkpoint
+(``Checkpointer`` item ``host``), so a resumed run continues with the same pattern and the same
+hysteresis state: bit-identical to an uninterrupted one.
+
+Hot/cold split in training (issue 15 item 5, shared with the inference split of issue 14): each
+layer's op carries ``n_hot`` (hot neurons computed densely, the rest sparse), refreshed with the
+pattern. The op has no hot/cold path yet, so ``apply_op`` refuses ``n_hot > 0``; when it has,
+``apply_op`` sets it in the layer's config, the decision picks it from the tracker's per-neuron
+counts, and ``train.neuron_order.permute_neurons`` moves the hot neurons to the front of the
+layer in the parameters, both AdamW moments and the tracker (tested to train identically).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import warnings
+from typing import Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from sparse_jax.config import DISPATCH_KINDS as KINDS   # train.dispatch
+
+MIN_FULL_TOKENS = 16384   # tokens per call at which the thresholds hold unscaled
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerOp:
+  """The static op choice of one FFN layer. mode: ``SparseFFNConfig.mode``. n_hot: hot neurons
+  computed densely (0: none; the hot/cold extension point, see the module docstring)."""
+  mode: str
+  n_hot: int = 0
+
+  def code(self) -> str:
+    return {"auto": "A", "sparse": "S", "dense": "D"}[self.mode] + (
+        f"{self.n_hot}" if self.n_hot else "")
+
+
+Pattern = tuple[LayerOp, ...]
+
+
+def pattern_code(pattern: Pattern) -> str:
+  """"SSDD"-style summary (one letter per layer, n_hot after it when set) for logs."""
+  return "".join(op.code() for op in pattern)
+
+
+def scaled_threshold(fraction: float, tokens_per_call: int) -> float:
+  return fraction * min(1.0, math.sqrt(tokens_per_call / MIN_FULL_TOKENS))
+
+
+def decide_modes(modes: tuple[str, ...], active_fraction_L, *, sparse_below: float,
+                 dense_above: float) -> tuple[str, ...]:
+  """The hysteresis rule, per layer: sparse -> dense above ``dense_above``, dense -> sparse below
+  ``sparse_below``, otherwise unchanged. A non-finite fraction (a diverged run) goes dense: the
+  exact path that needs no capacity."""
+  if not sparse_below < dense_above:
+    raise ValueError(f"sparse_below ({sparse_below}) must be below dense_above ({dense_above})")
+  frac = np.asarray(active_fraction_L, np.float64)
+  if frac.shape != (len(modes),):
+    raise ValueError(f"active_fraction_L has shape {frac.shape}, expected ({len(modes)},)")
+  out = []
+  for mode, f in zip(modes, frac):
+    if not np.isfinite(f):
+      out.append("dense")
+    elif mode == "sparse" and f > dense_above:
+      out.append("dense")
+    elif mode == "dense" and f < sparse_below:
+      out.append("sparse")
+    else:
+      out.append(mode)
+  return tuple(out)
+
+
+def apply_op(ffn: nnx.Module, op: LayerOp) -> None:
+  """Sets ``op`` in one FFN module's static op config (in place, before ``nnx.split``)."""
+  if op.n_hot:
+    raise NotImplementedError("n_hot > 0: the sparse FFN op has no hot/cold path in training yet")
+  # Under a mesh the same module runs its computation per device (FFN.compute inside shard_map),
+  # so the one config reaches every device.
+  ffn.sparse_config = dataclasses.replace(ffn.sparse_config, mode=op.mode)
+
+
+def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern) -> nnx.GraphDef:
+  """``graphdef`` with layer i's FFN running ``pattern[i]`` (params: the model's, values unused)."""
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+  model = nnx.merge(graphdef, abstract)
+  if len(pattern) != len(model.blocks):
+    raise ValueError(f"pattern has {len(pattern)} layers, the model {len(model.blocks)}")
+  for block, op in zip(model.blocks, pattern):
+    apply_op(block.ffn, op)
+  new, _ = nnx.split(model, nnx.Param)
+  return new
+
+
+def step_lowering(compiled_cfg, mesh) -> Callable:
+  """``lower(graphdef, state_spec, batch_spec)`` of the loop's train step (``train/step.py``)
+  for ``Dispatcher``'s compile-ahead: the same jit objects the loop calls, so the compiled
+  executable lands in their cache."""
+  from sparse_jax.train import step as train_step_module
+  if mesh is None:
+    return lambda gd, s, b: train_step_module.train_step.lower(s, b, graphdef=gd, cfg=compiled_cfg)
+  return lambda gd, s, b: train_step_module.sharded_steps(gd, compiled_cfg, mesh)[0].lower(s, b)
+
+
+def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
+  """The graphdef of a fixed ``train.dispatch`` (``device``: unchanged; ``sparse``/``dense``: every
+  layer in that mode), for scripts that compile one step without the loop (benchmarks)."""
+  kind = cfg.train.dispatch
+  if kind == "device":
+    return graphdef
+  if kind == "auto_host":
+    raise ValueError("train.dispatch=auto_host decides during a run (sparse_jax.train.train); "
+                     "a single compiled step takes train.dispatch=device, sparse or dense")
+  return graphdef_for(graphdef, params, tuple(LayerOp(kind) for _ in range(cfg.model.n_layers)))
+
+
+class Dispatcher:
+  """The run's current pattern, its hysteresis decisions and the compiled step of each pattern.
+
+  ``make_step(graphdef)`` returns the step function ``(state, batch) -> (state, metrics)`` for a
+  graphdef (the loop's ``step_functions(...)[0]``); it is called once per pattern.
+  ``lower(graphdef, state_spec, batch_spec)``, if given, lowers that step for abstract arguments
+  (``jit(...).lower``): the likely next pattern is then compiled ahead in a background thread.
+  """
+
+  def __init__(self, cfg, graphdef: nnx.GraphDef, params: nnx.State,
+               make_step: Callable[[nnx.GraphDef], Callable], *, tokens_per_call: int,
+               lower: Callable | None = None):
+    from sparse_jax.nn.ffn import SPARSE_KINDS
+    tcfg = cfg.train
+    self.kind = tcfg.dispatch
+    if self.kind not in KINDS:
+      raise ValueError(f"train.dispatch must be one of {KINDS}, got {self.kind!r}")
+    if self.kind != "device" and cfg.model.ffn not in SPARSE_KINDS:
+      raise ValueError(f"train.dispatch={self.kind!r} needs a sparse model.ffn "
+                       f"{SPARSE_KINDS}, got {cfg.model.ffn!r} (use train.dispatch=device)")
+    self.every = tcfg.dispatch_every
+    self.sparse_below = scaled_threshold(tcfg.dispatch_sparse_below, tokens_per_call)
+    self.dense_above = scaled_threshold(tcfg.dispatch_dense_above, tokens_per_call)
+    self.d_ff = cfg.model.d_ff
+    self.n_layers = cfg.model.n_layers
+    self._graphdef = graphdef
+    # Shapes only: the state's arrays are donated to the steps.
+    self._params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    self._make_step = make_step
+    self._steps: dict[Pattern, Callable] = {}
+    self._lower = lower
+    self._graphdefs: dict[Pattern, nnx.GraphDef] = {}
+    self._specs = None            # (state, batch) ShapeDtypeStructs, from the first call
+    self.ahead: dict[Pattern, threading.Thread] = {}
+    self.ahead_errors: dict[Pattern, BaseException] = {}
+    # "auto_host" starts dense (exact, and as fast as a dense model on a fresh one) and decides
+    # after the first step.
+    first = {"device": "auto", "auto_host": "dense", "sparse": "sparse", "dense": "dense"}
+    self.pattern: Pattern = tuple(LayerOp(first[self.kind]) for _ in range(self.n_layers))
+
+  def step_fn(self, pattern: Pattern | None = None) -> Callable:
+    """The compiled step of ``pattern`` (default: the current one), built on first use."""
+    pattern = self.pattern if pattern is None else pattern
+    if pattern not in self._steps:
+      if pattern in self.ahead:
+        self.ahead[pattern].join()  # wait for it rather than compile the same step twice
+      if pattern in self.ahead_errors:
+        warnings.warn(f"compiling the step of pattern {pattern_code(pattern)} ahead failed "
+                      f"({self.ahead_errors[pattern]!r}); it compiles now")
+      self._steps[pattern] = self._make_step(self._graphdef_of(pattern))
+    return self._steps[pattern]
+
+  def _graphdef_of(self, pattern: Pattern) -> nnx.GraphDef:
+    if self.kind == "device":
+      return self._graphdef
+    if pattern not in self._graphdefs:
+      self._graphdefs[pattern] = graphdef_for(self._graphdef, self._params, pattern)
+    return self._graphdefs[pattern]
+
+  def __call__(self, state, batch):
+    if self._specs is None and self._lower is not None:
+      # Only committed arrays carry their sharding into jit's cache key.
+      spec = lambda a: jax.ShapeDtypeStruct(
+          np.shape(a), jax.dtypes.canonicalize_dtype(a.dtype),
+          sharding=a.sharding if getattr(a, "committed", False) else None)
+      self._specs = (jax.tree.map(spec, state), spec(batch))
+    return self.step_fn()(state, batch)
+
+  def compile_ahead(self, pattern: Pattern) -> threading.Thread | None:
+    """Starts compiling ``pattern``'s step in a background thread (None: nothing to do). The
+    graphdef is built here, on the caller's thread; a failure is kept in ``ahead_errors`` and the
+    step then compiles on first use as usual."""
+    if (self._lower is None or self._specs is None or pattern in self._steps
+        or pattern in self.ahead):
+      return None
+    gd = self._graphdef_of(pattern)
+    state_spec, batch_spec = self._specs
+
+    def work():
+      try:
+        self._lower(gd, state_spec, batch_spec).compile()
+      except BaseException as e:  # noqa: BLE001 (reported, never fatal: the step compiles later)
+        self.ahead_errors[pattern] = e
+
+    thread = threading.Thread(target=work, name=f"compile {pattern_code(pattern)}", daemon=True)
+    self.ahead[pattern] = thread
+    thread.start()
+    return thread
+
+  def due(self, step: int) -> bool:
+    """Whether the decision runs after optimiser step ``step`` (1-based count of steps done)."""
+    return self.kind == "auto_host" and (step == 1 or step % self.every == 0)
+
+  def after_step(self, step: int, metrics: dict) -> bool:
+    """Decides the next steps' pattern on decision steps from ``metrics["l0_ema_L"]`` (a host
+    fetch only then). Returns whether the pattern changed."""
+    if not self.due(step):
+      return False
+    ema_L = np.asarray(jax.device_get(metrics["l0_ema_L"]), np.float64)
+    frac_L = ema_L / self.d_ff
+    modes = decide_modes(tuple(op.mode for op in self.pattern), frac_L,
+                         sparse_below=self.sparse_below, dense_above=self.dense_above)
+    new = tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
+    changed = new != self.pattern
+    self.pattern = new
+    self.compile_ahead(self.likely_next(frac_L))
+    return changed
+
+  def likely_next(self, active_fraction_L) -> Pattern:
+    """The pattern the next decisions approach: the decision with each layer's band shrunk to
+    its midpoint."""
+    mid = 0.5 * (self.sparse_below + self.dense_above)
+    modes = decide_modes(tuple(op.mode for op in self.pattern), active_fraction_L,
+                         sparse_below=mid * (1 - 1e-9), dense_above=mid)
+    return tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
+
+  def code(self) -> str:
+    return pattern_code(self.pattern)
+
+  def state_dict(self) -> dict:
+    """The checkpointed state: JSON-serialisable."""
+    return {"kind": self.kind, "modes": [op.mode for op in self.pattern],
+            "n_hot": [op.n_hot for op in self.pattern]}
+
+  def load_state_dict(self, saved: dict | None) -> None:
+    """Continues a saved run's pattern. A checkpoint without one (saved before host dispatch, or
+    by another ``train.dispatch``) keeps this run's start pattern: the run already warns that
+    changed train settings do not resume exactly."""
+    if not saved or saved.get("kind") != self.kind:
+      return
+    modes, n_hot = saved["modes"], saved.get("n_hot", [0] * len(saved["modes"]))
+    if len(modes) != self.n_layers:
+      raise ValueError(f"the checkpoint's dispatch state has {len(modes)} layers, the model "
+                       f"{self.n_layers}")
+    self.pattern = tuple(LayerOp(m, int(h)) for m, h in zip(modes, n_hot))

@@ -1,0 +1,398 @@
+"""Static FFN dispatch (issue 15): the op's modes, the host decision with hysteresis, per-layer
+patterns in the model, and exact resume of the dispatch state."""
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from flax import nnx
+
+from sparse_jax.ops import pallas_backend
+from sparse_jax import ops
+from sparse_jax.config import apply_overrides, get_config
+from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1
+from sparse_jax.synthetic import make_ffn_problem
+from sparse_jax.train import Checkpointer, init_state, resolve_config, train
+from sparse_jax.train.dispatch import (Dispatcher, LayerOp, decide_modes, graphdef_for,
+                                       pattern_code, static_graphdef)
+from sparse_jax.train.step import _loss_fn
+from test_checkpoint import assert_trees_identical
+from test_train import fresh_seed, short_run_config
+
+F32 = jnp.float32
+
+
+# --------------------------------------------------------------------------- op modes
+
+
+def _loss_and_grads(f, args, cot, coeff):
+  def loss(*a):
+    y, st = f(*a)
+    return jnp.sum(y.astype(F32) * cot) + coeff * st.l1, st
+  return jax.grad(loss, argnums=tuple(range(len(args))), has_aux=True)(*args)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+@pytest.mark.parametrize("gated", [True, False])
+def test_dense_mode_is_jax_grad_of_the_dense_ffn(key, implementation, gated):
+  """mode="dense" is the plain XLA FFN under jax.grad on any backend (the Pallas one included,
+  even where its kernels cannot run): bit-identical to jax.grad of ops.dense's bf16 FFN, and its
+  statistics count the gate's active entries."""
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 96, 64, 160, active_per_token=20)
+  cot = jax.random.normal(k2, p.x.shape, F32)
+  cfg = ops.SparseFFNConfig(mode="dense")
+  if gated:
+    args = (p.x, p.w_gate, p.w_up, p.w_down)
+    op = lambda *a: ops.gated_sparse_ffn(*a, implementation=implementation, config=cfg)
+    ref_fn, ref32_fn = bf16_gated_ffn_with_l1, ffn_with_l1
+  else:
+    args = (p.x, p.w_gate, p.w_down)
+    op = lambda *a: ops.sparse_ffn(*a, implementation=implementation, config=cfg)
+    ref_fn = lambda x, g, d: bf16_gated_ffn_with_l1(x, g, None, d)
+    ref32_fn = lambda x, g, d: ffn_with_l1(x, g, None, d)
+  argnums = tuple(range(len(args)))
+
+  def ref_loss(fn):
+    def loss(*a):
+      y, l1 = fn(*a)
+      return jnp.sum(y.astype(F32) * cot) + 0.7 * l1
+    return loss
+
+  grads, st = _loss_and_grads(op, args, cot, 0.7)
+  ref = jax.grad(ref_loss(ref_fn), argnums=argnums)(*args)
+  for g, r in zip(grads, ref):
+    assert g.dtype == r.dtype
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32))
+  y, st = op(*args)
+  y_ref, l1_ref = ref_fn(*args)
+  np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_ref, np.float32))
+  assert float(st.l1) == float(l1_ref)
+  active = np.asarray(jnp.dot(p.x.astype(F32), p.w_gate.astype(F32).T) > 0)
+  # bf16 rounding of the pre-activation could move an entry across 0: at most a few
+  assert np.abs(np.asarray(st.active_per_neuron) - active.sum(0)).sum() <= 2
+  np.testing.assert_allclose(float(st.l0), active.sum(1).mean(), rtol=1e-3)
+  assert bool(st.dense_fallback) and int(st.overflow_rows) == 0
+  # In float32 it is the float32 dense FFN (ffn_with_l1), up to rounding.
+  f32 = tuple(a.astype(F32) for a in args)
+  g32, _ = _loss_and_grads(op, f32, cot, 0.7)
+  ref32 = jax.grad(ref_loss(ref32_fn), argnums=argnums)(*f32)
+  for g, r in zip(g32, ref32):
+    assert rel_err(g, r) < 1e-5
+
+
+def test_mode_is_validated():
+  with pytest.raises(ValueError, match="SparseFFNConfig.mode"):
+    ops.SparseFFNConfig(mode="fast")
+
+
+KERNEL_CALLS = ("mpmd_map", "pallas_call")   # how a Mosaic GPU / Pallas kernel call is traced
+
+
+def _kernel_calls(jaxpr, inside_cond=False, out=None):
+  """[(kernel primitive, whether an XLA-level lax.cond encloses it)], through every sub-jaxpr
+  except kernel bodies (their own control flow is not XLA's)."""
+  out = [] if out is None else out
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in KERNEL_CALLS:
+      out.append((name, inside_cond))
+      continue
+    for v in eqn.params.values():
+      for sub in (v if isinstance(v, (tuple, list)) else [v]):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          _kernel_calls(inner, inside_cond or name == "cond", out)
+  return out
+
+
+@pytest.mark.parametrize("mode,kernels_in_cond", [("sparse", False), ("auto", True)])
+def test_sparse_mode_keeps_kernels_out_of_conditionals(key, mode, kernels_in_cond):
+  """The traced training step (forward + backward) of the real GPU path: in mode "sparse" every
+  kernel call sits outside any lax.cond (the overflow corrections' branches are XLA only), so
+  XLA can keep them in its command buffer; "auto" keeps today's on-device dispatcher, whose
+  conditionals hold the kernels."""
+  p = make_ffn_problem(key, 256, 256, 512, active_per_token=12)
+  cfg = ops.SparseFFNConfig(mode=mode)
+
+  def loss(*a):
+    y, st = pallas_backend.gated_ffn(*a, cfg)
+    return jnp.sum(y.astype(F32)) + st.l1
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(p.x, p.w_gate, p.w_up, p.w_down)
+  calls = _kernel_calls(jaxpr.jaxpr)
+  # gate, fused forward, backward, weight gradients
+  assert len(calls) >= 4, calls
+  assert any(inside for _, inside in calls) == kernels_in_cond, calls
+
+
+@pytest.mark.parametrize("capacity,entry_capacity", [(8, None), (32, 256)])
+def test_sparse_mode_pallas_interpret_matches_dense(key, capacity, entry_capacity, pallas_interpret):
+  """mode="sparse" through the interpreted kernels against jax.grad of the float32 dense FFN, with
+  TwELL overflow (capacity 8: rows fixed on the row path) or entry lists that overflow (256
+  entries for ~1500): the XLA-only correction makes the call exact and says so, and the
+  per-neuron counts stay exact."""
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 128, 256, 256, active_per_token=12, distribution="skewed")
+  cot = jax.random.normal(k2, p.x.shape, F32)
+  cfg = ops.SparseFFNConfig(mode="sparse", twell_capacity=capacity, overflow_capacity=128,
+                            entry_capacity=entry_capacity)
+  args = (p.x, p.w_gate, p.w_up, p.w_down)
+  op = lambda *a: pallas_backend.gated_ffn(*a, cfg)
+  grads, st = _loss_and_grads(op, args, cot, 0.7)
+  ref = jax.grad(lambda *a: jnp.sum(ffn_with_l1(*a)[0] * cot) + 0.7 * ffn_with_l1(*a)[1],
+                 argnums=(0, 1, 2, 3))(*(a.astype(F32) for a in args))
+  for name, g, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], grads, ref):
+    assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+  assert (int(st.overflow_rows) > 0) == (capacity == 8)
+  assert bool(st.dense_fallback) == (entry_capacity is not None)
+  active = np.asarray(jnp.dot(p.x.astype(F32), p.w_gate.astype(F32).T) > 0).sum(0)
+  assert np.abs(np.asarray(st.active_per_neuron) - active).max() <= 1  # bf16 pre-activations
+
+
+# --------------------------------------------------------------------------- host decision
+
+
+def test_hysteresis_on_a_synthetic_ema_sequence():
+  lo, hi = 0.2, 0.3
+  seq = [  # (fractions of layers 0, 1), expected modes after the decision
+      ((0.50, 0.25), ("dense", "dense")),     # start dense; 0.25 is inside the band: stays
+      ((0.25, 0.19), ("dense", "sparse")),    # layer 1 below lo: sparse
+      ((0.19, 0.29), ("sparse", "sparse")),   # layer 1 rises inside the band: stays sparse
+      ((0.21, 0.30), ("sparse", "sparse")),   # at hi (not above): stays
+      ((0.29, 0.31), ("sparse", "dense")),    # above hi: dense
+      ((0.31, 0.21), ("dense", "dense")),     # layer 1 back inside the band: stays dense
+      ((float("nan"), 0.1), ("dense", "sparse")),  # non-finite: dense (exact)
+  ]
+  modes = ("dense", "dense")
+  for fractions, expected in seq:
+    modes = decide_modes(modes, fractions, sparse_below=lo, dense_above=hi)
+    assert modes == expected, (fractions, modes)
+  with pytest.raises(ValueError, match="sparse_below"):
+    decide_modes(modes, (0.1, 0.1), sparse_below=hi, dense_above=lo)
+  with pytest.raises(ValueError, match="shape"):
+    decide_modes(modes, (0.1,), sparse_below=lo, dense_above=hi)
+
+
+def _tiny(*overrides):
+  return apply_overrides(get_config("tiny"), ["model.vocab_size=97", *overrides])
+
+
+def test_dispatcher_decides_only_every_n_steps_and_caches_steps():
+  """Decisions at step 1 and every dispatch_every steps, from the metrics' EMA (active neurons
+  per token, scaled by the thresholds' token rule); one step function built per pattern."""
+  cfg = _tiny("train.dispatch=auto_host", "train.dispatch_every=3",
+              "train.dispatch_sparse_below=0.2", "train.dispatch_dense_above=0.3")
+  graphdef, state = init_state(cfg)
+  built = []
+  disp = Dispatcher(cfg, graphdef, state.params, lambda gd: built.append(gd) or (lambda s, b: gd),
+                    tokens_per_call=16384)
+  d_ff = cfg.model.d_ff
+  ema = lambda *f: {"l0_ema_L": np.asarray(f) * d_ff}
+  assert disp.code() == "DD"
+  assert disp(None, None) is built[0]
+  assert disp.after_step(1, ema(0.1, 0.25)) and disp.code() == "SD"
+  assert disp(None, None) is built[1]
+  assert not disp.after_step(2, ema(0.9, 0.1))  # not a decision step: nothing read
+  assert not disp.after_step(3, ema(0.25, 0.25)) and disp.code() == "SD"
+  assert disp.after_step(6, ema(0.35, 0.1)) and disp.code() == "DS"
+  disp(None, None)
+  assert disp.after_step(9, ema(0.1, 0.1)) and disp.code() == "SS"
+  disp(None, None)
+  assert disp.after_step(12, ema(0.1, 0.5)) and disp.code() == "SD"
+  assert disp(None, None) is built[1]  # SD again: the cached step
+  assert len(built) == 4  # DD, SD, DS, SS
+  # Fewer tokens per call scale the thresholds by sqrt(tokens / 16384): 0.2 -> 0.05 at 1024.
+  small = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=1024)
+  assert small.after_step(1, ema(0.06, 0.04)) and small.code() == "DS"
+  # The saved state round-trips; another kind's state is not taken over.
+  fresh = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
+  fresh.load_state_dict(disp.state_dict())
+  assert fresh.pattern == disp.pattern
+  fixed = Dispatcher(_tiny("train.dispatch=sparse"), graphdef, state.params, lambda gd: None,
+                     tokens_per_call=16384)
+  fixed.load_state_dict(disp.state_dict())
+  assert fixed.code() == "SS" and not fixed.after_step(3, ema(0.9, 0.9))
+
+
+def test_dispatch_settings_are_validated():
+  with pytest.raises(ValueError, match="train.dispatch"):
+    _tiny("train.dispatch=host")
+  with pytest.raises(ValueError, match="dispatch_sparse_below"):
+    _tiny("train.dispatch_sparse_below=0.5", "train.dispatch_dense_above=0.4")
+  cfg = _tiny("model.ffn=silu_dense", "train.dispatch=auto_host")
+  graphdef, state = init_state(cfg)
+  with pytest.raises(ValueError, match="sparse model.ffn"):
+    Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
+  with pytest.raises(NotImplementedError, match="n_hot"):
+    graphdef_for(graphdef, state.params, (LayerOp("sparse", n_hot=64),) * cfg.model.n_layers)
+  # Fixed kinds for scripts that compile one step (benchmarks): device = unchanged.
+  cfg = _tiny()
+  graphdef, state = init_state(cfg)
+  assert static_graphdef(cfg, graphdef, state.params) is graphdef
+  for kind in ("sparse", "dense"):
+    gd = static_graphdef(_tiny(f"train.dispatch={kind}"), graphdef, state.params)
+    assert {b.ffn.sparse_config.mode for b in nnx.merge(gd, state.params).blocks} == {kind}
+  with pytest.raises(ValueError, match="auto_host"):
+    static_graphdef(_tiny("train.dispatch=auto_host"), graphdef, state.params)
+
+
+# --------------------------------------------------------------------------- patterns in the model
+
+
+def test_per_layer_pattern_matches_all_sparse_and_all_dense(key):
+  """The loss and gradients of the model under the pattern (sparse, dense) against all-sparse and
+  all-dense (XLA backend, float32: the same numbers up to rounding). Each pattern reaches the
+  FFNs as static config in the graphdef; the parameters are shared."""
+  cfg = _tiny("model.compute_dtype=float32", "model.ffn_impl=xla")
+  graphdef, state = init_state(cfg)
+  tokens = jax.random.randint(key, (2, 33), 0, cfg.model.vocab_size)
+  results = {}
+  for code in ("SD", "SS", "DD"):
+    pattern = tuple(LayerOp({"S": "sparse", "D": "dense"}[c]) for c in code)
+    gd = graphdef_for(graphdef, state.params, pattern)
+    model_modes = [b.ffn.sparse_config.mode for b in nnx.merge(gd, state.params).blocks]
+    assert model_modes == [op.mode for op in pattern] and pattern_code(pattern) == code
+    (loss, (_, _, stats)), grads = jax.jit(
+        jax.value_and_grad(_loss_fn, has_aux=True), static_argnums=(1, 4))(
+        state.params, gd, tokens, 0.01, cfg)
+    results[code] = (loss, grads, stats)
+  for other in ("SS", "DD"):
+    np.testing.assert_allclose(float(results["SD"][0]), float(results[other][0]), rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(results["SD"][1]), jax.tree.leaves(results[other][1])):
+      assert rel_err(g, r) < 1e-5
+    np.testing.assert_array_equal(np.asarray(results["SD"][2].active_per_neuron),
+                                  np.asarray(results[other][2].active_per_neuron))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_host_dispatch_switches_and_resumes_bit_identically(tmp_path):
+  """A run with host dispatch whose pattern changes before and after a stop at step 4 ends
+  bit-identical to one that never stopped, with the same pattern at every logged step."""
+  cfg = short_run_config("train.steps=8", "train.ckpt_every=3", "train.log_every=1",
+                         "train.warmup_steps=0", "train.lr=3e-2", "train.l1_coeff=0.5",
+                         "train.dispatch=auto_host", "train.dispatch_every=2",
+                         "train.dispatch_sparse_below=0.5", "train.dispatch_dense_above=0.6",
+                         # the harsh penalty empties the layers within a few steps; a fast EMA
+                         # makes them switch to sparse one by one around the stop
+                         "train.l0_ema_decay=0.3", seed=fresh_seed())
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+  a = train(cfg, straight, progress=False)
+  train(cfg, stopped, stop_at=4, progress=False)
+  saved = Checkpointer(os.path.join(stopped, "checkpoints"), keep=2)
+  assert saved.read_host(4)["kind"] == "auto_host"
+  saved.close()
+  b = train(cfg, stopped, progress=False)
+  assert a["steps"] == b["steps"] == 8
+  read = lambda run: [(r["step"], r["ffn_modes"]) for r in map(
+      json.loads, open(os.path.join(run, "metrics.jsonl"))) if r["split"] == "train"]
+  modes_a, modes_b = read(straight), read(stopped)
+  assert modes_a == modes_b
+  # The pattern changed in the run, and the one saved at the stop was not the starting one.
+  assert len({m for _, m in modes_a}) > 1, modes_a
+  assert dict(modes_a)[5] != "DD", modes_a
+  cfg_r, _ = resolve_config(cfg)
+  restore = lambda run: Checkpointer(os.path.join(run, "checkpoints"), keep=2).restore(
+      init_state(cfg_r)[1])[0]
+  assert_trees_identical(restore(straight), restore(stopped))
+
+
+def test_pattern_reaches_the_per_device_ffns_on_a_mesh(key):
+  """On a mesh each sparse FFN runs its own computation per device (FFN.compute under shard_map):
+  the pattern reaches it, and the sharded model under (dense, sparse) computes what one device
+  does."""
+  from sparse_jax import parallel
+  cfg = _tiny("model.compute_dtype=float32", "model.ffn_impl=xla")
+  mesh = parallel.make_mesh("data:2", jax.devices()[:2])
+  graphdef, state = init_state(cfg, mesh)
+  pattern = (LayerOp("dense"), LayerOp("sparse"))
+  gd = graphdef_for(graphdef, state.params, pattern)
+  model = nnx.merge(gd, state.params)
+  assert all(b.ffn.mesh is mesh for b in model.blocks)
+  assert [b.ffn.sparse_config.mode for b in model.blocks] == ["dense", "sparse"]
+  graphdef1, state1 = init_state(cfg)
+  tokens = jax.random.randint(key, (4, 17), 0, cfg.model.vocab_size)
+  loss = lambda gd_, params: _loss_fn(params, gd_, tokens, 0.01, cfg)[0]
+  on_mesh = jax.jit(loss, static_argnums=0)(gd, state.params)
+  one = loss(graphdef_for(graphdef1, state1.params, pattern), state1.params)
+  np.testing.assert_allclose(float(on_mesh), float(one), rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- hot/cold refresh
+
+
+def test_permuted_neurons_train_identically(key):
+  """Permuting a layer's neurons in the parameters, both AdamW moments and the tracker commutes
+  with a training step (float32, XLA; up to the summation order over neurons); permuting the
+  parameters alone does not (the moments belong to their rows)."""
+  from sparse_jax.train.neuron_order import permute_neurons
+  from sparse_jax.train.step import train_step
+  cfg = _tiny("model.compute_dtype=float32", "model.ffn_impl=xla", "train.warmup_steps=0",
+              "train.lr=1e-2")
+  graphdef, state = init_state(cfg)
+  k1, k2, k3 = jax.random.split(key, 3)
+  batch = lambda k: jax.random.randint(k, (1, 4, 17), 0, cfg.model.vocab_size)
+  step = lambda s, b: train_step(jax.tree.map(jnp.copy, s), b, graphdef=graphdef, cfg=cfg)
+  state, _ = step(state, batch(k1))  # non-zero moments and tracker
+  perm = np.asarray(jax.random.permutation(k2, cfg.model.d_ff))
+  b = batch(k3)
+  after, m_after = step(state, b)
+  permuted_after, m_perm = step(permute_neurons(state, 1, perm), b)
+  np.testing.assert_allclose(float(m_perm["loss"]), float(m_after["loss"]), rtol=1e-6)
+  expected = permute_neurons(after, 1, perm)
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(permuted_after)[0],
+                          jax.tree.leaves(expected)):
+    if jnp.issubdtype(x.dtype, jnp.floating):
+      np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The parameters permuted without their moments: a different update.
+  start = permute_neurons(state, 1, perm)
+  wrong, _ = step(dataclasses.replace(state, params=start.params), b)
+  gate = lambda s: s.params["blocks"][1]["ffn"]["w_gate_FxD"][...]
+  assert rel_err(gate(wrong) - gate(start), gate(expected) - gate(start)) > 1e-2
+  with pytest.raises(ValueError, match="permutation"):
+    permute_neurons(state, 1, perm[:-1])
+
+
+def test_compile_ahead_fills_the_step_cache(key):
+  """A layer past the middle of its band makes the dispatcher compile the pattern it approaches in
+  a background thread; switching to it later compiles nothing (the executable is in the loop's
+  jit cache)."""
+  from sparse_jax.train.dispatch import step_lowering
+  from sparse_jax.train.loop import step_config
+  from sparse_jax.train.step import step_functions
+  cfg = _tiny("model.ffn_impl=xla", "train.dispatch=auto_host", "train.dispatch_every=1",
+              "train.dispatch_sparse_below=0.2", "train.dispatch_dense_above=0.4",
+              "train.warmup_steps=0")
+  scfg = step_config(cfg)
+  graphdef, state = init_state(cfg)
+  disp = Dispatcher(cfg, graphdef, state.params, lambda gd: step_functions(gd, scfg)[0],
+                    tokens_per_call=16384, lower=step_lowering(scfg, None))
+  batch = np.asarray(jax.random.randint(key, (1, 4, 17), 0, cfg.model.vocab_size), np.int32)
+  state, _ = disp(jax.tree.map(jnp.copy, state), batch)
+  d_ff = cfg.model.d_ff
+  # Layer 0 at 0.25: inside the band (stays dense), past its midpoint 0.3: SD is likely next.
+  assert not disp.after_step(1, {"l0_ema_L": np.asarray([0.25, 0.5]) * d_ff})
+  assert disp.code() == "DD" and [pattern_code(p) for p in disp.ahead] == ["SD"]
+  next(iter(disp.ahead.values())).join()
+  assert not disp.ahead_errors, disp.ahead_errors
+  compiles = []
+  listener = lambda name, *_, **__: compiles.append(name) if "backend_compile" in name else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    assert disp.after_step(2, {"l0_ema_L": np.asarray([0.1, 0.5]) * d_ff})
+    assert disp.code() == "SD"
+    ahead_state, ahead_metrics = disp(jax.tree.map(jnp.copy, state), batch)
+    jax.block_until_ready(ahead_state)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  assert np.isfinite(float(ahead_metrics["loss"]))
