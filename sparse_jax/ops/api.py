@@ -15,7 +15,7 @@ from typing import Callable, Literal
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.ops import reference
+from sparse_jax.ops import decode, reference
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
 
 Implementation = Literal["xla", "pallas"] | None
@@ -107,12 +107,16 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
   Returns ``(y [..., d_model], FFNStats)``; ``stats.l1`` is differentiable (add ``coeff * l1`` to
   the loss to train sparsity). ``implementation``: ``"xla"`` (reference, any backend),
   ``"pallas"`` (Hopper kernels; raises ``NotImplementedError`` where they cannot run) or ``None``
-  (the fastest that can run, falling back to XLA).
+  (the fastest that can run, falling back to XLA; calls of at most ``config.decode_max_tokens``
+  tokens take the decode path of ``sparse_jax.ops.decode`` when its union capacity pays).
   """
   _check_weights(x, [("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)])
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
+  if implementation is None and decode.use_decode(x_MxD.shape[0], w_gate.shape[0], cfg):
+    y, stats = decode.gated_ffn_decode(x_MxD, w_gate, w_up, w_down, cfg)  # few tokens: generation
+    return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_gate, w_up, w_down), cfg)
   y, stats = _BACKENDS[backend][0](x_MxD, w_gate, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats
@@ -126,6 +130,9 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
   cfg = config or SparseFFNConfig()
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
+  if implementation is None and decode.use_decode(x_MxD.shape[0], w_up.shape[0], cfg):
+    y, stats = decode.relu_ffn_decode(x_MxD, w_up, w_down, cfg)  # few tokens: generation
+    return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_up, w_down), cfg)
   y, stats = _BACKENDS[backend][1](x_MxD, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats

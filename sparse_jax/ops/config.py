@@ -26,6 +26,15 @@ class SparseFFNConfig:
     can hold (default: 1.25x the dispatcher's threshold density, M x d_ff x fraction). A call
     with more entries than this runs its backward on the exact dense path and says so in
     ``FFNStats.dense_fallback``.
+  decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) with
+    ``implementation=None`` take the decode path (``sparse_jax.ops.decode``): one gate GEMM, the
+    union of the batch's active neurons gathered once from Wu and Wd. 0 turns it off.
+  decode_density: the per-token active fraction that sizes the decode path's union capacity U
+    (measure it: ``sparse_jax.calibrate.measure_activity`` or the FFN statistics).
+  decode_union_capacity: U itself (neurons; None: derived from M and ``decode_density``). A call
+    whose union exceeds U runs dense (exact) and says so in ``FFNStats.dense_fallback``.
+  decode_max_union_fraction: the decode path is taken only if U <= this x d_ff: reading 2 U rows
+    (plus their gathered copies) must stay well below the dense path's 2 d_ff rows.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -36,13 +45,24 @@ class SparseFFNConfig:
   max_active_fraction: float | None = 0.0105
   max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
+  decode_max_tokens: int = 256
+  decode_density: float = 0.01
+  decode_union_capacity: int | None = None
+  decode_max_union_fraction: float = 0.35
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"SparseFFNConfig.{name} must be a positive int, got {v!r}")
-    for name in ("overflow_capacity", "tail_capacity", "entry_capacity"):
+    if not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
+      raise ValueError(f"SparseFFNConfig.decode_max_tokens must be an int >= 0, got "
+                       f"{self.decode_max_tokens!r}")
+    for name in ("decode_density", "decode_max_union_fraction"):
+      v = getattr(self, name)
+      if not 0.0 < v <= 1.0:
+        raise ValueError(f"SparseFFNConfig.{name} must be in (0, 1], got {v!r}")
+    for name in ("overflow_capacity", "tail_capacity", "entry_capacity", "decode_union_capacity"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")
