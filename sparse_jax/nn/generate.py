@@ -312,16 +312,9 @@ class Generator:
     self._compiled[cache_key] = (prefill, decode)
     return prefill, decode, seconds
 
-  def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
-               pad_id: int | None = None, n_ids: int | None = None) -> Generation:
-    """Generates ``max_new_tokens`` tokens after each prompt.
-
-    ``prompts``: a [B, P] int array, or a list of B token-id sequences of any lengths >= 1
-    (left-padded here). ``eos_id``: a row that produces it stops there; None never stops.
-    ``pad_id``: what finished rows hold afterwards (default ``eos_id``, else 0). ``n_ids``: only
-    ids below it are generated (the tokenizer's vocabulary; default all).
-    """
+  def _prepare(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed, eos_id, pad_id,
+               n_ids):
+    """(static, prefill arguments, decode arguments less the prefill's outputs, prompt lengths)."""
     prompt_BxP, pad_B, lengths_B = _left_pad(prompts, self.cfg.vocab_size)
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
@@ -347,6 +340,30 @@ class Generator:
                     pad_dev, key, *sampling)
     ids = (jnp.asarray(stop_id, jnp.int32), jnp.asarray(pad_id, jnp.int32))
     args_decode = (self.model_state, self.layer_states, pad_dev, key, *sampling, *ids)
+    return st, args_prefill, args_decode, lengths_B
+
+  def lower(self, prompts, *, max_new_tokens: int):
+    """The lowered (not compiled) prefill and decode programs of this shape, for inspection."""
+    st, args_prefill, args_decode, _ = self._prepare(
+        prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+        eos_id=None, pad_id=None, n_ids=None)
+    k_cache, v_cache, first_B, _ = jax.eval_shape(lambda *a: _prefill(*a, st=st), *args_prefill)
+    return (_prefill_jit.lower(*args_prefill, st=st),
+            _decode_jit.lower(*args_decode[:2], k_cache, v_cache, first_B, *args_decode[2:], st=st))
+
+  def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
+               pad_id: int | None = None, n_ids: int | None = None) -> Generation:
+    """Generates ``max_new_tokens`` tokens after each prompt.
+
+    ``prompts``: a [B, P] int array, or a list of B token-id sequences of any lengths >= 1
+    (left-padded here). ``eos_id``: a row that produces it stops there; None never stops.
+    ``pad_id``: what finished rows hold afterwards (default ``eos_id``, else 0). ``n_ids``: only
+    ids below it are generated (the tokenizer's vocabulary; default all).
+    """
+    st, args_prefill, args_decode, lengths_B = self._prepare(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, seed=seed, eos_id=eos_id, pad_id=pad_id, n_ids=n_ids)
     prefill, decode, compile_s = self._programs(st, args_prefill, args_decode)
 
     t0 = time.perf_counter()
@@ -368,6 +385,21 @@ class Generator:
                       prompt_lengths_B=lengths_B, prompt_active_L=np.asarray(prompt_l0_L),
                       step_active_SxL=np.asarray(l0_SxL)[:int(n_steps)], prefill_s=t1 - t0,
                       decode_s=t2 - t1, compile_s=compile_s)
+
+
+def generation_report(gen: Generation, d_ff: int) -> str:
+  """Speed and FFN activity of a generation, as ``sparse-jax generate`` prints them."""
+  steps = gen.step_active_SxL
+  active = " ".join(f"{x:.1f}" for x in steps.mean(axis=0)) if len(steps) else "n/a"
+  return "\n".join([
+      f"--- {len(gen.tokens_BxN)} rows, {int(gen.prompt_lengths_B.sum())} prompt tokens, "
+      f"{int(gen.lengths_B.sum())} generated ({int(gen.finished_B.sum())} rows ended)",
+      f"compile {gen.compile_s:.1f} s; prefill {gen.prefill_s * 1e3:.1f} ms "
+      f"({gen.prefill_tokens_per_s:.0f} tokens/s); decode {len(steps)} steps in "
+      f"{gen.decode_s * 1e3:.1f} ms ({gen.decode_tokens_per_s:.0f} tokens/s)",
+      f"active FFN neurons per generated token, per layer (of {d_ff}): {active}",
+      f"active FFN neurons per prompt token, per layer: "
+      f"{' '.join(f'{x:.1f}' for x in gen.prompt_active_L)}"])
 
 
 def _left_pad(prompts, vocab: int):
