@@ -111,7 +111,8 @@ def test_gradients_are_the_dense_ones(key, gated, cap):
   p = make_ffn_problem(k1, 5, 32, 256, active_per_token=6.0, dtype=jnp.float32)
   cot = jax.random.normal(k2, p.x.shape, jnp.float32)
   cfg = ops.SparseFFNConfig(decode_union_capacity=cap, decode_max_union_fraction=1.0)
-  fn = decode.gated_ffn_decode if gated else (lambda x, g, u, d, c: decode.relu_ffn_decode(x, g, d, c))
+  fn = decode.gated_ffn_decode if gated else (
+      lambda x, g, u, d, c: decode.relu_ffn_decode(x, g, d, c))
 
   def loss(f, x, g, u, d):
     y, l1 = f(x, g, u, d)

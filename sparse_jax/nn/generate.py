@@ -55,6 +55,8 @@ class Generation:
   # each decode step (step i feeds generated token i; at most N - 1 steps, fewer if all stopped).
   prompt_active_L: np.ndarray
   step_active_SxL: np.ndarray
+  step_union_SxL: np.ndarray    # neurons active for at least one row at each decode step
+  step_dense_fallback_SxL: np.ndarray  # the step's FFN ran its dense fallback (1.0) or not
   prefill_s: float              # wall time of the prefill (compiled), to the first tokens
   decode_s: float               # wall time of the decode loop (compiled)
   compile_s: float              # compile time of this call's programs (0 when already compiled)
@@ -141,10 +143,12 @@ def _block_step(block: Block, x_BxTxD, k_LxBxSxKxH, v_LxBxSxKxH, layer, slot, po
 
 
 def _captured_step(block, *args):
-  """``_block_step`` and the mean active FFN neurons per token its FFN sowed."""
+  """``_block_step`` and what its FFN sowed: [mean active neurons per token, neurons active for
+  at least one token of the call (the batch's union), dense fallback (0/1)]."""
   out, inter = nnx.capture(_block_step, nnx.Intermediate)(block, *args)
   stats = nnx.to_pure_dict(inter)["ffn"][STATS_NAME][-1]
-  return out, stats.l0
+  union = jnp.sum(stats.active_per_neuron > 0, dtype=F32)
+  return out, jnp.stack([stats.l0.astype(F32), union, jnp.asarray(stats.dense_fallback, F32)])
 
 
 def _cast_weights(state, dtype):
@@ -174,25 +178,25 @@ class _Static:
 
 def _layers(st: _Static, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT, key_ok_BxS):
   """All blocks: a ``lax.scan`` of one block over stacked parameters, or the same step unrolled.
-  Returns (x, k_cache, v_cache, mean active neurons per token [n_layers])."""
+  Returns (x, k_cache, v_cache, FFN statistics [n_layers, 3] (see ``_captured_step``))."""
   if st.block_graphdef is not None:
     def body(carry, xs):
       x, k, v = carry
       state, layer = xs
       block = nnx.merge(st.block_graphdef, state)
-      (x, k, v), l0 = _captured_step(block, x, k, v, layer, slot, pos_BxT, key_ok_BxS)
-      return (x, k, v), l0
+      (x, k, v), layer_stats = _captured_step(block, x, k, v, layer, slot, pos_BxT, key_ok_BxS)
+      return (x, k, v), layer_stats
 
-    (x_BxTxD, k_cache, v_cache), l0_L = jax.lax.scan(
+    (x_BxTxD, k_cache, v_cache), stats_Lx3 = jax.lax.scan(
         body, (x_BxTxD, k_cache, v_cache), (layer_states, jnp.arange(st.n_layers)))
-    return x_BxTxD, k_cache, v_cache, l0_L
-  l0s = []
+    return x_BxTxD, k_cache, v_cache, stats_Lx3
+  stats = []
   for layer, (gd, state) in enumerate(zip(st.block_graphdefs, layer_states, strict=True)):
     block = nnx.merge(gd, state)
-    (x_BxTxD, k_cache, v_cache), l0 = _captured_step(block, x_BxTxD, k_cache, v_cache, layer,
-                                                     slot, pos_BxT, key_ok_BxS)
-    l0s.append(l0)
-  return x_BxTxD, k_cache, v_cache, jnp.stack(l0s)
+    (x_BxTxD, k_cache, v_cache), layer_stats = _captured_step(
+        block, x_BxTxD, k_cache, v_cache, layer, slot, pos_BxT, key_ok_BxS)
+    stats.append(layer_stats)
+  return x_BxTxD, k_cache, v_cache, jnp.stack(stats)
 
 
 def _pick(st: _Static, logits_BxV, key, i, temperature, top_p, top_k):
@@ -214,12 +218,12 @@ def _prefill(model_state, layer_states, prompt_BxP, pad_B, key, temperature, top
   k_cache = jnp.zeros(shape, model.compute_dtype)
   v_cache = jnp.zeros(shape, model.compute_dtype)
   key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
-  x_BxPxD, k_cache, v_cache, l0_L = _layers(st, layer_states, x_BxPxD, k_cache, v_cache, 0,
+  x_BxPxD, k_cache, v_cache, stats_Lx3 = _layers(st, layer_states, x_BxPxD, k_cache, v_cache, 0,
                                             pos_BxP, key_ok_BxS)
   logits_BxV = model._logits(x_BxPxD[:, -1:])[:, 0]
   first_B = _pick(st, logits_BxV, key, 0, temperature, top_p, top_k)
   # Pads fire no neuron: the op's mean over B x P tokens, rescaled to the real ones.
-  prompt_l0_L = l0_L * (b * p) / jnp.sum(real_BxP)
+  prompt_l0_L = stats_Lx3[:, 0] * (b * p) / jnp.sum(real_BxP)
   return k_cache, v_cache, first_B, prompt_l0_L
 
 
@@ -231,32 +235,32 @@ def _decode(model_state, layer_states, k_cache, v_cache, first_B, pad_B, key, te
   key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
   done0_B = first_B == eos_id
   tokens0_BxN = jnp.full((b, st.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
-  l0_0 = jnp.zeros((max(n_steps, 1), st.n_layers), F32)
+  stats_0 = jnp.zeros((max(n_steps, 1), st.n_layers, 3), F32)
 
   def cond(carry):
     i, _, _, _, done_B, _, _ = carry
     return (i < n_steps) & ~jnp.all(done_B)
 
   def body(carry):
-    i, k, v, token_B, done_B, tokens_BxN, l0_SxL = carry
+    i, k, v, token_B, done_B, tokens_BxN, stats_SxLx3 = carry
     # Modules are merged in the trace that uses them: nnx.capture marks the modules it records
     # into, which flax allows only at the trace level where they were built.
     model = nnx.merge(st.graphdef, *model_state)
     slot = p + i
     x_Bx1xD = model._embed(token_B[:, None])
     pos_Bx1 = (slot - pad_B)[:, None]
-    x_Bx1xD, k, v, l0_L = _layers(st, layer_states, x_Bx1xD, k, v, slot, pos_Bx1, key_ok_BxS)
+    x_Bx1xD, k, v, stats_Lx3 = _layers(st, layer_states, x_Bx1xD, k, v, slot, pos_Bx1, key_ok_BxS)
     nxt_B = _pick(st, model._logits(x_Bx1xD)[:, 0], key, i + 1, temperature, top_p, top_k)
     nxt_B = jnp.where(done_B, pad_id, nxt_B)
     done_B = done_B | (nxt_B == eos_id)
     tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, nxt_B[:, None], (0, i + 1))
-    l0_SxL = jax.lax.dynamic_update_slice(l0_SxL, l0_L[None], (i, 0))
-    return i + 1, k, v, nxt_B, done_B, tokens_BxN, l0_SxL
+    stats_SxLx3 = jax.lax.dynamic_update_slice(stats_SxLx3, stats_Lx3[None], (i, 0, 0))
+    return i + 1, k, v, nxt_B, done_B, tokens_BxN, stats_SxLx3
 
-  i, k_cache, v_cache, _, _, tokens_BxN, l0_SxL = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), k_cache, v_cache, first_B, done0_B, tokens0_BxN, l0_0))
+  i, k_cache, v_cache, _, _, tokens_BxN, stats_SxLx3 = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), k_cache, v_cache, first_B, done0_B, tokens0_BxN, stats_0))
   # The caches are returned so that the donated input buffers can be the loop's own.
-  return tokens_BxN, l0_SxL, i, k_cache, v_cache
+  return tokens_BxN, stats_SxLx3, i, k_cache, v_cache
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("st",))
@@ -370,9 +374,9 @@ class Generator:
     k_cache, v_cache, first_B, prompt_l0_L = prefill(*args_prefill)
     jax.block_until_ready(first_B)
     t1 = time.perf_counter()
-    tokens, l0_SxL, n_steps, _, _ = decode(self.model_state, self.layer_states, k_cache, v_cache,
-                                           first_B, *args_decode[2:])
-    tokens, l0_SxL, n_steps = jax.device_get((tokens, l0_SxL, n_steps))
+    tokens, stats_SxLx3, n_steps, _, _ = decode(self.model_state, self.layer_states, k_cache,
+                                                v_cache, first_B, *args_decode[2:])
+    tokens, stats_SxLx3, n_steps = jax.device_get((tokens, stats_SxLx3, n_steps))
     t2 = time.perf_counter()
     lengths = np.full((tokens.shape[0],), max_new_tokens)
     finished = np.zeros((tokens.shape[0],), bool)
@@ -383,8 +387,10 @@ class Generator:
           lengths[b], finished[b] = hits[0] + 1, True
     return Generation(tokens_BxN=tokens, lengths_B=lengths, finished_B=finished,
                       prompt_lengths_B=lengths_B, prompt_active_L=np.asarray(prompt_l0_L),
-                      step_active_SxL=np.asarray(l0_SxL)[:int(n_steps)], prefill_s=t1 - t0,
-                      decode_s=t2 - t1, compile_s=compile_s)
+                      step_active_SxL=stats_SxLx3[:int(n_steps), :, 0],
+                      step_union_SxL=stats_SxLx3[:int(n_steps), :, 1],
+                      step_dense_fallback_SxL=stats_SxLx3[:int(n_steps), :, 2],
+                      prefill_s=t1 - t0, decode_s=t2 - t1, compile_s=compile_s)
 
 
 def generation_report(gen: Generation, d_ff: int) -> str:
