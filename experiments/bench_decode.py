@@ -68,6 +68,9 @@ def parse_args(argv):
   p.add_argument("--rounds", type=int, default=5, help="timed dense/sparse rounds (median)")
   p.add_argument("--calib-batch", type=int, default=16, help="calibration sequences")
   p.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length")
+  p.add_argument("--unrolled", action="store_true",
+                 help="unroll the layers instead of scanning them (compile time vs step time: a "
+                      "scanned step slices each layer's weights out of the stacked arrays)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cpu-smoke", action="store_true", help="tiny config, tiny shapes, any device")
   p.add_argument("--out", default="experiments/results/bench_decode.json")
@@ -148,7 +151,7 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   unit = decode.UNION_ROUND if d_ff >= 16 * decode.UNION_ROUND else 16
   u_cap = min(d_ff, unit * math.ceil(UNION_HEADROOM * union_max / unit))
   decode_path = set_decode_config(sparse, batch, max(u_cap, 1))
-  sparse_gen = Generator(sparse)
+  sparse_gen = Generator(sparse, scan_layers=not args.unrolled)
   gens = {"dense": dense_gen, "sparse": sparse_gen}
   first = {v: g.generate(prompts, max_new_tokens=n_new, n_ids=n_ids) for v, g in gens.items()}
   # The probe compiled the dense programs of this shape (the first case of a config; later cases
@@ -213,10 +216,10 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     sparse, dense, cfg, n_ids, calibration = build_models(args, config)
     build_s = time.perf_counter() - t0
-    dense_gen = Generator(dense)
+    dense_gen = Generator(dense, scan_layers=not args.unrolled)
     for batch, prompt_len in cases:
       row = run_case(args, sparse, dense_gen, n_ids, batch, prompt_len, meter)
-      row.update(config=config, init_from=args.init_from, n_layers=cfg.model.n_layers,
+      row.update(config=config, layers="unrolled" if args.unrolled else "scan", init_from=args.init_from, n_layers=cfg.model.n_layers,
                  sparsity_target=None if calibration is None else args.sparsity,
                  profile=None if calibration is None else args.profile, build_s=build_s)
       result["rows"].append(row)
