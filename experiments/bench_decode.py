@@ -67,7 +67,8 @@ def parse_args(argv):
   p.add_argument("--long-batches", default="1,8", help="batch sizes of the long case")
   p.add_argument("--rounds", type=int, default=5, help="timed dense/sparse rounds (median)")
   p.add_argument("--calib-batch", type=int, default=16, help="calibration sequences")
-  p.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length")
+  p.add_argument("--calib-seq", type=int, default=2048,
+                 help="calibration sequence length (bench_model.py calibrates at 16 x 2048)")
   p.add_argument("--unrolled", action="store_true",
                  help="unroll the layers instead of scanning them (compile time vs step time: a "
                       "scanned step slices each layer's weights out of the stacked arrays)")

@@ -1,5 +1,7 @@
 """The decode-regime path of the sparse FFN (sparse_jax.ops.decode): exact against the float32
 dense FFN, union overflow -> dense, the op's NaN rules and statistics, dispatch, gradients."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,8 +73,10 @@ def test_nan_rules_are_the_ops(key):
   assert np.all(np.isnan(y[2])) and np.all(np.isfinite(np.delete(np.asarray(y), 2, axis=0)))
   # A NaN in the up row of a neuron no token fires is never read (the op samples Wu at the
   # active entries only): the output is the dense FFN's without the NaN, finite.
-  dead = int(jnp.argmin(jnp.sum(p.x @ p.w_gate.T > 0, axis=0)))
-  assert int(jnp.sum(p.x @ p.w_gate.T[:, dead] > 0)) == 0
+  # Feature 0 of make_ffn_problem's x is 1: a gate row of (-1, 0, ...) never fires.
+  dead = 17
+  w_gate = p.w_gate.at[dead].set(0.0).at[dead, 0].set(-1.0)
+  p = dataclasses.replace(p, w_gate=w_gate)
   w_up = p.w_up.at[dead, 0].set(jnp.nan)
   cfg = ops.SparseFFNConfig(decode_union_capacity=n, decode_max_union_fraction=1.0)
   y, stats = ops.gated_sparse_ffn(p.x, p.w_gate, w_up, p.w_down, config=cfg)

@@ -86,23 +86,32 @@ def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
 
 def sample_logits(logits_BxV: jax.Array, key: jax.Array, *, temperature, top_p, top_k=0
                   ) -> jax.Array:
-  """One token per row: argmax if ``temperature == 0``, else temperature + top-k + top-p."""
+  """One token per row: argmax if ``temperature == 0``, else temperature + top-k + top-p.
+
+  The branch is a ``lax.cond`` on the (possibly traced) temperature: greedy decoding skips the
+  vocabulary sort, which costs as much as a small model's decode step at large batch.
+  """
   logits_BxV = logits_BxV.astype(F32)
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
-  sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(sorted_desc, axis=-1)
-  # A token stays if the tokens more likely than it hold less than top_p of the mass, and it is
-  # among the top_k.
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  rank_V = jnp.arange(sorted_desc.shape[-1])
-  kept = (mass_before < top_p) & ((top_k <= 0) | (rank_V < top_k))[None, :]
-  kept = kept.at[:, 0].set(True)
-  n_kept_B = jnp.sum(kept, axis=-1)
-  threshold_B = jnp.take_along_axis(sorted_desc, (n_kept_B - 1)[:, None], axis=-1)
-  masked = jnp.where(scaled >= threshold_B, scaled, -jnp.inf)
-  sampled_B = jax.random.categorical(key, masked, axis=-1)
-  return jnp.where(temperature == 0, greedy_B, sampled_B).astype(jnp.int32)
+
+  def greedy():
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def sample():
+    scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+    sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # A token stays if the tokens more likely than it hold less than top_p of the mass, and it
+    # is among the top_k.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    rank_V = jnp.arange(sorted_desc.shape[-1])
+    kept = (mass_before < top_p) & ((top_k <= 0) | (rank_V < top_k))[None, :]
+    kept = kept.at[:, 0].set(True)
+    n_kept_B = jnp.sum(kept, axis=-1)
+    threshold_B = jnp.take_along_axis(sorted_desc, (n_kept_B - 1)[:, None], axis=-1)
+    masked = jnp.where(scaled >= threshold_B, scaled, -jnp.inf)
+    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.asarray(temperature) == 0, greedy, sample)
 
 
 # ------------------------------------------------------------------------------ one block
