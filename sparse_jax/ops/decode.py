@@ -14,8 +14,9 @@ rows between the batch's tokens. Here one call:
    does not reach the output: the op's rule), then ``y = h Wd_union``.
 
 Bytes read: ``|Wg| + 2 U d_model`` (plus the gathered copies) instead of ``3 |W|``. A call whose
-union exceeds U runs the dense FFN (``lax.cond``, exact) and reports ``dense_fallback`` with all
-M rows in ``overflow_rows``. The statistics are the op's (``sparse_jax.ops.reference``): L0 and
+union exceeds U runs the dense FFN from the gate already computed (``lax.cond``, exact; it costs
+what the dense FFN costs, not the gate twice) and reports ``dense_fallback`` with all M rows in
+``overflow_rows``. The statistics are the op's (``sparse_jax.ops.reference``): L0 and
 active_per_neuron count ``relu(g) != 0`` in the compute dtype, L1 is mean |h| over M x d_ff.
 
 The gradient (``jax.custom_vjp``) is the dense FFN's VJP: the decode path serves inference, and
@@ -61,7 +62,8 @@ def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int):
   m, _ = x_MxD.shape
   n = w_gate.shape[0]
   dt = x_MxD.dtype
-  p_MxN = jax.nn.relu(matmul_nt(x_MxD, w_gate)).astype(dt)  # relu(NaN) = NaN: active
+  g_MxN = jax.nn.relu(matmul_nt(x_MxD, w_gate))  # f32, as the dense FFN's hidden() has it
+  p_MxN = g_MxN.astype(dt)  # relu(NaN) = NaN: active
   active_MxN = p_MxN != 0
   in_union_N = jnp.any(active_MxN, axis=0)
   n_union = jnp.sum(in_union_N, dtype=jnp.int32)
@@ -81,7 +83,11 @@ def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int):
     return y_MxD.astype(dt), jnp.sum(jnp.abs(h_MxU)) / (m * n)
 
   def dense():
-    return ffn_with_l1(x_MxD, w_gate, w_up, w_down)
+    # ffn_with_l1's computation, from the gate already computed: an overflowing call costs the
+    # dense FFN (plus the union count), never the gate twice.
+    h_MxN = g_MxN if w_up is None else g_MxN * matmul_nt(x_MxD, w_up)
+    y_MxD = matmul_nn(h_MxN.astype(dt), w_down).astype(dt)
+    return y_MxD, jnp.mean(jnp.abs(h_MxN))
 
   y_MxD, l1 = jax.lax.cond(fallback, dense, sparse)
   stats = FFNStats(l0=jnp.sum(active_MxN, dtype=F32) / m, l1=l1.astype(F32),
