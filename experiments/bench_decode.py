@@ -17,6 +17,15 @@ the same activity), x 1.25, rounded up to 128; a step whose union exceeds U runs
 is counted (``dense_fallback_share``). ``decode_max_tokens`` is set to B, so the prefill (B x P
 tokens) runs the batched sparse path.
 
+Floor (2b, bf16, H200 HBM ~4.8 TB/s, bytes per decode step; PERF_FLOORS.md "Decode"): weights
+4104 MB dense (38 x (33.5 attention + 69.2 FFN) + 201 LM head); the sparse FFN reads the gate
+(23.1 MB) + the union's Wu/Wd rows twice (gathered copy + GEMM: ~4 x U x 4 kB), ~24.6 MB at U = 128
+(batch 1), ~31 MB at U ~ 512 (batch 8), ~48 MB at U ~ 1536 (batch 64). The KV cache (full
+attention, 8 kB per token per layer, the whole cache length S = P + N read each step) adds
+38 x B x S x 8 kB: 76 MB at B = 1, 0.64 GB at B = 8, 5.1 GB at B = 64 (S = 256). Ratios:
+~1.68x at B = 1, ~1.48x at B = 8, ~1.09x at B = 64 (cache-bound), ~1.55x / ~1.21x at S = 2176
+for B = 1 / 8.
+
     # H200: quick (~3-4 minutes), then the full run (~15 minutes; the 2b cases dominate)
     PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \\
         --batches 1,8 --long-batches 1 --rounds 3 --out experiments/results/bench_decode_quick_h200.json
@@ -69,6 +78,9 @@ def parse_args(argv):
   p.add_argument("--calib-batch", type=int, default=16, help="calibration sequences")
   p.add_argument("--calib-seq", type=int, default=2048,
                  help="calibration sequence length (bench_model.py calibrates at 16 x 2048)")
+  p.add_argument("--max-union-fraction", type=float,
+                 help="SparseFFNConfig.decode_max_union_fraction of the sparse model (default: the "
+                      "config's): the union path runs only if U <= this x d_ff")
   p.add_argument("--unrolled", action="store_true",
                  help="unroll the layers instead of scanning them (compile time vs step time: a "
                       "scanned step slices each layer's weights out of the stacked arrays)")
@@ -120,12 +132,14 @@ def build_models(args, config: str):
   return sparse, dense, cfg, n_ids, calibration
 
 
-def set_decode_config(model, batch: int, union_capacity: int):
+def set_decode_config(model, batch: int, union_capacity: int, max_union_fraction: float | None):
   """The sparse FFNs' config for decode steps of ``batch`` tokens with union capacity U (a static
   field: the Generator built after this compiles with it)."""
   from sparse_jax.ops import decode
   cfg = dataclasses.replace(model.blocks[0].ffn.sparse_config, decode_max_tokens=batch,
                             decode_union_capacity=union_capacity)
+  if max_union_fraction is not None:
+    cfg = dataclasses.replace(cfg, decode_max_union_fraction=max_union_fraction)
   for block in model.blocks:
     block.ffn.sparse_config = cfg
   return decode.use_decode(batch, model.cfg.d_ff, cfg)
@@ -151,7 +165,7 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   # Whole 128-row tiles of gathered weights; tiny smoke models (d_ff of a few hundred) use 16.
   unit = decode.UNION_ROUND if d_ff >= 16 * decode.UNION_ROUND else 16
   u_cap = min(d_ff, unit * math.ceil(UNION_HEADROOM * union_max / unit))
-  decode_path = set_decode_config(sparse, batch, max(u_cap, 1))
+  decode_path = set_decode_config(sparse, batch, max(u_cap, 1), args.max_union_fraction)
   sparse_gen = Generator(sparse, scan_layers=not args.unrolled)
   gens = {"dense": dense_gen, "sparse": sparse_gen}
   first = {v: g.generate(prompts, max_new_tokens=n_new, n_ids=n_ids) for v, g in gens.items()}

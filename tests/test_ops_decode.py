@@ -91,12 +91,23 @@ def test_dispatch_by_tokens_and_union_capacity():
   assert decode.union_capacity(1, 5632, cfg) == 128
   assert not decode.use_decode(257, 5632, cfg)  # past decode_max_tokens
   assert not decode.use_decode(256, 5632, cfg)  # the expected union is most of d_ff
+  assert decode.union_fits(8, 5632, cfg) and not decode.union_fits(64, 5632, cfg)
   assert not decode.use_decode(1, 5632, ops.SparseFFNConfig(decode_max_tokens=0))
   assert decode.union_capacity(4, 256, ops.SparseFFNConfig(decode_union_capacity=999)) == 256
   with pytest.raises(ValueError, match="decode_density"):
     ops.SparseFFNConfig(decode_density=0.0)
   with pytest.raises(ValueError, match="decode_union_capacity"):
     ops.SparseFFNConfig(decode_union_capacity=0)
+
+
+def test_a_union_that_cannot_pay_runs_dense(key):
+  p = make_ffn_problem(key, 4, 32, 256, active_per_token=6.0, dtype=jnp.float32)
+  cfg = ops.SparseFFNConfig(decode_union_capacity=128, decode_max_union_fraction=0.25)
+  assert not decode.union_fits(4, 256, cfg) and not decode.use_decode(4, 256, cfg)
+  y, stats = decode.gated_ffn_decode(p.x, p.w_gate, p.w_up, p.w_down, cfg)
+  y_ref, l1_ref = dense32(p, True)
+  assert bool(stats.dense_fallback) and int(stats.overflow_rows) == 0
+  assert rel_err(y, y_ref) < 2e-6 and rel_err(stats.l1, l1_ref) < 2e-6
 
 
 def test_public_op_takes_the_decode_path_only_when_asked_for_none(key):

@@ -28,13 +28,14 @@ class SparseFFNConfig:
     ``FFNStats.dense_fallback``.
   decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) with
     ``implementation=None`` take the decode path (``sparse_jax.ops.decode``): one gate GEMM, the
-    union of the batch's active neurons gathered once from Wu and Wd. 0 turns it off.
+    union of the batch's active neurons gathered once from Wu and Wd, where the union capacity
+    pays (``decode_max_union_fraction``). 0 turns it off.
   decode_density: the per-token active fraction that sizes the decode path's union capacity U
     (measure it: ``sparse_jax.calibrate.measure_activity`` or the FFN statistics).
   decode_union_capacity: U itself (neurons; None: derived from M and ``decode_density``). A call
     whose union exceeds U runs dense (exact) and says so in ``FFNStats.dense_fallback``.
-  decode_max_union_fraction: the decode path is taken only if U <= this x d_ff: reading 2 U rows
-    (plus their gathered copies) must stay well below the dense path's 2 d_ff rows.
+  decode_max_union_fraction: the union path is taken only if U <= this x d_ff: each union row of Wu and Wd is read three times (gather read and
+    write, GEMM read), so the union pays below ~d_ff / 3 and clearly below d_ff / 4.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -48,7 +49,7 @@ class SparseFFNConfig:
   decode_max_tokens: int = 256
   decode_density: float = 0.01
   decode_union_capacity: int | None = None
-  decode_max_union_fraction: float = 0.35
+  decode_max_union_fraction: float = 0.25
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):

@@ -13,7 +13,9 @@ rows between the batch's tokens. Here one call:
    projection is used only where the gate fires, so a NaN or inf in an inactive neuron's up row
    does not reach the output: the op's rule), then ``y = h Wd_union``.
 
-Bytes read: ``|Wg| + 2 U d_model`` (plus the gathered copies) instead of ``3 |W|``. A call whose
+Bytes read: ``|Wg| + 2 U d_model`` (plus the gathered copies) instead of ``3 |W|``. The public op
+takes this path only where U pays (``use_decode``); called directly with a U that cannot pay, it
+runs the dense FFN, reported as ``dense_fallback`` with no overflowed row. A call whose
 union exceeds U runs the dense FFN from the gate already computed (``lax.cond``, exact; it costs
 what the dense FFN costs, not the gate twice) and reports ``dense_fallback`` with all M rows in
 ``overflow_rows``. The statistics are the op's (``sparse_jax.ops.reference``): L0 and
@@ -36,7 +38,7 @@ from sparse_jax.ops.dense import F32, ffn_with_l1, matmul_nn, matmul_nt
 
 # The union capacity is sized at this multiple of the expected union (uniform firing, the
 # configured density): batch-to-batch variation of the union must rarely overflow into the
-# dense path, which costs the gate GEMM twice.
+# dense path.
 UNION_HEADROOM = 1.5
 UNION_ROUND = 128  # U is rounded up to whole 128-row tiles of the gathered weights
 
@@ -52,13 +54,22 @@ def union_capacity(m: int, d_ff: int, cfg: SparseFFNConfig) -> int:
 
 
 def use_decode(m: int, d_ff: int, cfg: SparseFFNConfig) -> bool:
-  """Whether ``implementation=None`` takes the decode path for M tokens (a trace-time choice)."""
-  if not 0 < m <= cfg.decode_max_tokens:
-    return False
+  """Whether ``implementation=None`` takes the union path for M tokens (a trace-time choice): the
+  decode regime, where the batched kernels (128-row tiles) do not fit, and a union that pays.
+  Other calls keep the backends' own dispatch (a training call of few tokens stays sparse)."""
+  return 0 < m <= cfg.decode_max_tokens and union_fits(m, d_ff, cfg)
+
+
+def union_fits(m: int, d_ff: int, cfg: SparseFFNConfig) -> bool:
+  """Whether the union path pays for M tokens: it reads the gate, then each union row of Wu and Wd
+  three times (the gather reads and writes it, the GEMM reads it again), so U must stay well
+  under d_ff / 3 (``decode_max_union_fraction``). Otherwise the call runs the dense FFN."""
   return union_capacity(m, d_ff, cfg) <= cfg.decode_max_union_fraction * d_ff
 
 
-def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int):
+def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int | None):
+  """``u_cap=None``: the union cannot pay (``union_fits``): the dense FFN, reported as a dense
+  fallback with no overflowed row."""
   m, _ = x_MxD.shape
   n = w_gate.shape[0]
   dt = x_MxD.dtype
@@ -67,7 +78,7 @@ def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int):
   active_MxN = p_MxN != 0
   in_union_N = jnp.any(active_MxN, axis=0)
   n_union = jnp.sum(in_union_N, dtype=jnp.int32)
-  fallback = n_union > u_cap
+  fallback = n_union > (u_cap or 0)
 
   def sparse():
     # Empty slots hold index n: their gathered rows and gate values are zeros (mode="fill").
@@ -89,10 +100,14 @@ def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int):
     y_MxD = matmul_nn(h_MxN.astype(dt), w_down).astype(dt)
     return y_MxD, jnp.mean(jnp.abs(h_MxN))
 
-  y_MxD, l1 = jax.lax.cond(fallback, dense, sparse)
+  if u_cap is None:
+    y_MxD, l1 = dense()
+    fallback, overflow_rows = jnp.asarray(True), jnp.zeros((), jnp.int32)
+  else:
+    y_MxD, l1 = jax.lax.cond(fallback, dense, sparse)
+    overflow_rows = jnp.where(fallback, m, 0).astype(jnp.int32)
   stats = FFNStats(l0=jnp.sum(active_MxN, dtype=F32) / m, l1=l1.astype(F32),
-                   overflow_rows=jnp.where(fallback, m, 0).astype(jnp.int32),
-                   dense_fallback=fallback,
+                   overflow_rows=overflow_rows, dense_fallback=fallback,
                    active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
   return y_MxD, stats
 
@@ -127,12 +142,16 @@ _relu.defvjp(lambda x, wu, wd, u_cap: (_forward(x, wu, None, wd, u_cap), (x, wu,
              lambda u_cap, res, ct: _dense_vjp(res, ct))
 
 
+def _capacity(m: int, d_ff: int, cfg: SparseFFNConfig) -> int | None:
+  return union_capacity(m, d_ff, cfg) if union_fits(m, d_ff, cfg) else None
+
+
 def gated_ffn_decode(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig
                      ) -> tuple[jax.Array, FFNStats]:
   """``relu(x Wg^T) * (x Wu^T) @ Wd`` on [M, d_model] through the batch's union of actives."""
-  return _gated(x_MxD, w_gate, w_up, w_down, union_capacity(x_MxD.shape[0], w_gate.shape[0], cfg))
+  return _gated(x_MxD, w_gate, w_up, w_down, _capacity(x_MxD.shape[0], w_gate.shape[0], cfg))
 
 
 def relu_ffn_decode(x_MxD, w_up, w_down, cfg: SparseFFNConfig) -> tuple[jax.Array, FFNStats]:
   """``relu(x Wu^T) @ Wd`` on [M, d_model] through the batch's union of actives."""
-  return _relu(x_MxD, w_up, w_down, union_capacity(x_MxD.shape[0], w_up.shape[0], cfg))
+  return _relu(x_MxD, w_up, w_down, _capacity(x_MxD.shape[0], w_up.shape[0], cfg))
