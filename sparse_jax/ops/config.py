@@ -34,8 +34,9 @@ class SparseFFNConfig:
     (measure it: ``sparse_jax.calibrate.measure_activity`` or the FFN statistics).
   decode_union_capacity: U itself (neurons; None: derived from M and ``decode_density``). A call
     whose union exceeds U runs dense (exact) and says so in ``FFNStats.dense_fallback``.
-  decode_max_union_fraction: the union path is taken only if U <= this x d_ff: each union row of Wu and Wd is read three times (gather read and
-    write, GEMM read), so the union pays below ~d_ff / 3 and clearly below d_ff / 4.
+  decode_max_union_fraction: the union path is taken only if U <= this x d_ff: each union row of
+    Wu and Wd is read three times (gather read and write, GEMM read), so the union pays below
+    ~d_ff / 3 and clearly below d_ff / 4.
   """
 
   tile: int = twell.DEFAULT_TILE
