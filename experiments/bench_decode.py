@@ -26,11 +26,15 @@ attention, 8 kB per token per layer, the whole cache length S = P + N read each 
 ~1.68x at B = 1, ~1.48x at B = 8, ~1.09x at B = 64 (cache-bound), ~1.55x / ~1.21x at S = 2176
 for B = 1 / 8.
 
-    # H200: quick (~3-4 minutes), then the full run (~15 minutes; the 2b cases dominate)
-    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \\
-        --batches 1,8 --long-batches 1 --rounds 3 --out experiments/results/bench_decode_quick_h200.json
-    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py \\
-        --out experiments/results/bench_decode_h200.json
+    # H200: quick (~3-4 minutes): 0.5b, batch 1 and 8, no long case
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \
+        --batches 1,8 --long-context 0 --rounds 3 \
+        --out experiments/results/bench_decode_quick_h200.json
+    # full, one config per invocation (each ~6-9 minutes; the compiles dominate)
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \
+        --out experiments/results/bench_decode_0.5b_h200.json
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 2b \
+        --out experiments/results/bench_decode_2b_h200.json
     # CPU smoke run (tiny config; numbers mean nothing)
     python experiments/bench_decode.py --cpu-smoke --out /tmp/bench_decode.json
 """
@@ -234,13 +238,14 @@ def main(argv=None) -> dict:
     dense_gen = Generator(dense, scan_layers=not args.unrolled)
     for batch, prompt_len in cases:
       row = run_case(args, sparse, dense_gen, n_ids, batch, prompt_len, meter)
-      row.update(config=config, layers="unrolled" if args.unrolled else "scan", init_from=args.init_from, n_layers=cfg.model.n_layers,
+      row.update(config=config, layers="unrolled" if args.unrolled else "scan",
+                 init_from=args.init_from, n_layers=cfg.model.n_layers,
                  sparsity_target=None if calibration is None else args.sparsity,
                  profile=None if calibration is None else args.profile, build_s=build_s)
       result["rows"].append(row)
       d, s = row["dense"], row["sparse"]
-      print(f"{config:>5} B={batch:<3} P={prompt_len:<5} decode tok/s dense {d['decode_tokens_per_s']:9.1f}"
-            f" sparse {s['decode_tokens_per_s']:9.1f} ({row['speedup_decode']:.2f}x); end-to-end "
+      print(f"{config:>5} B={batch:<3} P={prompt_len:<5} decode tok/s dense "
+            f"{d['decode_tokens_per_s']:9.1f} sparse {s['decode_tokens_per_s']:9.1f} ({row['speedup_decode']:.2f}x); end-to-end "
             f"{row['speedup_end_to_end']:.2f}x; U={row['union_capacity']} (probe max "
             f"{row['probe_union_max']:.0f}, decode path {row['decode_path']}); fallback "
             f"{s['dense_fallback_share']:.3f}; compile dense {d['compile_s']:.1f} s sparse "
