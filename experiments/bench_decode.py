@@ -18,23 +18,27 @@ is counted (``dense_fallback_share``). ``decode_max_tokens`` is set to B, so the
 tokens) runs the batched sparse path.
 
 Floor (2b, bf16, H200 HBM ~4.8 TB/s, bytes per decode step; PERF_FLOORS.md "Decode"): weights
-4104 MB dense (38 x (33.5 attention + 69.2 FFN) + 201 LM head); the sparse FFN reads the gate
-(23.1 MB) + the union's Wu/Wd rows twice (gathered copy + GEMM: ~4 x U x 4 kB), ~24.6 MB at U = 128
-(batch 1), ~31 MB at U ~ 512 (batch 8), ~48 MB at U ~ 1536 (batch 64). The KV cache (full
-attention, 8 kB per token per layer, the whole cache length S = P + N read each step) adds
-38 x B x S x 8 kB: 76 MB at B = 1, 0.64 GB at B = 8, 5.1 GB at B = 64 (S = 256). Ratios:
-~1.68x at B = 1, ~1.48x at B = 8, ~1.09x at B = 64 (cache-bound), ~1.55x / ~1.21x at S = 2176
-for B = 1 / 8.
+4104 MB dense (38 x (33.5 attention + 69.2 FFN) + 201 LM head). The sparse FFN reads the gate
+(23.1 MB) and each union row of Wu and Wd three times (gather read + write, GEMM read; 4 kB a
+row): ~26 MB at U = 128 (batch 1), ~33 MB at U = 384 (batch 8), ~61 MB at U = 1536 (batch 64,
+above the default union line of d_ff / 4 = 1408, so dense there). The KV cache (full attention,
+8 kB per token per layer, the whole cache length S = P + N read every step) adds 38 x B x S x
+8 kB: 80 MB at B = 1, 0.64 GB at B = 8, 5.1 GB at B = 64 (S = 256); 0.68 / 5.4 GB at S = 2176
+for B = 1 / 8. Whole-step ratios: ~1.64x at B = 1, ~1.42x at B = 8, <= ~1.05x at B = 64
+(cache-bound), ~1.52x / ~1.17x at S = 2176 for B = 1 / 8.
 
     # H200: quick (~3-4 minutes): 0.5b, batch 1 and 8, no long case
-    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \
-        --batches 1,8 --long-context 0 --rounds 3 \
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \\
+        --batches 1,8 --long-context 0 --rounds 3 \\
         --out experiments/results/bench_decode_quick_h200.json
-    # full, one config per invocation (each ~6-9 minutes; the compiles dominate)
-    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \
+    # full: one config per invocation, the 2b long-context case apart (each under ~9 minutes; the
+    # calibration and the compiles dominate; the JSON is rewritten after every case)
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 0.5b \\
         --out experiments/results/bench_decode_0.5b_h200.json
-    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 2b \
-        --out experiments/results/bench_decode_2b_h200.json
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 2b \\
+        --long-context 0 --out experiments/results/bench_decode_2b_h200.json
+    PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/bench_decode.py --configs 2b \\
+        --batches '' --out experiments/results/bench_decode_2b_long_h200.json
     # CPU smoke run (tiny config; numbers mean nothing)
     python experiments/bench_decode.py --cpu-smoke --out /tmp/bench_decode.json
 """
@@ -245,7 +249,8 @@ def main(argv=None) -> dict:
       result["rows"].append(row)
       d, s = row["dense"], row["sparse"]
       print(f"{config:>5} B={batch:<3} P={prompt_len:<5} decode tok/s dense "
-            f"{d['decode_tokens_per_s']:9.1f} sparse {s['decode_tokens_per_s']:9.1f} ({row['speedup_decode']:.2f}x); end-to-end "
+            f"{d['decode_tokens_per_s']:9.1f} sparse {s['decode_tokens_per_s']:9.1f} "
+            f"({row['speedup_decode']:.2f}x); end-to-end "
             f"{row['speedup_end_to_end']:.2f}x; U={row['union_capacity']} (probe max "
             f"{row['probe_union_max']:.0f}, decode path {row['decode_path']}); fallback "
             f"{s['dense_fallback_share']:.3f}; compile dense {d['compile_s']:.1f} s sparse "
