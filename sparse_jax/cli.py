@@ -194,47 +194,39 @@ def _load(args: argparse.Namespace):
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
   _checkpoint_arguments(p)
-  p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
+  p.add_argument("--prompt", action="append", default=None,
+                 help="text to continue (repeat for a batch of prompts of any lengths; "
+                      "default: a new document)")
   p.add_argument("--max-new-tokens", type=int, default=200)
   p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+  p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt")
+  p.add_argument("--num-samples", type=int, default=1, help="continuations of each prompt")
   p.add_argument("--no-stop", action="store_true",
                  help="keep generating past the end-of-document token")
 
 
 def _generate(args: argparse.Namespace) -> int:
-  import time
-
-  import numpy as np
-
-  from sparse_jax.nn.generate import check_sampling, generate
-  check_sampling(args.temperature, args.top_p)  # before the checkpoint is loaded
+  from sparse_jax.nn.generate import check_sampling, generation_report, generate
+  check_sampling(args.temperature, args.top_p, args.top_k)  # before the checkpoint is loaded
   if args.num_samples < 1:
     raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
   loaded = _load(args)
   tok = loaded.tokenizer
-  ids = tok.encode_batch([args.prompt])[0] if args.prompt else np.zeros(0, np.int32)
-  if len(ids) == 0:
-    ids = np.asarray([tok.eos_id], np.int32)  # a document starts after an end-of-document token
-  prompt = np.tile(ids[None], (args.num_samples, 1))
-  t0 = time.perf_counter()
-  gen = generate(loaded.model, prompt, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                 eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size)
-  wall = time.perf_counter() - t0
-  for b in range(args.num_samples):
+  texts = [t for t in (args.prompt or [""]) for _ in range(args.num_samples)]
+  # A document starts after an end-of-document token: an empty prompt is that token alone.
+  prompts = [list(tok.encode_batch([t])[0]) if t else [] for t in texts]
+  prompts = [ids if len(ids) else [tok.eos_id] for ids in prompts]
+  gen = generate(loaded.model, prompts, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                 seed=args.seed, eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size)
+  for b, text in enumerate(texts):
     row = gen.row(b)
-    ended = not args.no_stop and row and row[-1] == tok.eos_id
-    text = tok.decode(row[:-1] if ended else row)
+    ended = bool(gen.finished_B[b])
     print(f"--- sample {b} ({len(row)} tokens{', ended' if ended else ''}) ---")
-    print(args.prompt + text)
-  steps = gen.step_active_SxL
-  active = " ".join(f"{x:.1f}" for x in steps.mean(axis=0)) if len(steps) else "n/a"
-  print(f"--- {gen.tokens_BxN.size} tokens in {wall:.1f} s (with compilation); active FFN "
-        f"neurons per generated token, per layer: {active} of {loaded.cfg.model.d_ff}; over the "
-        f"prompt: {' '.join(f'{x:.1f}' for x in gen.prompt_active_L)}")
+    print(text + tok.decode(row[:-1] if ended else row))
+  print(generation_report(gen, loaded.cfg.model.d_ff))
   return 0
 
 
@@ -299,7 +291,8 @@ COMMANDS: dict[str, Command] = {
                      _train_arguments, _train),
     "eval": Command("evaluate a checkpoint: perplexity, sparsity analysis with plots, zero-shot "
                     "multiple choice", _eval_arguments, _eval),
-    "generate": Command("generate text from a checkpoint (KV cache; greedy, temperature, top-p)",
+    "generate": Command("generate text from a checkpoint (KV cache; ragged prompt batches; "
+                        "greedy, temperature, top-k, top-p; tokens/s)",
                         _generate_arguments, _generate),
     "export-hf": Command("write a checkpoint as a Hugging Face Llama-format directory",
                          _export_arguments, _export_hf),

@@ -7,7 +7,8 @@ from flax import nnx
 
 from sparse_jax.config import ModelConfig
 from sparse_jax.nn import Transformer, forward_with_stats
-from sparse_jax.nn.generate import generate, sample_logits
+from sparse_jax import ops
+from sparse_jax.nn.generate import Generator, generate, sample_logits
 
 VOCAB = 259
 
@@ -146,3 +147,100 @@ def test_bad_generation_arguments(key):
     generate(model, prompt + VOCAB, max_new_tokens=2)
   with pytest.raises(ValueError, match="at least one token"):
     generate(model, prompt[:, :0], max_new_tokens=2)
+
+
+# ----------------------------------------------------------------- ragged batches, layers, top-k
+
+
+def test_ragged_prompt_rows_generate_what_they_generate_alone(key):
+  k_model, k_tok = jax.random.split(key)
+  model = tiny_model(k_model, ffn="relu_dense")  # the FFN kind plays no part here
+  gen = Generator(model)
+  rows = [random_prompt(k_tok, 1, 9)[0], random_prompt(jax.random.fold_in(k_tok, 1), 1, 3)[0]]
+  batch = gen.generate(rows, max_new_tokens=8)
+  np.testing.assert_array_equal(batch.prompt_lengths_B, [9, 3])
+  for b, r in enumerate(rows):
+    alone = gen.generate(r[None], max_new_tokens=8)
+    np.testing.assert_array_equal(batch.tokens_BxN[b], alone.tokens_BxN[0])
+  # Pads fire no FFN neuron: the prompt's activity is that of the real tokens alone.
+  assert np.all(batch.prompt_active_L > 0)
+
+
+def test_scanned_layers_equal_the_unrolled_block_steps(key):
+  k_model, k_tok = jax.random.split(key)
+  model = tiny_model(k_model, n_layers=3, ffn="relu_dense")
+  prompts = [random_prompt(k_tok, 1, 6)[0], random_prompt(k_tok, 1, 3)[0]]
+  kw = dict(max_new_tokens=7, temperature=1.3, top_k=50, top_p=0.95, seed=3)
+  scanned = generate(model, prompts, scan_layers=True, **kw)
+  unrolled = generate(model, prompts, scan_layers=False, **kw)
+  np.testing.assert_array_equal(scanned.tokens_BxN, unrolled.tokens_BxN)
+  np.testing.assert_allclose(scanned.prompt_active_L, unrolled.prompt_active_L, rtol=1e-6)
+  np.testing.assert_allclose(scanned.step_active_SxL, unrolled.step_active_SxL, rtol=1e-6)
+
+
+def test_programs_do_not_grow_with_depth(key):
+  """The scanned prefill and decode are one while loop over the layers: their program text is
+  (nearly) the same size for 2 and 24 layers, where the unrolled one grows with depth."""
+  prompt = random_prompt(key, 2, 5)
+
+  def sizes(n_layers, scan):
+    model = tiny_model(key, n_layers=n_layers, ffn="relu_dense")
+    prefill, decode = Generator(model, scan_layers=scan).lower(prompt, max_new_tokens=4)
+    return len(prefill.as_text()), len(decode.as_text()), decode.as_text()
+
+  p2, d2, _ = sizes(2, True)
+  p24, d24, text = sizes(24, True)
+  assert "while" in text
+  assert p24 < 1.1 * p2 and d24 < 1.1 * d2, (p2, p24, d2, d24)
+  p24u, d24u, _ = sizes(24, False)
+  assert p24u > 5 * p2 and d24u > 5 * d2  # the unrolled reference does grow
+
+
+def test_top_k_one_is_greedy(key):
+  k_model, k_tok = jax.random.split(key)
+  model = tiny_model(k_model, ffn="relu_dense")
+  gen = Generator(model)
+  prompt = random_prompt(k_tok)
+  greedy = gen.generate(prompt, max_new_tokens=8)
+  top1 = gen.generate(prompt, max_new_tokens=8, temperature=2.0, top_k=1, seed=9)
+  np.testing.assert_array_equal(top1.tokens_BxN, greedy.tokens_BxN)
+  wide = gen.generate(prompt, max_new_tokens=8, temperature=2.0, top_k=0, seed=9)
+  assert not np.array_equal(wide.tokens_BxN, greedy.tokens_BxN)  # sampling does sample
+  with pytest.raises(ValueError, match="top_k"):
+    gen.generate(prompt, max_new_tokens=2, top_k=-1)
+
+
+def test_finished_rows_emit_pad_and_the_loop_stops(key):
+  k_model, k_tok = jax.random.split(key)
+  model = tiny_model(k_model, ffn="relu_dense")
+  gen = Generator(model)
+  prompts = [random_prompt(k_tok, 1, 5)[0], random_prompt(k_tok, 1, 2)[0]]
+  free = gen.generate(prompts, max_new_tokens=10)
+  eos = int(free.tokens_BxN[0, 2])
+  stopped = gen.generate(prompts, max_new_tokens=10, eos_id=eos, pad_id=7)
+  for b in range(2):
+    hits = np.flatnonzero(free.tokens_BxN[b] == eos)
+    end = int(hits[0]) + 1 if hits.size else 10
+    assert stopped.finished_B[b] == bool(hits.size) and stopped.lengths_B[b] == end
+    assert stopped.row(b) == free.row(b)[:end]
+    assert np.all(stopped.tokens_BxN[b, end:] == 7)
+  # Every row finished by the last of their end tokens: the loop ran no further step.
+  if stopped.finished_B.all():
+    assert len(stopped.step_active_SxL) == stopped.lengths_B.max() - 1
+
+
+def test_sparse_decode_path_generates_the_dense_models_tokens(key):
+  """Generation through the decode-regime FFN path (the batch's union of active neurons) gives
+  the tokens of the same weights run as a dense FFN (greedy, float32)."""
+  k_model, k_tok = jax.random.split(key)
+  sparse = tiny_model(k_model, ffn="relu_sparse", ffn_impl="auto")
+  dense = tiny_model(k_model, ffn="relu_dense")
+  nnx.update(dense, nnx.state(sparse, nnx.Param))
+  cfg = ops.SparseFFNConfig(decode_union_capacity=64, decode_max_union_fraction=1.0)
+  for block in sparse.blocks:
+    block.ffn.sparse_config = cfg
+  prompt = random_prompt(k_tok, 3, 4)
+  got = generate(sparse, prompt, max_new_tokens=8)
+  want = generate(dense, prompt, max_new_tokens=8)
+  np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
+  np.testing.assert_allclose(got.step_active_SxL, want.step_active_SxL, rtol=1e-6)

@@ -1,152 +1,458 @@
-"""Text generation with a KV cache: greedy, temperature and top-p (nucleus) sampling, seeded.
+"""Text generation with a KV cache: ragged prompt batches, greedy / temperature / top-k / top-p
+sampling, per-row end tokens, a scan over the layers, prefill and decode timed apart.
 
-The prompt runs through ``Transformer.decode`` once (prefill, filling each layer's cache); then each
-new token is one ``decode`` call of length 1 inside a ``lax.scan``, so the whole generation is one
-compiled program. Every step goes through the model's own FFN (the sparse op for ``relu_sparse``),
-and the FFN statistics each step sows are returned: active neurons per generated token per layer.
+**Ragged prompts: left padding.** Prompts of different lengths are padded on the left to the
+longest, P. All rows then write the same cache slot at every step (slot P + i for generated token
+i), so the cache update is one ``dynamic_update_slice`` and the decode loop has no per-row
+indexing; each row gets its own RoPE positions (slot - pad) and a key mask that hides its pad
+slots. Pad tokens enter as zero vectors and attend only to themselves: a zero residual stream
+stays exactly zero through every block (RMSNorm(0) = 0, no biases), so pads never fire an FFN
+neuron and never reach a real token. A row therefore gets the tokens it would get alone, up to
+summation order (the test checks greedy float32 tokens are equal).
 
-Sampling: ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the temperature
-and, with ``top_p < 1``, restricted to the smallest set of most likely tokens whose probability
-reaches ``top_p`` (the most likely token always stays). Step i draws with ``fold_in(key(seed), i)``,
-so a seed fixes the output whatever the batch position or the number of tokens asked for.
+**Layers: one scanned block.** The blocks' parameters are stacked once per ``Generator``
+(``[n_layers, ...]`` leaves, the weight matrices cast once to the compute dtype, which the blocks
+cast to at use anyway, so the numbers are the same), the KV cache is ``[n_layers, B, S, K, H]``,
+and ``lax.scan`` runs one block's program over the layers: the compiled program does not grow
+with depth (the 2b model compiled for minutes unrolled). ``scan_layers=False`` unrolls the same
+block step (the reference the tests compare with). The model's parameter tree is unchanged.
+
+**Sampling.** ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the
+temperature and restricted to the ``top_k`` most likely tokens (0: no limit) and to the smallest
+set of most likely tokens whose probability reaches ``top_p``; the most likely token always stays.
+Step i draws with ``fold_in(key(seed), i)``. Temperature, top-k and top-p are traced, so one
+compiled program serves every setting.
+
+**End tokens.** A row that produces ``eos_id`` is finished: later positions hold ``pad_id``
+(default ``eos_id``) and ``Generation.finished_B`` reports it; the decode loop (a
+``lax.while_loop``) stops once every row is finished.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_jax.nn.model import Transformer, sown_ffn_stats
+from sparse_jax.nn.ffn import STATS_NAME
+from sparse_jax.nn.model import Block, Transformer
 
 F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-  tokens_BxN: np.ndarray        # generated ids; after an end token, rows hold ``eos_id``
+  tokens_BxN: np.ndarray        # generated ids; after a row's end token, ``pad_id``
   lengths_B: np.ndarray         # generated tokens per row up to and including its end token
-  # Mean active FFN neurons per token and layer: over the prompt (the prefill), and at each decode
-  # step (step i feeds generated token i, so there are N - 1 steps).
+  finished_B: np.ndarray        # the row produced its end token
+  prompt_lengths_B: np.ndarray
+  # Mean active FFN neurons per token and layer: over the real prompt tokens (the prefill), and at
+  # each decode step (step i feeds generated token i; at most N - 1 steps, fewer if all stopped).
   prompt_active_L: np.ndarray
   step_active_SxL: np.ndarray
+  step_union_SxL: np.ndarray    # neurons active for at least one row at each decode step
+  step_dense_fallback_SxL: np.ndarray  # the step's FFN ran its dense fallback (1.0) or not
+  prefill_s: float              # wall time of the prefill (compiled), to the first tokens
+  decode_s: float               # wall time of the decode loop (compiled)
+  compile_s: float              # compile time of this call's programs (0 when already compiled)
 
   def row(self, b: int) -> list[int]:
     """Row b's generated ids up to and including its end token."""
     return [int(t) for t in self.tokens_BxN[b, :self.lengths_B[b]]]
 
+  @property
+  def prefill_tokens_per_s(self) -> float:
+    return float(self.prompt_lengths_B.sum()) / self.prefill_s
 
-def check_sampling(temperature: float, top_p: float) -> None:
+  @property
+  def decode_tokens_per_s(self) -> float:
+    """Tokens out of the decode loop per second (every row of every step, finished or not)."""
+    return self.tokens_BxN.shape[0] * len(self.step_active_SxL) / max(self.decode_s, 1e-12)
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int = 0) -> None:
   if not temperature >= 0:
     raise ValueError(f"temperature={temperature!r}: must be >= 0 (0 is greedy decoding)")
   if not 0 < top_p <= 1:
     raise ValueError(f"top_p={top_p!r}: must be in (0, 1]")
+  if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+    raise ValueError(f"top_k={top_k!r}: must be an int >= 0 (0 keeps every token)")
 
 
-def sample_logits(logits_BxV: jax.Array, key: jax.Array, *, temperature, top_p) -> jax.Array:
-  """One token per row: argmax if ``temperature == 0``, else temperature + top-p sampling.
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, *, temperature, top_p, top_k=0
+                  ) -> jax.Array:
+  """One token per row: argmax if ``temperature == 0``, else temperature + top-k + top-p.
 
-  ``temperature`` and ``top_p`` may be traced; the greedy branch is selected with ``jnp.where``
-  so one compiled program serves every setting.
+  The branch is a ``lax.cond`` on the (possibly traced) temperature: greedy decoding skips the
+  vocabulary sort, which costs as much as a small model's decode step at large batch.
   """
   logits_BxV = logits_BxV.astype(F32)
-  greedy_B = jnp.argmax(logits_BxV, axis=-1)
-  scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
-  sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
-  probs = jax.nn.softmax(sorted_desc, axis=-1)
-  # A token stays if the tokens more likely than it hold less than top_p of the mass.
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  kept = mass_before < top_p
-  kept = kept.at[:, 0].set(True)
-  n_kept_B = jnp.sum(kept, axis=-1)
-  threshold_B = jnp.take_along_axis(sorted_desc, (n_kept_B - 1)[:, None], axis=-1)
-  masked = jnp.where(scaled >= threshold_B, scaled, -jnp.inf)
-  sampled_B = jax.random.categorical(key, masked, axis=-1)
-  return jnp.where(temperature == 0, greedy_B, sampled_B).astype(jnp.int32)
+
+  def greedy():
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def sample():
+    scaled = logits_BxV / jnp.maximum(temperature, 1e-6)
+    sorted_desc = jnp.sort(scaled, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # A token stays if the tokens more likely than it hold less than top_p of the mass, and it
+    # is among the top_k.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    rank_V = jnp.arange(sorted_desc.shape[-1])
+    kept = (mass_before < top_p) & ((top_k <= 0) | (rank_V < top_k))[None, :]
+    kept = kept.at[:, 0].set(True)
+    n_kept_B = jnp.sum(kept, axis=-1)
+    threshold_B = jnp.take_along_axis(sorted_desc, (n_kept_B - 1)[:, None], axis=-1)
+    masked = jnp.where(scaled >= threshold_B, scaled, -jnp.inf)
+    return jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
+
+  return jax.lax.cond(jnp.asarray(temperature) == 0, greedy, sample)
 
 
-def _decode_with_l0(model: Transformer, tokens_BxT, caches, start):
-  (logits_BxTxV, caches), inter = nnx.capture(model.decode, nnx.Intermediate)(
-      tokens_BxT, caches, start)
-  return logits_BxTxV, caches, sown_ffn_stats(model, inter).l0
+# ------------------------------------------------------------------------------ one block
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "n_ids"))
-def _generate(state, prompt_BxP, key, temperature, top_p, eos_id, *, graphdef,
-              max_new_tokens: int, n_ids: int):
-  model = nnx.merge(graphdef, state)
+def _block_step(block: Block, x_BxTxD, k_LxBxSxKxH, v_LxBxSxKxH, layer, slot, pos_BxT,
+                key_ok_BxS):
+  """One block on T new tokens at cache slots slot..slot+T-1 (row b at positions ``pos_BxT``).
+
+  Writes the new keys and values into layer ``layer`` of the stacked cache (only the T new
+  slots: the cache is updated in place) and attends over that layer's slots up to each query,
+  restricted to ``key_ok_BxS`` (a row's pad slots are not keys) plus the query's own slot.
+  """
+  t = x_BxTxD.shape[1]
+  attn = block.attn
+  h_BxTxD = block.attn_norm(x_BxTxD)
+  # Per-row RoPE positions through the attention's own projection.
+  q, k, v = jax.vmap(lambda h_TxD, p_T: attn.project(h_TxD[None], p_T))(h_BxTxD, pos_BxT)
+  q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = q[:, 0], k[:, 0], v[:, 0]
+  at = (layer, 0, slot, 0, 0)
+  k_LxBxSxKxH = jax.lax.dynamic_update_slice(k_LxBxSxKxH, k_BxTxKxH[None].astype(
+      k_LxBxSxKxH.dtype), at)
+  v_LxBxSxKxH = jax.lax.dynamic_update_slice(v_LxBxSxKxH, v_BxTxKxH[None].astype(
+      v_LxBxSxKxH.dtype), at)
+  k_BxSxKxH, v_BxSxKxH = k_LxBxSxKxH[layer], v_LxBxSxKxH[layer]
+  s = k_BxSxKxH.shape[1]
+  q_slot_T = slot + jnp.arange(t)
+  slots_S = jnp.arange(s)
+  causal_TxS = slots_S[None, :] <= q_slot_T[:, None]
+  own_TxS = slots_S[None, :] == q_slot_T[:, None]
+  mask_BxTxS = (causal_TxS[None] & key_ok_BxS[:, None, :]) | own_TxS[None]
+  # XLA attention: cuDNN's fused kernel wants a causal flag or no mask, not a cache-length one.
+  out_BxTxNxH = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH,
+                                             mask=mask_BxTxS[:, None], implementation="xla")
+  x_BxTxD = x_BxTxD + attn.output(out_BxTxNxH)
+  x_BxTxD = x_BxTxD + block.ffn(block.ffn_norm(x_BxTxD))
+  return x_BxTxD, k_LxBxSxKxH, v_LxBxSxKxH
+
+
+def _captured_step(block, *args):
+  """``_block_step`` and what its FFN sowed: [mean active neurons per token, neurons active for
+  at least one token of the call (the batch's union), dense fallback (0/1)]."""
+  out, inter = nnx.capture(_block_step, nnx.Intermediate)(block, *args)
+  stats = nnx.to_pure_dict(inter)["ffn"][STATS_NAME][-1]
+  union = jnp.sum(stats.active_per_neuron > 0, dtype=F32)
+  return out, jnp.stack([stats.l0.astype(F32), union, jnp.asarray(stats.dense_fallback, F32)])
+
+
+def _cast_weights(state, dtype):
+  """Float leaves of >= 2 dimensions (the weight matrices) in the compute dtype: the modules
+  cast them to it at use, so this changes no number, and each step reads them once, in 16 bits
+  in a bf16 model. 1-D leaves (norm scales, used in f32) keep their dtype."""
+  def cast(a):
+    return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) and a.ndim >= 2 else a
+  return jax.tree.map(cast, state)
+
+
+# ------------------------------------------------------------------------------ programs
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  # The Transformer (for its embedding and head; its blocks' own state is passed along unused,
+  # and jit drops unused arguments from the program).
+  graphdef: object
+  block_graphdef: object     # one block (all blocks share it) when scanning, else None
+  block_graphdefs: tuple     # every block's graphdef when unrolled
+  n_layers: int
+  n_ids: int
+  cache_len: int
+  max_new_tokens: int
+
+
+def _layers(st: _Static, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT, key_ok_BxS):
+  """All blocks: a ``lax.scan`` of one block over stacked parameters, or the same step unrolled.
+  Returns (x, k_cache, v_cache, FFN statistics [n_layers, 3] (see ``_captured_step``))."""
+  if st.block_graphdef is not None:
+    def body(carry, xs):
+      x, k, v = carry
+      state, layer = xs
+      block = nnx.merge(st.block_graphdef, state)
+      (x, k, v), layer_stats = _captured_step(block, x, k, v, layer, slot, pos_BxT, key_ok_BxS)
+      return (x, k, v), layer_stats
+
+    (x_BxTxD, k_cache, v_cache), stats_Lx3 = jax.lax.scan(
+        body, (x_BxTxD, k_cache, v_cache), (layer_states, jnp.arange(st.n_layers)))
+    return x_BxTxD, k_cache, v_cache, stats_Lx3
+  stats = []
+  for layer, (gd, state) in enumerate(zip(st.block_graphdefs, layer_states, strict=True)):
+    block = nnx.merge(gd, state)
+    (x_BxTxD, k_cache, v_cache), layer_stats = _captured_step(
+        block, x_BxTxD, k_cache, v_cache, layer, slot, pos_BxT, key_ok_BxS)
+    stats.append(layer_stats)
+  return x_BxTxD, k_cache, v_cache, jnp.stack(stats)
+
+
+def _pick(st: _Static, logits_BxV, key, i, temperature, top_p, top_k):
+  # Ids past the tokenizer's (the vocabulary is padded to a multiple of 128) are never drawn.
+  logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < st.n_ids, logits_BxV, -jnp.inf)
+  return sample_logits(logits_BxV, jax.random.fold_in(key, i), temperature=temperature,
+                       top_p=top_p, top_k=top_k)
+
+
+def _prefill(model_state, layer_states, prompt_BxP, pad_B, key, temperature, top_p, top_k, *,
+             st: _Static):
+  model = nnx.merge(st.graphdef, *model_state)
   b, p = prompt_BxP.shape
-  caches = model.init_cache(b, p + max_new_tokens)
+  real_BxP = jnp.arange(p)[None, :] >= pad_B[:, None]
+  x_BxPxD = jnp.where(real_BxP[..., None], model._embed(prompt_BxP), 0)
+  pos_BxP = jnp.maximum(jnp.arange(p)[None, :] - pad_B[:, None], 0)
+  cfg = model.cfg
+  shape = (st.n_layers, b, st.cache_len, cfg.kv_heads, cfg.attn_head_dim)
+  k_cache = jnp.zeros(shape, model.compute_dtype)
+  v_cache = jnp.zeros(shape, model.compute_dtype)
+  key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
+  x_BxPxD, k_cache, v_cache, stats_Lx3 = _layers(st, layer_states, x_BxPxD, k_cache, v_cache, 0,
+                                            pos_BxP, key_ok_BxS)
+  logits_BxV = model._logits(x_BxPxD[:, -1:])[:, 0]
+  first_B = _pick(st, logits_BxV, key, 0, temperature, top_p, top_k)
+  # Pads fire no neuron: the op's mean over B x P tokens, rescaled to the real ones.
+  prompt_l0_L = stats_Lx3[:, 0] * (b * p) / jnp.sum(real_BxP)
+  return k_cache, v_cache, first_B, prompt_l0_L
 
-  def pick(logits_BxV, i):
-    # Ids past the tokenizer's (the vocabulary is padded to a multiple of 128) are never drawn.
-    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < n_ids, logits_BxV, -jnp.inf)
-    return sample_logits(logits_BxV, jax.random.fold_in(key, i), temperature=temperature,
-                         top_p=top_p)
 
-  logits_BxPxV, caches, prompt_l0_L = _decode_with_l0(model, prompt_BxP, caches, 0)
-  first_B = pick(logits_BxPxV[:, -1], 0)
+def _decode(model_state, layer_states, k_cache, v_cache, first_B, pad_B, key, temperature, top_p,
+            top_k, eos_id, pad_id, *, st: _Static):
+  b = first_B.shape[0]
+  p = st.cache_len - st.max_new_tokens
+  n_steps = st.max_new_tokens - 1  # the last generated token is not fed
+  key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
+  done0_B = first_B == eos_id
+  tokens0_BxN = jnp.full((b, st.max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first_B)
+  stats_0 = jnp.zeros((max(n_steps, 1), st.n_layers, 3), F32)
 
-  def step(carry, i):
-    caches, token_B, done_B = carry
+  def cond(carry):
+    i, _, _, _, done_B, _, _ = carry
+    return (i < n_steps) & ~jnp.all(done_B)
+
+  def body(carry):
+    i, k, v, token_B, done_B, tokens_BxN, stats_SxLx3 = carry
     # Modules are merged in the trace that uses them: nnx.capture marks the modules it records
     # into, which flax allows only at the trace level where they were built.
-    model = nnx.merge(graphdef, state)
-    logits_Bx1xV, caches, l0_L = _decode_with_l0(model, token_B[:, None], caches, p + i)
-    nxt_B = pick(logits_Bx1xV[:, 0], i + 1)
-    done_B = done_B | (token_B == eos_id)
-    nxt_B = jnp.where(done_B, eos_id, nxt_B)
-    return (caches, nxt_B, done_B), (nxt_B, l0_L)
+    model = nnx.merge(st.graphdef, *model_state)
+    slot = p + i
+    x_Bx1xD = model._embed(token_B[:, None])
+    pos_Bx1 = (slot - pad_B)[:, None]
+    x_Bx1xD, k, v, stats_Lx3 = _layers(st, layer_states, x_Bx1xD, k, v, slot, pos_Bx1, key_ok_BxS)
+    nxt_B = _pick(st, model._logits(x_Bx1xD)[:, 0], key, i + 1, temperature, top_p, top_k)
+    nxt_B = jnp.where(done_B, pad_id, nxt_B)
+    done_B = done_B | (nxt_B == eos_id)
+    tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, nxt_B[:, None], (0, i + 1))
+    stats_SxLx3 = jax.lax.dynamic_update_slice(stats_SxLx3, stats_Lx3[None], (i, 0, 0))
+    return i + 1, k, v, nxt_B, done_B, tokens_BxN, stats_SxLx3
 
-  done0 = jnp.zeros((b,), bool)
-  # Step i feeds token i (at position p + i) and yields token i + 1; the last token is not fed.
-  _, (rest_SxB, l0_SxL) = jax.lax.scan(step, (caches, first_B, done0),
-                                       jnp.arange(max_new_tokens - 1))
-  tokens_BxN = jnp.concatenate([first_B[:, None], rest_SxB.T], axis=1)
-  return tokens_BxN, l0_SxL, prompt_l0_L
+  i, k_cache, v_cache, _, _, tokens_BxN, stats_SxLx3 = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), k_cache, v_cache, first_B, done0_B, tokens0_BxN, stats_0))
+  # The caches are returned so that the donated input buffers can be the loop's own.
+  return tokens_BxN, stats_SxLx3, i, k_cache, v_cache
 
 
-def generate(model: Transformer, prompt_BxP, *, max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, eos_id: int | None = None,
-             n_ids: int | None = None) -> Generation:
-  """Generates ``max_new_tokens`` tokens after each prompt row (rows of one length).
+_prefill_jit = jax.jit(_prefill, static_argnames=("st",))
+# The caches are donated: the loop updates the prefill's buffers in place, no second copy of
+# [L, B, S, K, H] (tens of GB for long contexts of the 2b model).
+_decode_jit = jax.jit(_decode, static_argnames=("st",), donate_argnames=("k_cache", "v_cache"))
 
-  ``eos_id``: a row that produces it stops there (``Generation.lengths_B``); None never stops.
-  ``n_ids``: only ids below it are generated (the tokenizer's vocabulary size; default: all).
-  The neuron counts come from the FFN statistics each decode call sows (the prompt's from the
-  prefill), so they are what the op saw, averaged over the batch rows.
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _stack(states, dtype):
+  return _cast_weights(jax.tree.map(lambda *a: jnp.stack(a), *states), dtype)
+
+
+class Generator:
+  """Compiled generation for one model: stacks (and casts) the blocks' parameters once, compiles
+  each (batch, prompt length, new tokens) shape once, and times prefill and decode apart.
+
+  Build it after the weights are final: it keeps its own stacked copy (in the compute dtype).
   """
-  prompt_BxP = np.asarray(prompt_BxP)
-  if prompt_BxP.ndim != 2 or prompt_BxP.shape[1] == 0:
-    raise ValueError(f"prompt must be a [batch, length] array of token ids with length >= 1, got "
-                     f"shape {prompt_BxP.shape} (generation needs at least one token to condition "
-                     "on: use the end-of-document id for an empty prompt)")
-  if not np.issubdtype(prompt_BxP.dtype, np.integer):
-    raise TypeError(f"prompt token ids must be integers, got {prompt_BxP.dtype}")
-  vocab = model.cfg.vocab_size
-  if prompt_BxP.min() < 0 or prompt_BxP.max() >= vocab:
-    raise ValueError(f"prompt token ids must be in [0, {vocab}), got {prompt_BxP.min()}.."
-                     f"{prompt_BxP.max()}")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
-  check_sampling(temperature, top_p)
-  n_ids = vocab if n_ids is None else n_ids
-  if not 0 < n_ids <= vocab:
-    raise ValueError(f"n_ids={n_ids}: must be in [1, {vocab}] (the model's vocabulary)")
-  graphdef, state = nnx.split(model)
-  stop_id = -1 if eos_id is None else eos_id  # -1 is never produced: no row stops
-  tokens, l0_SxL, prompt_l0_L = jax.device_get(_generate(
-      state, jnp.asarray(prompt_BxP, jnp.int32), jax.random.key(seed),
-      jnp.asarray(temperature, F32), jnp.asarray(top_p, F32), jnp.asarray(stop_id, jnp.int32),
-      graphdef=graphdef, max_new_tokens=max_new_tokens, n_ids=n_ids))
-  lengths = np.full((tokens.shape[0],), max_new_tokens)
-  if eos_id is not None:
-    for b, row in enumerate(tokens):
-      hits = np.flatnonzero(row == eos_id)
-      if hits.size:
-        lengths[b] = hits[0] + 1
-  return Generation(tokens_BxN=tokens, lengths_B=lengths, prompt_active_L=np.asarray(prompt_l0_L),
-                    step_active_SxL=np.asarray(l0_SxL))
+
+  def __init__(self, model: Transformer, *, scan_layers: bool = True):
+    self.model = model
+    self.cfg = model.cfg
+    dtype = model.compute_dtype
+    self.graphdef, blocks_state, rest_state = nnx.split(model, nnx.PathContains("blocks"), ...)
+    # The Transformer is merged from its own blocks' state (unused by the programs, which run the
+    # blocks from layer_states) and its other parameters cast once (embedding/head).
+    self.model_state = (blocks_state, _cast_weights(rest_state, dtype))
+    splits = [nnx.split(block) for block in model.blocks]
+    graphdefs = tuple(gd for gd, _ in splits)
+    # Blocks of different structure cannot share one scanned program: unroll them.
+    self.scan_layers = scan_layers and all(gd == graphdefs[0] for gd in graphdefs)
+    if self.scan_layers:
+      self.block_graphdef, self.block_graphdefs = graphdefs[0], ()
+      self.layer_states = _stack([s for _, s in splits], dtype)
+    else:
+      self.block_graphdef, self.block_graphdefs = None, graphdefs
+      self.layer_states = [_cast_weights(s, dtype) for _, s in splits]
+    self._compiled: dict = {}
+
+  def _programs(self, st: _Static, args_prefill, args_decode):
+    """(prefill, decode, compile seconds) for this shape, compiled ahead of time on first use."""
+    shapes = tuple((a.shape, str(a.dtype)) for a in args_prefill[2:4])
+    cache_key = (st, shapes)
+    if cache_key in self._compiled:
+      return (*self._compiled[cache_key], 0.0)
+    t0 = time.perf_counter()
+    prefill = _prefill_jit.lower(*args_prefill, st=st).compile()
+    k_cache, v_cache, first_B, _ = prefill.out_info
+    decode = _decode_jit.lower(args_decode[0], args_decode[1], k_cache, v_cache, first_B,
+                               *args_decode[2:], st=st).compile()
+    seconds = time.perf_counter() - t0
+    self._compiled[cache_key] = (prefill, decode)
+    return prefill, decode, seconds
+
+  def _prepare(self, prompts, *, max_new_tokens, temperature, top_p, top_k, seed, eos_id, pad_id,
+               n_ids):
+    """(static, prefill arguments, decode arguments less the prefill's outputs, prompt lengths)."""
+    prompt_BxP, pad_B, lengths_B = _left_pad(prompts, self.cfg.vocab_size)
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be a positive integer")
+    check_sampling(temperature, top_p, top_k)
+    vocab = self.cfg.vocab_size
+    n_ids = vocab if n_ids is None else n_ids
+    if not 0 < n_ids <= vocab:
+      raise ValueError(f"n_ids={n_ids}: must be in [1, {vocab}] (the model's vocabulary)")
+    for name, v in (("eos_id", eos_id), ("pad_id", pad_id)):
+      if v is not None and not 0 <= v < vocab:
+        raise ValueError(f"{name}={v}: must be in [0, {vocab})")
+    stop_id = -1 if eos_id is None else eos_id  # -1 is never produced: no row stops
+    pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
+    st = _Static(graphdef=self.graphdef, block_graphdef=self.block_graphdef,
+                 block_graphdefs=self.block_graphdefs, n_layers=len(self.model.blocks),
+                 n_ids=int(n_ids), cache_len=prompt_BxP.shape[1] + int(max_new_tokens),
+                 max_new_tokens=int(max_new_tokens))
+    key = jax.random.key(seed)
+    sampling = (jnp.asarray(temperature, F32), jnp.asarray(top_p, F32),
+                jnp.asarray(top_k, jnp.int32))
+    pad_dev = jnp.asarray(pad_B, jnp.int32)
+    args_prefill = (self.model_state, self.layer_states, jnp.asarray(prompt_BxP, jnp.int32),
+                    pad_dev, key, *sampling)
+    ids = (jnp.asarray(stop_id, jnp.int32), jnp.asarray(pad_id, jnp.int32))
+    args_decode = (self.model_state, self.layer_states, pad_dev, key, *sampling, *ids)
+    return st, args_prefill, args_decode, lengths_B
+
+  def lower(self, prompts, *, max_new_tokens: int):
+    """The lowered (not compiled) prefill and decode programs of this shape, for inspection."""
+    st, args_prefill, args_decode, _ = self._prepare(
+        prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+        eos_id=None, pad_id=None, n_ids=None)
+    k_cache, v_cache, first_B, _ = jax.eval_shape(lambda *a: _prefill(*a, st=st), *args_prefill)
+    return (_prefill_jit.lower(*args_prefill, st=st),
+            _decode_jit.lower(*args_decode[:2], k_cache, v_cache, first_B, *args_decode[2:], st=st))
+
+  def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
+               pad_id: int | None = None, n_ids: int | None = None) -> Generation:
+    """Generates ``max_new_tokens`` tokens after each prompt.
+
+    ``prompts``: a [B, P] int array, or a list of B token-id sequences of any lengths >= 1
+    (left-padded here). ``eos_id``: a row that produces it stops there; None never stops.
+    ``pad_id``: what finished rows hold afterwards (default ``eos_id``, else 0). ``n_ids``: only
+    ids below it are generated (the tokenizer's vocabulary; default all).
+    """
+    st, args_prefill, args_decode, lengths_B = self._prepare(
+        prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        top_k=top_k, seed=seed, eos_id=eos_id, pad_id=pad_id, n_ids=n_ids)
+    prefill, decode, compile_s = self._programs(st, args_prefill, args_decode)
+
+    t0 = time.perf_counter()
+    k_cache, v_cache, first_B, prompt_l0_L = prefill(*args_prefill)
+    jax.block_until_ready(first_B)
+    t1 = time.perf_counter()
+    tokens, stats_SxLx3, n_steps, _, _ = decode(self.model_state, self.layer_states, k_cache,
+                                                v_cache, first_B, *args_decode[2:])
+    tokens, stats_SxLx3, n_steps = jax.device_get((tokens, stats_SxLx3, n_steps))
+    t2 = time.perf_counter()
+    lengths = np.full((tokens.shape[0],), max_new_tokens)
+    finished = np.zeros((tokens.shape[0],), bool)
+    if eos_id is not None:
+      for b, row in enumerate(tokens):
+        hits = np.flatnonzero(row == eos_id)
+        if hits.size:
+          lengths[b], finished[b] = hits[0] + 1, True
+    return Generation(tokens_BxN=tokens, lengths_B=lengths, finished_B=finished,
+                      prompt_lengths_B=lengths_B, prompt_active_L=np.asarray(prompt_l0_L),
+                      step_active_SxL=stats_SxLx3[:int(n_steps), :, 0],
+                      step_union_SxL=stats_SxLx3[:int(n_steps), :, 1],
+                      step_dense_fallback_SxL=stats_SxLx3[:int(n_steps), :, 2],
+                      prefill_s=t1 - t0, decode_s=t2 - t1, compile_s=compile_s)
+
+
+def generation_report(gen: Generation, d_ff: int) -> str:
+  """Speed and FFN activity of a generation, as ``sparse-jax generate`` prints them."""
+  steps = gen.step_active_SxL
+  active = " ".join(f"{x:.1f}" for x in steps.mean(axis=0)) if len(steps) else "n/a"
+  return "\n".join([
+      f"--- {len(gen.tokens_BxN)} rows, {int(gen.prompt_lengths_B.sum())} prompt tokens, "
+      f"{int(gen.lengths_B.sum())} generated ({int(gen.finished_B.sum())} rows ended)",
+      f"compile {gen.compile_s:.1f} s; prefill {gen.prefill_s * 1e3:.1f} ms "
+      f"({gen.prefill_tokens_per_s:.0f} tokens/s); decode {len(steps)} steps in "
+      f"{gen.decode_s * 1e3:.1f} ms ({gen.decode_tokens_per_s:.0f} tokens/s)",
+      f"active FFN neurons per generated token, per layer (of {d_ff}): {active}",
+      f"active FFN neurons per prompt token, per layer: "
+      f"{' '.join(f'{x:.1f}' for x in gen.prompt_active_L)}"])
+
+
+def _left_pad(prompts, vocab: int):
+  """(prompt [B, P] int32 left-padded with 0, pads [B], lengths [B]) from an array or a list."""
+  if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
+    arr = np.asarray(prompts)
+    if arr.ndim != 2:
+      raise ValueError(f"prompt must be a [batch, length] array of token ids, got shape "
+                       f"{arr.shape}")
+    rows: Sequence = list(arr)
+  else:
+    rows = [np.asarray(r) for r in prompts]
+  if not rows:
+    raise ValueError("no prompts given")
+  for b, r in enumerate(rows):
+    if r.ndim != 1 or r.size == 0:
+      raise ValueError(f"prompt {b} must be a non-empty 1-D sequence of token ids, got shape "
+                       f"{r.shape} (generation needs at least one token to condition on: use "
+                       "the end-of-document id for an empty prompt)")
+    if not np.issubdtype(r.dtype, np.integer):
+      raise TypeError(f"prompt token ids must be integers, got {r.dtype} (prompt {b})")
+    if r.min() < 0 or r.max() >= vocab:
+      raise ValueError(f"prompt token ids must be in [0, {vocab}), got {r.min()}..{r.max()} "
+                       f"(prompt {b})")
+  lengths = np.array([r.size for r in rows])
+  p = int(lengths.max())
+  prompt = np.zeros((len(rows), p), np.int32)
+  for b, r in enumerate(rows):
+    prompt[b, p - r.size:] = r
+  return prompt, p - lengths, lengths
+
+
+def generate(model: Transformer, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
+             pad_id: int | None = None, n_ids: int | None = None,
+             scan_layers: bool = True) -> Generation:
+  """``Generator(model).generate(...)`` (see there); build a ``Generator`` to generate repeatedly
+  without re-stacking the weights or recompiling."""
+  return Generator(model, scan_layers=scan_layers).generate(
+      prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+      seed=seed, eos_id=eos_id, pad_id=pad_id, n_ids=n_ids)

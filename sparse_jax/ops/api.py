@@ -18,7 +18,7 @@ from typing import Literal
 
 import jax
 
-from sparse_jax.ops import modes
+from sparse_jax.ops import decode, modes
 from sparse_jax.ops.base import FFNStats, SparseFFNConfig, check_weights
 
 IMPLEMENTATIONS: dict[str, str] = {
@@ -82,6 +82,8 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
   where they cannot run) or ``None`` (the fastest that can run, falling back to XLA).
   ``config.mode=\"dense\"`` runs the plain XLA dense FFN whatever the implementation
   (``sparse_jax.ops.modes``).
+  Calls of at most ``config.decode_max_tokens`` tokens with ``implementation=None`` take the
+  decode path of ``sparse_jax.ops.decode`` when its union capacity pays.
   """
   check_weights(x, [("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)])
   cfg = config or SparseFFNConfig()
@@ -89,6 +91,9 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
   x_MxD = x.reshape(-1, d_model)
   if cfg.mode == "dense":  # plain XLA + jax.grad on every backend (sparse_jax.ops.modes)
     y, stats = modes.dense_ffn_with_stats(x_MxD, w_gate, w_up, w_down)
+    return y.reshape(*lead, d_model), stats
+  if implementation is None and decode.use_decode(x_MxD.shape[0], w_gate.shape[0], cfg):
+    y, stats = decode.gated_ffn_decode(x_MxD, w_gate, w_up, w_down, cfg)  # few tokens: generation
     return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_gate, w_up, w_down), cfg)
   y, stats = backend.gated_ffn(x_MxD, w_gate, w_up, w_down, cfg)
@@ -105,6 +110,9 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
   x_MxD = x.reshape(-1, d_model)
   if cfg.mode == "dense":
     y, stats = modes.dense_ffn_with_stats(x_MxD, w_up, None, w_down)
+    return y.reshape(*lead, d_model), stats
+  if implementation is None and decode.use_decode(x_MxD.shape[0], w_up.shape[0], cfg):
+    y, stats = decode.relu_ffn_decode(x_MxD, w_up, w_down, cfg)  # few tokens: generation
     return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_up, w_down), cfg)
   y, stats = backend.relu_ffn(x_MxD, w_up, w_down, cfg)

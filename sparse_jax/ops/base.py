@@ -51,6 +51,17 @@ class SparseFFNConfig:
     "dense": the plain XLA dense FFN and its ``jax.grad`` (what a dense model runs), with the
       L1 term and the statistics; any backend, no custom VJP.
     A training loop sets it per layer from its own measurements (``sparse_jax.train.dispatch``).
+  decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) with
+    ``implementation=None`` take the decode path (``sparse_jax.ops.decode``): one gate GEMM, the
+    union of the batch's active neurons gathered once from Wu and Wd, where the union capacity
+    pays (``decode_max_union_fraction``). 0 turns it off.
+  decode_density: the per-token active fraction that sizes the decode path's union capacity U
+    (measure it: ``sparse_jax.calibrate.measure_activity`` or the FFN statistics).
+  decode_union_capacity: U itself (neurons; None: derived from M and ``decode_density``). A call
+    whose union exceeds U runs dense (exact) and says so in ``FFNStats.dense_fallback``.
+  decode_max_union_fraction: the union path is taken only if U <= this x d_ff: each union row of
+    Wu and Wd is read three times (gather read and write, GEMM read), so the union pays below
+    ~d_ff / 3 and clearly below d_ff / 4.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -62,13 +73,24 @@ class SparseFFNConfig:
   max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
   mode: str = "auto"
+  decode_max_tokens: int = 256
+  decode_density: float = 0.01
+  decode_union_capacity: int | None = None
+  decode_max_union_fraction: float = 0.25
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"SparseFFNConfig.{name} must be a positive int, got {v!r}")
-    for name in ("overflow_capacity", "tail_capacity", "entry_capacity"):
+    if not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
+      raise ValueError(f"SparseFFNConfig.decode_max_tokens must be an int >= 0, got "
+                       f"{self.decode_max_tokens!r}")
+    for name in ("decode_density", "decode_max_union_fraction"):
+      v = getattr(self, name)
+      if not 0.0 < v <= 1.0:
+        raise ValueError(f"SparseFFNConfig.{name} must be in (0, 1], got {v!r}")
+    for name in ("overflow_capacity", "tail_capacity", "entry_capacity", "decode_union_capacity"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")

@@ -1,0 +1,24 @@
+"""experiments/bench_decode.py runs end to end on the CPU (--cpu-smoke) and writes its JSON."""
+import json
+
+from experiments import bench_decode
+
+
+def test_cpu_smoke_writes_a_side_by_side_row(tmp_path):
+  out = tmp_path / "bench_decode.json"
+  result = bench_decode.main(["--cpu-smoke", "--batches", "2", "--long-context", "0",
+                              "--out", str(out)])
+  saved = json.loads(out.read_text())
+  assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+  assert saved["device"].startswith("cpu") and "bench_decode.py" in saved["command"]
+  (row,) = saved["rows"]
+  assert row["config"] == "tiny" and row["batch"] == 2 and row["new_tokens"] == 6
+  # A tiny union: the sparse model's decode steps take the decode path.
+  assert row["decode_path"] and 0 < row["union_capacity"] < row["d_ff"]
+  for v in ("dense", "sparse"):
+    r = row[v]
+    assert r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0
+    assert len(r["decode_ms_rounds"]) == 2 and r["active_per_token_mean"] > 0
+    assert r["mj_per_generated_token"] is None and "NVML" in r["energy_error"]
+  assert row["sparse"]["compile_s"] > 0 and row["dense"]["compile_s"] > 0
+  assert 0 <= row["greedy_tokens_equal_share"] <= 1 and row["speedup_decode"] > 0
