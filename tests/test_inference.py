@@ -134,3 +134,21 @@ def test_prepare_inference_cli_round_trip(tmp_path, capsys):
   assert cli.main(["eval", "--checkpoint", out, "--data", str(text), "--seq-len", "32",
                    "--batch-size", "2", "--max-batches", "1", "--out", str(tmp_path / "ev"),
                    "--no-progress"]) == 0
+
+
+def test_split_model_on_a_device_mesh_matches_one_device():
+  """A model with the split FFN built on a data:2,fsdp:4 mesh (the op per device, statistics
+  reduced outside the map) computes one device's logits and statistics."""
+  from sparse_jax import parallel
+  mcfg = ModelConfig(vocab_size=384, d_model=64, n_layers=2, n_heads=4, d_ff=D_FF,
+                     compute_dtype="float32", ffn_impl="xla", sparse_hot_neurons=(128, 0))
+  one = Transformer(mcfg, rngs=nnx.Rngs(4))
+  mesh = parallel.make_mesh("data:2,fsdp:4")
+  sharded = Transformer(mcfg, rngs=nnx.Rngs(4), mesh=mesh)
+  tokens = _tokens(4, b=8, length=16)
+  logits, stats = _forward(one, tokens)
+  logits_s, stats_s = _forward(sharded, tokens)
+  np.testing.assert_allclose(np.asarray(logits_s), np.asarray(logits), rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(np.asarray(stats_s.l0), np.asarray(stats.l0), rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(stats_s.active_per_neuron),
+                                np.asarray(stats.active_per_neuron))
