@@ -38,7 +38,8 @@ from sparse_jax.formats import twell
 from sparse_jax.ops import dispatch
 from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
 from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
-                                  dense_grads_neuron_chunked, dense_with_stats, matmul_nt)
+                                  dense_grads_neuron_chunked, dense_with_stats, ffn_as_model,
+                                  matmul_nt)
 
 ROW_BLOCK = 128           # the gate kernel's CTA rows: x is padded to a multiple of it
 ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
@@ -127,6 +128,40 @@ def _active_per_neuron(tw: twell.TwELL) -> jax.Array:
 # --------------------------------------------------------------------------- inference
 
 
+def _flagged_rows_dense(xp, w_gate, w_up, w_down, tw: twell.TwELL, budget: int):
+  """Rows with an overflowed TwELL tile, computed densely on tensor cores instead of inside the
+  fused kernel. The kernel's exact in-place recomputation of an overflowed tile costs one warp
+  256 gate dot products, so a single very busy token (a sequence start, the tail of a heavy-tailed
+  batch) can overflow every tile and hold one warp for longer than the rest of the call takes
+  (measured on an H200: 5 such rows in 16384 made the op 0.37x of dense). Here the first
+  ``budget`` flagged rows are gathered and run as a small dense FFN (``ops.dense.ffn_as_model``),
+  and the kernel sees them with count 0 (a zero row, no work). Flagged rows past the budget keep
+  their counts and the kernel's exact recomputation.
+
+  Returns (counts for the kernel, rows [budget] (fill: M), y_rows [budget, D], sum|h| [budget])."""
+  mp = xp.shape[0]
+  flagged = tw.row_overflow()
+  (rows,) = jnp.nonzero(flagged, size=budget, fill_value=mp)
+  taken = jnp.zeros((mp,), bool).at[rows].set(True, mode="drop")
+  counts = jnp.where(taken[:, None], 0, tw.counts_MxT)
+  x_rows = jnp.take(xp, rows, axis=0, mode="fill", fill_value=0)
+  y_rows, h_rows, _ = ffn_as_model(x_rows, w_gate, w_up, w_down)
+  return counts, rows, y_rows, jnp.sum(jnp.abs(h_rows.astype(F32)), axis=1)
+
+
+def _fused_with_dense_rows(xp, wg, wu, wd, tw: twell.TwELL, w_gate, w_up, w_down, budget: int,
+                           return_r: bool = False):
+  """``twell_ffn.fused_up_down`` with the overflowed rows (up to ``budget``) on the dense row
+  path (``_flagged_rows_dense``). Same outputs: (y, per-row sum|h|[, r])."""
+  counts, rows, y_rows, l1_rows_dense = _flagged_rows_dense(xp, w_gate, w_up, w_down, tw, budget)
+  tw_kernel = twell.TwELL(tw.values_MxTxC, tw.indices_MxTxC, counts, n_cols=tw.n_cols,
+                          tile=tw.tile)
+  outs = twell_ffn.fused_up_down(xp, wg, wu, wd, tw_kernel, return_r=return_r)
+  y = outs[0].at[rows].set(y_rows.astype(outs[0].dtype), mode="drop")
+  l1_rows = outs[1].at[rows].set(l1_rows_dense, mode="drop")
+  return (y, l1_rows) + tuple(outs[2:])
+
+
 def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   """Inference forward. Returns (y [M, D], FFNStats)."""
   m, d = x_MxD.shape
@@ -140,8 +175,10 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
     xp = common.pad_rows(x_MxD, ROW_BLOCK)
     tw = twell_gate.gate_twell(xp, wg, capacity=cfg.twell_capacity, config=gate_config(cfg, d))
-    # Exact on every row: the fused kernel recomputes tiles that overflowed the capacity.
-    y, l1_rows = twell_ffn.fused_up_down(xp, wg, wu, wd, tw)
+    # Exact on every row: overflowed rows run dense (up to the row budget), any further ones are
+    # recomputed inside the fused kernel.
+    y, l1_rows = _fused_with_dense_rows(xp, wg, wu, wd, tw, w_gate, w_up, w_down,
+                                        cfg.overflow_rows_for(m))
     tw = twell.TwELL(tw.values_MxTxC[:m], tw.indices_MxTxC[:m], tw.counts_MxT[:m],
                      n_cols=n_pad, tile=cfg.tile)
     flagged = tw.row_overflow()
@@ -179,7 +216,10 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   def sparse():
     xp = common.pad_rows(x_MxD, ROW_BLOCK)
     tw = twell_gate.gate_twell(xp, wg, capacity=cap, config=gate_config(cfg, d))
-    outs = twell_ffn.fused_up_down(xp, wg, wu, wd, tw, return_r=w_up is not None)
+    # Overflowed rows: dense in the forward (up to the budget; the backward's row path takes the
+    # same rows), so no warp recomputes a whole busy row inside the fused kernel.
+    outs = _fused_with_dense_rows(xp, wg, wu, wd, tw, w_gate, w_up, w_down, budget,
+                                  return_r=w_up is not None)
     r = outs[2] if w_up is not None else jnp.zeros((mp, nt, cap), F32)
     flagged_p = tw.row_overflow()
     flagged = flagged_p[:m]
