@@ -25,7 +25,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 
-from experiments import bench_utils
+from sparse_jax import benchmarking
 from sparse_jax import ops
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
@@ -75,7 +75,7 @@ def interleaved_wall_ms(fns: dict, args, *, windows: int, calls: int) -> dict[st
     jax.block_until_ready(f(*args))  # compile outside the windows
   for _ in range(windows):
     for k, f in fns.items():
-      per[k].append(bench_utils.wall_ms_per_call(f, *args, calls=calls)[1])
+      per[k].append(benchmarking.wall_ms_per_call(f, *args, calls=calls)[1])
   return {k: statistics.median(v) for k, v in per.items()}
 
 
@@ -93,7 +93,7 @@ def main(argv=None):
   if jax.devices()[0].platform != "gpu":
     raise SystemExit("bench_ffn_modes.py needs a GPU")
   cfg = ops.SparseFFNConfig(twell_capacity=args.capacity)
-  header = bench_utils.run_header()
+  header = benchmarking.run_header()
   print(f"device {header['device']}  jax {header['jax']}  (ms wall clock; x = dense / variant; "
         "peak GiB; * = the call fell back to dense)")
   print(f"{'M':>6} {'dist':8} {'act':>5} " + " ".join(f"{v:>10} {'x':>5}" for v in VARIANTS)
@@ -134,7 +134,7 @@ def main(argv=None):
         print(f"{m:6d} {dist:8} {rec['active_per_token']:5.1f} " + " ".join(cells)
               + f" {peaks['dense'] / 2**30:6.2f} {peaks['sparse'] / 2**30:6.2f}"
               f" {err['sparse']:7.1e} {err['mode_dense']:7.1e}", flush=True)
-        bench_utils.write_results(args.out, header, records)
+        benchmarking.write_results(args.out, header, records)
   print(f"wrote {args.out}")
 
 
