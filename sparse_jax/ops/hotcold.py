@@ -38,14 +38,18 @@ from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
 # --------------------------------------------------------------------------- the op
 
 
-def _dense_part(x_MxD, w_gate, w_up, w_down):
-  """(y in f32, sum |h|, active [M, n] bool) of the dense FFN over the given neuron rows, with the
-  op's numerics (f32 hidden activations, rounded to x.dtype for the down projection)."""
+def _dense_part(x_MxD, w_gate, w_up, w_down, y_rest_MxD=None):
+  """(y, sum |h|, active [M, n] bool) of the dense FFN over the given neuron rows, with the op's
+  numerics (f32 hidden activations, rounded to x.dtype for the down projection). ``y_rest_MxD``
+  (the cold part's output) is added to the down projection's f32 accumulator, which XLA folds
+  into the GEMM as its C operand: no [M, d_model] f32 temporary is written and read again."""
   pre = matmul_nt(x_MxD, w_gate)
   h = jax.nn.relu(pre)
   if w_up is not None:
     h = h * matmul_nt(x_MxD, w_up)
   y = matmul_nn(h.astype(x_MxD.dtype), w_down)
+  if y_rest_MxD is not None:
+    y = y + y_rest_MxD.astype(F32)
   # Active as the sparse op counts it: a NaN pre-activation is "not <= 0", i.e. active.
   return y, jnp.sum(jnp.abs(h)), jnp.logical_not(pre <= 0)
 
@@ -87,9 +91,9 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
   x_MxD = x.reshape(-1, d_model)
   m = x_MxD.shape[0]
   hot = lambda w: None if w is None else w[:n_hot]
-  y_hot, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down))
-  count_hot = jnp.sum(active_hot, axis=0, dtype=jnp.int32)
   if n_hot == d_ff:
+    y_hot, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down))
+    count_hot = jnp.sum(active_hot, axis=0, dtype=jnp.int32)
     y = y_hot.astype(x.dtype)
     stats = FFNStats(l0=jnp.sum(count_hot).astype(F32) / m, l1=l1_sum_hot / (m * d_ff),
                      overflow_rows=jnp.zeros((), jnp.int32), dense_fallback=jnp.zeros((), bool),
@@ -98,7 +102,10 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
   cold = lambda w: None if w is None else w[n_hot:]
   y_cold, s = sparse_op(cold(w_gate), cold(w_up), cold(w_down))
   n_cold = d_ff - n_hot
-  y = (y_hot + y_cold.reshape(m, d_model).astype(F32)).astype(x.dtype)
+  y, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down),
+                                          y_cold.reshape(m, d_model))
+  count_hot = jnp.sum(active_hot, axis=0, dtype=jnp.int32)
+  y = y.astype(x.dtype)
   stats = FFNStats(
       l0=jnp.sum(count_hot).astype(F32) / m + s.l0,
       l1=(l1_sum_hot + s.l1 * (m * n_cold)) / (m * d_ff),

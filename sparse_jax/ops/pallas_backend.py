@@ -128,37 +128,37 @@ def _active_per_neuron(tw: twell.TwELL) -> jax.Array:
 # --------------------------------------------------------------------------- inference
 
 
-def _flagged_rows_dense(xp, w_gate, w_up, w_down, tw: twell.TwELL, budget: int):
-  """Rows with an overflowed TwELL tile, computed densely on tensor cores instead of inside the
-  fused kernel. The kernel's exact in-place recomputation of an overflowed tile costs one warp
-  256 gate dot products, so a single very busy token (a sequence start, the tail of a heavy-tailed
-  batch) can overflow every tile and hold one warp for longer than the rest of the call takes
-  (measured on an H200: 5 such rows in 16384 made the op 0.37x of dense). Here the first
-  ``budget`` flagged rows are gathered and run as a small dense FFN (``ops.dense.ffn_as_model``),
-  and the kernel sees them with count 0 (a zero row, no work). Flagged rows past the budget keep
-  their counts and the kernel's exact recomputation.
+def _fused_with_dense_rows(xp, wg, wu, wd, tw: twell.TwELL, w_gate, w_up, w_down, budget: int,
+                           return_r: bool = False):
+  """``twell_ffn.fused_up_down`` with the overflowed rows (up to ``budget``) on a dense row path.
+  Same outputs: (y, per-row sum|h|[, r]).
 
-  Returns (counts for the kernel, rows [budget] (fill: M), y_rows [budget, D], sum|h| [budget])."""
+  Why: the kernel's exact in-place recomputation of an overflowed tile costs one warp 256 gate
+  dot products, so a single very busy token (a sequence start, the tail of a heavy-tailed batch)
+  can overflow every tile and hold one warp for longer than the rest of the call takes (measured
+  on an H200: 5 such rows in 16384 made the op 0.37x of dense). Here the first ``budget`` flagged
+  rows are gathered and run as a small dense FFN (``ops.dense.ffn_as_model``) and the kernel sees
+  them with count 0 (a zero row, no work); flagged rows past the budget keep their counts and the
+  kernel's exact recomputation. The dense rows are computed and written under a ``lax.cond`` that
+  holds XLA ops only and is skipped when no row overflowed (the common case costs one elementwise
+  pass over the [M, tiles] counts)."""
   mp = xp.shape[0]
   flagged = tw.row_overflow()
   (rows,) = jnp.nonzero(flagged, size=budget, fill_value=mp)
   taken = jnp.zeros((mp,), bool).at[rows].set(True, mode="drop")
-  counts = jnp.where(taken[:, None], 0, tw.counts_MxT)
-  x_rows = jnp.take(xp, rows, axis=0, mode="fill", fill_value=0)
-  y_rows, h_rows, _ = ffn_as_model(x_rows, w_gate, w_up, w_down)
-  return counts, rows, y_rows, jnp.sum(jnp.abs(h_rows.astype(F32)), axis=1)
-
-
-def _fused_with_dense_rows(xp, wg, wu, wd, tw: twell.TwELL, w_gate, w_up, w_down, budget: int,
-                           return_r: bool = False):
-  """``twell_ffn.fused_up_down`` with the overflowed rows (up to ``budget``) on the dense row
-  path (``_flagged_rows_dense``). Same outputs: (y, per-row sum|h|[, r])."""
-  counts, rows, y_rows, l1_rows_dense = _flagged_rows_dense(xp, w_gate, w_up, w_down, tw, budget)
-  tw_kernel = twell.TwELL(tw.values_MxTxC, tw.indices_MxTxC, counts, n_cols=tw.n_cols,
+  tw_kernel = twell.TwELL(tw.values_MxTxC, tw.indices_MxTxC,
+                          jnp.where(taken[:, None], 0, tw.counts_MxT), n_cols=tw.n_cols,
                           tile=tw.tile)
   outs = twell_ffn.fused_up_down(xp, wg, wu, wd, tw_kernel, return_r=return_r)
-  y = outs[0].at[rows].set(y_rows.astype(outs[0].dtype), mode="drop")
-  l1_rows = outs[1].at[rows].set(l1_rows_dense, mode="drop")
+
+  def write_dense_rows(y_l1):
+    y, l1_rows = y_l1
+    x_rows = jnp.take(xp, rows, axis=0, mode="fill", fill_value=0)
+    y_rows, h_rows, _ = ffn_as_model(x_rows, w_gate, w_up, w_down)
+    return (y.at[rows].set(y_rows.astype(y.dtype), mode="drop"),
+            l1_rows.at[rows].set(jnp.sum(jnp.abs(h_rows.astype(F32)), axis=1), mode="drop"))
+
+  y, l1_rows = lax.cond(jnp.any(taken), write_dense_rows, lambda y_l1: y_l1, (outs[0], outs[1]))
   return (y, l1_rows) + tuple(outs[2:])
 
 
