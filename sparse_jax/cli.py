@@ -185,10 +185,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-  from sparse_jax.eval import load_checkpoint
-  return load_checkpoint(args.checkpoint, step=args.step, ffn=args.ffn,
-                         compute_dtype=args.compute_dtype, tokenizer=args.tokenizer,
-                         allow_unknown_config=args.allow_unknown_config)
+  from sparse_jax.checkpoints import load_model
+  return load_model(args.checkpoint, step=args.step, ffn=args.ffn,
+                    compute_dtype=args.compute_dtype, tokenizer=args.tokenizer,
+                    allow_unknown_config=args.allow_unknown_config)
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:

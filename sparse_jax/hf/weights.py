@@ -1,8 +1,6 @@
-"""Hugging Face Llama-format checkpoints: import into the Flax model, export back.
+"""HF tensor names and layouts <-> the Transformer's parameters; safetensors reading and writing.
 
-A checkpoint directory holds ``config.json`` (LlamaConfig fields), the weights as
-``model.safetensors`` or shards listed in ``model.safetensors.index.json``, and optionally the
-tokenizer as ``tokenizer.json``. HF stores each linear layer's weight as ``[out, in]``::
+HF stores each linear layer's weight as ``[out, in]``::
 
     HF tensor (per layer i under model.layers.{i}.)   HF shape        sparse_jax parameter
     model.embed_tokens.weight                          [V, D]          embed_VxD
@@ -22,20 +20,14 @@ stored; ``sparse_jax.nn.layers.apply_rope`` uses the same convention and frequen
 are imported as they are. (The permutation HF's conversion script applies is between Meta's
 original interleaved-pair checkpoints and HF's layout; it does not concern HF files.)
 
-The gate activation comes from ``hidden_act``: ``relu`` -> the paper's ``relu_sparse`` FFN,
-``silu`` -> ``silu_dense``; ``ffn=`` overrides it (``relu_dense`` is the dense baseline of a ReLU
-checkpoint). Everything is checked before any weight is read: config fields (an unknown field is an
-error unless ``allow_unknown_config``), tensor names, shapes (a transposed tensor is named as
-such) and dtypes, so a bad checkpoint fails with the tensor or field named, never half-loaded.
+Names, shapes (a transposed tensor is named as such) and dtypes are checked from the files'
+headers before any tensor data is read.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-import warnings
 from typing import Callable
 
 import jax
@@ -43,137 +35,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparse_jax.config import Config, DataConfig, ModelConfig
+from sparse_jax.config import ModelConfig
+from sparse_jax.hf.config import CONFIG_FILE
 from sparse_jax.nn import Transformer
 
-CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILE = "tokenizer.json"
-
-_ACT_TO_FFN = {"relu": "relu_sparse", "silu": "silu_dense"}
-_FFN_TO_ACT = {"relu_sparse": "relu", "relu_dense": "relu", "silu_dense": "silu"}
-# LlamaConfig fields that map onto ModelConfig fields (integers).
-_INT_FIELDS = {"hidden_size": "d_model", "intermediate_size": "d_ff",
-               "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
-               "vocab_size": "vocab_size"}
-_OPTIONAL_INT_FIELDS = {"num_key_value_heads": "n_kv_heads", "head_dim": "head_dim"}
-# Fields whose value must be this for the model to be the one we compute (else: unsupported).
-_REQUIRED_VALUES = {"attention_bias": False, "mlp_bias": False, "rope_scaling": None}
-# Fields that do not change what the forward pass computes: token ids (the tokenizer's business),
-# storage dtype, training-only settings (initialisation, dropout, tensor-parallel slicing, which
-# HF computes to the same result), runtime flags and bookkeeping.
-_IGNORED = {"bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype",
-            "transformers_version", "_name_or_path", "initializer_range", "attention_dropout",
-            "pretraining_tp", "use_cache", "max_position_embeddings"}
-_HANDLED = {"model_type", "architectures", "hidden_act", "rms_norm_eps", "rope_theta",
-            "rope_parameters", "tie_word_embeddings"}
 _FLOAT_DTYPES = {"F32": np.float32, "BF16": jnp.bfloat16, "F16": np.float16}
-
-
-# --------------------------------------------------------------------------- config
-
-
-def _int_field(hf: dict, name: str) -> int:
-  v = hf[name]
-  if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-    raise ValueError(f"config.json: {name}={v!r} must be a positive integer")
-  return v
-
-
-def _rope_theta(hf: dict) -> float:
-  # transformers >= 4.56 may nest RoPE settings in rope_parameters instead of rope_theta.
-  params = hf.get("rope_parameters")
-  if params is not None:
-    if not isinstance(params, dict):
-      raise ValueError(f"config.json: rope_parameters={params!r} must be an object")
-    kind = params.get("rope_type", "default")
-    if kind != "default":
-      raise ValueError(f"config.json: rope_parameters.rope_type={kind!r} is not supported (only "
-                       "the default RoPE without scaling)")
-    unknown = set(params) - {"rope_type", "rope_theta"}
-    if unknown:
-      raise ValueError(f"config.json: rope_parameters has unsupported fields {sorted(unknown)}")
-    if "rope_theta" in params:
-      return float(params["rope_theta"])
-  theta = hf.get("rope_theta", 10000.0)  # LlamaConfig's default
-  if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-    raise ValueError(f"config.json: rope_theta={theta!r} must be a positive number")
-  return float(theta)
-
-
-def model_config_from_hf(hf: dict, *, ffn: str | None = None, compute_dtype: str = "float32",
-                         param_dtype: str = "float32", allow_unknown_config: bool = False
-                         ) -> ModelConfig:
-  """The ModelConfig of a LlamaConfig dict; errors name the offending field."""
-  if not isinstance(hf, dict):
-    raise ValueError("config.json must hold a JSON object")
-  if hf.get("model_type") != "llama":
-    raise ValueError(f"config.json: model_type={hf.get('model_type')!r}; only 'llama' "
-                     "checkpoints are supported")
-  unknown = sorted(set(hf) - set(_INT_FIELDS) - set(_OPTIONAL_INT_FIELDS) - set(_REQUIRED_VALUES)
-                   - _IGNORED - _HANDLED)
-  if unknown and not allow_unknown_config:
-    raise ValueError(f"config.json: unknown field(s) {', '.join(unknown)}: the importer does not "
-                     "know whether they change the model; pass allow_unknown_config=True "
-                     "(--allow-unknown-config) to ignore them")
-  if unknown:
-    warnings.warn(f"config.json: ignoring unknown field(s) {', '.join(unknown)}")
-  missing = [k for k in _INT_FIELDS if k not in hf]
-  if missing:
-    raise ValueError(f"config.json lacks required field(s) {', '.join(missing)}")
-  for name, want in _REQUIRED_VALUES.items():
-    if hf.get(name, want) != want:
-      raise ValueError(f"config.json: {name}={hf[name]!r} is not supported (the model computes "
-                       f"{name}={want!r})")
-  act = hf.get("hidden_act", "silu")
-  if act not in _ACT_TO_FFN:
-    raise ValueError(f"config.json: hidden_act={act!r} is not supported; the gate activation "
-                     f"must be one of {', '.join(_ACT_TO_FFN)}")
-  if ffn is None:
-    ffn = _ACT_TO_FFN[act]
-  elif ffn not in _FFN_TO_ACT:
-    raise ValueError(f"ffn={ffn!r}: a Llama checkpoint has a gated FFN; choose one of "
-                     f"{', '.join(_FFN_TO_ACT)}")
-  elif _FFN_TO_ACT[ffn] != act:
-    warnings.warn(f"ffn={ffn!r} computes the gate with {_FFN_TO_ACT[ffn]}, but the checkpoint "
-                  f"was trained with hidden_act={act!r}: the imported model is a different model")
-  eps = hf.get("rms_norm_eps", 1e-6)
-  if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not 0 < eps < 1:
-    raise ValueError(f"config.json: rms_norm_eps={eps!r} must be a number in (0, 1)")
-  fields = {ours: _int_field(hf, name) for name, ours in _INT_FIELDS.items()}
-  for name, ours in _OPTIONAL_INT_FIELDS.items():
-    if hf.get(name) is not None:
-      fields[ours] = _int_field(hf, name)
-  if fields.get("head_dim") == fields["d_model"] // fields["n_heads"]:
-    del fields["head_dim"]  # the default: configs compare equal to the exported model's
-  try:
-    return ModelConfig(**fields, ffn=ffn, rope_theta=_rope_theta(hf), norm_eps=float(eps),
-                       compute_dtype=compute_dtype, param_dtype=param_dtype)
-  except ValueError as e:
-    raise ValueError(f"config.json describes a model sparse_jax cannot build: {e}") from None
-
-
-def hf_config(cfg: ModelConfig, *, max_position_embeddings: int, eos_id: int | None,
-              dtype: str) -> dict:
-  """The LlamaConfig dict of a model (tied embeddings, no biases, default RoPE)."""
-  if cfg.ffn not in _FFN_TO_ACT:
-    raise ValueError(f"model.ffn={cfg.ffn!r} has no Llama-format equivalent (the Llama FFN is "
-                     f"gated); exportable FFNs: {', '.join(_FFN_TO_ACT)}")
-  return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-      "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-      "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-      "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.attn_head_dim,
-      "hidden_act": _FFN_TO_ACT[cfg.ffn], "rms_norm_eps": cfg.norm_eps,
-      "rope_theta": cfg.rope_theta, "rope_scaling": None, "vocab_size": cfg.vocab_size,
-      "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
-      "max_position_embeddings": max_position_embeddings, "torch_dtype": dtype,
-      "bos_token_id": eos_id, "eos_token_id": eos_id,
-  }
-
-
-# --------------------------------------------------------------------------- tensor layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,21 +94,6 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
     ]
   specs.append(TensorSpec("model.norm.weight", (d,), ("final_norm", "scale"), _same, _same))
   return specs
-
-
-# --------------------------------------------------------------------------- reading
-
-
-def read_config(path: str) -> dict:
-  file = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{path}: no {CONFIG_FILE} (is it a Hugging Face checkpoint "
-                            "directory?)")
-  try:
-    with open(file) as fh:
-      return json.load(fh)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -396,35 +249,6 @@ def model_from_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> T
   return nnx.merge(graphdef, state)
 
 
-def load_hf(path: str, *, ffn: str | None = None, compute_dtype: str = "float32",
-            param_dtype: str = "float32", allow_unknown_config: bool = False
-            ) -> tuple[Transformer, Config]:
-  """(model, config) of a Hugging Face Llama-format checkpoint directory.
-
-  The config's ``data.tokenizer`` is the directory's ``tokenizer.json`` if it has one (else
-  ``"bytes"``: check ``has_tokenizer``), and ``data.seq_len`` its ``max_position_embeddings``
-  (at most 2048), the default evaluation length.
-  """
-  hf = read_config(path)
-  cfg = model_config_from_hf(hf, ffn=ffn, compute_dtype=compute_dtype, param_dtype=param_dtype,
-                             allow_unknown_config=allow_unknown_config)
-  tied = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
-  tensors = read_hf_tensors(path, cfg, tied=bool(tied))
-  model = model_from_hf_tensors(tensors, cfg)
-  tok = os.path.join(path, TOKENIZER_FILE)
-  seq_len = min(int(hf.get("max_position_embeddings") or 2048), 2048)
-  data = DataConfig(tokenizer=tok if os.path.isfile(tok) else "bytes", seq_len=seq_len)
-  return model, Config(name=f"hf:{os.path.basename(os.path.normpath(path))}", model=cfg,
-                       data=data)
-
-
-def has_tokenizer(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, TOKENIZER_FILE))
-
-
-# --------------------------------------------------------------------------- writing
-
-
 def hf_tensors(model: Transformer, dtype: str = "float32") -> dict[str, np.ndarray]:
   """The model's parameters under HF names and layouts, as numpy arrays of ``dtype``."""
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -434,35 +258,7 @@ def hf_tensors(model: Transformer, dtype: str = "float32") -> dict[str, np.ndarr
           for s in tensor_specs(model.cfg)}
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-  # GPT-2's byte-level alphabet: printable bytes map to themselves, the rest to code points 256+.
-  keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-  out, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      out[b] = chr(b)
-    else:
-      out[b] = chr(256 + extra)
-      extra += 1
-  return out
-
-
-def byte_tokenizer_json() -> str:
-  """A tokenizer.json that encodes exactly as ``sparse_jax.data.ByteTokenizer`` (byte b -> id b,
-  then <bos>, <eos>, <pad> = 256, 257, 258), so exported byte-level models stay usable."""
-  from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-  from sparse_jax.data import ByteTokenizer
-  vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-  tok.decoder = decoders.ByteLevel()
-  specials = {ByteTokenizer.BOS: "<bos>", ByteTokenizer.EOS: "<eos>", ByteTokenizer.PAD: "<pad>"}
-  tok.add_special_tokens([AddedToken(specials[i], special=True) for i in sorted(specials)])
-  return tok.to_str()
-
-
-def _write_tensors(tensors: dict[str, np.ndarray], directory: str,
+def write_tensors(tensors: dict[str, np.ndarray], directory: str,
                    max_shard_bytes: int | None) -> list[str]:
   from safetensors.numpy import save_file
   meta = {"format": "pt"}  # what HF's loaders expect of a safetensors checkpoint
@@ -486,40 +282,3 @@ def _write_tensors(tensors: dict[str, np.ndarray], directory: str,
   with open(os.path.join(directory, INDEX_FILE), "w") as fh:
     json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
   return names + [INDEX_FILE]
-
-
-def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: str = "float32",
-              max_position_embeddings: int = 2048, max_shard_bytes: int | None = None
-              ) -> list[str]:
-  """Writes ``model`` as a Llama-format checkpoint directory ``out`` (which must not exist yet).
-
-  tokenizer: "bytes" writes the byte tokenizer as a tokenizer.json; a tokenizer.json path is
-    copied. dtype: float32, bfloat16 or float16 storage. max_shard_bytes: shard above this size.
-  The directory is written under a temporary name and renamed at the end, so an interrupted
-  export leaves no half-written checkpoint at ``out``. Returns the file names written.
-  """
-  if dtype not in ("float32", "bfloat16", "float16"):
-    raise ValueError(f"dtype={dtype!r}: must be float32, bfloat16 or float16")
-  if os.path.exists(out):
-    raise FileExistsError(f"{out} already exists; export into a new directory")
-  from sparse_jax.data import load_tokenizer
-  tok = load_tokenizer(tokenizer)
-  config = hf_config(model.cfg, max_position_embeddings=max_position_embeddings,
-                     eos_id=tok.eos_id, dtype=dtype)
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
-    files = _write_tensors(hf_tensors(model, dtype), tmp, max_shard_bytes)
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
-      json.dump(config, fh, indent=2)
-    if tokenizer == "bytes":
-      with open(os.path.join(tmp, TOKENIZER_FILE), "w") as fh:
-        fh.write(byte_tokenizer_json())
-    else:
-      shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return sorted(files + [CONFIG_FILE, TOKENIZER_FILE])
