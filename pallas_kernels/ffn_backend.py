@@ -31,6 +31,8 @@ INTERPRET = os.environ.get("SPARSE_JAX_PALLAS_INTERPRET", "") == "1"
 
 def supports(x_MxD, weights, cfg: SparseFFNConfig, *, interpret: bool = False) -> str | None:
   """None if the kernels can run these arguments here, else why not."""
+  if cfg.gate_threshold != 0:
+    return f"the kernels compute ReLU; gate_threshold={cfg.gate_threshold} needs the XLA reference"
   if not interpret and not common.hopper_available():
     return "needs an NVIDIA Hopper (sm_90) GPU as the default device"
   if x_MxD.dtype != jnp.bfloat16:

@@ -34,6 +34,7 @@ class Loaded:
   kind: str          # "run" or "hf"
   path: str
   step: int | None   # the run's optimiser step (None for a Hugging Face checkpoint)
+  context: int       # the context it was trained for: data.seq_len, or max_position_embeddings
 
   @property
   def label(self) -> str:
@@ -89,7 +90,7 @@ def load_model(path: str, *, step: int | None = None, ffn: str | None = None,
     raise FileNotFoundError(f"checkpoint {path!r} is not a directory")
   if is_run_dir(path):
     model, cfg, step = load_run(path, step)
-    kind = "run"
+    kind, context = "run", cfg.data.seq_len
   elif hf.is_hf_checkpoint(path):
     if step is not None:
       raise ValueError("--step applies to run directories; a Hugging Face checkpoint has one "
@@ -100,6 +101,7 @@ def load_model(path: str, *, step: int | None = None, ffn: str | None = None,
     model, cfg = hf.load_hf(path, ffn=ffn, compute_dtype=compute_dtype or "float32",
                             allow_unknown_config=allow_unknown_config)
     kind = "hf"
+    context = int(hf.read_config(path).get("max_position_embeddings") or cfg.data.seq_len)
   else:
     raise FileNotFoundError(f"{path} is neither a run directory (with checkpoints/) nor a "
                             "Hugging Face checkpoint (config.json and *.safetensors)")
@@ -110,4 +112,5 @@ def load_model(path: str, *, step: int | None = None, ffn: str | None = None,
     raise ValueError(f"the tokenizer {cfg.data.tokenizer!r} has {tok.vocab_size} ids but the "
                      f"model's vocabulary is {cfg.model.vocab_size}")
   model, cfg = rebuild(model, cfg, ffn=ffn, compute_dtype=compute_dtype)
-  return Loaded(model=model, cfg=cfg, tokenizer=tok, kind=kind, path=path, step=step)
+  return Loaded(model=model, cfg=cfg, tokenizer=tok, kind=kind, path=path, step=step,
+                context=context)

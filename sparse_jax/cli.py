@@ -255,8 +255,8 @@ def _export_hf(args: argparse.Namespace) -> int:
   loaded = _load(args)
   shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2 ** 20)
   files = hf.export_hf(loaded.model, args.out, tokenizer=loaded.cfg.data.tokenizer,
-                       dtype=args.dtype, max_position_embeddings=loaded.cfg.data.seq_len,
-                       max_shard_bytes=shard)
+                       dtype=args.dtype, max_position_embeddings=loaded.context,
+                       max_shard_bytes=shard, source=loaded.path if loaded.kind == "hf" else None)
   print(f"wrote {loaded.label} ({loaded.cfg.model.ffn}) to {args.out}: {', '.join(files)}")
   return 0
 

@@ -42,10 +42,9 @@ def active_per_token(ffn: FFN, x_BxLxD: jax.Array) -> jax.Array:
   x_MxD = x_BxLxD.astype(dt).reshape(-1, x_BxLxD.shape[-1])
   gate_MxF = matmul_nt(x_MxD, ffn.gate_param[...].astype(dt))
   if ffn.kind in SPARSE_KINDS:
-    active_MxF = jax.nn.relu(gate_MxF).astype(dt) != 0
+    active_MxF = ffn.activation(gate_MxF).astype(dt) != 0
   else:
-    act = jax.nn.relu if ffn.kind == "relu_dense" else jax.nn.silu
-    active_MxF = act(gate_MxF) * matmul_nt(x_MxD, ffn.w_up_FxD[...].astype(dt)) != 0
+    active_MxF = ffn.activation(gate_MxF) * matmul_nt(x_MxD, ffn.w_up_FxD[...].astype(dt)) != 0
   return jnp.sum(active_MxF, axis=1, dtype=jnp.int32).reshape(x_BxLxD.shape[:2])
 
 

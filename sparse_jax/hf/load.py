@@ -21,8 +21,7 @@ def load_hf(path: str, *, ffn: str | None = None, compute_dtype: str = "float32"
   hf = read_config(path)
   cfg = model_config_from_hf(hf, ffn=ffn, compute_dtype=compute_dtype, param_dtype=param_dtype,
                              allow_unknown_config=allow_unknown_config)
-  tied = hf.get("tie_word_embeddings", False)  # LlamaConfig's default
-  tensors = read_hf_tensors(path, cfg, tied=bool(tied))
+  tensors = read_hf_tensors(path, cfg)
   model = model_from_hf_tensors(tensors, cfg)
   tok = os.path.join(path, TOKENIZER_FILE)
   seq_len = min(int(hf.get("max_position_embeddings") or 2048), 2048)

@@ -12,8 +12,8 @@ HF stores each linear layer's weight as ``[out, in]``::
     mlp.gate_proj.weight / up_proj.weight              [F, D]          ffn.w_gate_FxD / w_up_FxD
     mlp.down_proj.weight                               [D, F]          ffn.w_down_FxD (transposed)
     model.norm.weight                                  [D]             final_norm.scale
-    lm_head.weight                                     [V, D]          absent, or equal to the
-                                                                       embedding (tied only)
+    lm_head.weight                                     [V, D]          lm_head_VxD (untied); tied:
+                                                                       absent or equal to embed
 
 RoPE: HF's Llama applies ``rotate_half`` (feature i pairs with i + H/2) to q and k exactly as
 stored; ``sparse_jax.nn.layers.apply_rope`` uses the same convention and frequencies, so q and k
@@ -93,6 +93,8 @@ def tensor_specs(cfg: ModelConfig) -> list[TensorSpec]:
                    _transpose, _transpose),
     ]
   specs.append(TensorSpec("model.norm.weight", (d,), ("final_norm", "scale"), _same, _same))
+  if not cfg.tie_embeddings:
+    specs.append(TensorSpec("lm_head.weight", (cfg.vocab_size, d), ("lm_head_VxD",), _same, _same))
   return specs
 
 
@@ -148,14 +150,15 @@ def _headers(files: list[str], index_map: dict | None) -> dict[str, tuple[str, t
   return out
 
 
-def _check_tensors(headers: dict, specs: list[TensorSpec], cfg_tied: bool) -> bool:
-  """Checks names, shapes and dtypes against the specs. Returns whether lm_head is stored."""
+def _check_tensors(headers: dict, specs: list[TensorSpec]) -> bool:
+  """Checks names, shapes and dtypes against the specs. Returns whether a tied model's checkpoint
+  stores an lm_head.weight anyway (it must then equal the embedding)."""
   wanted = {s.hf_name: s for s in specs}
   missing = [name for name in wanted if name not in headers]
   if missing:
     more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
     raise ValueError(f"checkpoint lacks tensor(s) {', '.join(missing[:3])}{more}")
-  has_head = "lm_head.weight" in headers
+  has_head = "lm_head.weight" in headers and "lm_head.weight" not in wanted
   unexpected = sorted(set(headers) - set(wanted) - {"lm_head.weight"})
   # HF keeps a rotary inv_freq buffer in some older checkpoints: derived from rope_theta.
   unexpected = [n for n in unexpected if not n.endswith("rotary_emb.inv_freq")]
@@ -163,9 +166,6 @@ def _check_tensors(headers: dict, specs: list[TensorSpec], cfg_tied: bool) -> bo
     more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
     raise ValueError(f"checkpoint has tensor(s) the model does not use: "
                      f"{', '.join(unexpected[:3])}{more} (a bias, or another architecture?)")
-  if not has_head and not cfg_tied:
-    raise ValueError("config.json has tie_word_embeddings=false but the checkpoint has no "
-                     "lm_head.weight")
   checks = list(specs)
   if has_head:
     checks.append(TensorSpec("lm_head.weight", wanted["model.embed_tokens.weight"].hf_shape, (),
@@ -186,7 +186,7 @@ def _check_tensors(headers: dict, specs: list[TensorSpec], cfg_tied: bool) -> bo
   return has_head
 
 
-def read_hf_tensors(path: str, cfg: ModelConfig, *, tied: bool = True) -> dict[str, np.ndarray]:
+def read_hf_tensors(path: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
   """All tensors of the checkpoint as float32 arrays, after every check has passed."""
   from safetensors import safe_open
   files = _weight_files(path)
@@ -196,7 +196,7 @@ def read_hf_tensors(path: str, cfg: ModelConfig, *, tied: bool = True) -> dict[s
       index_map = json.load(fh)["weight_map"]
   headers = _headers(files, index_map)
   specs = tensor_specs(cfg)
-  has_head = _check_tensors(headers, specs, tied)
+  has_head = _check_tensors(headers, specs)
   names = [s.hf_name for s in specs] + (["lm_head.weight"] if has_head else [])
   by_file: dict[str, list[str]] = {}
   for name in names:
@@ -210,8 +210,9 @@ def read_hf_tensors(path: str, cfg: ModelConfig, *, tied: bool = True) -> dict[s
           raise ValueError(f"tensor {name} holds non-finite values (NaN or inf)")
         out[name] = w
   if has_head and not np.array_equal(out["lm_head.weight"], out["model.embed_tokens.weight"]):
-    raise ValueError("lm_head.weight differs from model.embed_tokens.weight: the checkpoint has "
-                     "untied output embeddings, which this model (tied embeddings) cannot hold")
+    raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but config.json has "
+                     "tie_word_embeddings=true (transformers would drop lm_head.weight): which "
+                     "head the checkpoint means is ambiguous")
   return out
 
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from sparse_jax import ops
 from sparse_jax.nn.layers import F32, normal
-from sparse_jax.ops.dense import matmul_nn, matmul_nt
+from sparse_jax.ops.dense import gate_activation, matmul_nn, matmul_nt
 
 STATS_NAME = "ffn_stats"
 SPARSE_KINDS = ("relu_sparse", "relu_nongated_sparse")
@@ -43,11 +43,12 @@ class FFN(nnx.Module):
 
   def __init__(self, d_model: int, d_ff: int, *, kind: str, implementation: str,
                ell_width: int, out_std_scale: float, compute_dtype, param_dtype,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, gate_threshold: float = 0.0):
     self.kind = kind
     self.gated = kind != "relu_nongated_sparse"
     self.implementation = None if implementation == "auto" else implementation
-    self.sparse_config = ops.SparseFFNConfig(ell_width=ell_width)
+    self.gate_threshold = gate_threshold  # FATReLU (ops.dense.gate_activation); 0: ReLU
+    self.sparse_config = ops.SparseFFNConfig(ell_width=ell_width, gate_threshold=gate_threshold)
     self.compute_dtype = compute_dtype
     self.param_dtype = param_dtype
     if self.gated:
@@ -73,13 +74,19 @@ class FFN(nnx.Module):
                                 config=self.sparse_config)
     else:
       x_MxD = x.reshape(-1, x.shape[-1])
-      act = jax.nn.relu if self.kind == "relu_dense" else jax.nn.silu
-      h_MxF = act(matmul_nt(x_MxD, self.w_gate_FxD[...].astype(dt))) * matmul_nt(x_MxD, w_up)
+      h_MxF = self.activation(matmul_nt(x_MxD, self.w_gate_FxD[...].astype(dt))) \
+          * matmul_nt(x_MxD, w_up)
       y = matmul_nn(h_MxF.astype(dt), w_down).astype(dt).reshape(x.shape)
       stats = dense_stats(h_MxF)
     if _capturing(self):
       self.sow(nnx.Intermediate, STATS_NAME, stats)
     return y
+
+  def activation(self, pre: jax.Array) -> jax.Array:
+    """The gate activation of this FFN's kind on pre-activations."""
+    if self.kind == "silu_dense":
+      return jax.nn.silu(pre)
+    return gate_activation(pre, self.gate_threshold)
 
   def reinit_gate_rows(self, dead_F: jax.Array, key: jax.Array) -> None:
     """Re-draws the gate rows of the neurons flagged in ``dead_F`` from the initial distribution.

@@ -26,6 +26,9 @@ class SparseFFNConfig:
     can hold (default: 1.25x the dispatcher's threshold density, M x d_ff x fraction). A call
     with more entries than this runs its backward on the exact dense path and says so in
     ``FFNStats.dense_fallback``.
+  gate_threshold: FATReLU gate (``sparse_jax.ops.dense.gate_activation``): a neuron is active iff
+    its gate pre-activation exceeds this, with the pre-activation as its value (0: ReLU). The XLA
+    reference computes it exactly; the Pallas kernels take only 0.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -36,6 +39,7 @@ class SparseFFNConfig:
   max_active_fraction: float | None = 0.0105
   max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
+  gate_threshold: float = 0.0
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
@@ -46,6 +50,8 @@ class SparseFFNConfig:
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")
+    if not self.gate_threshold >= 0:
+      raise ValueError(f"SparseFFNConfig.gate_threshold must be >= 0, got {self.gate_threshold!r}")
     for name in ("max_active_fraction", "max_active_fraction_train"):
       v = getattr(self, name)
       if v is not None and not 0.0 < v <= 1.0:

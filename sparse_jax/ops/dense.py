@@ -27,15 +27,25 @@ def matmul_tn(a_KxM: jax.Array, b_KxN: jax.Array) -> jax.Array:
   return jax.lax.dot_general(a_KxM, b_KxN, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
-def hidden(x_MxD, w_gate_NxD, w_up_NxD=None):
-  """Hidden activations in f32: relu(x Wg^T) * (x Wu^T), or relu(x Wu^T) without a gate."""
-  p = jax.nn.relu(matmul_nt(x_MxD, w_gate_NxD))
+def gate_activation(pre: jax.Array, threshold: float = 0.0) -> jax.Array:
+  """ReLU, or FATReLU with a positive ``threshold``: the pre-activation where it exceeds the
+  threshold, else 0 (a neuron is active iff pre > threshold). Its derivative, 1 where the output
+  is non-zero, is what the sparse op's backward uses for either."""
+  if threshold == 0:
+    return jax.nn.relu(pre)
+  return jnp.where(pre > threshold, pre, jnp.zeros_like(pre))
+
+
+def hidden(x_MxD, w_gate_NxD, w_up_NxD=None, threshold: float = 0.0):
+  """Hidden activations in f32: act(x Wg^T) * (x Wu^T), or act(x Wu^T) without a gate, act the
+  ``gate_activation`` of ``threshold``."""
+  p = gate_activation(matmul_nt(x_MxD, w_gate_NxD), threshold)
   return p if w_up_NxD is None else p * matmul_nt(x_MxD, w_up_NxD)
 
 
-def ffn_with_l1(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD):
+def ffn_with_l1(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD, threshold: float = 0.0):
   """(y [M, D] in x.dtype, mean |h| in f32). ``w_up_NxD=None`` is the non-gated FFN."""
-  h = hidden(x_MxD, w_gate_NxD, w_up_NxD)
+  h = hidden(x_MxD, w_gate_NxD, w_up_NxD, threshold)
   y = matmul_nn(h.astype(x_MxD.dtype), w_down_NxD).astype(x_MxD.dtype)
   return y, jnp.mean(jnp.abs(h))
 
