@@ -1,0 +1,142 @@
+"""Model options that imported checkpoints need: the FATReLU gate threshold (op, dense paths,
+gradients, backend choice), an untied output head (training, sharding), sliding-window attention
+and scaled RoPE in incremental decoding."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from flax import nnx
+
+from sparse_jax import ops
+from sparse_jax.config import ModelConfig
+from sparse_jax.nn import Transformer
+from sparse_jax.ops.dense import ffn_with_l1
+
+THRESHOLD = 0.3
+
+
+def _weights(key, m=48, d=32, f=160):
+  kx, kg, ku, kd = jax.random.split(key, 4)
+  return (jax.random.normal(kx, (m, d)), jax.random.normal(kg, (f, d)) * d ** -0.5,
+          jax.random.normal(ku, (f, d)) * d ** -0.5, jax.random.normal(kd, (f, d)) * f ** -0.5)
+
+
+def _fatrelu_ffn(x, wg, wu, wd):
+  """Float32 definition: FATReLU(x Wg^T) * (x Wu^T) @ Wd, active iff pre > THRESHOLD."""
+  pre = x @ wg.T
+  return (jnp.where(pre > THRESHOLD, pre, 0.0) * (x @ wu.T)) @ wd
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_threshold_op_matches_definition_forward_and_backward(key, gated):
+  x, wg, wu, wd = _weights(key)
+  cfg = ops.SparseFFNConfig(gate_threshold=THRESHOLD, ell_width=16)
+  if gated:
+    op = lambda x, wg, wu, wd: ops.gated_sparse_ffn(x, wg, wu, wd, implementation="xla",  # noqa
+                                                    config=cfg)
+    want = _fatrelu_ffn
+    args = (x, wg, wu, wd)
+  else:
+    op = lambda x, wu, wd: ops.sparse_ffn(x, wu, wd, implementation="xla", config=cfg)  # noqa
+    want = lambda x, wu, wd: jnp.where(x @ wu.T > THRESHOLD, x @ wu.T, 0.0) @ wd  # noqa
+    args = (x, wu, wd)
+  y, stats = op(*args)
+  assert rel_err(y, want(*args)) < 1e-5
+  pre = x @ (wg if gated else wu).T
+  active = pre > THRESHOLD
+  np.testing.assert_allclose(stats.l0, jnp.mean(jnp.sum(active, 1)), rtol=1e-6)
+  assert jnp.sum((pre > 0) & ~active) > 0  # the threshold really silences some neurons
+  # Training path (Hybrid forward, sparse backward): gradients of the definition.
+  probe = jax.random.normal(jax.random.fold_in(key, 1), y.shape)
+  grads = jax.grad(lambda *a: jnp.sum(op(*a)[0] * probe), argnums=tuple(range(len(args))))(*args)
+  ref = jax.grad(lambda *a: jnp.sum(want(*a) * probe), argnums=tuple(range(len(args))))(*args)
+  for g, r in zip(grads, ref):
+    assert rel_err(g, r) < 1e-5
+
+
+def test_threshold_dense_helper_and_l1():
+  x, wg, wu, wd = _weights(jax.random.key(3))
+  y, l1 = ffn_with_l1(x, wg, wu, wd, THRESHOLD)
+  assert rel_err(y, _fatrelu_ffn(x, wg, wu, wd)) < 1e-5
+  pre = x @ wg.T
+  h = jnp.where(pre > THRESHOLD, pre, 0.0) * (x @ wu.T)
+  np.testing.assert_allclose(l1, jnp.mean(jnp.abs(h)), rtol=1e-5)
+
+
+def test_pallas_backend_refuses_a_threshold_so_auto_falls_back():
+  from pallas_kernels import ffn_backend
+  x = jnp.zeros((256, 256), jnp.bfloat16)
+  w = jnp.zeros((512, 256), jnp.bfloat16)
+  reason = ffn_backend.supports(x, (w, w, w), ops.SparseFFNConfig(gate_threshold=0.1),
+                                interpret=True)
+  assert reason is not None and "gate_threshold" in reason
+  assert ffn_backend.supports(x, (w, w, w), ops.SparseFFNConfig(), interpret=True) is None
+
+
+def _model(key, **changes):
+  cfg = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
+                    compute_dtype="float32", **changes)
+  return Transformer(cfg, rngs=nnx.Rngs(int(jax.random.randint(key, (), 0, 1 << 30))))
+
+
+def test_untied_head_is_its_own_parameter_trained_and_sharded(key):
+  from sparse_jax.parallel.sharding import fsdp_spec
+  model = _model(key, tie_embeddings=False)
+  assert model.lm_head_VxD.shape == model.embed_VxD.shape
+  tokens = jax.random.randint(key, (2, 12), 0, 97)
+
+  def loss(m):
+    logits = m(tokens[:, :-1])
+    return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  grads = nnx.grad(loss)(model)
+  assert float(jnp.abs(grads.lm_head_VxD[...]).sum()) > 0
+  # The FSDP rule is by shape: the head is split like the embedding.
+  assert fsdp_spec(model.lm_head_VxD.shape, 4) == fsdp_spec(model.embed_VxD.shape, 4)
+  # The head, not the embedding, makes the logits.
+  tied = nnx.merge(*nnx.split(_model(key)))
+  nnx.update(tied, {k: v for k, v in nnx.to_pure_dict(nnx.state(model)).items()
+                    if k != "lm_head_VxD"})
+  assert rel_err(model(tokens), tied(tokens)) > 1e-2
+
+
+@pytest.mark.parametrize("changes", [
+    dict(sliding_window=3),
+    dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=4, rope_beta_fast=8.0,
+         rope_attention_factor=1.2),
+    dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8),
+])
+def test_decode_matches_the_full_forward(key, changes):
+  """Token-by-token decoding with the KV cache sees the same window and positions."""
+  model = _model(key, **changes)
+  tokens = jax.random.randint(key, (2, 10), 0, 97)
+  full = model(tokens)
+  caches = model.init_cache(2, 10)
+  steps = []
+  for i in range(10):
+    logits, caches = model.decode(tokens[:, i:i + 1], caches, jnp.asarray(i))
+    steps.append(logits[:, 0])
+  assert rel_err(jnp.stack(steps, 1), full) < 1e-5
+  if "sliding_window" in changes:  # and the window bites: the full context differs
+    wide = nnx.merge(nnx.split(_model(key, **{**changes, "sliding_window": None}))[0],
+                     nnx.state(model))
+    assert rel_err(wide(tokens), full) > 1e-3
+
+
+def test_config_validates_the_new_fields():
+  with pytest.raises(ValueError, match="model.gate_threshold"):
+    ModelConfig(gate_threshold=-0.1)
+  with pytest.raises(ValueError, match="model.gate_threshold.*silu_dense"):
+    ModelConfig(gate_threshold=0.1, ffn="silu_dense")
+  with pytest.raises(ValueError, match="model.rope_original_max_len"):
+    ModelConfig(rope_scaling="llama3", rope_factor=8.0)
+  with pytest.raises(ValueError, match="model.rope_scaling"):
+    ModelConfig(rope_scaling="dynamic")
+  with pytest.raises(ValueError, match="model.rope_attention_factor"):
+    ModelConfig(rope_attention_factor=1.5)
+  with pytest.raises(ValueError, match="model.sliding_window"):
+    ModelConfig(sliding_window=0)
+  assert dataclasses.replace(ModelConfig(), tie_embeddings=False).tie_embeddings is False
