@@ -209,7 +209,8 @@ def _break(tmp_path, rng, *, cfg_changes=None, drop=(), add=None, reshape=None, 
      "rope_type='llama3' needs high_freq_factor, low_freq_factor, original_max_position_emb"),
     (dict(cfg_changes={"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
      "rope_type='dynamic' is not supported"),
-    (dict(cfg_changes={"rope_scaling": {"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1}}),
+    (dict(cfg_changes={"rope_scaling": {"rope_type": "linear", "factor": 2.0,
+                                        "low_freq_factor": 1}}),
      "rope_scaling has field.*low_freq_factor.*'linear' does not use"),
     (dict(cfg_changes={"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                         "original_max_position_embeddings": 32}}),
@@ -389,5 +390,6 @@ def test_exported_tokenizer_files_add_no_bos(tmp_path, key):
   assert gen["eos_token_id"] == config["eos_token_id"] == ByteTokenizer.EOS
   assert gen["pad_token_id"] == ByteTokenizer.PAD and config["tie_word_embeddings"] is False
   from tokenizers import Tokenizer
-  enc = Tokenizer.from_file(os.path.join(out, "tokenizer.json")).encode("hi", add_special_tokens=True)
+  tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+  enc = tok.encode("hi", add_special_tokens=True)
   assert enc.ids == [ord("h"), ord("i")]

@@ -7,8 +7,8 @@ mesh (``mesh="data:8"``: the batch is split over the devices, the sparse FFN run
 It is registered as lm-eval model ``sparse_jax`` when this module is imported; three ways in:
 
 * ``sparse-jax eval CKPT --harness arc_easy,hellaswag --include-path TASK_DIR``
-* ``python -m sparse_jax.eval.harness --model sparse_jax --model_args checkpoint=CKPT ...``: lm-eval's
-  own command line (every flag of ``lm_eval``) with the model registered first. A bare ``lm_eval
+* ``python -m sparse_jax.eval.harness --model sparse_jax --model_args checkpoint=CKPT ...``:
+  lm-eval's own command line (every flag of ``lm_eval``) with the model registered first. A bare ``lm_eval
   --model sparse_jax`` does not work: lm-eval 0.4 discovers no models from other packages.
 * ``lm_eval.simple_evaluate(model=SparseJaxLM(checkpoint=...), tasks=[...])`` from Python.
 
@@ -16,7 +16,7 @@ Tokenization follows lm-eval's ``TemplateLM`` and training: no BOS is added to a
 never saw one); an empty context is the end-of-document token, after which every document starts.
 A request longer than the model's context keeps its last ``max_length + 1`` tokens, as lm-eval's
 HF model does. ``sparsity()`` reports the FFN's active neurons per token over every position the
-model ran on (padding excluded).
+model ran on (padding excluded; the op's overflow and dense-fallback counts cover whole batches).
 
 Offline tasks: ``local_tasks`` writes task YAMLs that include lm-eval's own hellaswag, arc and piqa
 definitions (prompts, preprocessing, metrics) with the data from local JSONL files
@@ -85,6 +85,8 @@ class SparseJaxLM(TemplateLM):
     "data:8" ("" or None: one device). max_gen_toks: default generation budget.
   """
 
+  created: list["SparseJaxLM"] = []  # for main(), which gets no handle on lm-eval's instance
+
   def __init__(self, checkpoint: str, *, step: int | None = None, ffn: str | None = None,
                compute_dtype: str = "float32", tokenizer: str | None = None,
                batch_size: int | str | None = 16, max_length: int | None = None,
@@ -115,6 +117,7 @@ class SparseJaxLM(TemplateLM):
       self.state = parallel.place(self.state, parallel.tree_shardings(self.state, self.mesh))
     cfg = self.loaded.cfg.model
     self.stats = _Sparsity(cfg.n_layers, cfg.d_ff)
+    SparseJaxLM.created.append(self)
 
   # ------------------------------------------------------------------ tokenization (TemplateLM)
 
@@ -139,7 +142,8 @@ class SparseJaxLM(TemplateLM):
 
   # ------------------------------------------------------------------ scoring
 
-  def _forward(self, windows: list[tuple[list[int], list[int]]]) -> list[tuple[np.ndarray, np.ndarray]]:
+  def _forward(self, windows: list[tuple[list[int], list[int]]]
+               ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Target log-probabilities and greedy flags of each (input ids, target ids) window."""
     width = bucket_length(max(len(inp) for inp, _ in windows))
     tokens_BxL1 = np.zeros((self.batch_size, width + 1), np.int32)  # causal: padding unseen
@@ -228,9 +232,9 @@ class SparseJaxLM(TemplateLM):
 
 
 def local_tasks(out_dir: str, data: dict[str, str]) -> list[str]:
-  """Writes ``<task>_local.yaml`` for each ``{task: jsonl path}`` (task one of LOCAL_TASKS): lm-eval's
-  own task definition (included from the installed lm_eval) reading the local file. Returns the
-  task names, for ``--include-path out_dir``."""
+  """Writes ``<task>_local.yaml`` for each ``{task: jsonl path}`` (task one of LOCAL_TASKS):
+  lm-eval's own task definition (included from the installed lm_eval) reading the local file.
+  Returns the task names, for ``--include-path out_dir``."""
   import lm_eval.tasks
   root = os.path.dirname(lm_eval.tasks.__file__)
   os.makedirs(out_dir, exist_ok=True)
@@ -293,13 +297,16 @@ def evaluate_harness(checkpoint: str, tasks: list[str], *, out: str | None = Non
 
 
 def main(argv: list[str] | None = None) -> None:
-  """lm-eval's own command line, with the ``sparse_jax`` model registered."""
+  """lm-eval's own command line, with the ``sparse_jax`` model registered; the FFN sparsity of
+  each sparse_jax model it ran follows lm-eval's table."""
   import sys
 
   from lm_eval.__main__ import cli_evaluate
   if argv is not None:
     sys.argv = [sys.argv[0], *argv]
   cli_evaluate()
+  for lm in SparseJaxLM.created:
+    print(f"sparse_jax {lm.loaded.label} FFN sparsity: {json.dumps(lm.sparsity())}")
 
 
 if __name__ == "__main__":
