@@ -6,10 +6,11 @@
 mesh (``mesh="data:8"``: the batch is split over the devices, the sparse FFN runs per device).
 It is registered as lm-eval model ``sparse_jax`` when this module is imported; three ways in:
 
-* ``sparse-jax eval CKPT --harness arc_easy,hellaswag --include-path TASK_DIR``
+* ``sparse-jax eval --checkpoint CKPT --harness arc_easy,hellaswag --include-path TASK_DIR``
 * ``python -m sparse_jax.eval.harness --model sparse_jax --model_args checkpoint=CKPT ...``:
-  lm-eval's own command line (every flag of ``lm_eval``) with the model registered first. A bare ``lm_eval
-  --model sparse_jax`` does not work: lm-eval 0.4 discovers no models from other packages.
+  lm-eval's own command line (every flag of ``lm_eval``) with the model registered first. A bare
+  ``lm_eval --model sparse_jax`` does not work: lm-eval 0.4 discovers no models from other
+  packages.
 * ``lm_eval.simple_evaluate(model=SparseJaxLM(checkpoint=...), tasks=[...])`` from Python.
 
 Tokenization follows lm-eval's ``TemplateLM`` and training: no BOS is added to any text (the model
