@@ -143,4 +143,11 @@ def test_config_validates_the_new_fields():
     ModelConfig(rope_attention_factor=1.5)
   with pytest.raises(ValueError, match="model.sliding_window"):
     ModelConfig(sliding_window=0)
-  assert dataclasses.replace(ModelConfig(), tie_embeddings=False).tie_embeddings is False
+  from sparse_jax.config import Config, apply_overrides
+  cfg = apply_overrides(Config(), ["model.tie_embeddings=false", "model.gate_threshold=0.05",
+                                   "model.rope_scaling=linear", "model.rope_factor=2",
+                                   "model.sliding_window=64"])
+  m = cfg.model
+  assert (m.tie_embeddings, m.gate_threshold, m.rope_scaling, m.rope_factor, m.sliding_window) \
+      == (False, 0.05, "linear", 2.0, 64)
+  assert Config.from_dict(dataclasses.asdict(cfg)).model == m  # recorded and read back
