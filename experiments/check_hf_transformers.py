@@ -26,6 +26,7 @@ import platform
 import sys
 import tempfile
 import time
+import zlib
 
 import numpy as np
 
@@ -88,10 +89,9 @@ def check_kind(name: str, model_type: str, fields: dict, rope: dict, work: str) 
   from sparse_jax import hf
   from sparse_jax.nn import forward_with_stats
 
-  torch.manual_seed(abs(hash(name)) % 2 ** 31)
+  torch.manual_seed(zlib.crc32(name.encode()))
   cfg = _config(model_type, fields, rope)
-  cfg._attn_implementation = "eager"
-  ref = AutoModelForCausalLM.from_config(cfg).float().eval()
+  ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
   with torch.no_grad():  # norms away from 1 so that they matter
     for n, p in ref.named_parameters():
       if n.endswith("norm.weight"):
@@ -99,7 +99,7 @@ def check_kind(name: str, model_type: str, fields: dict, rope: dict, work: str) 
   if name == "fatrelu":
     _patch_fatrelu(ref, THRESHOLD)
   src = os.path.join(work, name)
-  ref.save_pretrained(src, safe_serialization=True)
+  ref.save_pretrained(src)  # safetensors, transformers' default
   if name == "fatrelu":  # ProSparse's config: the activation transformers' Llama cannot name
     with open(os.path.join(src, "config.json")) as fh:
       written = json.load(fh)
