@@ -1,4 +1,4 @@
-"""The Llama-style decoder of the paper: tied (or untied) embeddings, pre-norm blocks, RoPE, sparse FFNs.
+"""The Llama-style decoder of the paper: tied or untied embeddings, pre-norm blocks, RoPE, FFNs.
 
 ``Transformer.__call__`` runs whole sequences (training, evaluation); ``Transformer.decode`` runs
 new tokens against per-layer ``KVCache``s (text generation, ``sparse_jax.nn.generate``). Both go
