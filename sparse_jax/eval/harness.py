@@ -82,7 +82,8 @@ class SparseJaxLM(TemplateLM):
   checkpoint: run directory or Hugging Face directory. step, ffn, compute_dtype, tokenizer,
     allow_unknown_config: as ``sparse-jax eval`` (compute_dtype defaults to float32 here, so
     scores do not depend on bf16 rounding). batch_size: sequences per forward pass. max_length:
-    longest sequence scored (default: the checkpoint's context). mesh: a mesh spec such as
+    longest sequence scored (default: the run's seq_len; a Hugging Face checkpoint's
+    max_position_embeddings, at most 2048). mesh: a mesh spec such as
     "data:8" ("" or None: one device). max_gen_toks: default generation budget.
   """
 
@@ -102,7 +103,9 @@ class SparseJaxLM(TemplateLM):
                              compute_dtype=compute_dtype, tokenizer=tokenizer,
                              allow_unknown_config=str(allow_unknown_config).lower() == "true")
     self.tok = self.loaded.tokenizer
-    self.max_length = int(max_length or self.loaded.context)
+    # The project scorer's default too: a run's training length, a Hugging Face checkpoint's
+    # max_position_embeddings up to 2048.
+    self.max_length = int(max_length or self.loaded.cfg.data.seq_len)
     self.max_gen_toks = int(max_gen_toks)
     if str(batch_size).startswith("auto"):
       batch_size = 16  # no memory probing: a fixed, overridable batch
