@@ -113,8 +113,8 @@ def test_a_data_mesh_gives_the_same_scores(checkpoint):
   requests = [Instance("loglikelihood", {}, ("Question: the cat\nAnswer:", f" {w}"), i)
               for i, w in enumerate(["mat", "green water", "a", "home to eat bread"])]
   one = SparseJaxLM(checkpoint, batch_size=4).loglikelihood(requests)
-  meshed = SparseJaxLM(checkpoint, batch_size=3, mesh="data:2")
-  assert meshed.batch_size == 4  # rounded up to a multiple of the devices
+  meshed = SparseJaxLM(checkpoint, batch_size=3, mesh="data:-1")  # every (virtual) device
+  assert meshed.batch_size == len(jax.devices())  # rounded up to a multiple of the devices
   many = meshed.loglikelihood(requests)
   np.testing.assert_allclose([x[0] for x in many], [x[0] for x in one], rtol=1e-5)
   assert [x[1] for x in many] == [x[1] for x in one]
