@@ -67,9 +67,9 @@ def _config(model_type: str, fields: dict, rope: dict):
 
 
 def _patch_fatrelu(model, threshold: float) -> None:
-  import torch.nn.functional as F
-  for layer in model.model.layers:
-    layer.mlp.act_fn = lambda x, t=threshold: F.threshold(x, t, 0.0)
+  import torch
+  for layer in model.model.layers:  # nn.Threshold(t, 0): x where x > t, else 0 (F.threshold)
+    layer.mlp.act_fn = torch.nn.Threshold(threshold, 0.0)
 
 
 def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
