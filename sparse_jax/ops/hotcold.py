@@ -32,22 +32,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.ops.base import FFNStats, SparseFFNConfig, check_weights
-from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
+from sparse_jax.ops.dense import F32, gate_activation, gate_active, matmul_nn, matmul_nt
 
 
 # --------------------------------------------------------------------------- the op
 
 
-def _dense_part(x_MxD, w_gate, w_up, w_down):
+def _dense_part(x_MxD, w_gate, w_up, w_down, threshold: float = 0.0):
   """(y in f32, sum |h|, active [M, n] bool) of the dense FFN over the given neuron rows, with the
-  op's numerics (f32 hidden activations, rounded to x.dtype for the down projection)."""
+  op's numerics (f32 hidden activations, rounded to x.dtype for the down projection) and its gate
+  (FATReLU with a positive ``threshold``)."""
   pre = matmul_nt(x_MxD, w_gate)
-  h = jax.nn.relu(pre)
+  h = gate_activation(pre, threshold)
   if w_up is not None:
     h = h * matmul_nt(x_MxD, w_up)
   y = matmul_nn(h.astype(x_MxD.dtype), w_down)
-  # Active as the sparse op counts it: a NaN pre-activation is "not <= 0", i.e. active.
-  return y, jnp.sum(jnp.abs(h)), jnp.logical_not(pre <= 0)
+  # Active as the sparse op counts it: under ReLU a NaN pre-activation is "not <= 0", i.e. active.
+  return y, jnp.sum(jnp.abs(h)), gate_active(pre, threshold)
 
 
 def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
@@ -87,7 +88,9 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
   x_MxD = x.reshape(-1, d_model)
   m = x_MxD.shape[0]
   hot = lambda w: None if w is None else w[:n_hot]
-  y_hot, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down))
+  threshold = (config or SparseFFNConfig()).gate_threshold  # the cold op applies it too
+  y_hot, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down),
+                                              threshold)
   count_hot = jnp.sum(active_hot, axis=0, dtype=jnp.int32)
   if n_hot == d_ff:
     y = y_hot.astype(x.dtype)
