@@ -43,6 +43,7 @@ from sparse_jax import parallel
 from sparse_jax.checkpoints import is_run_dir, load_model
 from sparse_jax.eval.lm import _token_stats
 from sparse_jax.eval.multiple_choice import bucket_length
+from sparse_jax.nn.model import Transformer
 
 # lm-eval task of each local JSONL format (sparse_jax.eval.multiple_choice's shapes).
 LOCAL_TASKS = {"hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml",
@@ -115,7 +116,11 @@ class SparseJaxLM(TemplateLM):
     if self.mesh is not None:
       shards = parallel.batch_shards(self.mesh)
       self.batch_size = -(-self.batch_size // shards) * shards
-      model = parallel.shard_ffns(nnx.merge(*nnx.split(model)), self.mesh)
+      # A sparse FFN runs per device when built with the mesh (nn.FFN(mesh=)): the same model's
+      # structure built with it (no parameters drawn), holding the loaded parameters.
+      on_mesh = nnx.eval_shape(lambda: Transformer(self.loaded.cfg.model, rngs=nnx.Rngs(0),
+                                                   mesh=self.mesh))
+      model = nnx.merge(nnx.graphdef(on_mesh), nnx.state(model))
     self.graphdef, self.state = nnx.split(model)
     if self.mesh is not None:
       self.state = parallel.place(self.state, parallel.tree_shardings(self.state, self.mesh))
