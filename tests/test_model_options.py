@@ -193,7 +193,7 @@ def test_decode_matches_the_full_forward(key, changes):
     dict(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=8),
     dict(rope_scaling="linear", rope_factor=2.0),
     dict(gate_threshold=0.05),
-])
+], ids=["untied", "sliding_window", "yarn", "llama3", "linear", "gate_threshold"])
 def test_generator_greedy_equals_full_forward_argmax(key, changes):
   """The Generator's own block step (scanned over the layers; test_generate checks unrolled =
   scanned), with ragged prompts, sees the same head, RoPE, window and gate as the full forward:
