@@ -143,7 +143,7 @@ def _build(spec: dict, variant: str, level: dict):
   """(model, Config, calibration or None) for one sparsity level."""
   from flax import nnx
 
-  from sparse_jax.eval.loading import load_checkpoint, rebuild
+  from sparse_jax.checkpoints import load_model as load_checkpoint, rebuild
   from sparse_jax.nn import Transformer
   from sparse_jax.train import resolve_config
 

@@ -135,7 +135,7 @@ def _ffn_residual(graphdef, state, x_BxLxD, u_BxLxD):
   dt = ffn.compute_dtype
   u_MxD = u_BxLxD.reshape(-1, u_BxLxD.shape[-1]).astype(dt)
   w_gate, w_up = _gate_weights(ffn)
-  h = jax.nn.relu(matmul_nt(u_MxD, w_gate))
+  h = ffn.activation(matmul_nt(u_MxD, w_gate))  # ReLU, or FATReLU (model.gate_threshold)
   if w_up is not None:
     h = h * matmul_nt(u_MxD, w_up)
   y = matmul_nn(h.astype(dt), ffn.w_down_FxD[...].astype(dt)).astype(dt)
@@ -149,7 +149,7 @@ def _active_per_token(graphdef, state, u_BxLxD):
   ffn = nnx.merge(graphdef, state).ffn
   dt = ffn.compute_dtype
   u_MxD = u_BxLxD.reshape(-1, u_BxLxD.shape[-1]).astype(dt)
-  gate = jax.nn.relu(matmul_nt(u_MxD, _gate_weights(ffn)[0])).astype(dt)
+  gate = ffn.activation(matmul_nt(u_MxD, _gate_weights(ffn)[0])).astype(dt)
   return jnp.sum(gate != 0, axis=1, dtype=jnp.int32)
 
 

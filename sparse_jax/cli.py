@@ -143,6 +143,14 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--no-lm", action="store_true",
                  help="skip perplexity and sparsity (multiple choice only)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  h = p.add_argument_group("lm-evaluation-harness (pip install 'sparse-jax[harness]')")
+  h.add_argument("--harness", metavar="TASKS",
+                 help="run these comma-separated lm-eval tasks instead (with --include-path for "
+                      "local task YAMLs); scores and FFN sparsity go to --out")
+  h.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
+  h.add_argument("--limit", type=int, help="lm-eval: at most this many examples per task")
+  h.add_argument("--num-fewshot", type=int, help="lm-eval: few-shot examples per prompt")
+  h.add_argument("--mesh", help="lm-eval: split each batch over a device mesh, e.g. data:8")
 
 
 def format_eval(r: dict) -> str:
@@ -173,6 +181,15 @@ def format_eval(r: dict) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+  if args.harness:
+    from sparse_jax.eval.harness import evaluate_harness
+    print(evaluate_harness(
+        args.checkpoint, args.harness.split(","), out=args.out, include_path=args.include_path,
+        limit=args.limit, num_fewshot=args.num_fewshot, step=args.step, ffn=args.ffn,
+        compute_dtype=args.compute_dtype or "float32", tokenizer=args.tokenizer,
+        batch_size=args.mc_batch_size, max_length=args.mc_max_len, mesh=args.mesh,
+        allow_unknown_config=args.allow_unknown_config))
+    return 0
   from sparse_jax.eval import EvalOptions, evaluate_checkpoint
   report = evaluate_checkpoint(EvalOptions(
       checkpoint=args.checkpoint, out=args.out, step=args.step, data=args.data,
@@ -186,10 +203,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace):
-  from sparse_jax.eval import load_checkpoint
-  return load_checkpoint(args.checkpoint, step=args.step, ffn=args.ffn,
-                         compute_dtype=args.compute_dtype, tokenizer=args.tokenizer,
-                         allow_unknown_config=args.allow_unknown_config)
+  from sparse_jax.checkpoints import load_model
+  return load_model(args.checkpoint, step=args.step, ffn=args.ffn,
+                    compute_dtype=args.compute_dtype, tokenizer=args.tokenizer,
+                    allow_unknown_config=args.allow_unknown_config)
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -248,8 +265,8 @@ def _export_hf(args: argparse.Namespace) -> int:
   loaded = _load(args)
   shard = None if args.max_shard_mb is None else int(args.max_shard_mb * 2 ** 20)
   files = hf.export_hf(loaded.model, args.out, tokenizer=loaded.cfg.data.tokenizer,
-                       dtype=args.dtype, max_position_embeddings=loaded.cfg.data.seq_len,
-                       max_shard_bytes=shard)
+                       dtype=args.dtype, max_position_embeddings=loaded.context,
+                       max_shard_bytes=shard, source=loaded.path if loaded.kind == "hf" else None)
   print(f"wrote {loaded.label} ({loaded.cfg.model.ffn}) to {args.out}: {', '.join(files)}")
   return 0
 

@@ -30,6 +30,7 @@ FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense", 
 FFN_IMPLS = ("auto", "xla", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
 L1_NORMS = ("mean", "sum_neurons")
 
 
@@ -80,6 +81,17 @@ class ModelConfig:
     rows with more active neurons go to the dense tail. Early in training (before L1 bites) most
     rows are long; the op stays exact. (Run directories before this section had
     ``model.sparse_ell_width``; ``Config.from_dict`` maps it.)
+  tie_embeddings: False gives the model its own output head (``lm_head_VxD``), as imported
+    Llama 2/3 checkpoints have.
+  rope_scaling: none, linear, llama3 or yarn, computed as transformers does (``sparse_jax.nn.rope``)
+    from the rope_* fields: factor; original_max_len (llama3, yarn: the pre-scaling context);
+    low/high_freq_factor (llama3); beta_fast/slow, truncate, attention_factor (yarn: cos and sin
+    are multiplied by it).
+  gate_threshold: the ReLU FFNs' gate is FATReLU: a neuron is active iff its pre-activation is
+    above the threshold, and then its value is the pre-activation itself (0: plain ReLU). It is
+    the op's ``sparse.gate_threshold``: setting either sets both (they may not differ).
+  sliding_window: each position attends to at most this many positions (itself included), as
+    Mistral's sliding-window attention; None: the whole causal context.
   """
 
   vocab_size: int | None = None
@@ -102,12 +114,25 @@ class ModelConfig:
   # (sparse_jax.ops.hotcold); set by `sparse-jax prepare-inference`, whose checkpoint has its
   # neurons permuted hottest first. None: the plain sparse op in every layer.
   sparse_hot_neurons: tuple[int, ...] | None = None
+  tie_embeddings: bool = True
+  rope_scaling: str = "none"
+  rope_factor: float = 1.0
+  rope_original_max_len: int | None = None
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_truncate: bool = True
+  rope_attention_factor: float = 1.0
+  gate_threshold: float = 0.0
+  sliding_window: int | None = None
 
   def __post_init__(self):
     _positive_ints(self, "model", ("d_model", "n_layers", "n_heads", "d_ff"))
     _require(isinstance(self.sparse, SparseFFNConfig), "model.sparse", self.sparse,
              "must be a sparse_jax.ops.SparseFFNConfig")
-    for name in ("vocab_size", "n_kv_heads", "head_dim"):
+    for name in ("vocab_size", "n_kv_heads", "head_dim", "rope_original_max_len",
+                 "sliding_window"):
       v = getattr(self, name)
       _require(v is None or (isinstance(v, int) and v > 0), f"model.{name}", v,
                "must be a positive integer or none")
@@ -125,6 +150,39 @@ class ModelConfig:
     _require(self.rope_theta > 0, "model.rope_theta", self.rope_theta, "must be positive")
     _check_hot_neurons(self)
     _require(0 < self.norm_eps < 1, "model.norm_eps", self.norm_eps, "must be in (0, 1)")
+    _choice(self, "model", "rope_scaling", ROPE_SCALINGS)
+    if self.rope_scaling != "none":
+      _require(self.rope_factor >= 1, "model.rope_factor", self.rope_factor,
+               f"must be at least 1 with rope_scaling={self.rope_scaling}")
+    if self.rope_scaling in ("llama3", "yarn"):
+      _require(self.rope_original_max_len is not None, "model.rope_original_max_len", None,
+               f"rope_scaling={self.rope_scaling} needs the pre-scaling context length")
+    if self.rope_scaling == "llama3":
+      _require(0 < self.rope_low_freq_factor < self.rope_high_freq_factor,
+               "model.rope_high_freq_factor", self.rope_high_freq_factor,
+               f"must exceed rope_low_freq_factor={self.rope_low_freq_factor} > 0")
+    if self.rope_scaling == "yarn":
+      _require(self.rope_beta_fast > 0 and self.rope_beta_slow > 0, "model.rope_beta_fast",
+               (self.rope_beta_fast, self.rope_beta_slow), "beta_fast and beta_slow must be > 0")
+    _require(self.rope_attention_factor > 0, "model.rope_attention_factor",
+             self.rope_attention_factor, "must be positive")
+    _require(self.rope_scaling == "yarn" or self.rope_attention_factor == 1,
+             "model.rope_attention_factor", self.rope_attention_factor,
+             "only yarn scales cos and sin")
+    _require(self.gate_threshold >= 0, "model.gate_threshold", self.gate_threshold,
+             "must be >= 0 (FATReLU: active iff the pre-activation exceeds it)")
+    # One threshold: model.gate_threshold is the op's sparse.gate_threshold (either may be set).
+    op_threshold = self.sparse.gate_threshold
+    _require(self.gate_threshold == 0 or op_threshold in (0, self.gate_threshold),
+             "model.sparse.gate_threshold", op_threshold,
+             f"must equal model.gate_threshold={self.gate_threshold} (or be left at 0)")
+    if op_threshold != self.gate_threshold:
+      threshold = max(op_threshold, self.gate_threshold)
+      object.__setattr__(self, "gate_threshold", threshold)
+      object.__setattr__(self, "sparse",
+                         dataclasses.replace(self.sparse, gate_threshold=threshold))
+    _require(self.gate_threshold == 0 or self.ffn != "silu_dense", "model.gate_threshold",
+             self.gate_threshold, "applies to the ReLU FFNs, not silu_dense")
 
   @property
   def kv_heads(self) -> int:

@@ -9,7 +9,7 @@ from flax import nnx
 
 from sparse_jax.calibrate import calibrate_gates, measure_activity
 from sparse_jax.config import Config, ModelConfig
-from sparse_jax.eval.loading import rebuild
+from sparse_jax.checkpoints import rebuild
 from sparse_jax.nn import Transformer, forward_with_stats
 
 VOCAB = 384

@@ -101,7 +101,7 @@ def test_task_shapes(tmp_path):
   assert hs.format == "hellaswag" and hs.name == "hs"
   assert hs.examples[0].context == "Baking: She mixes the flour. Then she"
   assert hs.examples[0].choices[:2] == ("bakes. the cake.", "sings loudly")
-  assert [e.label for e in hs.examples] == [1, 0] and hs.examples[1].context == "A man walks."
+  assert [e.label for e in hs.examples] == [1, 0] and hs.examples[1].context == ": A man walks."
   arc = load_task(write_jsonl(tmp_path / "arc.jsonl", [
       {"question": "Which is a metal?", "choices": {"text": ["wood", "iron"], "label": ["A", "B"]},
        "answerKey": "B"},

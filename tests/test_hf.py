@@ -194,8 +194,9 @@ def _break(tmp_path, rng, *, cfg_changes=None, drop=(), add=None, reshape=None, 
      r"k_proj.weight .* has shape \[8, 48\], expected \[16, 48\]"),
     (dict(add={"model.layers.0.self_attn.q_proj.bias": np.ones(48, np.float32)}),
      "does not use: model.layers.0.self_attn.q_proj.bias"),
-    (dict(add={"lm_head.weight": np.ones((300, 48), np.float32)}), "untied output embeddings"),
-    (dict(cfg_changes={"tie_word_embeddings": False}), "no lm_head.weight"),
+    (dict(add={"lm_head.weight": np.ones((300, 48), np.float32)}),
+     "lm_head.weight differs .* tie_word_embeddings=true"),
+    (dict(cfg_changes={"tie_word_embeddings": False}), r"lacks tensor\(s\) lm_head.weight"),
     (dict(reshape={"model.norm.weight": lambda w: w.astype(np.int32)}),
      "model.norm.weight has dtype I32"),
     (dict(reshape={"model.layers.0.mlp.gate_proj.weight": lambda w: np.where(w == w.max(), np.nan,
@@ -205,8 +206,21 @@ def _break(tmp_path, rng, *, cfg_changes=None, drop=(), add=None, reshape=None, 
     (dict(cfg_changes={"hidden_act": "gelu"}), "hidden_act='gelu' is not supported"),
     (dict(cfg_changes={"attention_bias": True}), "attention_bias=True is not supported"),
     (dict(cfg_changes={"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}),
-     "rope_scaling=.* is not supported"),
-    (dict(cfg_changes={"model_type": "mistral"}), "model_type='mistral'"),
+     "rope_type='llama3' needs high_freq_factor, low_freq_factor, original_max_position_emb"),
+    (dict(cfg_changes={"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}),
+     "rope_type='dynamic' is not supported"),
+    (dict(cfg_changes={"rope_scaling": {"rope_type": "linear", "factor": 2.0,
+                                        "low_freq_factor": 1}}),
+     "rope_scaling has field.*low_freq_factor.*'linear' does not use"),
+    (dict(cfg_changes={"rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                        "original_max_position_embeddings": 32}}),
+     "yarn with factor=4.0 but max_position_embeddings / original.* = 2.0"),
+    (dict(cfg_changes={"partial_rotary_factor": 0.5}), "partial_rotary_factor=0.5"),
+    (dict(cfg_changes={"hidden_act": "fatrelu"}), "fatrelu' needs hidden_act_param"),
+    (dict(cfg_changes={"hidden_act": "dReLU"}), "dReLU.*gate and to the up projection"),
+    (dict(cfg_changes={"hidden_act": "relu", "hidden_act_param": 0.1}),
+     "hidden_act_param=0.1 has no meaning"),
+    (dict(cfg_changes={"model_type": "gemma"}), "model_type='gemma'"),
     (dict(cfg_changes={"num_hidden_layers": "2"}), "num_hidden_layers='2' must be a positive"),
     (dict(cfg_changes={"num_key_value_heads": 4}), "n_kv_heads=4: must divide n_heads=6"),
     (dict(cfg_changes={"hidden_size": 40}), r"embed_tokens.weight .* expected \[300, 40\]"),
@@ -273,3 +287,109 @@ def test_checks_run_before_any_tensor_is_read(tmp_path, rng, monkeypatch):
   with pytest.raises(ValueError, match="model.norm.weight"):
     hf.load_hf(path)
   assert reads == []
+
+
+# --------------------------------------------------------------------------- checkpoints as
+# transformers 5.x writes them: untied heads, rope_parameters / rope_scaling, FATReLU, Mistral
+
+
+def _transformers_config(kind: str) -> dict:
+  """config.json of each supported kind, in the spelling of current transformers (5.x writes
+  rope_parameters with rope_theta inside; 4.x wrote rope_theta + rope_scaling)."""
+  base = hf_config(tie_word_embeddings=False, max_position_embeddings=64,
+                   transformers_version="5.17.0")
+  del base["rope_theta"]
+  base["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+  if kind == "llama3":
+    base["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500.0, "factor": 8.0,
+                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                               "original_max_position_embeddings": 16}
+  elif kind == "linear":  # the older spelling, which transformers 5.x still reads
+    del base["rope_parameters"]
+    base.update(rope_theta=500.0, rope_scaling={"type": "linear", "factor": 2.5})
+  elif kind == "yarn":
+    base["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 500.0, "factor": 4.0,
+                               "original_max_position_embeddings": 16, "beta_fast": 8.0,
+                               "beta_slow": 1.0}
+  elif kind == "fatrelu":
+    base.update(hidden_act="fatrelu", hidden_act_param=0.25, tie_word_embeddings=True)
+  elif kind == "mistral":
+    for name in ("attention_bias", "mlp_bias"):
+      del base[name]
+    base.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=7)
+  return base
+
+
+def _tensors(rng, cfg):
+  t = random_tensors(rng, cfg)
+  if not cfg["tie_word_embeddings"]:
+    t["lm_head.weight"] = (rng.standard_normal(t["model.embed_tokens.weight"].shape)
+                           * cfg["hidden_size"] ** -0.5).astype(np.float32)
+  return t
+
+
+@pytest.mark.parametrize("kind", ["untied", "llama3", "linear", "yarn", "fatrelu", "mistral"])
+def test_transformers_kinds_import_match_reference_and_round_trip(tmp_path, rng, kind):
+  cfg = _transformers_config(kind)
+  path = write_checkpoint(tmp_path / "ckpt", cfg, _tensors(rng, cfg))
+  model, run_cfg = hf.load_hf(path)
+  m = run_cfg.model
+  assert m.tie_embeddings == cfg["tie_word_embeddings"]
+  assert m.rope_scaling == {"llama3": "llama3", "linear": "linear", "yarn": "yarn"}.get(kind,
+                                                                                       "none")
+  if kind == "fatrelu":
+    assert (m.ffn, m.gate_threshold) == ("relu_sparse", 0.25)
+  if kind == "yarn":  # transformers' default attention factor 0.1 ln(factor) + 1
+    assert m.rope_attention_factor == pytest.approx(0.1 * np.log(4.0) + 1)
+  if kind == "mistral":
+    assert m.sliding_window == 7
+  tokens = rng.integers(0, cfg["vocab_size"], (2, 24))  # longer than the window and 16
+  assert_matches_reference(model, path, tokens)
+  out = str(tmp_path / "exported")
+  hf.export_hf(model, out, max_position_embeddings=64)
+  with open(os.path.join(out, "config.json")) as fh:
+    exported = json.load(fh)
+  assert exported["tie_word_embeddings"] == cfg["tie_word_embeddings"]
+  assert_matches_reference(model, out, tokens)  # the export, read by the independent reader
+  back, back_cfg = hf.load_hf(out)
+  assert back_cfg.model == m
+  np.testing.assert_array_equal(logits_of(back, tokens), logits_of(model, tokens))
+
+
+def test_fatrelu_threshold_is_exact_and_sparser(tmp_path, rng):
+  """FATReLU's threshold silences the neurons with 0 < pre <= t: fewer active than ReLU, and the
+  dense baseline (relu_dense) computes the same function as the sparse op."""
+  cfg = _transformers_config("fatrelu")
+  tensors = _tensors(rng, cfg)
+  path = write_checkpoint(tmp_path / "ckpt", cfg, tensors)
+  sparse, _ = hf.load_hf(path)
+  dense, _ = hf.load_hf(path, ffn="relu_dense")
+  tokens = jnp.asarray(rng.integers(0, cfg["vocab_size"], (2, 20)))
+  (a, sa), (b, sb) = forward(sparse, tokens), forward(dense, tokens)
+  assert np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))) < 1e-5
+  np.testing.assert_array_equal(sa.l0, sb.l0)
+  relu_path = write_checkpoint(tmp_path / "relu", {**cfg, "hidden_act": "relu",
+                                                   "hidden_act_param": None}, tensors)
+  _, s_relu = forward(hf.load_hf(relu_path)[0], tokens)
+  assert np.all(sa.l0 < s_relu.l0)
+
+
+def test_exported_tokenizer_files_add_no_bos(tmp_path, key):
+  """The export's tokenizer files say what training did: no BOS, <eos> ends documents, <pad>."""
+  cfg = ModelConfig(vocab_size=259, d_model=32, n_layers=1, n_heads=2, d_ff=64,
+                    tie_embeddings=False)
+  out = str(tmp_path / "x")
+  files = hf.export_hf(Transformer(cfg, rngs=nnx.Rngs(0)), out, max_position_embeddings=96)
+  assert {"tokenizer_config.json", "special_tokens_map.json",
+          "generation_config.json"} <= set(files)
+  read = lambda name: json.load(open(os.path.join(out, name)))  # noqa: E731
+  tc, gen, config = read("tokenizer_config.json"), read("generation_config.json"), \
+      read("config.json")
+  assert tc["bos_token"] is None and tc["add_bos_token"] is False and tc["eos_token"] == "<eos>"
+  assert tc["model_max_length"] == config["max_position_embeddings"] == 96
+  assert gen["eos_token_id"] == config["eos_token_id"] == ByteTokenizer.EOS
+  assert gen["pad_token_id"] == ByteTokenizer.PAD and config["tie_word_embeddings"] is False
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+  enc = tok.encode("hi", add_special_tokens=True)
+  assert enc.ids == [ord("h"), ord("i")]

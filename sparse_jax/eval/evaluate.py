@@ -29,7 +29,7 @@ from tqdm import tqdm
 from sparse_jax.data import build_corpus, iter_documents, validation_batches
 from sparse_jax.eval import report as report_lib
 from sparse_jax.eval.lm import evaluate_lm
-from sparse_jax.eval.loading import Loaded, load_checkpoint
+from sparse_jax.checkpoints import Loaded, load_model
 from sparse_jax.eval.multiple_choice import evaluate_task, load_task
 from sparse_jax.nn import count_params
 
@@ -103,9 +103,9 @@ def _device() -> str:
 def evaluate_checkpoint(opts: EvalOptions) -> dict:
   """Evaluates ``opts.checkpoint``, writes the report files, returns the report dict."""
   t0 = time.perf_counter()
-  loaded = load_checkpoint(opts.checkpoint, step=opts.step, ffn=opts.ffn,
-                           compute_dtype=opts.compute_dtype, tokenizer=opts.tokenizer,
-                           allow_unknown_config=opts.allow_unknown_config)
+  loaded = load_model(opts.checkpoint, step=opts.step, ffn=opts.ffn,
+                      compute_dtype=opts.compute_dtype, tokenizer=opts.tokenizer,
+                      allow_unknown_config=opts.allow_unknown_config)
   tasks = [load_task(spec) for spec in opts.tasks]  # bad task files fail before the long work
   out = opts.out or default_out(loaded)
   os.makedirs(out, exist_ok=True)

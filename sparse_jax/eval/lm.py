@@ -58,7 +58,8 @@ def token_stats(model: Transformer, tokens_BxL1: jax.Array) -> dict:
   active_LxBxL = jnp.stack([active_per_token(block.ffn, outputs[i]["ffn_norm"]["__call__"][0])
                             for i, block in enumerate(model.blocks)])
   nll_BxL = -target_logprob(logits_BxLxV, targets_BxL)
-  return dict(nll_BxL=nll_BxL, active_LxBxL=active_LxBxL,
+  greedy_BxL = jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+  return dict(nll_BxL=nll_BxL, greedy_BxL=greedy_BxL, active_LxBxL=active_LxBxL,
               active_per_neuron_LxF=stats.active_per_neuron, overflow_rows_L=stats.overflow_rows,
               dense_fallback_L=stats.dense_fallback)
 

@@ -13,8 +13,9 @@ The standard error of an accuracy p over n examples is lm-eval's ``sqrt(p (1 - p
 Record shapes (one JSON object per line), with lm-eval's prompts:
 
 * ``hellaswag``: ``ctx`` (or ``ctx_a`` + ``ctx_b``), optional ``activity_label``, ``endings``
-  (list), ``label`` (int or digit string). Context ``"{activity_label}: {ctx_a} {Ctx_b}"``, with
-  HellaSwag's WikiHow markup removed from context and endings.
+  (list), ``label`` (int or digit string). Context ``"{activity_label}: {ctx_a} {Ctx_b}"`` (an
+  empty label still gives the ``": "``, as lm-eval's), with HellaSwag's WikiHow markup removed
+  from context and endings.
 * ``arc``: ``question`` (string, or ``{"stem", "choices"}`` as in AI2's files), ``choices`` as
   ``{"text": [...], "label": [...]}`` or ``[{"text", "label"}, ...]``, ``answerKey``. Context
   ``"Question: {question}\\nAnswer:"``.
@@ -22,8 +23,10 @@ Record shapes (one JSON object per line), with lm-eval's prompts:
   ``"Question: {goal}\\nAnswer:"``.
 
 The shape is detected from the first record (or named: ``arc:path.jsonl``); every record must
-have it. Context and choice are tokenized together and split as lm-eval does, and a sequence longer
-than ``max_len + 1`` tokens keeps its last tokens (the choice is never cut).
+have it. Context and choice are tokenized together and split as lm-eval's ``TemplateLM`` does (no
+BOS: the model never saw one), and a sequence longer than ``max_len + 1`` tokens keeps its last
+tokens, as lm-eval's HF model truncates. ``sparse_jax.eval.harness`` runs lm-eval itself;
+tests/test_harness.py checks that both give the same per-example log-likelihoods.
 """
 from __future__ import annotations
 
@@ -90,8 +93,7 @@ def _hellaswag(record: dict) -> Example:
     ctx = f"{_field(record, 'ctx_a')} {str(_field(record, 'ctx_b')).capitalize()}"
   else:
     ctx = str(_field(record, "ctx"))
-  if record.get("activity_label"):
-    ctx = f"{record['activity_label']}: {ctx}"
+  ctx = f"{record.get('activity_label', '')}: {ctx}"
   endings = _field(record, "endings")
   if not isinstance(endings, list) or len(endings) < 2:
     raise _Bad("'endings' must be a list of at least two strings")
@@ -170,19 +172,20 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str
                 ) -> tuple[np.ndarray, np.ndarray]:
   """(context ids, continuation ids) split as lm-eval does: trailing spaces of the context move to
   the continuation, the pair is tokenized as one string and split at the context's length, so
-  tokens that merge across the boundary are scored as the tokenizer would produce them. An empty
-  context becomes the end-of-document token (lm-eval's end-of-text), so every continuation token
-  has something to be predicted from."""
+  tokens that merge across the boundary are scored as the tokenizer would produce them (a
+  continuation that merges wholly into the context's last token scores nothing, as in lm-eval).
+  An empty context becomes the end-of-document token (lm-eval's prefix token), unless the
+  continuation starts with it."""
   n_spaces = len(context) - len(context.rstrip())
   if n_spaces:
     context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-  whole, ctx = tokenizer.encode_batch([context + continuation, context])
-  cont = whole[len(ctx):]
-  if len(cont) == 0:  # the continuation merged into the context's last token
+  if not context:
     cont = tokenizer.encode_batch([continuation])[0]
-  if len(ctx) == 0:
-    ctx = [tokenizer.eos_id]
-  return np.asarray(ctx, np.int32), np.asarray(cont, np.int32)
+    if len(cont) and cont[0] == tokenizer.eos_id:
+      return np.asarray(cont[:1], np.int32), np.asarray(cont[1:], np.int32)
+    return np.asarray([tokenizer.eos_id], np.int32), np.asarray(cont, np.int32)
+  whole, ctx = tokenizer.encode_batch([context + continuation, context])
+  return np.asarray(ctx, np.int32), np.asarray(whole[len(ctx):], np.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -191,7 +194,7 @@ def _continuation_logprob(state, tokens_BxL, targets_BxL, mask_BxL, graphdef):
   return jnp.sum(jnp.where(mask_BxL, tok_logp_BxL, 0.0), axis=-1)
 
 
-def _bucket(length: int) -> int:
+def bucket_length(length: int) -> int:
   # Few distinct padded lengths, so few compilations: multiples of 32 up to 256, then of 128.
   step = 32 if length <= 256 else 128
   return -(-length // step) * step
@@ -215,7 +218,7 @@ def loglikelihoods(model: Transformer, requests: list[tuple[np.ndarray, np.ndarr
   for s in tqdm(starts, desc=desc or "eval: multiple choice", unit="batch", disable=not progress,
                 dynamic_ncols=True):
     ids = order[s:s + batch_size]
-    width = _bucket(max(len(seqs[i][0]) for i in ids))
+    width = bucket_length(max(len(seqs[i][0]) for i in ids))
     tokens = np.zeros((batch_size, width), np.int32)  # pad rows and columns: causal, so unseen
     targets = np.zeros((batch_size, width), np.int32)
     mask = np.zeros((batch_size, width), bool)

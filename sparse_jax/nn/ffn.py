@@ -9,6 +9,9 @@
 The dense kinds are ``sparse_jax.ops.dense.ffn`` (f32 hidden activations) and
 ``sparse_jax.ops.dense.ffn_as_model``.
 
+The ReLU kinds' gate is FATReLU when ``sparse.gate_threshold`` is positive (a neuron is active iff
+its pre-activation exceeds the threshold; ``sparse_jax.ops.dense.gate_activation``).
+
 Every variant sows its ``FFNStats`` (L0, L1, per-neuron activity, overflow) as an
 ``nnx.Intermediate`` named ``ffn_stats``; ``sparse_jax.nn.forward_with_stats`` collects them.
 
@@ -56,6 +59,9 @@ class FFN(nnx.Module):
     self.gated = kind != "relu_nongated_sparse"
     self.implementation = None if implementation == "auto" else implementation
     self.sparse_config = sparse or ops.SparseFFNConfig()
+    if self.gate_threshold != 0 and kind == "silu_dense":
+      raise ValueError(f"sparse.gate_threshold={self.gate_threshold} (FATReLU) applies to the "
+                       "ReLU kinds, not silu_dense")
     # A prepared checkpoint (``sparse-jax prepare-inference``) computes neurons [0, hot_neurons)
     # densely and the rest through the sparse op (ops.hotcold); None: the plain op.
     self.hot_neurons = hot_neurons if kind in SPARSE_KINDS else None
@@ -68,6 +74,17 @@ class FFN(nnx.Module):
       self.w_gate_FxD = normal(rngs, (d_ff, d_model), d_model ** -0.5, param_dtype)
     self.w_up_FxD = normal(rngs, (d_ff, d_model), d_model ** -0.5, param_dtype)
     self.w_down_FxD = normal(rngs, (d_ff, d_model), out_std_scale * d_ff ** -0.5, param_dtype)
+
+  @property
+  def gate_threshold(self) -> float:
+    """FATReLU threshold of the gate (``ops.dense.gate_activation``); 0: ReLU."""
+    return self.sparse_config.gate_threshold
+
+  def activation(self, pre: jax.Array) -> jax.Array:
+    """The gate activation of this FFN's kind on pre-activations."""
+    if self.kind == "silu_dense":
+      return jax.nn.silu(pre)
+    return dense.gate_activation(pre, self.gate_threshold)
 
   @property
   def gate_param(self) -> nnx.Param:
@@ -99,9 +116,10 @@ class FFN(nnx.Module):
     activation, as_model = DENSE_KINDS[self.kind]
     args = (x_MxD, w["w_gate_FxD"], w["w_up_FxD"], w["w_down_FxD"])
     if as_model:
-      y_MxD, h_MxF, _ = dense.ffn_as_model(*args, activation=activation)
+      y_MxD, h_MxF, _ = dense.ffn_as_model(*args, activation=activation,
+                                           threshold=self.gate_threshold)
       return y_MxD, h_MxF
-    return dense.ffn(*args, activation=activation)
+    return dense.ffn(*args, activation=activation, threshold=self.gate_threshold)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     if self.mesh is None:
@@ -114,12 +132,13 @@ class FFN(nnx.Module):
 
   def active_mask(self, x_BxLxD: jax.Array) -> jax.Array:
     """[B * L, d_ff] bool: the neurons active on each token, as this kind's stats count them (the
-    sparse kinds: the ReLU gate rounded to the compute dtype is nonzero; the dense kinds: the
+    sparse kinds: the (FAT)ReLU gate rounded to the compute dtype is nonzero; the dense kinds: the
     hidden activation is nonzero)."""
     dt = self.compute_dtype
     x_MxD = x_BxLxD.astype(dt).reshape(-1, x_BxLxD.shape[-1])
     if self.kind in SPARSE_KINDS:
-      return dense.hidden(x_MxD, self.gate_param[...].astype(dt)).astype(dt) != 0
+      return dense.hidden(x_MxD, self.gate_param[...].astype(dt),
+                          threshold=self.gate_threshold).astype(dt) != 0
     return self._dense(x_MxD, self._weights())[1] != 0
 
   def reinit_gate_rows(self, dead_F: jax.Array, key: jax.Array) -> None:

@@ -123,7 +123,9 @@ def _block_step(block: Block, x_BxTxD, k_LxBxSxKxH, v_LxBxSxKxH, layer, slot, po
 
   Writes the new keys and values into layer ``layer`` of the stacked cache (only the T new
   slots: the cache is updated in place) and attends over that layer's slots up to each query,
-  restricted to ``key_ok_BxS`` (a row's pad slots are not keys) plus the query's own slot.
+  restricted to ``key_ok_BxS`` (a row's pad slots are not keys) plus the query's own slot, and
+  to the attention's sliding window if it has one. RoPE (scaled or not) is the attention's own
+  ``project``; the head (tied or not) is ``Transformer._logits``.
   """
   t = x_BxTxD.shape[1]
   attn = block.attn
@@ -141,6 +143,10 @@ def _block_step(block: Block, x_BxTxD, k_LxBxSxKxH, v_LxBxSxKxH, layer, slot, po
   q_slot_T = slot + jnp.arange(t)
   slots_S = jnp.arange(s)
   causal_TxS = slots_S[None, :] <= q_slot_T[:, None]
+  if attn.sliding_window is not None:
+    # A row's positions are its slots less its (constant) pad count, so the window over positions
+    # is the same window over slots: keys within sliding_window - 1 slots before the query.
+    causal_TxS &= slots_S[None, :] > q_slot_T[:, None] - attn.sliding_window
   own_TxS = slots_S[None, :] == q_slot_T[:, None]
   mask_BxTxS = (causal_TxS[None] & key_ok_BxS[:, None, :]) | own_TxS[None]
   # XLA attention: cuDNN's fused kernel wants a causal flag or no mask, not a cache-length one.

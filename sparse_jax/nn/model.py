@@ -1,4 +1,4 @@
-"""The Llama-style decoder of the paper: tied embeddings, pre-norm blocks, RoPE, sparse FFNs.
+"""The Llama-style decoder of the paper: tied or untied embeddings, pre-norm blocks, RoPE, FFNs.
 
 ``Transformer.__call__`` runs whole sequences (training, evaluation); ``Transformer.decode`` runs
 new tokens against per-layer ``KVCache``s (text generation, ``sparse_jax.nn.generate``). Both go
@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 from sparse_jax.config import ModelConfig
 from sparse_jax.nn.ffn import FFN, STATS_NAME
 from sparse_jax.nn.layers import F32, Attention, KVCache, RMSNorm, normal
+from sparse_jax.nn.rope import rope_inv_freq
 
 
 class Block(nnx.Module):
@@ -25,9 +26,12 @@ class Block(nnx.Module):
     # Residual-branch outputs start smaller with depth so the stream's scale stays ~1 at init.
     out_scale = (2 * cfg.n_layers) ** -0.5
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
+    scaled_rope = cfg.rope_scaling != "none"
     self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.attn_head_dim,
                           rope_theta=cfg.rope_theta, implementation=cfg.attention_impl,
-                          out_std_scale=out_scale, compute_dtype=cdt, param_dtype=pdt, rngs=rngs)
+                          out_std_scale=out_scale, compute_dtype=cdt, param_dtype=pdt, rngs=rngs,
+                          rope_inv_freq=tuple(rope_inv_freq(cfg).tolist()) if scaled_rope else None,
+                          rope_scale=cfg.rope_attention_factor, sliding_window=cfg.sliding_window)
     self.ffn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=pdt)
     self.ffn = FFN(cfg.d_model, cfg.d_ff, kind=cfg.ffn, implementation=cfg.ffn_impl,
                    sparse=cfg.sparse, out_std_scale=out_scale, compute_dtype=cdt,
@@ -71,6 +75,9 @@ class Transformer(nnx.Module):
     self.blocks = nnx.List([Block(cfg, rngs=rngs, mesh=mesh, layer=i)
                             for i in range(cfg.n_layers)])
     self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, param_dtype=jnp.dtype(cfg.param_dtype))
+    if not cfg.tie_embeddings:  # an output head of its own (imported Llama 2/3 checkpoints)
+      self.lm_head_VxD = normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5,
+                                jnp.dtype(cfg.param_dtype))
 
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     x_BxLxD = self._embed(tokens_BxL)
@@ -85,8 +92,9 @@ class Transformer(nnx.Module):
     return jnp.take(self.embed_VxD[...].astype(self.compute_dtype), tokens_BxL, axis=0)
 
   def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    embed_VxD = self.embed_VxD[...].astype(self.compute_dtype)
-    return jnp.einsum("bld,vd->blv", self.final_norm(x_BxLxD), embed_VxD,
+    head = self.embed_VxD if self.cfg.tie_embeddings else self.lm_head_VxD
+    head_VxD = head[...].astype(self.compute_dtype)
+    return jnp.einsum("bld,vd->blv", self.final_norm(x_BxLxD), head_VxD,
                       preferred_element_type=F32)
 
   def init_cache(self, batch: int, length: int) -> list[KVCache]:

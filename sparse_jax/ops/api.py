@@ -74,7 +74,8 @@ def _resolve(implementation: Implementation, x_MxD, weights, cfg) -> ModuleType:
 def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
                      implementation: Implementation = None,
                      config: SparseFFNConfig | None = None) -> tuple[jax.Array, FFNStats]:
-  """ReLU-gated sparse FFN ``relu(x Wg^T) * (x Wu^T) @ Wd`` on ``x [..., d_model]``.
+  """ReLU-gated sparse FFN ``relu(x Wg^T) * (x Wu^T) @ Wd`` on ``x [..., d_model]`` (FATReLU
+  with ``config.gate_threshold > 0``).
 
   Returns ``(y [..., d_model], FFNStats)``; ``stats.l1`` is differentiable (add ``coeff * l1`` to
   the loss to train sparsity). ``implementation``: ``"xla"`` (reference, any backend),
@@ -90,7 +91,7 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
   if cfg.mode == "dense":  # plain XLA + jax.grad on every backend (sparse_jax.ops.modes)
-    y, stats = modes.dense_ffn_with_stats(x_MxD, w_gate, w_up, w_down)
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_gate, w_up, w_down, cfg.gate_threshold)
     return y.reshape(*lead, d_model), stats
   if implementation is None and decode.use_decode(x_MxD.shape[0], w_gate.shape[0], cfg):
     y, stats = decode.gated_ffn_decode(x_MxD, w_gate, w_up, w_down, cfg)  # few tokens: generation
@@ -109,7 +110,7 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
   lead, d_model = x.shape[:-1], x.shape[-1]
   x_MxD = x.reshape(-1, d_model)
   if cfg.mode == "dense":
-    y, stats = modes.dense_ffn_with_stats(x_MxD, w_up, None, w_down)
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_up, None, w_down, cfg.gate_threshold)
     return y.reshape(*lead, d_model), stats
   if implementation is None and decode.use_decode(x_MxD.shape[0], w_up.shape[0], cfg):
     y, stats = decode.relu_ffn_decode(x_MxD, w_up, w_down, cfg)  # few tokens: generation

@@ -62,6 +62,10 @@ class SparseFFNConfig:
   decode_max_union_fraction: the union path is taken only if U <= this x d_ff: each union row of
     Wu and Wd is read three times (gather read and write, GEMM read), so the union pays below
     ~d_ff / 3 and clearly below d_ff / 4.
+  gate_threshold: FATReLU gate (``sparse_jax.ops.dense.gate_activation``): a neuron is active iff
+    its gate pre-activation exceeds this, with the pre-activation as its value (0: ReLU). The XLA
+    reference, the dense path and the decode path compute it exactly; the Pallas kernels and the
+    hot/cold split take only 0.
   """
 
   tile: int = twell.DEFAULT_TILE
@@ -77,6 +81,7 @@ class SparseFFNConfig:
   decode_density: float = 0.01
   decode_union_capacity: int | None = None
   decode_max_union_fraction: float = 0.25
+  gate_threshold: float = 0.0
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
@@ -98,6 +103,9 @@ class SparseFFNConfig:
       v = getattr(self, name)
       if v is not None and not 0.0 < v <= 1.0:
         raise ValueError(f"SparseFFNConfig.{name} must be None or in (0, 1], got {v!r}")
+    if not (isinstance(self.gate_threshold, (int, float)) and self.gate_threshold >= 0):
+      raise ValueError(f"SparseFFNConfig.gate_threshold must be a number >= 0, got "
+                       f"{self.gate_threshold!r}")
     if self.mode not in MODES:
       raise ValueError(f"SparseFFNConfig.mode must be one of {MODES}, got {self.mode!r}")
     if self.twell_capacity > self.tile:

@@ -24,6 +24,8 @@ active_per_neuron count ``relu(g) != 0`` in the compute dtype, L1 is mean |h| ov
 The gradient (``jax.custom_vjp``) is the dense FFN's VJP: the decode path serves inference, and
 the dense VJP is the exact gradient of the same function, so training through it stays correct.
 Non-gated FFN (``w_up is None``): the gate is Wu itself and h = relu(x Wu^T) on the union.
+With ``cfg.gate_threshold > 0`` every relu above is FATReLU (``dense.gate_activation``: active iff
+g > threshold, value g), exactly as the reference op computes it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.ops.base import FFNStats, SparseFFNConfig
-from sparse_jax.ops.dense import F32, ffn_with_l1, matmul_nn, matmul_nt
+from sparse_jax.ops.dense import F32, ffn_with_l1, gate_activation, matmul_nn, matmul_nt
 
 # The union capacity is sized at this multiple of the expected union (uniform firing, the
 # configured density): batch-to-batch variation of the union must rarely overflow into the
@@ -67,13 +69,14 @@ def union_fits(m: int, d_ff: int, cfg: SparseFFNConfig) -> bool:
   return union_capacity(m, d_ff, cfg) <= cfg.decode_max_union_fraction * d_ff
 
 
-def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int | None):
+def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int | None, threshold: float = 0.0):
   """``u_cap=None``: the union cannot pay (``union_fits``): the dense FFN, reported as a dense
   fallback with no overflowed row."""
   m, _ = x_MxD.shape
   n = w_gate.shape[0]
   dt = x_MxD.dtype
-  g_MxN = jax.nn.relu(matmul_nt(x_MxD, w_gate))  # f32, as the dense FFN's hidden() has it
+  # f32, as the dense FFN's hidden() has it
+  g_MxN = gate_activation(matmul_nt(x_MxD, w_gate), threshold)
   p_MxN = g_MxN.astype(dt)  # relu(NaN) = NaN: active
   active_MxN = p_MxN != 0
   in_union_N = jnp.any(active_MxN, axis=0)
@@ -112,34 +115,35 @@ def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int | None):
   return y_MxD, stats
 
 
-def _dense_vjp(residuals, cotangents):
+def _dense_vjp(threshold, residuals, cotangents):
   x_MxD, w_gate, w_up, w_down = residuals
   d_y, d_stats = cotangents
   g_l1 = d_stats.l1.astype(F32)
   if w_up is None:
-    _, vjp = jax.vjp(lambda x, g, d: ffn_with_l1(x, g, None, d), x_MxD, w_gate, w_down)
+    _, vjp = jax.vjp(lambda x, g, d: ffn_with_l1(x, g, None, d, threshold), x_MxD, w_gate, w_down)
     d_x, d_wg, d_wd = vjp((d_y, g_l1))
     return d_x, d_wg, d_wd
-  _, vjp = jax.vjp(ffn_with_l1, x_MxD, w_gate, w_up, w_down)
+  _, vjp = jax.vjp(lambda x, g, u, d: ffn_with_l1(x, g, u, d, threshold), x_MxD, w_gate, w_up,
+                   w_down)
   return vjp((d_y, g_l1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gated(x_MxD, w_gate, w_up, w_down, u_cap: int):
-  return _forward(x_MxD, w_gate, w_up, w_down, u_cap)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gated(x_MxD, w_gate, w_up, w_down, u_cap: int, threshold: float):
+  return _forward(x_MxD, w_gate, w_up, w_down, u_cap, threshold)
 
 
-_gated.defvjp(lambda x, wg, wu, wd, u_cap: (_forward(x, wg, wu, wd, u_cap), (x, wg, wu, wd)),
-              lambda u_cap, res, ct: _dense_vjp(res, ct))
+_gated.defvjp(lambda x, wg, wu, wd, u_cap, t: (_forward(x, wg, wu, wd, u_cap, t), (x, wg, wu, wd)),
+              lambda u_cap, t, res, ct: _dense_vjp(t, res, ct))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _relu(x_MxD, w_up, w_down, u_cap: int):
-  return _forward(x_MxD, w_up, None, w_down, u_cap)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _relu(x_MxD, w_up, w_down, u_cap: int, threshold: float):
+  return _forward(x_MxD, w_up, None, w_down, u_cap, threshold)
 
 
-_relu.defvjp(lambda x, wu, wd, u_cap: (_forward(x, wu, None, wd, u_cap), (x, wu, None, wd)),
-             lambda u_cap, res, ct: _dense_vjp(res, ct))
+_relu.defvjp(lambda x, wu, wd, u_cap, t: (_forward(x, wu, None, wd, u_cap, t), (x, wu, None, wd)),
+             lambda u_cap, t, res, ct: _dense_vjp(t, res, ct))
 
 
 def _capacity(m: int, d_ff: int, cfg: SparseFFNConfig) -> int | None:
@@ -149,9 +153,11 @@ def _capacity(m: int, d_ff: int, cfg: SparseFFNConfig) -> int | None:
 def gated_ffn_decode(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig
                      ) -> tuple[jax.Array, FFNStats]:
   """``relu(x Wg^T) * (x Wu^T) @ Wd`` on [M, d_model] through the batch's union of actives."""
-  return _gated(x_MxD, w_gate, w_up, w_down, _capacity(x_MxD.shape[0], w_gate.shape[0], cfg))
+  return _gated(x_MxD, w_gate, w_up, w_down, _capacity(x_MxD.shape[0], w_gate.shape[0], cfg),
+                cfg.gate_threshold)
 
 
 def relu_ffn_decode(x_MxD, w_up, w_down, cfg: SparseFFNConfig) -> tuple[jax.Array, FFNStats]:
   """``relu(x Wu^T) @ Wd`` on [M, d_model] through the batch's union of actives."""
-  return _relu(x_MxD, w_up, w_down, _capacity(x_MxD.shape[0], w_up.shape[0], cfg))
+  return _relu(x_MxD, w_up, w_down, _capacity(x_MxD.shape[0], w_up.shape[0], cfg),
+               cfg.gate_threshold)

@@ -3,7 +3,8 @@ kinds of the model, and the exact dense fallbacks of the backends (with their ch
 
 Weights are neuron-major, one row per hidden neuron: ``w_gate``, ``w_up``, ``w_down`` are all
 ``[d_ff, d_model]`` (the paper's G, K, V). ``h = act(x @ w_gate.T) * (x @ w_up.T)``,
-``y = h @ w_down``; ``w_up=None`` is the non-gated FFN ``act(x @ w_gate.T) @ w_down``.
+``y = h @ w_down``; ``w_up=None`` is the non-gated FFN ``act(x @ w_gate.T) @ w_down``. With a
+positive ``threshold`` the relu activation is FATReLU (``gate_activation``).
 
 Two roundings of the same FFN appear, and each caller keeps the one it always had:
 
@@ -43,30 +44,50 @@ def matmul_tn(a_KxM: jax.Array, b_KxN: jax.Array) -> jax.Array:
   return lax.dot_general(a_KxM, b_KxN, (((0,), (0,)), ((), ())), preferred_element_type=F32)
 
 
-def _activation(name: str):
+def gate_activation(pre: jax.Array, threshold: float = 0.0) -> jax.Array:
+  """ReLU, or FATReLU with a positive ``threshold``: the pre-activation where it exceeds the
+  threshold, else 0 (a neuron is active iff pre > threshold). Its derivative, 1 where the output
+  is non-zero, is what the sparse op's backward uses for either."""
+  if threshold == 0:
+    return jax.nn.relu(pre)
+  return jnp.where(pre > threshold, pre, jnp.zeros_like(pre))
+
+
+def gate_active(pre: jax.Array, threshold: float = 0.0) -> jax.Array:
+  """Where ``gate_activation`` is non-zero: ``not pre <= 0`` for ReLU (relu(NaN) = NaN counts as
+  active), ``pre > threshold`` for FATReLU (its NaN gives 0)."""
+  return jnp.logical_not(pre <= 0) if threshold == 0 else pre > threshold
+
+
+def _activation(name: str, threshold: float = 0.0):
   if name not in ACTIVATIONS:
     raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {name!r}")
+  if threshold != 0:
+    if name != "relu":
+      raise ValueError(f"threshold={threshold} (FATReLU) applies to relu, not {name!r}")
+    return lambda pre: gate_activation(pre, threshold)
   return ACTIVATIONS[name]
 
 
 # --------------------------------------------------------------------------- f32 hidden
 
 
-def hidden(x_MxD, w_gate_NxD, w_up_NxD=None, activation: str = "relu"):
+def hidden(x_MxD, w_gate_NxD, w_up_NxD=None, activation: str = "relu", threshold: float = 0.0):
   """Hidden activations in f32: act(x Wg^T) * (x Wu^T), or act(x Wg^T) without an up weight."""
-  p = _activation(activation)(matmul_nt(x_MxD, w_gate_NxD))
+  p = _activation(activation, threshold)(matmul_nt(x_MxD, w_gate_NxD))
   return p if w_up_NxD is None else p * matmul_nt(x_MxD, w_up_NxD)
 
 
-def ffn(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD, activation: str = "relu"):
+def ffn(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD, activation: str = "relu",
+        threshold: float = 0.0):
   """(y [M, D] in x.dtype, h [M, d_ff] f32): the dense FFN with f32 hidden activations."""
-  h = hidden(x_MxD, w_gate_NxD, w_up_NxD, activation)
+  h = hidden(x_MxD, w_gate_NxD, w_up_NxD, activation, threshold)
   return matmul_nn(h.astype(x_MxD.dtype), w_down_NxD).astype(x_MxD.dtype), h
 
 
-def ffn_with_l1(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD):
+def ffn_with_l1(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD, threshold: float = 0.0):
   """(y [M, D] in x.dtype, mean |h| in f32). ``w_up_NxD=None`` is the non-gated FFN."""
-  y, h = ffn(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD)
+  y, h = ffn(x_MxD, w_gate_NxD, w_up_NxD, w_down_NxD, threshold=threshold)
   return y, jnp.mean(jnp.abs(h))
 
 
@@ -95,8 +116,8 @@ def _row_chunks(a, chunk):
   return a.reshape(-1, chunk, *a.shape[1:])
 
 
-def dense_forward_chunked(x_MxD, w_gate, w_up, w_down, chunk: int = ROW_CHUNK
-                          ) -> tuple[jax.Array, FFNStats]:
+def dense_forward_chunked(x_MxD, w_gate, w_up, w_down, chunk: int = ROW_CHUNK,
+                          threshold: float = 0.0) -> tuple[jax.Array, FFNStats]:
   """(y, FFNStats with ``dense_fallback`` set) of the f32-hidden dense FFN, ``chunk`` rows at a
   time inside ``lax.map``: temporaries are [chunk, d_ff], never [M, d_ff]. XLA reserves a
   conditional's largest branch, so a dense fallback that materialised [M, d_ff] would set a
@@ -106,13 +127,13 @@ def dense_forward_chunked(x_MxD, w_gate, w_up, w_down, chunk: int = ROW_CHUNK
 
   def body(xc):
     pre = matmul_nt(xc, w_gate)
-    y, h = ffn(xc, w_gate, w_up, w_down)
+    y, h = ffn(xc, w_gate, w_up, w_down, threshold=threshold)
     return (y, jnp.sum(jnp.abs(h.astype(xc.dtype).astype(F32))),
-            jnp.sum(jnp.logical_not(pre <= 0), axis=0, dtype=jnp.int32))
+            jnp.sum(gate_active(pre, threshold), axis=0, dtype=jnp.int32))
 
   ys, l1s, acts = lax.map(body, _row_chunks(x_MxD, chunk))
   act = jnp.sum(acts, axis=0)
-  # Zero padding rows are inactive everywhere (pre = 0), so they add nothing to the counts.
+  # Zero padding rows are inactive everywhere (pre = 0 <= threshold): they add nothing to counts.
   return ys.reshape(-1, d)[:m], make_stats(
       l0=jnp.sum(act) / m, l1=jnp.sum(l1s) / (m * n), active_per_neuron=act, dense_fallback=True)
 
@@ -120,12 +141,12 @@ def dense_forward_chunked(x_MxD, w_gate, w_up, w_down, chunk: int = ROW_CHUNK
 # --------------------------------------------------------------------------- as a model computes it
 
 
-def ffn_as_model(x_MxD, w_gate, w_up, w_down, activation: str = "relu"):
+def ffn_as_model(x_MxD, w_gate, w_up, w_down, activation: str = "relu", threshold: float = 0.0):
   """(y, h, pre): the dense FFN as a bf16 model computes it: every matmul output in the compute
   dtype (f32 accumulation inside the matmuls). ``pre`` is the gate's pre-activation."""
   dot = lambda a, b: lax.dot_general(a, b, (((1,), (1,)), ((), ())))
   pre = dot(x_MxD, w_gate)
-  h = _activation(activation)(pre)
+  h = _activation(activation, threshold)(pre)
   if w_up is not None:
     h = h * dot(x_MxD, w_up)
   return lax.dot_general(h, w_down, (((1,), (0,)), ((), ()))), h, pre
@@ -138,11 +159,12 @@ def bf16_gated_ffn_with_l1(x_MxD, w_gate, w_up, w_down):
   return y, jnp.mean(jnp.abs(h.astype(F32)))
 
 
-def dense_with_stats(x_MxD, w_gate, w_up, w_down) -> tuple[jax.Array, FFNStats]:
+def dense_with_stats(x_MxD, w_gate, w_up, w_down, threshold: float = 0.0
+                     ) -> tuple[jax.Array, FFNStats]:
   """A dispatcher's dense branch: ``ffn_as_model`` and its statistics from the one gate matmul
-  (active: ``not pre <= 0``, so NaN counts), with ``dense_fallback`` set."""
-  y, h, pre = ffn_as_model(x_MxD, w_gate, w_up, w_down)
-  return y, stats_from_active(jnp.logical_not(pre <= 0), jnp.mean(jnp.abs(h.astype(F32))),
+  (active: ``gate_active``, so a NaN counts under ReLU), with ``dense_fallback`` set."""
+  y, h, pre = ffn_as_model(x_MxD, w_gate, w_up, w_down, threshold=threshold)
+  return y, stats_from_active(gate_active(pre, threshold), jnp.mean(jnp.abs(h.astype(F32))),
                               dense_fallback=True)
 
 

@@ -32,26 +32,27 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.ops.base import FFNStats, SparseFFNConfig, check_weights
-from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
+from sparse_jax.ops.dense import F32, gate_activation, gate_active, matmul_nn, matmul_nt
 
 
 # --------------------------------------------------------------------------- the op
 
 
-def _dense_part(x_MxD, w_gate, w_up, w_down, y_rest_MxD=None):
+def _dense_part(x_MxD, w_gate, w_up, w_down, threshold: float = 0.0, y_rest_MxD=None):
   """(y, sum |h|, active [M, n] bool) of the dense FFN over the given neuron rows, with the op's
-  numerics (f32 hidden activations, rounded to x.dtype for the down projection). ``y_rest_MxD``
-  (the cold part's output) is added to the down projection's f32 accumulator, which XLA folds
-  into the GEMM as its C operand: no [M, d_model] f32 temporary is written and read again."""
+  numerics (f32 hidden activations, rounded to x.dtype for the down projection) and its gate
+  (FATReLU with a positive ``threshold``). ``y_rest_MxD`` (the cold part's output) is added to
+  the down projection's f32 accumulator, which XLA folds into the GEMM as its C operand: no
+  [M, d_model] f32 temporary is written and read again."""
   pre = matmul_nt(x_MxD, w_gate)
-  h = jax.nn.relu(pre)
+  h = gate_activation(pre, threshold)
   if w_up is not None:
     h = h * matmul_nt(x_MxD, w_up)
   y = matmul_nn(h.astype(x_MxD.dtype), w_down)
   if y_rest_MxD is not None:
     y = y + y_rest_MxD.astype(F32)
-  # Active as the sparse op counts it: a NaN pre-activation is "not <= 0", i.e. active.
-  return y, jnp.sum(jnp.abs(h)), jnp.logical_not(pre <= 0)
+  # Active as the sparse op counts it: under ReLU a NaN pre-activation is "not <= 0", i.e. active.
+  return y, jnp.sum(jnp.abs(h)), gate_active(pre, threshold)
 
 
 def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
@@ -91,8 +92,10 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
   x_MxD = x.reshape(-1, d_model)
   m = x_MxD.shape[0]
   hot = lambda w: None if w is None else w[:n_hot]
+  threshold = (config or SparseFFNConfig()).gate_threshold  # the cold op applies it too
   if n_hot == d_ff:
-    y_hot, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down))
+    y_hot, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down),
+                                                threshold)
     count_hot = jnp.sum(active_hot, axis=0, dtype=jnp.int32)
     y = y_hot.astype(x.dtype)
     stats = FFNStats(l0=jnp.sum(count_hot).astype(F32) / m, l1=l1_sum_hot / (m * d_ff),
@@ -103,7 +106,7 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
   y_cold, s = sparse_op(cold(w_gate), cold(w_up), cold(w_down))
   n_cold = d_ff - n_hot
   y, l1_sum_hot, active_hot = _dense_part(x_MxD, hot(w_gate), hot(w_up), hot(w_down),
-                                          y_cold.reshape(m, d_model))
+                                          threshold, y_cold.reshape(m, d_model))
   count_hot = jnp.sum(active_hot, axis=0, dtype=jnp.int32)
   y = y.astype(x.dtype)
   stats = FFNStats(
@@ -116,9 +119,9 @@ def hot_cold_ffn(x, w_gate, w_up, w_down, *, n_hot: int, implementation=None,
 
 def prepared_ffn(ffn, x, w):
   """A model FFN (``sparse_jax.nn.FFN`` of a sparse kind) with ``ffn.hot_neurons`` set: the split
-  op on its weights ``w`` (``FFN._weights()``: compute dtype). The split was chosen from measured statistics when the
-  checkpoint was prepared, so the cold part runs sparse without the per-call dispatcher
-  (no probe, no ``lax.cond`` in the hot path); it stays exact on any batch."""
+  op on its weights ``w`` (``FFN._weights()``: compute dtype). The split was chosen from measured
+  statistics when the checkpoint was prepared, so the cold part runs sparse without the per-call
+  dispatcher (no probe, no ``lax.cond`` in the hot path); it stays exact on any batch."""
   cfg = dataclasses.replace(ffn.sparse_config, max_active_fraction=None)
   w_up, w_down = w["w_up_FxD"], w["w_down_FxD"]
   w_gate = w["w_gate_FxD"] if ffn.gated else w_up

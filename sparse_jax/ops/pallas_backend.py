@@ -58,6 +58,8 @@ def gate_config(cfg: SparseFFNConfig, d_model: int) -> twell_gate.GateConfig:
 
 def supports(x_MxD, weights, cfg: SparseFFNConfig) -> str | None:
   """None if the kernels can run these arguments here, else why not."""
+  if cfg.gate_threshold != 0:
+    return f"the kernels compute ReLU; gate_threshold={cfg.gate_threshold} needs the XLA reference"
   if not common.pallas_interpret() and not common.hopper_available():
     return "needs an NVIDIA Hopper (sm_90) GPU as the default device"
   if x_MxD.dtype != jnp.bfloat16:

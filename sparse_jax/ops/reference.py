@@ -28,7 +28,8 @@ import jax.numpy as jnp
 
 from sparse_jax.formats import hybrid, twell
 from sparse_jax.ops.base import F32, FFNStats, SparseFFNConfig, make_stats
-from sparse_jax.ops.dense import ffn_with_l1, hidden, matmul_nn, matmul_nt, matmul_tn
+from sparse_jax.ops.dense import (ffn_with_l1, gate_activation, hidden, matmul_nn, matmul_nt,
+                                  matmul_tn)
 
 
 def _abs_grad(t):
@@ -47,7 +48,7 @@ def _stats(l0, l1, overflow_rows, dense_fallback, active_MxN) -> FFNStats:
                     active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))
 
 
-_dense_path = ffn_with_l1
+_dense_path = ffn_with_l1  # (x, w_gate, w_up, w_down, threshold)
 
 
 # --------------------------------------------------------------------------- inference: TwELL
@@ -58,7 +59,8 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   m, _ = x_MxD.shape
   n = w_gate.shape[0]
   dt = x_MxD.dtype
-  p = jax.nn.relu(matmul_nt(x_MxD, w_gate)).astype(dt)  # the gate kernel's packed values
+  # the gate kernel's packed values
+  p = gate_activation(matmul_nt(x_MxD, w_gate), cfg.gate_threshold).astype(dt)
   tw = twell.encode(p, tile=cfg.tile, capacity=cfg.twell_capacity)
   flagged = tw.row_overflow()
   n_flagged = jnp.sum(flagged, dtype=jnp.int32)
@@ -79,14 +81,14 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     # Exact row path for the flagged rows: recomputed densely from x, never dropped.
     (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
     x_o = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
-    h_o = hidden(x_o, w_gate, w_up)
+    h_o = hidden(x_o, w_gate, w_up, threshold=cfg.gate_threshold)
     y_o = matmul_nn(h_o.astype(dt), w_down)
     y = y.at[rows].set(y_o, mode="drop")
     l1_sum = l1_sum + jnp.sum(jnp.where((rows < m)[:, None], jnp.abs(h_o), 0.0))
     return y.astype(dt), l1_sum / (m * n)
 
   def dense():
-    return _dense_path(x_MxD, w_gate, w_up, w_down)
+    return _dense_path(x_MxD, w_gate, w_up, w_down, cfg.gate_threshold)
 
   fallback = n_flagged > budget
   y, l1 = jax.lax.cond(fallback, dense, sparse)
@@ -102,7 +104,7 @@ def hybrid_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
   m, _ = x_MxD.shape
   n = w_gate.shape[0]
   dt = x_MxD.dtype
-  p = jax.nn.relu(matmul_nt(x_MxD, w_gate)).astype(dt)
+  p = gate_activation(matmul_nt(x_MxD, w_gate), cfg.gate_threshold).astype(dt)
   hy = hybrid.encode(p, width=min(cfg.ell_width, n), tail_capacity=cfg.tail_rows_for(m))
   if w_up is not None:
     r_ell, r_tail = hy.sample(matmul_nt(x_MxD, w_up).astype(dt))
@@ -116,7 +118,7 @@ def hybrid_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     return y.astype(dt), (jnp.sum(jnp.abs(t_ell)) + jnp.sum(jnp.abs(t_tail))) / (m * n)
 
   def dense():
-    return _dense_path(x_MxD, w_gate, w_up, w_down)
+    return _dense_path(x_MxD, w_gate, w_up, w_down, cfg.gate_threshold)
 
   y, l1 = jax.lax.cond(overflow, dense, sparse)
   stats = _stats(hy.nnz() / m, l1, jnp.maximum(hy.n_tail - hy.tail_capacity, 0), overflow, p != 0)
@@ -141,7 +143,8 @@ def _weight_grad(tr: hybrid.EllTranspose, hy: hybrid.Hybrid, v_ell, v_tail, b_Mx
   return g + matmul_tn(v_tail.astype(dt), b_tail)
 
 
-def hybrid_backward(residuals, cotangents):
+def hybrid_backward(residuals, cotangents, threshold: float = 0.0):
+  # P > 0 is the gate's derivative for ReLU and for FATReLU (P is non-zero iff pre > threshold).
   x, w_gate, w_up, w_down, hy, r_ell, r_tail = residuals
   d_y, d_stats = cotangents
   m, _ = x.shape
@@ -175,10 +178,11 @@ def hybrid_backward(residuals, cotangents):
 
   def dense():
     if w_up is None:
-      _, vjp = jax.vjp(lambda a, b, c: _dense_path(a, b, None, c), x, w_gate, w_down)
+      _, vjp = jax.vjp(lambda a, b, c: _dense_path(a, b, None, c, threshold), x, w_gate, w_down)
       d_x, d_wg, d_wd = vjp((d_y, g_l1))
       return _f32((d_x, d_wg, None, d_wd))
-    _, vjp = jax.vjp(_dense_path, x, w_gate, w_up, w_down)
+    _, vjp = jax.vjp(lambda a, b, c, d: _dense_path(a, b, c, d, threshold), x, w_gate, w_up,
+                     w_down)
     return _f32(vjp((d_y, g_l1)))
 
   d_x, d_wg, d_wu, d_wd = jax.lax.cond(hy.overflow(), dense, lambda: _f32(sparse()))
@@ -206,8 +210,7 @@ def _gated_fwd(x_MxD, w_gate, w_up, w_down, cfg):
 
 
 def _gated_bwd(cfg, residuals, cotangents):
-  del cfg
-  return hybrid_backward(residuals, cotangents)
+  return hybrid_backward(residuals, cotangents, cfg.gate_threshold)
 
 
 gated_ffn.defvjp(_gated_fwd, _gated_bwd)
@@ -223,8 +226,7 @@ def _relu_fwd(x_MxD, w_up, w_down, cfg):
 
 
 def _relu_bwd(cfg, residuals, cotangents):
-  del cfg
-  return hybrid_backward(residuals, cotangents)
+  return hybrid_backward(residuals, cotangents, cfg.gate_threshold)
 
 
 relu_ffn.defvjp(_relu_fwd, _relu_bwd)

@@ -1,6 +1,8 @@
 """Training: loss with L1 sparsity, AdamW, jitted steps, sparsity tracking, checkpoints, loop."""
+# The run loader lives with the other checkpoint loaders; re-exported for existing callers.
+from sparse_jax.checkpoints import load_run as load_model
 from sparse_jax.train.checkpoint import Checkpointer
-from sparse_jax.train.loop import evaluate, load_model, resolve_config, train
+from sparse_jax.train.loop import evaluate, resolve_config, train
 from sparse_jax.train.loss import cross_entropy, l1_coeff_at, l1_penalty, lm_loss
 from sparse_jax.train.optimizer import lr_schedule, make_optimizer
 from sparse_jax.train.sparsity import SparsityTracker, init_tracker, update_tracker

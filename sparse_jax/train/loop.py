@@ -25,13 +25,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from sparse_jax import parallel
 from sparse_jax.config import Config, DataConfig, TrainConfig
 from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
-from sparse_jax.nn import Transformer, count_params
+from sparse_jax.nn import count_params
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.dispatch import Dispatcher, step_lowering
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
@@ -265,18 +264,3 @@ def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s, 
                             else None),
       val_overflow_rows=last_val["overflow_rows"], val_dense_fallback=last_val["dense_fallback"],
       checkpoint_dir=paths.checkpoints, plot=paths.plot, metrics=paths.metrics)
-
-
-def load_model(out: str, step: int | None = None) -> tuple[Transformer, Config, int]:
-  """The model of a run directory's checkpoint (latest complete step by default)."""
-  directory = RunPaths.of(out).checkpoints
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"no checkpoints directory {directory} (is {out!r} a run directory?)")
-  ckpt = Checkpointer(directory, keep=1_000_000)
-  try:
-    cfg = Config.from_dict(ckpt.read_config(step))
-    graphdef, template = init_state(cfg)
-    state, _, _, step = ckpt.restore(template, step)
-  finally:
-    ckpt.close()
-  return nnx.merge(graphdef, state.params), cfg, step
