@@ -33,6 +33,7 @@ from pallas_kernels import common, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax.formats import twell
 from sparse_jax.ops.config import FFNStats, SparseFFNConfig
 from sparse_jax.ops.dense import F32, matmul_nn, matmul_nt
+from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
 
 TILE = twell_gate.TILE_N
 ENTRIES_PER_STEP = 2
@@ -430,17 +431,28 @@ def make_ops(interpret: bool):
   """custom_vjp ops: inference primal (``ffn_backend.twell_forward``), sparse training fwd/bwd."""
   from pallas_kernels import ffn_backend
 
+  # Rows of x with +-Inf or NaN take the dense FFN's output, as in the XLA reference
+  # (sparse_jax.ops.nonfinite): XLA glue around the kernels, run only when such a row exists.
+  def exact_rows(x, wg, wu, wd, out):
+    y, stats = out
+    return with_dense_nonfinite_rows(x, wg, wu, wd, y), stats
+
+  def train_forward(x, wg, wu, wd, cfg):
+    out, res = forward(x, wg, wu, wd, cfg, interpret=interpret)
+    return exact_rows(x, wg, wu, wd, out), res
+
   @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
   def gated(x, w_gate, w_up, w_down, cfg):
-    return ffn_backend.twell_forward(x, w_gate, w_up, w_down, cfg, interpret=interpret)
+    return exact_rows(x, w_gate, w_up, w_down,
+                      ffn_backend.twell_forward(x, w_gate, w_up, w_down, cfg, interpret=interpret))
 
-  gated.defvjp(lambda x, wg, wu, wd, cfg: forward(x, wg, wu, wd, cfg, interpret=interpret),
-               lambda cfg, res, ct: backward(res, ct, cfg, interpret=interpret))
+  gated.defvjp(train_forward, lambda cfg, res, ct: backward(res, ct, cfg, interpret=interpret))
 
   @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
   def relu(x, w_up, w_down, cfg):
-    return ffn_backend.twell_forward(x, w_up, None, w_down, cfg, interpret=interpret)
+    return exact_rows(x, w_up, None, w_down,
+                      ffn_backend.twell_forward(x, w_up, None, w_down, cfg, interpret=interpret))
 
-  relu.defvjp(lambda x, wu, wd, cfg: forward(x, wu, None, wd, cfg, interpret=interpret),
+  relu.defvjp(lambda x, wu, wd, cfg: train_forward(x, wu, None, wd, cfg),
               lambda cfg, res, ct: backward(res, ct, cfg, interpret=interpret))
   return gated, relu

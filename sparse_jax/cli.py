@@ -1,13 +1,4 @@
-"""The ``sparse-jax`` command: ``sparse-jax train ...`` (more subcommands register in COMMANDS).
-
-    sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
-    sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
-    sparse-jax train --config tiny --print-config
-    sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
-    sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
-    sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
-
-``eval`` and ``generate`` take a run directory or a Hugging Face Llama-format checkpoint directory.
+"""The ``sparse-jax`` command line: train, eval, generate, export-hf (``USAGE`` is its help).
 
 A subcommand is ``COMMANDS[name] = Command(help, add_arguments(parser), run(args) -> int)``.
 """
@@ -16,10 +7,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from typing import Callable
 
 from sparse_jax.config import PRESETS, Config, apply_overrides, get_config
+from sparse_jax.errors import RunError
+
+USAGE = """Train, evaluate, sample from and export sparse language models.
+
+    sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
+    sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
+    sparse-jax train --config tiny --print-config
+    sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
+    sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
+    sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
+
+eval and generate take a run directory or a Hugging Face Llama-format checkpoint directory.
+Rerunning train with the same --out resumes it; SIGTERM, SIGINT and SIGHUP save a checkpoint
+first (exit status 128 + the signal's number).
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +138,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                                 "instead of the checkpoint's validation split")
   p.add_argument("--seq-len", type=int, help="tokens per evaluation window (default: the "
                                              "run's data.seq_len)")
-  p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
-  p.add_argument("--max-batches", type=int, default=32,
-                 help="evaluate at most this many batches (default 32)")
+  p.add_argument("--batch-size", type=int,
+                 help="windows per batch (default: the run's own validation batch, "
+                      "train.batch_size / train.grad_accum; 8 for Hugging Face checkpoints)")
+  p.add_argument("--max-batches", type=int,
+                 help="evaluate at most this many batches (default: the run's "
+                      "train.eval_batches, so the numbers match its validation; 32 for Hugging "
+                      "Face checkpoints)")
   p.add_argument("--tasks", nargs="+", default=[], metavar="[FORMAT:]FILE.jsonl",
                  help="zero-shot multiple-choice files in HellaSwag, ARC or PIQA shape")
   p.add_argument("--mc-batch-size", type=int, default=16, help="choices scored per batch")
@@ -194,10 +205,11 @@ def _load(args: argparse.Namespace):
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
   _checkpoint_arguments(p)
   p.add_argument("--prompt", default="", help="text to continue (default: a new document)")
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                 help="new tokens to generate per sample (default 200)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt")
   p.add_argument("--no-stop", action="store_true",
                  help="keep generating past the end-of-document token")
@@ -212,11 +224,14 @@ def _generate(args: argparse.Namespace) -> int:
   check_sampling(args.temperature, args.top_p)  # before the checkpoint is loaded
   if args.num_samples < 1:
     raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
+  from sparse_jax.eval.context import warn_past_context
   loaded = _load(args)
   tok = loaded.tokenizer
   ids = tok.encode_batch([args.prompt])[0] if args.prompt else np.zeros(0, np.int32)
   if len(ids) == 0:
     ids = np.asarray([tok.eos_id], np.int32)  # a document starts after an end-of-document token
+  warn_past_context(len(ids) + args.max_new_tokens, loaded.cfg.data.seq_len,
+                    "prompt + new tokens span")
   prompt = np.tile(ids[None], (args.num_samples, 1))
   t0 = time.perf_counter()
   gen = generate(loaded.model, prompt, max_new_tokens=args.max_new_tokens,
@@ -274,7 +289,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="sparse-jax", description=__doc__,
+  parser = argparse.ArgumentParser(prog="sparse-jax", description=USAGE,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -285,8 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command].run(args)
   except KeyboardInterrupt as e:
     print(f"sparse-jax {args.command}: {e or 'interrupted'}", file=sys.stderr)
-    return 130
-  except (ValueError, FileNotFoundError, ImportError) as e:
+    return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
+  except (ValueError, FileNotFoundError, ImportError, RunError) as e:
     if args.debug:
       raise
     print(f"sparse-jax {args.command}: error: {e}", file=sys.stderr)

@@ -130,6 +130,8 @@ class DataConfig:
   tokenizer: "bytes" (256 byte ids + specials) or the path of a Hugging Face tokenizer.json.
   seq_len: tokens per training sequence (each example holds seq_len + 1 tokens: inputs, targets).
   val_fraction: share of the tokens, whole documents in shuffled order, held out for validation.
+  bad_files: a data file that is not UTF-8 text (binary, another encoding) is refused naming it
+    ("error") or left out with a count ("skip").
   """
 
   source: str = "stdlib"
@@ -140,9 +142,11 @@ class DataConfig:
   max_docs: int | None = None
   hf_split: str = "train"
   seed: int = 0
+  bad_files: str = "error"
 
   def __post_init__(self):
     _positive_ints(self, "data", ("seq_len",))
+    _choice(self, "data", "bad_files", ("error", "skip"))
     _require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
              self.source, "must name a corpus")
     _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
@@ -166,6 +170,8 @@ class TrainConfig:
   dead_window: steps over which a neuron that never fires is counted dead; reinit_dead
     re-draws the gate rows of dead neurons at the end of every window.
   max_minutes: stop (and save) after this much wall time even if ``steps`` is not reached.
+  nonfinite: a step with a non-finite loss or gradient never changes the weights; "stop" ends the
+    run with an error there, "skip" goes on and counts the skipped steps.
   """
 
   steps: int = 600
@@ -192,6 +198,7 @@ class TrainConfig:
   ckpt_every: int = 200
   keep_checkpoints: int = 2
   max_minutes: float | None = None
+  nonfinite: str = "stop"
 
   def __post_init__(self):
     _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",
@@ -199,7 +206,7 @@ class TrainConfig:
                                    "keep_checkpoints"))
     _require(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
              f"must divide batch_size={self.batch_size}")
-    _require(self.lr > 0, "train.lr", self.lr, "must be positive")
+    _require(0 < self.lr < float("inf"), "train.lr", self.lr, "must be positive and finite")
     _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
              "must be in [0, 1]")
     for name in ("warmup_steps", "l1_warmup_steps"):
@@ -214,6 +221,7 @@ class TrainConfig:
       _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name),
                "must be non-negative")
     _choice(self, "train", "l1_norm", L1_NORMS)
+    _choice(self, "train", "nonfinite", ("stop", "skip"))
     _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
              self.max_minutes, "must be positive or none")
 

@@ -12,10 +12,19 @@ data:8 run resumes on data:2,fsdp:4 or on one device.
 Atomicity: orbax writes a step into ``<step>.orbax-checkpoint-tmp*`` and renames it to ``<step>``
 only when every item is written, so a save interrupted half-way (crash, kill, pre-emption) leaves
 a tmp directory that is never listed as a step, and the last complete step stays the latest one.
+
+Integrity: a step whose files were damaged afterwards (a truncated or missing array file, a
+broken metadata file) fails to restore; ``restore_intact`` reports it in one line naming the step
+and the array or file, and falls back to the newest step that restores. Nothing is deleted:
+``set_aside`` moves a damaged step out of the way of the manager (``OUT/damaged_checkpoints/``),
+which a resuming run does so that it can save that step number again.
 """
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import time
 
 import jax
 import numpy as np
@@ -40,6 +49,33 @@ def flatten_state(tree) -> tuple[dict[str, jax.Array], jax.tree_util.PyTreeDef]:
   return flat, treedef
 
 
+class DamagedCheckpoint(ValueError):
+  """A listed checkpoint step that cannot be read back; ``str()`` is one line naming the step and
+  the array or file that failed."""
+
+  def __init__(self, path: str, step: int, error: BaseException):
+    self.path, self.step = path, step
+    super().__init__(f"checkpoint step {step} ({path}) is damaged: {_what_failed(error)}")
+
+
+def _what_failed(error: BaseException) -> str:
+  """One line from an orbax/TensorStore error chain: the array and the storage error if a
+  TensorStore read failed (e.g. 'OUT_OF_RANGE: Error reading "params/x/0.0" ...'), else the
+  innermost error's first line."""
+  chain, e = [], error
+  while e is not None and len(chain) < 10:
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in reversed(chain):
+    m = re.match(r'(\w+): Error reading "([^"]+)"[^:]*?(?:: (.*))?$', str(e).split("\n")[0])
+    if m:
+      array = m.group(2).rsplit("/", 1)[0]
+      return f"array {array} cannot be read ({m.group(1)}: {m.group(3) or 'read error'})"
+  line = next((ln.strip() for ln in str(chain[-1]).splitlines() if ln.strip()),
+              type(chain[-1]).__name__)
+  return f"{type(chain[-1]).__name__}: {line[:300]}"
+
+
 class Checkpointer:
   """Periodic and final saves, keep-N, restore of the latest (or a given) complete step."""
 
@@ -62,20 +98,34 @@ class Checkpointer:
         state=ocp.args.StandardSave(flat), data=ocp.args.JsonSave(data_state),
         config=ocp.args.JsonSave(config)), force=True)
 
+  def _check_step(self, step: int | None) -> int:
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+    elif step not in self.all_steps():
+      have = ", ".join(map(str, self.all_steps())) or "none"
+      raise FileNotFoundError(f"no checkpoint of step {step} under {self.directory} (steps "
+                              f"saved: {have})")
+    return step
+
   def restore(self, template: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict, dict, int]:
     """(state, data_state, config, step) of ``step`` (default: the latest complete one), each
-    array placed like the template's (arrays or ``jax.ShapeDtypeStruct``s with a sharding)."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
+    array placed like the template's (arrays or ``jax.ShapeDtypeStruct``s with a sharding).
+    A step that does not restore raises ``DamagedCheckpoint`` (one line naming what is
+    damaged)."""
+    step = self._check_step(step)
     flat, treedef = flatten_state(template)
     # Host (numpy) template leaves keep orbax's default placement.
     abstract = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=getattr(v, "sharding", None))
                 for k, v in flat.items()}
-    out = self._mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
-        config=ocp.args.JsonRestore()))
+    try:
+      out = self._mgr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+          config=ocp.args.JsonRestore()))
+    except Exception as e:  # orbax/TensorStore raise bare Exceptions with 100-line specs
+      raise DamagedCheckpoint(self.step_dir(step), step, e) from e
     restored = out["state"]
     missing = sorted(set(abstract) - set(restored))
     if missing:
@@ -84,11 +134,52 @@ class Checkpointer:
     return state, dict(out["data"]), dict(out["config"]), step
 
   def read_config(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no complete checkpoint under {self.directory}")
-    return dict(self._mgr.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"])
+    step = self._check_step(step)
+    try:
+      return dict(self._mgr.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"])
+    except Exception as e:
+      raise DamagedCheckpoint(self.step_dir(step), step, e) from e
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
+
+  def restore_intact(self, template_fn, step: int | None = None, *, say=print
+                     ) -> tuple[TrainState, dict, dict, int, list[DamagedCheckpoint]]:
+    """``restore`` of ``step``, or by default of the newest step that restores: each damaged
+    newer step is reported through ``say`` in one line and skipped. ``template_fn(config)`` builds
+    the restore template from the step's saved config. Returns (state, data_state, config, step,
+    the damaged steps skipped). An explicitly given damaged ``step`` raises."""
+    if step is not None:
+      return (*self.restore(template_fn(self.read_config(step)), step), [])
+    damaged: list[DamagedCheckpoint] = []
+    for candidate in sorted(self.all_steps(), reverse=True):
+      try:
+        result = self.restore(template_fn(self.read_config(candidate)), candidate)
+      except DamagedCheckpoint as e:
+        damaged.append(e)
+        say(f"warning: {e}")
+        continue
+      if damaged:
+        say(f"falling back to checkpoint step {candidate}, the newest complete one (nothing "
+            "was deleted)")
+      return (*result, damaged)
+    raise FileNotFoundError(
+        f"no checkpoint under {self.directory} restores: " + "; ".join(map(str, damaged))
+        if damaged else f"no complete checkpoint under {self.directory}")
+
+  def set_aside(self, damaged: DamagedCheckpoint, into: str) -> str:
+    """Moves a damaged step directory into ``into`` (created; a timestamp keeps names unique) so
+    that the manager no longer lists it after ``reload``; returns the new path. Nothing is
+    deleted."""
+    os.makedirs(into, exist_ok=True)
+    target = os.path.join(into, f"{damaged.step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.move(damaged.path, target)
+    return target
+
+  def reload(self) -> None:
+    """Re-reads the step list from disk (after steps were moved by ``set_aside``)."""
+    self._mgr.reload()
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
