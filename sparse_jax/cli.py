@@ -98,6 +98,12 @@ def format_summary(s: dict) -> str:
       ("curves", s["plot"]),
       ("wall time", f"{s['wall_s']:.1f} s"),
   ]
+  if s["stop_reason"] == "time budget":
+    rows.append(("note", f"the time budget stopped the run at step {s['steps']} of "
+                         f"{s['target_steps']}: rerun the same command to continue"))
+  if s.get("nonfinite_steps_skipped"):
+    rows.append(("skipped steps", f"{len(s['nonfinite_steps_skipped'])} non-finite steps "
+                                  "skipped (train.nonfinite=skip)"))
   return two_column_table(rows)
 
 
