@@ -163,7 +163,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   ckpt = Checkpointer(paths.checkpoints, keep=tcfg.keep_checkpoints)
   try:
     state, data_state, resumed_from = start_or_resume(
-        ckpt, state, out, paths.metrics, resume=resume, say=say,
+        ckpt, state, out, paths.metrics, resume=resume, fresh=fresh, say=say,
         check_config=lambda saved: _check_resumable(saved, cfg))
   except BaseException:
     ckpt.close()

@@ -40,16 +40,21 @@ def keep_old_metrics(metrics_path: str) -> str | None:
 
 
 def start_or_resume(ckpt: Checkpointer, template, out: str, metrics_path: str, *, resume: bool,
-                    check_config, say=print):
+                    fresh: bool = False, check_config, say=print):
   """(state, data_state, resumed_from step or None) for the run in ``out``.
 
   template: the fresh train state (the restore template, returned as is for a new run).
   check_config(saved_config): raises if the checkpoint cannot be resumed with this run's config.
+  fresh: the caller deleted the checkpoints on request (--fresh): the run starts over and its
+    metrics are rewritten.
   """
   steps = ckpt.all_steps()
   if steps and not resume:
     raise ValueError(f"{ckpt.directory} holds checkpoints up to step {max(steps)}; resume from "
                      "them, start over with --fresh, or use another --out")
+  if fresh and not steps:
+    say(f"starting a new run in {out} (--fresh: earlier checkpoints and metrics replaced)")
+    return template, None, None
   if not steps:
     last = _last_step(metrics_path)
     kept = keep_old_metrics(metrics_path) if jax.process_index() == 0 else None
