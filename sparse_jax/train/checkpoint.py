@@ -17,9 +17,9 @@ Integrity: once a save is complete, the size of every file of the step is record
 ``<step>/file_sizes.json``; a file missing or of another size later marks the step damaged before
 anything is read, and a step that fails to restore (a damaged file of a step saved before these
 records, a broken metadata file) is damaged too. ``restore_intact`` reports a damaged step in one
-line naming the step and the file or array, and falls back to the newest step that restores. Nothing is deleted:
-``set_aside`` moves a damaged step out of the way of the manager (``OUT/damaged_checkpoints/``),
-which a resuming run does so that it can save that step number again.
+line naming the step and the file or array, and falls back to the newest step that restores.
+Nothing is deleted: ``set_aside`` moves a damaged step out of the way of the manager
+(``OUT/damaged_checkpoints/``), which a resuming run does so that it can save that step again.
 """
 from __future__ import annotations
 

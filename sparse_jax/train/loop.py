@@ -81,8 +81,10 @@ def step_config(cfg: Config) -> Config:
 
 def _check_resumable(saved: dict, cfg: Config) -> None:
   now, defaults = cfg.to_dict(), Config().to_dict()
-  # A field added after the checkpoint was saved matches if the run keeps its default.
-  saved_or_default = lambda section, k: saved[section].get(k, defaults[section].get(k))  # noqa: E731
+
+  def saved_or_default(section, k):
+    # A field added after the checkpoint was saved matches if the run keeps its default.
+    return saved[section].get(k, defaults[section].get(k))
   for section in ("model", "data"):
     diff = {k: (saved[section].get(k), v) for k, v in now[section].items()
             if saved_or_default(section, k) != v}
