@@ -431,6 +431,12 @@ def test_past_trained_context_warns(finished_run, capsys):
   warn_past_context(32, 32, "generation spans")
   assert capsys.readouterr().err == ""
   _, run, _ = finished_run
+  # eval: the warning comes before any work (here a missing task file stops it right after).
+  assert main(["eval", "--checkpoint", run, "--seq-len", "64", "--tasks", "missing.jsonl"]) == 2
+  assert capsys.readouterr().err.startswith(
+      "warning: evaluation windows span 64 tokens, past the 32-token context the model was "
+      "trained on (data.seq_len); quality degrades beyond it\nwarning: multiple-choice contexts "
+      "+ choices span up to 64 tokens")
   assert main(["generate", "--checkpoint", run, "--prompt", "def f(x):", "--max-new-tokens",
                "30"]) == 0
   assert "warning: prompt + new tokens span 39 tokens, past the 32-token context" in \

@@ -118,15 +118,15 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
   loaded = load_checkpoint(opts.checkpoint, step=opts.step, ffn=opts.ffn,
                            compute_dtype=opts.compute_dtype, tokenizer=opts.tokenizer,
                            allow_unknown_config=opts.allow_unknown_config)
-  tasks = [load_task(spec) for spec in opts.tasks]  # bad task files fail before the long work
-  out = opts.out or default_out(loaded)
-  os.makedirs(out, exist_ok=True)
   cfg = loaded.cfg
   seq_len = opts.seq_len or cfg.data.seq_len
   warn_past_context(seq_len, cfg.data.seq_len, "evaluation windows span")
   if opts.tasks:
     warn_past_context(opts.mc_max_len or seq_len, cfg.data.seq_len,
                       "multiple-choice contexts + choices span up to")
+  tasks = [load_task(spec) for spec in opts.tasks]  # bad task files fail before the long work
+  out = opts.out or default_out(loaded)
+  os.makedirs(out, exist_ok=True)
   batch_size, max_batches = default_batches(loaded)
   batch_size, max_batches = opts.batch_size or batch_size, opts.max_batches or max_batches
   report = dict(checkpoint=loaded.label, path=os.path.abspath(loaded.path), kind=loaded.kind,
