@@ -135,11 +135,16 @@ class NonfiniteWatch:
               f"norm {gnorm}); {len(self.skipped)} skipped so far")
 
 
+@jax.jit
+def _all_finite(flat: dict) -> dict:
+  return {k: jnp.all(jnp.isfinite(v)) for k, v in flat.items()}
+
+
 def nonfinite_leaves(tree) -> list[str]:
-  """Names ("params/blocks/0/...") of the float leaves of ``tree`` holding NaN or +-Inf (reduced
-  on the device, so sharded arrays are checked where they live)."""
+  """Names ("params/blocks/0/...") of the float leaves of ``tree`` holding NaN or +-Inf (one
+  compiled reduction on the device, so sharded arrays are checked where they live)."""
   from sparse_jax.train.checkpoint import flatten_state
   flat, _ = flatten_state(tree)
   floats = {k: v for k, v in flat.items() if jnp.issubdtype(jnp.asarray(v).dtype, jnp.inexact)}
-  ok = jax.device_get({k: jnp.all(jnp.isfinite(v)) for k, v in floats.items()})
+  ok = jax.device_get(_all_finite(floats))
   return [k for k in floats if not bool(ok[k])]
