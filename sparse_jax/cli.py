@@ -1,4 +1,21 @@
-"""The ``sparse-jax`` command: ``sparse-jax train ...`` (more subcommands register in COMMANDS).
+"""The ``sparse-jax`` command line: train, eval, generate, export-hf, prepare-inference
+(``USAGE`` is its help).
+
+A subcommand is ``COMMANDS[name] = Command(help, add_arguments(parser), run(args) -> int)``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from typing import Callable
+
+from sparse_jax.config import PRESETS, Config, apply_overrides, get_config
+from sparse_jax.errors import RunError
+
+USAGE = """Train, evaluate, sample from and export sparse language models.
 
     sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
     sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
@@ -8,19 +25,10 @@
     sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
     sparse-jax prepare-inference --checkpoint runs/tiny --out prepared/tiny
 
-``eval`` and ``generate`` take a run directory or a Hugging Face Llama-format checkpoint directory.
-
-A subcommand is ``COMMANDS[name] = Command(help, add_arguments(parser), run(args) -> int)``.
+eval and generate take a run directory or a Hugging Face Llama-format checkpoint directory.
+Rerunning train with the same --out resumes it; SIGTERM, SIGINT and SIGHUP save a checkpoint
+first (exit status 128 + the signal's number).
 """
-from __future__ import annotations
-
-import argparse
-import dataclasses
-import json
-import sys
-from typing import Callable
-
-from sparse_jax.config import PRESETS, Config, apply_overrides, get_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +100,12 @@ def format_summary(s: dict) -> str:
       ("curves", s["plot"]),
       ("wall time", f"{s['wall_s']:.1f} s"),
   ]
+  if s["stop_reason"] == "time budget":
+    rows.append(("note", f"the time budget stopped the run at step {s['steps']} of "
+                         f"{s['target_steps']}: rerun the same command to continue"))
+  if s.get("nonfinite_steps_skipped"):
+    rows.append(("skipped steps", f"{len(s['nonfinite_steps_skipped'])} non-finite steps "
+                                  "skipped (train.nonfinite=skip)"))
   return two_column_table(rows)
 
 
@@ -132,9 +146,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                                 "instead of the checkpoint's validation split")
   p.add_argument("--seq-len", type=int, help="tokens per evaluation window (default: the "
                                              "run's data.seq_len)")
-  p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
-  p.add_argument("--max-batches", type=int, default=32,
-                 help="evaluate at most this many batches (default 32)")
+  p.add_argument("--batch-size", type=int,
+                 help="windows per batch (default: the run's own validation batch, "
+                      "train.batch_size / train.grad_accum; 8 for Hugging Face checkpoints)")
+  p.add_argument("--max-batches", type=int,
+                 help="evaluate at most this many batches (default: the run's "
+                      "train.eval_batches, so the numbers match its validation; 32 for Hugging "
+                      "Face checkpoints)")
   p.add_argument("--tasks", nargs="+", default=[], metavar="[FORMAT:]FILE.jsonl",
                  help="zero-shot multiple-choice files in HellaSwag, ARC or PIQA shape")
   p.add_argument("--mc-batch-size", type=int, default=16, help="choices scored per batch")
@@ -197,11 +215,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prompt", action="append", default=None,
                  help="text to continue (repeat for a batch of prompts of any lengths; "
                       "default: a new document)")
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                 help="new tokens to generate per sample (default 200)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
   p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--num-samples", type=int, default=1, help="continuations of each prompt")
   p.add_argument("--no-stop", action="store_true",
                  help="keep generating past the end-of-document token")
@@ -212,12 +231,15 @@ def _generate(args: argparse.Namespace) -> int:
   check_sampling(args.temperature, args.top_p, args.top_k)  # before the checkpoint is loaded
   if args.num_samples < 1:
     raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
+  from sparse_jax.eval.context import warn_past_context
   loaded = _load(args)
   tok = loaded.tokenizer
   texts = [t for t in (args.prompt or [""]) for _ in range(args.num_samples)]
   # A document starts after an end-of-document token: an empty prompt is that token alone.
   prompts = [list(tok.encode_batch([t])[0]) if t else [] for t in texts]
   prompts = [ids if len(ids) else [tok.eos_id] for ids in prompts]
+  warn_past_context(max(len(ids) for ids in prompts) + args.max_new_tokens,
+                    loaded.cfg.data.seq_len, "prompt + new tokens span")
   gen = generate(loaded.model, prompts, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                  seed=args.seed, eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size)
@@ -303,7 +325,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="sparse-jax", description=__doc__,
+  parser = argparse.ArgumentParser(prog="sparse-jax", description=USAGE,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -314,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command].run(args)
   except KeyboardInterrupt as e:
     print(f"sparse-jax {args.command}: {e or 'interrupted'}", file=sys.stderr)
-    return 130
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError, RunError) as e:
     if args.debug:
       raise
     print(f"sparse-jax {args.command}: error: {e}", file=sys.stderr)

@@ -157,6 +157,8 @@ class DataConfig:
   tokenizer: "bytes" (256 byte ids + specials) or the path of a Hugging Face tokenizer.json.
   seq_len: tokens per training sequence (each example holds seq_len + 1 tokens: inputs, targets).
   val_fraction: share of the tokens, whole documents in shuffled order, held out for validation.
+  bad_files: a data file that is not UTF-8 text (binary, another encoding) is refused naming it
+    ("error") or left out with a count ("skip").
   """
 
   source: str = "stdlib"
@@ -167,9 +169,11 @@ class DataConfig:
   max_docs: int | None = None
   hf_split: str = "train"
   seed: int = 0
+  bad_files: str = "error"
 
   def __post_init__(self):
     _positive_ints(self, "data", ("seq_len",))
+    _choice(self, "data", "bad_files", ("error", "skip"))
     _require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
              self.source, "must name a corpus")
     _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
@@ -205,6 +209,8 @@ class TrainConfig:
     sparse below the first, a sparse layer goes dense above the second.
   dispatch_compile_ahead: "auto_host" compiles the likely next pattern's step in a background
     thread, so a switch does not stall the run on compilation.
+  nonfinite: a step with a non-finite loss or gradient never changes the weights; "stop" ends the
+    run with an error there, "skip" goes on and counts the skipped steps.
   """
 
   steps: int = 600
@@ -236,6 +242,7 @@ class TrainConfig:
   dispatch_sparse_below: float = 0.0072
   dispatch_dense_above: float = 0.0085
   dispatch_compile_ahead: bool = True
+  nonfinite: str = "stop"
 
   def __post_init__(self):
     _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",
@@ -243,7 +250,7 @@ class TrainConfig:
                                    "keep_checkpoints"))
     _require(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
              f"must divide batch_size={self.batch_size}")
-    _require(self.lr > 0, "train.lr", self.lr, "must be positive")
+    _require(0 < self.lr < float("inf"), "train.lr", self.lr, "must be positive and finite")
     _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
              "must be in [0, 1]")
     for name in ("warmup_steps", "l1_warmup_steps"):
@@ -258,6 +265,7 @@ class TrainConfig:
       _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name),
                "must be non-negative")
     _choice(self, "train", "l1_norm", L1_NORMS)
+    _choice(self, "train", "nonfinite", ("stop", "skip"))
     _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
              self.max_minutes, "must be positive or none")
     _choice(self, "train", "dispatch", DISPATCH_KINDS)

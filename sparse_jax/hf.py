@@ -494,6 +494,16 @@ def _write_tensors(tensors: dict[str, np.ndarray], directory: str,
   return names + [INDEX_FILE]
 
 
+def _umask_permissions(directory: str) -> None:
+  """The modes a plain ``mkdir`` and ``open`` would have given (0777 / 0666 less the umask), not
+  mkdtemp's private 0700: an exported model is meant to be shared."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o777 & ~umask)
+  for name in os.listdir(directory):
+    os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: str = "float32",
               max_position_embeddings: int = 2048, max_shard_bytes: int | None = None
               ) -> list[str]:
@@ -512,11 +522,19 @@ def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: 
   tok = load_tokenizer(tokenizer)
   config = hf_config(model.cfg, max_position_embeddings=max_position_embeddings,
                      eos_id=tok.eos_id, dtype=dtype)
+  tensors = hf_tensors(model, dtype)
+  for name, t in tensors.items():  # a diverged model is refused, not written (the importer would)
+    finite = np.isfinite(np.asarray(t, np.float32))
+    if not finite.all():
+      first = tuple(int(i) for i in np.argwhere(~finite)[0])
+      raise ValueError(f"{name} holds non-finite values ({int((~finite).sum())} of {t.size}, "
+                       f"first at {first}); the model diverged or overflows {dtype}, nothing was "
+                       "exported")
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
   try:
-    files = _write_tensors(hf_tensors(model, dtype), tmp, max_shard_bytes)
+    files = _write_tensors(tensors, tmp, max_shard_bytes)
     with open(os.path.join(tmp, CONFIG_FILE), "w") as fh:
       json.dump(config, fh, indent=2)
     if tokenizer == "bytes":
@@ -524,6 +542,7 @@ def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: 
         fh.write(byte_tokenizer_json())
     else:
       shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
+    _umask_permissions(tmp)
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

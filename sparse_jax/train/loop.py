@@ -16,6 +16,7 @@ a shared ``OUT``; process 0 writes the files above, process i > 0 its own copies
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -28,19 +29,21 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from sparse_jax import parallel
+from sparse_jax import parallel, runlock
 from sparse_jax.config import Config, DataConfig, TrainConfig
 from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
 from sparse_jax.nn import Transformer, count_params
+from sparse_jax.train import guard
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.dispatch import Dispatcher, step_lowering
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
+from sparse_jax.train.resume import start_or_resume
 from sparse_jax.train.step import init_state, step_functions
 
 # Train settings that may change between a checkpoint and its resumption without changing what
 # the run computes (budgets and cadences). Any other change is reported: exact resume needs none.
 _RESUMABLE_TRAIN_CHANGES = {"max_minutes", "log_every", "eval_every", "eval_batches",
-                            "ckpt_every", "keep_checkpoints"}
+                            "ckpt_every", "keep_checkpoints", "nonfinite"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +129,24 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     to run over existing checkpoints).
   fresh: delete ``out``'s checkpoints first (a new run in the same directory).
   stop_at: stop at this step (saving a checkpoint) as if interrupted; a later call resumes.
+
+  Process 0 holds ``out``'s lock (``sparse_jax.runlock``) for the whole run, so a second trainer
+  on the same directory is refused. SIGTERM, SIGINT and SIGHUP stop the run at the next step
+  boundary with a checkpoint saved and raise ``guard.StoppedBySignal`` (a ``KeyboardInterrupt``)
+  with the resume message; a non-finite step raises ``guard.DivergenceError`` with
+  ``train.nonfinite="stop"`` (the default) or is skipped and counted with ``"skip"``.
   """
-  t0 = time.perf_counter()
   parallel.initialize_distributed(cfg.parallel)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  lock = runlock.RunLock(out, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, guard.StopSignals(say=say) as signals:
+    return _train_locked(cfg, out, resume=resume, fresh=fresh, stop_at=stop_at,
+                         progress=progress, signals=signals, say=say)
+
+
+def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: int | None,
+                  progress: bool, signals: guard.StopSignals, say) -> dict:
+  t0 = time.perf_counter()
   paths = RunPaths.of(out, jax.process_index())
   progress = progress and jax.process_index() == 0
   cfg, tokenizer = resolve_config(cfg)
@@ -143,14 +161,14 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     shutil.rmtree(paths.checkpoints)
   parallel.sync_hosts("fresh checkpoints directory")
   ckpt = Checkpointer(paths.checkpoints, keep=tcfg.keep_checkpoints)
-  data_state, resumed_from = None, None
-  if not resume and ckpt.latest_step() is not None:
+  try:
+    state, data_state, resumed_from = start_or_resume(
+        ckpt, state, out, paths.metrics, resume=resume, fresh=fresh, say=say,
+        check_config=lambda saved: _check_resumable(saved, cfg))
+  except BaseException:
     ckpt.close()
-    raise ValueError(f"{paths.checkpoints} holds checkpoints up to step {ckpt.latest_step()}; "
-                     "resume from them, start over with --fresh, or use another --out")
-  if ckpt.latest_step() is not None:
-    _check_resumable(ckpt.read_config(), cfg)
-    state, data_state, _, resumed_from = ckpt.restore(state)
+    raise
+  watch = guard.NonfiniteWatch(tcfg.nonfinite, say=say)
   batches = Batches(corpus.train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
                     state=data_state)
   val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
@@ -185,8 +203,20 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   last_step, steady = step, []  # (tokens, seconds) of log intervals after the first (compile)
   bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {cfg.name}", unit="step",
              disable=not progress, mininterval=1.0, dynamic_ncols=True)
+  def save():
+    watch.flush()  # a non-finite last step stops here with train.nonfinite=stop, unsaved
+    bad = guard.nonfinite_leaves(state.params)
+    if bad:
+      raise guard.DivergenceError(f"step {step}: the weights {', '.join(bad[:3])} hold "
+                                  "non-finite values; not saved over the finite checkpoints")
+    ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+
+  diverged = False
   try:
     while step < target:
+      if signals.received is not None:
+        stop_reason = f"signal {signals.name}"
+        break
       if deadline is not None and time.perf_counter() > deadline:
         stop_reason = "time budget"
         break
@@ -194,6 +224,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
       state, metrics = train_step(state, batch)
       step += 1
       bar.update(1)
+      watch.after_step(step, metrics)
       if step % tcfg.log_every == 0 or step == target:
         metrics = jax.device_get(metrics)
         now = time.perf_counter()
@@ -210,20 +241,32 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
       if step % tcfg.eval_every == 0:
         last_val = run_eval(step)
       if step % tcfg.ckpt_every == 0:
-        ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+        save()
+    watch.flush()
+  except guard.StopNow:
+    raise
   except KeyboardInterrupt:
     stop_reason = "interrupted"
+  except guard.DivergenceError:
+    diverged = True
+    raise
   finally:
     bar.close()
+    if diverged:
+      ckpt.close()  # an async save of earlier, finite steps completes; nothing new is saved
   if stop_reason == "steps" and step < tcfg.steps:
     stop_reason = "stop_at"
   # However the loop ended, the state it reached is saved (unless that step already is).
   if step > 0 and ckpt.latest_step() != step:
-    ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+    save()
   ckpt.close()
-  if stop_reason == "interrupted":
-    raise KeyboardInterrupt(f"interrupted at step {step}; the checkpoint is saved in "
-                            f"{paths.checkpoints}, rerun the same command to resume")
+  if stop_reason == "interrupted" or signals.received is not None:
+    where = (f"the checkpoint of step {step} is saved in {paths.checkpoints}, rerun the same "
+             "command to resume" if step > 0 else "nothing was trained or saved yet")
+    message = f"stopped by {signals.name or 'an interrupt'} at step {step}; {where}"
+    if signals.received is not None:
+      raise guard.StoppedBySignal(message, signals.received)
+    raise KeyboardInterrupt(message)
   records = read_records(paths.metrics)
   if last_val is None or last_val["step"] != step:
     # A resumed run that was already finished has its final evaluation on record.
@@ -234,6 +277,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
               f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
                      time.perf_counter() - t0, mesh)
+  summary["nonfinite_steps_skipped"] = watch.skipped
   with open(paths.summary, "w") as f:
     json.dump(summary, f, indent=2)
   return summary
@@ -268,15 +312,21 @@ def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s, 
 
 
 def load_model(out: str, step: int | None = None) -> tuple[Transformer, Config, int]:
-  """The model of a run directory's checkpoint (latest complete step by default)."""
+  """The model of a run directory's checkpoint (by default the newest step that reads back)."""
   directory = RunPaths.of(out).checkpoints
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory {directory} (is {out!r} a run directory?)")
   ckpt = Checkpointer(directory, keep=1_000_000)
+  built = {}
+
+  def template(saved_config: dict):
+    built["cfg"] = Config.from_dict(saved_config)
+    built["graphdef"], state = init_state(built["cfg"])
+    return state
+
   try:
-    cfg = Config.from_dict(ckpt.read_config(step))
-    graphdef, template = init_state(cfg)
-    state, _, _, step = ckpt.restore(template, step)
+    # A damaged latest step is reported in one line and the newest complete one loaded.
+    state, _, _, step, _ = ckpt.restore_intact(template, step)
   finally:
     ckpt.close()
-  return nnx.merge(graphdef, state.params), cfg, step
+  return nnx.merge(built["graphdef"], state.params), built["cfg"], step
