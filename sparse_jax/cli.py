@@ -261,7 +261,48 @@ def _export_hf(args: argparse.Namespace) -> int:
   return 0
 
 
+def _prepare_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--data", required=True,
+                 help="sources: files/globs/directories separated by commas (.txt/.md/... one "
+                      "document per file, .jsonl per line, .parquet per row), stdlib, "
+                      "stdlib-prose, or hf:NAME[:CONFIG] (with --max-docs)")
+  p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a tokenizer.json")
+  p.add_argument("--out", required=True, help="directory of the shards (rerun to complete it)")
+  p.add_argument("--workers", type=int, help="tokenizing processes (default: the CPU count)")
+  p.add_argument("--shard-tokens", type=int, default=1 << 26,
+                 help="about this many tokens per shard (default 2**26)")
+  p.add_argument("--val-fraction", type=float, default=0.01,
+                 help="share of each shard's tokens held out for validation (default 0.01)")
+  p.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field")
+  p.add_argument("--max-docs", type=int, help="use at most this many documents")
+  p.add_argument("--hf-split", default="train", help="split of an hf: dataset")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+  from sparse_jax.data.prepare import PrepareOptions, prepare_data
+  m = prepare_data(PrepareOptions(
+      source=args.data, tokenizer=args.tokenizer, out=args.out, workers=args.workers,
+      shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
+      text_field=args.text_field, max_docs=args.max_docs, hf_split=args.hf_split),
+      progress=not args.no_progress)
+  print(two_column_table([
+      ("prepared", f"{args.out} ({len(m['shards'])} shards, {m['skipped_shards']} found "
+                   "complete)"),
+      ("documents", f"{m['documents']:,}"),
+      ("tokens", f"{m['train_tokens']:,} train + {m['val_tokens']:,} validation "
+                 f"({m['dtype']}, tokenizer {m['tokenizer']['spec']})"),
+      ("wall time", f"{m['prepare_s']:.1f} s"),
+      ("train from it", f"sparse-jax train --data {args.out}"
+                        + ("" if args.tokenizer == "bytes" else
+                           f" --set data.tokenizer={args.tokenizer}")),
+  ]))
+  return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "prepare-data": Command("tokenize a corpus once into token shards that train and eval read "
+                            "(parallel, resumable)", _prepare_arguments, _prepare),
     "train": Command("train a sparse language model (resumes from its checkpoints)",
                      _train_arguments, _train),
     "eval": Command("evaluate a checkpoint: perplexity, sparsity analysis with plots, zero-shot "

@@ -27,6 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_jax.data import build_corpus, iter_documents, validation_batches
+from sparse_jax.data.pipeline import load_splits
+from sparse_jax.data.shards import is_prepared
 from sparse_jax.eval import report as report_lib
 from sparse_jax.eval.lm import evaluate_lm
 from sparse_jax.eval.loading import Loaded, load_checkpoint
@@ -82,6 +84,10 @@ def evaluation_tokens(loaded: Loaded, data: str | None, *, progress: bool
                       ) -> tuple[np.ndarray, str]:
   """(token stream, description) of the evaluation text."""
   cfg, tok = loaded.cfg, loaded.tokenizer
+  if data is None and is_prepared(cfg.data.source):
+    # The prepared validation split, read from disk: the training shards are not touched.
+    return load_splits(cfg.data, tok, progress=progress)[1], (
+        f"validation split of the prepared data {cfg.data.source!r}")
   if data is None:
     corpus = build_corpus(cfg.data, tok, progress=progress)
     return corpus.val_tokens, (f"validation split of data.source={cfg.data.source!r} "

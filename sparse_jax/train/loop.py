@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from sparse_jax import parallel
 from sparse_jax.config import Config, DataConfig, TrainConfig
-from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
+from sparse_jax.data import Batches, load_tokenizer, validation_batches
+from sparse_jax.data.pipeline import load_splits, next_batch
 from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
@@ -135,7 +136,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   mesh = parallel.run_mesh(cfg.parallel)
   if mesh is not None:
     parallel.check_batch(micro, mesh)
-  corpus = build_corpus(cfg.data, tokenizer, progress=progress)
+  train_tokens, val_tokens = load_splits(cfg.data, tokenizer, progress=progress)
   graphdef, state = init_state(cfg, mesh)
   if fresh and os.path.isdir(paths.checkpoints) and jax.process_index() == 0:
     shutil.rmtree(paths.checkpoints)
@@ -149,9 +150,9 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   if ckpt.latest_step() is not None:
     _check_resumable(ckpt.read_config(), cfg)
     state, data_state, _, resumed_from = ckpt.restore(state)
-  batches = Batches(corpus.train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
+  batches = Batches(train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
                     state=data_state)
-  val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
+  val = validation_batches(val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
   compiled_cfg = step_config(cfg)
   train_step = step_functions(graphdef, compiled_cfg, mesh)[0]
@@ -181,7 +182,8 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
       if deadline is not None and time.perf_counter() > deadline:
         stop_reason = "time budget"
         break
-      batch = batches.next().reshape(tcfg.grad_accum, micro, cfg.data.seq_len + 1)
+      batch = next_batch(batches, tcfg.grad_accum,
+                         None if mesh is None else parallel.batch_sharding(mesh, 3, 1))
       state, metrics = train_step(state, batch)
       step += 1
       bar.update(1)
