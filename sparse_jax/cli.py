@@ -3,6 +3,10 @@
     sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
     sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
     sparse-jax train --config tiny --print-config
+    sparse-jax train --help-config                 # every config field: type, default, meaning
+    sparse-jax train --config my_run.yaml --set train.lr=3e-4   # or a run's own config.json
+    sparse-jax prepare-data --data 'corpus/*.jsonl' --out data/corpus   # tokenize once, then
+    sparse-jax train --config 0.5b --data data/corpus                   # train from the shards
     sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
     sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
     sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
@@ -19,7 +23,7 @@ import json
 import sys
 from typing import Callable
 
-from sparse_jax.config import PRESETS, Config, apply_overrides, get_config
+from sparse_jax.config import PRESETS, Config, apply_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,18 +34,23 @@ class Command:
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", default="tiny", choices=list(PRESETS), help="preset (default tiny)")
+  p.add_argument("--config", default="tiny",
+                 help=f"a preset ({', '.join(PRESETS)}; default tiny) or a JSON/YAML config file "
+                      "(a run's own config.json too)")
   p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                  metavar="SECTION.FIELD=VALUE",
                  help="override config fields, e.g. model.n_layers=4 train.lr=3e-4")
   p.add_argument("--print-config", action="store_true", help="print the config and exit")
+  p.add_argument("--help-config", action="store_true",
+                 help="list every config field with its type, default and meaning, and exit")
 
 
 def config_from_args(args: argparse.Namespace, shortcuts: dict[str, object]) -> Config:
   """The preset with ``shortcuts`` ({"train.steps": 100}, None = not given) and --set applied
   (--set last, so it wins)."""
   given = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-  return apply_overrides(get_config(args.config), given + list(args.overrides))
+  from sparse_jax.config_files import load_config
+  return apply_overrides(load_config(args.config), given + list(args.overrides))
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +66,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                  help="fail instead of resuming if the run directory has checkpoints")
   p.add_argument("--stop-at", type=int, help="stop (and save) at this step; resume later")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--wandb", metavar="PROJECT",
+                 help="train.wandb=true, train.wandb_project=PROJECT: also log to Weights & Biases")
 
 
 def two_column_table(rows: list[tuple[str, str]]) -> str:
@@ -95,8 +106,14 @@ def format_summary(s: dict) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+  if args.help_config:
+    from sparse_jax.config_files import field_reference, load_config
+    print(field_reference(load_config(args.config)))
+    return 0
   cfg = config_from_args(args, {"train.steps": args.steps, "train.max_minutes": args.max_minutes,
-                                "data.source": args.data, "parallel.mesh": args.mesh})
+                                "data.source": args.data, "parallel.mesh": args.mesh,
+                                "train.wandb": args.wandb and "true",
+                                "train.wandb_project": args.wandb})
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0

@@ -58,6 +58,18 @@ class ModelConfig:
     (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines).
   ffn_impl: sparse op backend; auto picks the fastest that can run (Pallas on Hopper, else XLA).
   attention_impl: auto uses cuDNN flash attention on a GPU with 16-bit compute, else XLA.
+  d_model: width of the residual stream.
+  n_layers: transformer blocks.
+  n_heads: attention (query) heads.
+  d_ff: FFN hidden width (neurons per layer).
+  rope_theta: RoPE base frequency.
+  norm_eps: RMSNorm epsilon.
+  compute_dtype: dtype of activations and matmuls (parameters are cast to it at use).
+  param_dtype: dtype of the stored (master) parameters.
+  remat: recompute each block's activations in the backward pass (less memory, more compute).
+  sparse_ell_width: Hybrid-format ELL width of the sparse op in training: rows with more active
+    neurons go to the dense tail. Early in training (before L1 bites) most rows are long; the op
+    stays exact.
   """
 
   vocab_size: int | None = None
@@ -75,8 +87,6 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
-  # Hybrid-format ELL width of the sparse op in training: rows with more active neurons go to the
-  # dense tail. Early in training (before L1 bites) most rows are long; the op stays exact.
   sparse_ell_width: int = 128
 
   def __post_init__(self):
@@ -126,10 +136,16 @@ class DataConfig:
     non-test modules, read with ast, and the pydoc topic texts of pydoc_data/topics.py), local
     files or globs separated by commas (.txt/.md/.py/... one document per file, .jsonl one per
     line, .parquet one per row), or "hf:NAME[:CONFIG]" for a Hugging Face dataset (needs the
-    ``datasets`` package and a network; the first max_docs documents are used).
+    ``datasets`` package and a network; the first max_docs documents are used), or a directory
+    of token shards made by ``sparse-jax prepare-data`` (read from disk; its manifest then fixes
+    the tokenizer, the documents and the validation split).
   tokenizer: "bytes" (256 byte ids + specials) or the path of a Hugging Face tokenizer.json.
   seq_len: tokens per training sequence (each example holds seq_len + 1 tokens: inputs, targets).
   val_fraction: share of the tokens, whole documents in shuffled order, held out for validation.
+  text_field: the field (JSONL, Hugging Face) or column (Parquet) that holds the text.
+  max_docs: use at most this many documents (none: all; required for hf: sources).
+  hf_split: the split of an hf: dataset.
+  seed: seed of the document order and of the per-epoch permutation of training examples.
   """
 
   source: str = "stdlib"
@@ -166,6 +182,24 @@ class TrainConfig:
   dead_window: steps over which a neuron that never fires is counted dead; reinit_dead
     re-draws the gate rows of dead neurons at the end of every window.
   max_minutes: stop (and save) after this much wall time even if ``steps`` is not reached.
+  steps: optimiser steps of the run (the end of the learning-rate schedule).
+  grad_accum: micro-batches per step (gradients averaged over them; must divide batch_size).
+  min_lr_ratio: the final learning rate as a share of lr.
+  warmup_steps: steps of linear learning-rate warmup from 0.
+  b1 / b2 / eps: AdamW's moment decays and epsilon.
+  weight_decay: AdamW's decoupled weight decay.
+  grad_clip: the global gradient norm is clipped to this.
+  l0_ema_decay: decay of the per-layer EMA of active neurons per token (l0_ema_L).
+  reinit_dead: re-draw the gate rows of the neurons dead over a whole dead_window at its end.
+  seed: seed of the initial parameters and of dead-neuron re-initialisation.
+  log_every: steps per train record (its metrics are averages over those steps).
+  eval_every: steps between validation evaluations.
+  eval_batches: validation batches per evaluation.
+  ckpt_every: steps between checkpoints.
+  keep_checkpoints: how many of the latest checkpoints are kept.
+  tensorboard: write TensorBoard event files into the run directory (sparse_jax.train.tracking).
+  wandb: also log to Weights & Biases (needs the wandb package and a login).
+  wandb_project: the W&B project (none: "sparse-jax").
   """
 
   steps: int = 600
@@ -192,6 +226,9 @@ class TrainConfig:
   ckpt_every: int = 200
   keep_checkpoints: int = 2
   max_minutes: float | None = None
+  tensorboard: bool = True
+  wandb: bool = False
+  wandb_project: str | None = None
 
   def __post_init__(self):
     _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",
@@ -262,6 +299,9 @@ class ParallelConfig:
     coordinator and process ids come from the fields below, else from JAX's cluster detection
     (SLURM, Open MPI, ...) or the ``JAX_COORDINATOR_ADDRESS`` environment variable. The
     ``SPARSE_JAX_DISTRIBUTED=1`` environment variable has the same effect as true.
+  coordinator_address: host:port of process 0 (none: detected or from the environment).
+  num_processes: processes of a distributed run (none: detected).
+  process_id: this process's index (none: detected).
   """
 
   mesh: str = "auto"

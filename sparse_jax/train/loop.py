@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from sparse_jax import parallel
 from sparse_jax.config import Config, DataConfig, TrainConfig
@@ -36,11 +35,13 @@ from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
 from sparse_jax.train.step import init_state, step_functions
+from sparse_jax.train.tracking import IntervalMean, ProgressBar, RunTracker, check_tracking
 
 # Train settings that may change between a checkpoint and its resumption without changing what
 # the run computes (budgets and cadences). Any other change is reported: exact resume needs none.
 _RESUMABLE_TRAIN_CHANGES = {"max_minutes", "log_every", "eval_every", "eval_batches",
-                            "ckpt_every", "keep_checkpoints"}
+                            "ckpt_every", "keep_checkpoints", "tensorboard", "wandb",
+                            "wandb_project"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +104,8 @@ def evaluate(params, graphdef, cfg: Config, batches: list[np.ndarray], *, mesh=N
   sums = jax.device_get(sums)
   n = len(batches)
   l0_L = sums["l0_L"] / n
-  return dict(
+  tokens = n * batches[0].shape[0] * (batches[0].shape[1] - 1)
+  return dict(firing_LxF=sums["active_per_neuron_LxF"] / tokens,
       ce=float(sums["ce"] / n), ppl=float(np.exp(sums["ce"] / n)), l0_L=l0_L,
       l1_L=sums["l1_L"] / n, sparsity_pct=float(100 * (1 - l0_L.mean() / cfg.model.d_ff)),
       dead_on_val_L=np.mean(sums["active_per_neuron_LxF"] == 0, axis=1),
@@ -131,6 +133,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   paths = RunPaths.of(out, jax.process_index())
   progress = progress and jax.process_index() == 0
   cfg, tokenizer = resolve_config(cfg)
+  check_tracking(cfg.train)
   tcfg, d_ff = cfg.train, cfg.model.d_ff
   micro = tcfg.batch_size // tcfg.grad_accum
   mesh = parallel.run_mesh(cfg.parallel)
@@ -154,6 +157,8 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
                     state=data_state)
   val = validation_batches(val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
+  tracker = RunTracker(cfg, paths.out, resume_step=resumed_from,
+                       enabled=jax.process_index() == 0)
   compiled_cfg = step_config(cfg)
   train_step = step_functions(graphdef, compiled_cfg, mesh)[0]
   with open(paths.config, "w") as f:
@@ -162,7 +167,9 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   def run_eval(step):
     rec = dict(split="val", step=step, **evaluate(state.params, graphdef, compiled_cfg, val,
                                                   mesh=mesh))
+    firing_LxF = rec.pop("firing_LxF")  # per neuron: TensorBoard histograms, not the JSONL
     log.write(rec)
+    tracker.write(rec, firing_LxF)
     return rec
 
   step = start_step = int(state.step)
@@ -175,8 +182,8 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   last_val = None
   t_loop = last_t = time.perf_counter()
   last_step, steady = step, []  # (tokens, seconds) of log intervals after the first (compile)
-  bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {cfg.name}", unit="step",
-             disable=not progress, mininterval=1.0, dynamic_ncols=True)
+  bar = ProgressBar(tcfg, step, desc=f"train {cfg.name}", disable=not progress)
+  interval = IntervalMean()  # train metrics averaged over each log interval
   try:
     while step < target:
       if deadline is not None and time.perf_counter() > deadline:
@@ -185,10 +192,11 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
       batch = next_batch(batches, tcfg.grad_accum,
                          None if mesh is None else parallel.batch_sharding(mesh, 3, 1))
       state, metrics = train_step(state, batch)
+      interval.add(metrics)
       step += 1
-      bar.update(1)
+      bar.update(step)
       if step % tcfg.log_every == 0 or step == target:
-        metrics = jax.device_get(metrics)
+        metrics = interval.take()
         now = time.perf_counter()
         dt, n_tok = now - last_t, (step - last_step) * tokens_per_step
         if last_step != start_step:
@@ -196,7 +204,8 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
         rec = dict(split="train", step=step, tokens=step * tokens_per_step,
                    tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, **metrics)
         log.write(rec)
-        bar.set_postfix(_postfix(rec, d_ff), refresh=False)
+        tracker.write(rec)
+        bar.set_postfix(_postfix(rec, d_ff))
         last_t, last_step = time.perf_counter(), step
       if step % tcfg.eval_every == 0:
         last_val = run_eval(step)
@@ -206,6 +215,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     stop_reason = "interrupted"
   finally:
     bar.close()
+    tracker.flush()
   if stop_reason == "steps" and step < tcfg.steps:
     stop_reason = "stop_at"
   # However the loop ended, the state it reached is saved (unless that step already is).
@@ -221,6 +231,7 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     done = [r for r in records if r["split"] == "val" and r["step"] == step]
     last_val = done[-1] if done else run_eval(step)
     records += [] if done else [to_python(last_val)]
+  tracker.close()
   plot_curves(records, paths.plot, d_ff=d_ff, title=f"{cfg.name}: {cfg.model.ffn}, "
               f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
