@@ -39,14 +39,20 @@ SUMMED = frozenset({"reinit_neurons"})
 LAST = frozenset({"lr", "l1_coeff", "l0_ema_L", "dead_fraction_L"})
 
 
+def tensorboard_available() -> bool:
+  try:
+    import tensorboardX  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
 def check_tracking(tcfg: TrainConfig) -> None:
-  """Fails early (before any data is read) when a requested tracker cannot be used."""
-  if tcfg.tensorboard:
-    try:
-      import tensorboardX  # noqa: F401
-    except ImportError:
-      raise ImportError("train.tensorboard=true needs tensorboardX: pip install tensorboardX "
-                        "(or set train.tensorboard=false)") from None
+  """Fails early (before any data is read) when W&B is asked for and cannot be used; says so when
+  TensorBoard (on by default) cannot write (the run goes on: metrics.jsonl has every record)."""
+  if tcfg.tensorboard and not tensorboard_available():
+    print("warning: tensorboardX is not installed, so this run writes no TensorBoard event files "
+          "(pip install tensorboardX, or set train.tensorboard=false to silence this)")
   if tcfg.wandb:
     try:
       import wandb  # noqa: F401
@@ -147,7 +153,7 @@ class RunTracker:
     if not enabled:
       return
     tcfg = cfg.train
-    if tcfg.tensorboard:
+    if tcfg.tensorboard and tensorboard_available():
       from tensorboardX import SummaryWriter
       # purge_step: TensorBoard drops the earlier files' events from this step on (written after
       # the checkpoint this run resumes from, and written again now).
