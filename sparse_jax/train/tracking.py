@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import secrets
 import struct
 import time
 
@@ -153,23 +154,24 @@ class RunTracker:
     if not enabled:
       return
     tcfg = cfg.train
+    if tcfg.wandb:
+      import wandb
+      id_path = os.path.join(out, "wandb_id.txt")
+      if resume_step is not None and os.path.exists(id_path):
+        with open(id_path) as f:
+          run_id = f.read().strip()
+      else:
+        run_id = secrets.token_hex(4)
+        with open(id_path, "w") as f:
+          f.write(run_id)
+      self._wandb = wandb.init(project=tcfg.wandb_project or "sparse-jax", name=cfg.name,
+                               id=run_id, resume="allow", dir=out, config=cfg.to_dict())
     if tcfg.tensorboard and tensorboard_available():
       from tensorboardX import SummaryWriter
       # purge_step: TensorBoard drops the earlier files' events from this step on (written after
       # the checkpoint this run resumes from, and written again now).
       self._tb = SummaryWriter(out, purge_step=None if resume_step is None else resume_step + 1,
                                flush_secs=30)
-    if tcfg.wandb:
-      import wandb
-      id_path = os.path.join(out, "wandb_id.txt")
-      if resume_step is not None and os.path.exists(id_path):
-        run_id = open(id_path).read().strip()
-      else:
-        run_id = wandb.util.generate_id()
-        with open(id_path, "w") as f:
-          f.write(run_id)
-      self._wandb = wandb.init(project=tcfg.wandb_project or "sparse-jax", name=cfg.name,
-                               id=run_id, resume="allow", dir=out, config=cfg.to_dict())
 
   def write(self, record: dict, firing_LxF: np.ndarray | None = None) -> None:
     step = int(record["step"])
