@@ -50,14 +50,6 @@ def _choice(obj, section: str, name: str, choices: tuple[str, ...]) -> None:
 class ModelConfig:
   """A Llama-style decoder: tied embeddings, RMSNorm, RoPE, causal MHA/GQA, a chosen FFN.
 
-  vocab_size: None takes the tokenizer's vocabulary rounded up to a multiple of 128; an explicit
-    value must be at least the tokenizer's.
-  n_kv_heads: None means full multi-head attention; fewer (dividing n_heads) is grouped-query.
-  head_dim: None means d_model // n_heads.
-  ffn: relu_sparse (the paper's ReLU-gated FFN through sparse_jax.ops), relu_nongated_sparse
-    (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines).
-  ffn_impl: sparse op backend; auto picks the fastest that can run (Pallas on Hopper, else XLA).
-  attention_impl: auto uses cuDNN flash attention on a GPU with 16-bit compute, else XLA.
   d_model: width of the residual stream.
   n_layers: transformer blocks.
   n_heads: attention (query) heads.
@@ -67,9 +59,16 @@ class ModelConfig:
   compute_dtype: dtype of activations and matmuls (parameters are cast to it at use).
   param_dtype: dtype of the stored (master) parameters.
   remat: recompute each block's activations in the backward pass (less memory, more compute).
-  sparse_ell_width: Hybrid-format ELL width of the sparse op in training: rows with more active
-    neurons go to the dense tail. Early in training (before L1 bites) most rows are long; the op
-    stays exact.
+  sparse_ell_width: Hybrid-format ELL width of the sparse op in training (see the comment at the
+    field).
+  vocab_size: None takes the tokenizer's vocabulary rounded up to a multiple of 128; an explicit
+    value must be at least the tokenizer's.
+  n_kv_heads: None means full multi-head attention; fewer (dividing n_heads) is grouped-query.
+  head_dim: None means d_model // n_heads.
+  ffn: relu_sparse (the paper's ReLU-gated FFN through sparse_jax.ops), relu_nongated_sparse
+    (relu(x Wu) Wd through sparse_jax.ops), relu_dense and silu_dense (dense gated baselines).
+  ffn_impl: sparse op backend; auto picks the fastest that can run (Pallas on Hopper, else XLA).
+  attention_impl: auto uses cuDNN flash attention on a GPU with 16-bit compute, else XLA.
   """
 
   vocab_size: int | None = None
@@ -87,6 +86,8 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
+  # Hybrid-format ELL width of the sparse op in training: rows with more active neurons go to the
+  # dense tail. Early in training (before L1 bites) most rows are long; the op stays exact.
   sparse_ell_width: int = 128
 
   def __post_init__(self):
