@@ -115,7 +115,8 @@ def train_rss(source: str, out: str, steps: int, extra: list[str]) -> dict:
                                                              out=out)],
                         capture_output=True, text=True, env=env)
   if proc.returncode != 0:
-    raise RuntimeError(f"training from {source} failed:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}")
+    raise RuntimeError(f"training from {source} failed:\n{proc.stdout[-2000:]}"
+                       f"{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 

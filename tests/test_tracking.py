@@ -153,7 +153,8 @@ def test_config_files(tmp_path):
   path.write_text(json.dumps(full.to_dict()))
   assert load_config(str(path)) == full
   # --set on top of a file, through the CLI.
-  assert main(["train", "--config", str(yaml_path), "--set", "train.lr=1e-3", "--print-config"]) == 0
+  assert main(["train", "--config", str(yaml_path), "--set", "train.lr=1e-3",
+               "--print-config"]) == 0
   assert load_config("0.5b") == get_config("0.5b")
 
 
