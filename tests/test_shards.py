@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from sparse_jax.cli import main
-from sparse_jax.config import apply_overrides, get_config
+from sparse_jax.config import DataConfig, apply_overrides, get_config
 from sparse_jax.data import Batches, ByteTokenizer, validation_batches
 from sparse_jax.data.dataset import examples
+from sparse_jax.data.pipeline import load_splits
 from sparse_jax.data.prepare import PrepareOptions, prepare_data
-from sparse_jax.data.shards import is_prepared, open_split, read_manifest
+from sparse_jax.data.shards import open_split, read_manifest
 from sparse_jax.train import Checkpointer, init_state, resolve_config, train
 from test_checkpoint import ROOT, assert_trees_identical
 from test_data import random_text
@@ -131,9 +132,10 @@ def test_killed_preparation_resumes(tmp_path, rng):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not (out / "manifest.json").exists()
-  assert not is_prepared(str(out))
   with pytest.raises(FileNotFoundError, match="has not finished: rerun"):
     read_manifest(str(out))
+  with pytest.raises(FileNotFoundError, match="has not finished: rerun"):  # not read as text
+    load_splits(DataConfig(source=str(out)), ByteTokenizer(), progress=False)
   done = len([n for n in os.listdir(out) if n.startswith("shard_") and n.endswith(".json")])
   # A half-written file of the shard being written when killed is left for the rerun to replace.
   (out / f"train_{done:05d}.bin.tmp-1").write_bytes(b"partial")
@@ -222,6 +224,11 @@ def test_eval_reads_the_prepared_validation_split(tmp_path, rng, monkeypatch):
                                            progress=False))
   assert "validation split of the prepared data" in report["data"]
   assert report["lm"]["tokens"] == 2 * 2 * 32
+  # --data naming a prepared directory: its validation split too (not its files read as text).
+  from sparse_jax.eval import load_checkpoint
+  tokens, what = evaluate_module.evaluation_tokens(load_checkpoint(run), str(tmp_path / "p"),
+                                                   progress=False)
+  assert len(tokens) == read_manifest(str(tmp_path / "p"))["val_tokens"] and "prepared" in what
 
 
 _HOST_PROCESS = textwrap.dedent("""
@@ -231,7 +238,7 @@ _HOST_PROCESS = textwrap.dedent("""
     jax.config.update("jax_num_cpu_devices", 4)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sys.path.insert(0, {root!r})
-    from sparse_jax.config import apply_overrides, get_config
+    from sparse_jax.config import DataConfig, apply_overrides, get_config
     from sparse_jax.data import shards
     from sparse_jax.train import train
 

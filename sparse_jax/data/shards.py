@@ -36,8 +36,10 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def is_prepared(source: str) -> bool:
-  """Whether ``data.source`` names a prepared directory (one holding a manifest)."""
-  return os.path.isfile(os.path.join(source, MANIFEST))
+  """Whether ``data.source`` names a prepared directory: one holding a manifest, or the plan of
+  an unfinished preparation (then ``read_manifest`` says to complete it, rather than its .bin
+  files being read as text documents)."""
+  return any(os.path.isfile(os.path.join(source, name)) for name in (MANIFEST, "plan.json"))
 
 
 def read_manifest(directory: str) -> dict:

@@ -41,7 +41,8 @@ class EvalOptions:
   """What ``evaluate_checkpoint`` does; the CLI flags of ``sparse-jax eval`` map one to one.
 
   data: None evaluates the checkpoint's validation split; else files/globs/"stdlib" whose
-    documents (all of them) are the evaluation text.
+    documents (all of them) are the evaluation text, or a directory made by ``sparse-jax
+    prepare-data``, whose validation split is.
   seq_len: window length (default: the run's data.seq_len; a Hugging Face checkpoint's
     max_position_embeddings, at most 2048).
   tasks: multiple-choice JSONL files ("path" or "FORMAT:path").
@@ -84,10 +85,11 @@ def evaluation_tokens(loaded: Loaded, data: str | None, *, progress: bool
                       ) -> tuple[np.ndarray, str]:
   """(token stream, description) of the evaluation text."""
   cfg, tok = loaded.cfg, loaded.tokenizer
-  if data is None and is_prepared(cfg.data.source):
+  source = cfg.data.source if data is None else data
+  if is_prepared(source):
     # The prepared validation split, read from disk: the training shards are not touched.
-    return load_splits(cfg.data, tok, progress=progress)[1], (
-        f"validation split of the prepared data {cfg.data.source!r}")
+    return load_splits(dataclasses.replace(cfg.data, source=source), tok,
+                       progress=progress)[1], f"validation split of the prepared data {source!r}"
   if data is None:
     corpus = build_corpus(cfg.data, tok, progress=progress)
     return corpus.val_tokens, (f"validation split of data.source={cfg.data.source!r} "
