@@ -105,8 +105,31 @@ def _build(base: Any, mapping: dict, where: str) -> Any:
   return dataclasses.replace(base, **changes)
 
 
+def _renamed(data: dict) -> dict:
+  """``data`` with keys that ``sparse_jax.config.RENAMED_KEYS`` maps ({"a.b": "a.c.d"}) moved to
+  their new place, so an older run's config.json still loads (a new key given too wins)."""
+  import copy
+
+  from sparse_jax import config as config_module
+  data = copy.deepcopy(data)
+  for old, new in getattr(config_module, "RENAMED_KEYS", {}).items():
+    *old_path, old_key = old.split(".")
+    node = data
+    for part in old_path:
+      node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or old_key not in node:
+      continue
+    value = node.pop(old_key)
+    *new_path, new_key = new.split(".")
+    node = data
+    for part in new_path:
+      node = node.setdefault(part, {})
+    node.setdefault(new_key, value)
+  return data
+
+
 def config_from_mapping(data: dict, *, where: str = "config", default_name: str = "") -> Config:
-  data = dict(data)
+  data = _renamed(data)
   preset = data.pop("preset", None)
   base = get_config(preset) if preset is not None else Config()
   sections = {f.name for f in dataclasses.fields(Config)} - {"name"}

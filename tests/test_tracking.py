@@ -198,3 +198,12 @@ def test_help_config_lists_every_field(capsys):
   assert "model.d_ff (int, default 5632)" in out and "FFN hidden width" in out
   assert "parallel.process_id (int | None, default null)" in out
   assert config_from_mapping({}) == Config()
+
+
+def test_renamed_keys_of_older_configs_load(monkeypatch):
+  """Keys listed in config.RENAMED_KEYS move to their new place (an older config.json loads)."""
+  from sparse_jax import config as config_module
+  monkeypatch.setattr(config_module, "RENAMED_KEYS", {"train.lr_peak": "train.lr"},
+                      raising=False)
+  assert config_from_mapping({"train": {"lr_peak": 2e-4}}).train.lr == 2e-4
+  assert config_from_mapping({"train": {"lr_peak": 2e-4, "lr": 1e-4}}).train.lr == 1e-4
