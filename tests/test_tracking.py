@@ -191,6 +191,8 @@ def test_help_config_lists_every_field(capsys):
   for section in ("model", "data", "train", "parallel"):
     cls = type(getattr(Config(), section))
     assert {f"{section}.{f.name}" for f in dataclasses.fields(cls)} <= keys
+    # No docstring entry names a field that no longer exists.
+    assert set(docstring_entries(cls)) <= {f.name for f in dataclasses.fields(cls)}, section
   assert docstring_entries(TrainConfig)["b2"] == docstring_entries(TrainConfig)["eps"]
   assert main(["train", "--config", "0.5b", "--help-config"]) == 0
   out = capsys.readouterr().out
