@@ -27,6 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_jax.data import build_corpus, iter_documents, validation_batches
+from sparse_jax.data.pipeline import load_splits
+from sparse_jax.data.shards import is_prepared
 from sparse_jax.eval import report as report_lib
 from sparse_jax.eval.context import warn_past_context
 from sparse_jax.eval.lm import evaluate_lm
@@ -40,7 +42,8 @@ class EvalOptions:
   """What ``evaluate_checkpoint`` does; the CLI flags of ``sparse-jax eval`` map one to one.
 
   data: None evaluates the checkpoint's validation split; else files/globs/"stdlib" whose
-    documents (all of them) are the evaluation text.
+    documents (all of them) are the evaluation text, or a directory made by ``sparse-jax
+    prepare-data``, whose validation split is.
   seq_len: window length (default: the run's data.seq_len; a Hugging Face checkpoint's
     max_position_embeddings, at most 2048). Longer than the trained context warns.
   batch_size, max_batches: default to the run's own validation (train.batch_size / grad_accum
@@ -86,6 +89,11 @@ def evaluation_tokens(loaded: Loaded, data: str | None, *, progress: bool
                       ) -> tuple[np.ndarray, str]:
   """(token stream, description) of the evaluation text."""
   cfg, tok = loaded.cfg, loaded.tokenizer
+  source = cfg.data.source if data is None else data
+  if is_prepared(source):
+    # The prepared validation split, read from disk: the training shards are not touched.
+    return load_splits(dataclasses.replace(cfg.data, source=source), tok,
+                       progress=progress)[1], f"validation split of the prepared data {source!r}"
   if data is None:
     corpus = build_corpus(cfg.data, tok, progress=progress)
     return corpus.val_tokens, (f"validation split of data.source={cfg.data.source!r} "

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from sparse_jax import parallel, runlock
 from sparse_jax.config import Config, DataConfig, TrainConfig
-from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
+from sparse_jax.data import Batches, load_tokenizer, validation_batches
+from sparse_jax.data.pipeline import load_splits, next_batch
 from sparse_jax.nn import Transformer, count_params
 from sparse_jax.train import guard
 from sparse_jax.train.checkpoint import Checkpointer
@@ -39,11 +39,13 @@ from sparse_jax.train.dispatch import Dispatcher, step_lowering
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
 from sparse_jax.train.resume import start_or_resume
 from sparse_jax.train.step import init_state, step_functions
+from sparse_jax.train.tracking import IntervalMean, ProgressBar, RunTracker, check_tracking
 
 # Train settings that may change between a checkpoint and its resumption without changing what
 # the run computes (budgets and cadences). Any other change is reported: exact resume needs none.
 _RESUMABLE_TRAIN_CHANGES = {"max_minutes", "log_every", "eval_every", "eval_batches",
-                            "ckpt_every", "keep_checkpoints", "nonfinite"}
+                            "ckpt_every", "keep_checkpoints", "nonfinite", "tensorboard",
+                            "wandb", "wandb_project"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +109,8 @@ def evaluate(params, graphdef, cfg: Config, batches: list[np.ndarray], *, mesh=N
   sums = jax.device_get(sums)
   n = len(batches)
   l0_L = sums["l0_L"] / n
-  return dict(
+  tokens = n * batches[0].shape[0] * (batches[0].shape[1] - 1)
+  return dict(firing_LxF=sums["active_per_neuron_LxF"] / tokens,
       ce=float(sums["ce"] / n), ppl=float(np.exp(sums["ce"] / n)), l0_L=l0_L,
       l1_L=sums["l1_L"] / n, sparsity_pct=float(100 * (1 - l0_L.mean() / cfg.model.d_ff)),
       dead_on_val_L=np.mean(sums["active_per_neuron_LxF"] == 0, axis=1),
@@ -150,12 +153,13 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   paths = RunPaths.of(out, jax.process_index())
   progress = progress and jax.process_index() == 0
   cfg, tokenizer = resolve_config(cfg)
+  check_tracking(cfg.train)
   tcfg, d_ff = cfg.train, cfg.model.d_ff
   micro = tcfg.batch_size // tcfg.grad_accum
   mesh = parallel.run_mesh(cfg.parallel)
   if mesh is not None:
     parallel.check_batch(micro, mesh)
-  corpus = build_corpus(cfg.data, tokenizer, progress=progress)
+  train_tokens, val_tokens = load_splits(cfg.data, tokenizer, progress=progress)
   graphdef, state = init_state(cfg, mesh)
   if fresh and os.path.isdir(paths.checkpoints) and jax.process_index() == 0:
     shutil.rmtree(paths.checkpoints)
@@ -169,10 +173,12 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     ckpt.close()
     raise
   watch = guard.NonfiniteWatch(tcfg.nonfinite, say=say)
-  batches = Batches(corpus.train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
+  batches = Batches(train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
                     state=data_state)
-  val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
+  val = validation_batches(val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
+  tracker = RunTracker(cfg, paths.out, resume_step=resumed_from,
+                       enabled=jax.process_index() == 0)
   compiled_cfg = step_config(cfg)
   # One compiled step per pattern of per-layer FFN modes (train.dispatch; sparse_jax.train.dispatch).
   train_step = Dispatcher(cfg, graphdef, state.params,
@@ -188,7 +194,9 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   def run_eval(step):
     rec = dict(split="val", step=step, **evaluate(state.params, graphdef, compiled_cfg, val,
                                                   mesh=mesh))
+    firing_LxF = rec.pop("firing_LxF")  # per neuron: TensorBoard histograms, not the JSONL
     log.write(rec)
+    tracker.write(rec, firing_LxF)
     return rec
 
   step = start_step = int(state.step)
@@ -201,8 +209,9 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   last_val = None
   t_loop = last_t = time.perf_counter()
   last_step, steady = step, []  # (tokens, seconds) of log intervals after the first (compile)
-  bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {cfg.name}", unit="step",
-             disable=not progress, mininterval=1.0, dynamic_ncols=True)
+  bar = ProgressBar(tcfg, step, desc=f"train {cfg.name}", disable=not progress)
+  interval = IntervalMean()  # train metrics averaged over each log interval
+
   def save():
     watch.flush()  # a non-finite last step stops here with train.nonfinite=stop, unsaved
     bad = guard.nonfinite_leaves(state.params)
@@ -220,13 +229,17 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
       if deadline is not None and time.perf_counter() > deadline:
         stop_reason = "time budget"
         break
-      batch = batches.next().reshape(tcfg.grad_accum, micro, cfg.data.seq_len + 1)
+      batch = next_batch(batches, tcfg.grad_accum,
+                         None if mesh is None else parallel.batch_sharding(mesh, 3, 1))
       state, metrics = train_step(state, batch)
+      interval.add(metrics)
       step += 1
-      bar.update(1)
+      bar.update(step)
       watch.after_step(step, metrics)
+      # The dispatcher reads this step's own l0_ema_L (the log records hold interval averages).
+      step_metrics = metrics
       if step % tcfg.log_every == 0 or step == target:
-        metrics = jax.device_get(metrics)
+        metrics = interval.take()
         now = time.perf_counter()
         dt, n_tok = now - last_t, (step - last_step) * tokens_per_step
         if last_step != start_step:
@@ -235,9 +248,10 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
                    tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, ffn_modes=train_step.code(),
                    **metrics)
         log.write(rec)
-        bar.set_postfix(_postfix(rec, d_ff), refresh=False)
+        tracker.write(rec)
+        bar.set_postfix(_postfix(rec, d_ff))
         last_t, last_step = time.perf_counter(), step
-      train_step.after_step(step, metrics)
+      train_step.after_step(step, step_metrics)
       if step % tcfg.eval_every == 0:
         last_val = run_eval(step)
       if step % tcfg.ckpt_every == 0:
@@ -254,6 +268,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     bar.close()
     if diverged:
       ckpt.close()  # an async save of earlier, finite steps completes; nothing new is saved
+    tracker.flush()
   if stop_reason == "steps" and step < tcfg.steps:
     stop_reason = "stop_at"
   # However the loop ended, the state it reached is saved (unless that step already is).
@@ -261,6 +276,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     save()
   ckpt.close()
   if stop_reason == "interrupted" or signals.received is not None:
+    tracker.close()  # the records so far stay in the event files / the W&B run
     where = (f"the checkpoint of step {step} is saved in {paths.checkpoints}, rerun the same "
              "command to resume" if step > 0 else "nothing was trained or saved yet")
     message = f"stopped by {signals.name or 'an interrupt'} at step {step}; {where}"
@@ -273,6 +289,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     done = [r for r in records if r["split"] == "val" and r["step"] == step]
     last_val = done[-1] if done else run_eval(step)
     records += [] if done else [to_python(last_val)]
+  tracker.close()
   plot_curves(records, paths.plot, d_ff=d_ff, title=f"{cfg.name}: {cfg.model.ffn}, "
               f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
