@@ -47,7 +47,8 @@ def is_run_dir(path: str) -> bool:
 
 
 def load_run(out: str, step: int | None = None) -> tuple[Transformer, Config, int]:
-  """(model, config, step) of a run directory's checkpoint (latest complete step by default)."""
+  """(model, config, step) of a run directory's checkpoint (by default the newest step that reads
+  back; a damaged newer step is reported in one line, nothing is deleted)."""
   # orbax and the train state: imported only when a run directory is loaded.
   from sparse_jax.train.checkpoint import Checkpointer
   from sparse_jax.train.step import init_state
@@ -55,13 +56,19 @@ def load_run(out: str, step: int | None = None) -> tuple[Transformer, Config, in
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"no checkpoints directory {directory} (is {out!r} a run directory?)")
   ckpt = Checkpointer(directory, keep=1_000_000)
+  built = {}
+
+  def template(saved_config: dict):
+    built["cfg"] = Config.from_dict(saved_config)
+    built["graphdef"], state = init_state(built["cfg"])
+    return state
+
   try:
-    cfg = Config.from_dict(ckpt.read_config(step))
-    graphdef, template = init_state(cfg)
-    state, _, _, step = ckpt.restore(template, step)
+    # A damaged latest step is reported in one line and the newest complete one loaded.
+    state, _, _, step, _ = ckpt.restore_intact(template, step)
   finally:
     ckpt.close()
-  return nnx.merge(graphdef, state.params), cfg, step
+  return nnx.merge(built["graphdef"], state.params), built["cfg"], step
 
 
 def rebuild(model: Transformer, cfg: Config, **model_changes) -> tuple[Transformer, Config]:

@@ -1,14 +1,5 @@
-"""The ``sparse-jax`` command: ``sparse-jax train ...`` (more subcommands register in COMMANDS).
-
-    sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
-    sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
-    sparse-jax train --config tiny --print-config
-    sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
-    sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
-    sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
-    sparse-jax prepare-inference --checkpoint runs/tiny --out prepared/tiny
-
-``eval`` and ``generate`` take a run directory or a Hugging Face Llama-format checkpoint directory.
+"""The ``sparse-jax`` command line: train, prepare-data, eval, generate, export-hf,
+prepare-inference (``USAGE`` is its help).
 
 A subcommand is ``COMMANDS[name] = Command(help, add_arguments(parser), run(args) -> int)``.
 """
@@ -17,10 +8,31 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from typing import Callable
 
-from sparse_jax.config import PRESETS, Config, apply_overrides, get_config
+from sparse_jax.config import PRESETS, Config, apply_overrides
+from sparse_jax.errors import RunError
+
+USAGE = """Train, evaluate, sample from and export sparse language models.
+
+    sparse-jax train --config tiny --max-minutes 3 --out runs/tiny
+    sparse-jax train --config small --set model.n_layers=4 train.lr=3e-4 data.source='shards/*.parquet'
+    sparse-jax train --config tiny --print-config
+    sparse-jax train --help-config                 # every config field: type, default, meaning
+    sparse-jax train --config my_run.yaml --set train.lr=3e-4   # or a run's own config.json
+    sparse-jax prepare-data --data 'corpus/*.jsonl' --out data/corpus   # tokenize once, then
+    sparse-jax train --config 0.5b --data data/corpus                   # train from the shards
+    sparse-jax eval --checkpoint runs/tiny --tasks arc_easy.jsonl piqa.jsonl
+    sparse-jax generate --checkpoint runs/tiny --prompt 'def main(' --temperature 0.8 --top-p 0.95
+    sparse-jax export-hf --checkpoint runs/tiny --out exported/tiny --dtype bfloat16
+    sparse-jax prepare-inference --checkpoint runs/tiny --out prepared/tiny
+
+eval and generate take a run directory or a Hugging Face Llama-format checkpoint directory.
+Rerunning train with the same --out resumes it; SIGTERM, SIGINT and SIGHUP save a checkpoint
+first (exit status 128 + the signal's number).
+"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,18 +43,23 @@ class Command:
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", default="tiny", choices=list(PRESETS), help="preset (default tiny)")
+  p.add_argument("--config", default="tiny",
+                 help=f"a preset ({', '.join(PRESETS)}; default tiny) or a JSON/YAML config file "
+                      "(a run's own config.json too)")
   p.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[],
                  metavar="SECTION.FIELD=VALUE",
                  help="override config fields, e.g. model.n_layers=4 train.lr=3e-4")
   p.add_argument("--print-config", action="store_true", help="print the config and exit")
+  p.add_argument("--help-config", action="store_true",
+                 help="list every config field with its type, default and meaning, and exit")
 
 
 def config_from_args(args: argparse.Namespace, shortcuts: dict[str, object]) -> Config:
   """The preset with ``shortcuts`` ({"train.steps": 100}, None = not given) and --set applied
   (--set last, so it wins)."""
   given = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-  return apply_overrides(get_config(args.config), given + list(args.overrides))
+  from sparse_jax.config_files import load_config
+  return apply_overrides(load_config(args.config), given + list(args.overrides))
 
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,6 +75,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                  help="fail instead of resuming if the run directory has checkpoints")
   p.add_argument("--stop-at", type=int, help="stop (and save) at this step; resume later")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  p.add_argument("--wandb", metavar="PROJECT",
+                 help="train.wandb=true, train.wandb_project=PROJECT: also log to Weights & Biases")
 
 
 def two_column_table(rows: list[tuple[str, str]]) -> str:
@@ -92,12 +111,24 @@ def format_summary(s: dict) -> str:
       ("curves", s["plot"]),
       ("wall time", f"{s['wall_s']:.1f} s"),
   ]
+  if s["stop_reason"] == "time budget":
+    rows.append(("note", f"the time budget stopped the run at step {s['steps']} of "
+                         f"{s['target_steps']}: rerun the same command to continue"))
+  if s.get("nonfinite_steps_skipped"):
+    rows.append(("skipped steps", f"{len(s['nonfinite_steps_skipped'])} non-finite steps "
+                                  "skipped (train.nonfinite=skip)"))
   return two_column_table(rows)
 
 
 def _train(args: argparse.Namespace) -> int:
+  if args.help_config:
+    from sparse_jax.config_files import field_reference, load_config
+    print(field_reference(load_config(args.config)))
+    return 0
   cfg = config_from_args(args, {"train.steps": args.steps, "train.max_minutes": args.max_minutes,
-                                "data.source": args.data, "parallel.mesh": args.mesh})
+                                "data.source": args.data, "parallel.mesh": args.mesh,
+                                "train.wandb": args.wandb and "true",
+                                "train.wandb_project": args.wandb})
   if args.print_config:
     print(json.dumps(cfg.to_dict(), indent=2))
     return 0
@@ -132,9 +163,13 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                                 "instead of the checkpoint's validation split")
   p.add_argument("--seq-len", type=int, help="tokens per evaluation window (default: the "
                                              "run's data.seq_len)")
-  p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
-  p.add_argument("--max-batches", type=int, default=32,
-                 help="evaluate at most this many batches (default 32)")
+  p.add_argument("--batch-size", type=int,
+                 help="windows per batch (default: the run's own validation batch, "
+                      "train.batch_size / train.grad_accum; 8 for Hugging Face checkpoints)")
+  p.add_argument("--max-batches", type=int,
+                 help="evaluate at most this many batches (default: the run's "
+                      "train.eval_batches, so the numbers match its validation; 32 for Hugging "
+                      "Face checkpoints)")
   p.add_argument("--tasks", nargs="+", default=[], metavar="[FORMAT:]FILE.jsonl",
                  help="zero-shot multiple-choice files in HellaSwag, ARC or PIQA shape")
   p.add_argument("--mc-batch-size", type=int, default=16, help="choices scored per batch")
@@ -214,11 +249,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--prompt", action="append", default=None,
                  help="text to continue (repeat for a batch of prompts of any lengths; "
                       "default: a new document)")
-  p.add_argument("--max-new-tokens", type=int, default=200)
+  p.add_argument("--max-new-tokens", type=int, default=200, metavar="N",
+                 help="new tokens to generate per sample (default 200)")
   p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
   p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely (0: all)")
   p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--num-samples", type=int, default=1, help="continuations of each prompt")
   p.add_argument("--no-stop", action="store_true",
                  help="keep generating past the end-of-document token")
@@ -229,12 +265,15 @@ def _generate(args: argparse.Namespace) -> int:
   check_sampling(args.temperature, args.top_p, args.top_k)  # before the checkpoint is loaded
   if args.num_samples < 1:
     raise ValueError(f"--num-samples={args.num_samples}: must be a positive integer")
+  from sparse_jax.eval.context import warn_past_context
   loaded = _load(args)
   tok = loaded.tokenizer
   texts = [t for t in (args.prompt or [""]) for _ in range(args.num_samples)]
   # A document starts after an end-of-document token: an empty prompt is that token alone.
   prompts = [list(tok.encode_batch([t])[0]) if t else [] for t in texts]
   prompts = [ids if len(ids) else [tok.eos_id] for ids in prompts]
+  warn_past_context(max(len(ids) for ids in prompts) + args.max_new_tokens,
+                    loaded.cfg.data.seq_len, "prompt + new tokens span")
   gen = generate(loaded.model, prompts, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                  seed=args.seed, eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size)
@@ -303,7 +342,48 @@ def _prepare_inference(args: argparse.Namespace) -> int:
   return 0
 
 
+def _prepare_data_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--data", required=True,
+                 help="sources: files/globs/directories separated by commas (.txt/.md/... one "
+                      "document per file, .jsonl per line, .parquet per row), stdlib, "
+                      "stdlib-prose, or hf:NAME[:CONFIG] (with --max-docs)")
+  p.add_argument("--tokenizer", default="bytes", help="'bytes' (default) or a tokenizer.json")
+  p.add_argument("--out", required=True, help="directory of the shards (rerun to complete it)")
+  p.add_argument("--workers", type=int, help="tokenizing processes (default: the CPU count)")
+  p.add_argument("--shard-tokens", type=int, default=1 << 26,
+                 help="about this many tokens per shard (default 2**26)")
+  p.add_argument("--val-fraction", type=float, default=0.01,
+                 help="share of each shard's tokens held out for validation (default 0.01)")
+  p.add_argument("--text-field", default="text", help="JSONL/Parquet/HF text field")
+  p.add_argument("--max-docs", type=int, help="use at most this many documents")
+  p.add_argument("--hf-split", default="train", help="split of an hf: dataset")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+  from sparse_jax.data.prepare import PrepareOptions, prepare_data
+  m = prepare_data(PrepareOptions(
+      source=args.data, tokenizer=args.tokenizer, out=args.out, workers=args.workers,
+      shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
+      text_field=args.text_field, max_docs=args.max_docs, hf_split=args.hf_split),
+      progress=not args.no_progress)
+  print(two_column_table([
+      ("prepared", f"{args.out} ({len(m['shards'])} shards, {m['skipped_shards']} found "
+                   "complete)"),
+      ("documents", f"{m['documents']:,}"),
+      ("tokens", f"{m['train_tokens']:,} train + {m['val_tokens']:,} validation "
+                 f"({m['dtype']}, tokenizer {m['tokenizer']['spec']})"),
+      ("wall time", f"{m['prepare_s']:.1f} s"),
+      ("train from it", f"sparse-jax train --data {args.out}"
+                        + ("" if args.tokenizer == "bytes" else
+                           f" --set data.tokenizer={args.tokenizer}")),
+  ]))
+  return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "prepare-data": Command("tokenize a corpus once into token shards that train and eval read "
+                            "(parallel, resumable)", _prepare_data_arguments, _prepare_data),
     "train": Command("train a sparse language model (resumes from its checkpoints)",
                      _train_arguments, _train),
     "eval": Command("evaluate a checkpoint: perplexity, sparsity analysis with plots, zero-shot "
@@ -320,7 +400,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="sparse-jax", description=__doc__,
+  parser = argparse.ArgumentParser(prog="sparse-jax", description=USAGE,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--debug", action="store_true", help="full tracebacks for input errors")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -331,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     return COMMANDS[args.command].run(args)
   except KeyboardInterrupt as e:
     print(f"sparse-jax {args.command}: {e or 'interrupted'}", file=sys.stderr)
-    return 130
-  except (ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
+    return 128 + getattr(e, "signum", signal.SIGINT)  # 130 for Ctrl-C, 143 for SIGTERM
+  except (ValueError, FileNotFoundError, FileExistsError, ImportError, RunError) as e:
     if args.debug:
       raise
     print(f"sparse-jax {args.command}: error: {e}", file=sys.stderr)

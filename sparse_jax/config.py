@@ -66,6 +66,15 @@ def _check_hot_neurons(cfg) -> None:
 class ModelConfig:
   """A Llama-style decoder: tied embeddings, RMSNorm, RoPE, causal MHA/GQA, a chosen FFN.
 
+  d_model: width of the residual stream.
+  n_layers: transformer blocks.
+  n_heads: attention (query) heads.
+  d_ff: FFN hidden width (neurons per layer).
+  rope_theta: RoPE base frequency.
+  norm_eps: RMSNorm epsilon.
+  compute_dtype: dtype of activations and matmuls (parameters are cast to it at use).
+  param_dtype: dtype of the stored (master) parameters.
+  remat: recompute each block's activations in the backward pass (less memory, more compute).
   vocab_size: None takes the tokenizer's vocabulary rounded up to a multiple of 128; an explicit
     value must be at least the tokenizer's.
   n_kv_heads: None means full multi-head attention; fewer (dividing n_heads) is grouped-query.
@@ -92,6 +101,8 @@ class ModelConfig:
     the op's ``sparse.gate_threshold``: setting either sets both (they may not differ).
   sliding_window: each position attends to at most this many positions (itself included), as
     Mistral's sliding-window attention; None: the whole causal context.
+  sparse_hot_neurons: per layer, the first n neurons run dense and the rest sparse
+    (``sparse_jax.ops.hotcold``; set by ``sparse-jax prepare-inference``); none: the plain op.
   """
 
   vocab_size: int | None = None
@@ -211,10 +222,18 @@ class DataConfig:
     non-test modules, read with ast, and the pydoc topic texts of pydoc_data/topics.py), local
     files or globs separated by commas (.txt/.md/.py/... one document per file, .jsonl one per
     line, .parquet one per row), or "hf:NAME[:CONFIG]" for a Hugging Face dataset (needs the
-    ``datasets`` package and a network; the first max_docs documents are used).
+    ``datasets`` package and a network; the first max_docs documents are used), or a directory
+    of token shards made by ``sparse-jax prepare-data`` (read from disk; its manifest then fixes
+    the tokenizer, the documents and the validation split).
   tokenizer: "bytes" (256 byte ids + specials) or the path of a Hugging Face tokenizer.json.
   seq_len: tokens per training sequence (each example holds seq_len + 1 tokens: inputs, targets).
   val_fraction: share of the tokens, whole documents in shuffled order, held out for validation.
+  text_field: the field (JSONL, Hugging Face) or column (Parquet) that holds the text.
+  max_docs: use at most this many documents (none: all; required for hf: sources).
+  hf_split: the split of an hf: dataset.
+  seed: seed of the document order and of the per-epoch permutation of training examples.
+  bad_files: a data file that is not UTF-8 text (binary, another encoding) is refused naming it
+    ("error") or left out with a count ("skip").
   """
 
   source: str = "stdlib"
@@ -225,9 +244,11 @@ class DataConfig:
   max_docs: int | None = None
   hf_split: str = "train"
   seed: int = 0
+  bad_files: str = "error"
 
   def __post_init__(self):
     _positive_ints(self, "data", ("seq_len",))
+    _choice(self, "data", "bad_files", ("error", "skip"))
     _require(isinstance(self.source, str) and self.source.strip() != "", "data.source",
              self.source, "must name a corpus")
     _require(0.0 < self.val_fraction < 0.5, "data.val_fraction", self.val_fraction,
@@ -254,15 +275,36 @@ class TrainConfig:
   dead_window: steps over which a neuron that never fires is counted dead; reinit_dead
     re-draws the gate rows of dead neurons at the end of every window.
   max_minutes: stop (and save) after this much wall time even if ``steps`` is not reached.
+  steps: optimiser steps of the run (the end of the learning-rate schedule).
+  grad_accum: micro-batches per step (gradients averaged over them; must divide batch_size).
+  min_lr_ratio: the final learning rate as a share of lr.
+  warmup_steps: steps of linear learning-rate warmup from 0.
+  b1 / b2 / eps: AdamW's moment decays and epsilon.
+  weight_decay: AdamW's decoupled weight decay.
+  grad_clip: the global gradient norm is clipped to this.
+  l0_ema_decay: decay of the per-layer EMA of active neurons per token (l0_ema_L).
+  reinit_dead: re-draw the gate rows of the neurons dead over a whole dead_window at its end.
+  seed: seed of the initial parameters and of dead-neuron re-initialisation.
+  log_every: steps per train record (its metrics are averages over those steps).
+  eval_every: steps between validation evaluations.
+  eval_batches: validation batches per evaluation.
+  ckpt_every: steps between checkpoints.
+  keep_checkpoints: how many of the latest checkpoints are kept.
+  tensorboard: write TensorBoard event files into the run directory (sparse_jax.train.tracking).
+  wandb: also log to Weights & Biases (needs the wandb package and a login).
+  wandb_project: the W&B project (none: "sparse-jax").
   dispatch: how each sparse FFN layer picks sparse or dense (``sparse_jax.train.dispatch``):
     "device" (the op decides per call on device), "auto_host" (the loop decides per layer from the
     EMA of active neurons, with hysteresis, every dispatch_every steps; one compiled step per
     pattern), "sparse" / "dense" (every layer, fixed).
+  dispatch_every: steps between "auto_host"'s per-layer decisions.
   dispatch_sparse_below / dispatch_dense_above: "auto_host"'s hysteresis, as active fractions of
     d_ff at >= 16384 tokens per call (scaled by sqrt(tokens / 16384) below): a dense layer goes
     sparse below the first, a sparse layer goes dense above the second.
   dispatch_compile_ahead: "auto_host" compiles the likely next pattern's step in a background
     thread, so a switch does not stall the run on compilation.
+  nonfinite: a step with a non-finite loss or gradient never changes the weights; "stop" ends the
+    run with an error there, "skip" goes on and counts the skipped steps.
   """
 
   steps: int = 600
@@ -294,6 +336,10 @@ class TrainConfig:
   dispatch_sparse_below: float = 0.0072
   dispatch_dense_above: float = 0.0085
   dispatch_compile_ahead: bool = True
+  nonfinite: str = "stop"
+  tensorboard: bool = True
+  wandb: bool = False
+  wandb_project: str | None = None
 
   def __post_init__(self):
     _positive_ints(self, "train", ("steps", "batch_size", "grad_accum", "dead_window",
@@ -301,7 +347,7 @@ class TrainConfig:
                                    "keep_checkpoints"))
     _require(self.batch_size % self.grad_accum == 0, "train.grad_accum", self.grad_accum,
              f"must divide batch_size={self.batch_size}")
-    _require(self.lr > 0, "train.lr", self.lr, "must be positive")
+    _require(0 < self.lr < float("inf"), "train.lr", self.lr, "must be positive and finite")
     _require(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio,
              "must be in [0, 1]")
     for name in ("warmup_steps", "l1_warmup_steps"):
@@ -316,6 +362,7 @@ class TrainConfig:
       _require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name),
                "must be non-negative")
     _choice(self, "train", "l1_norm", L1_NORMS)
+    _choice(self, "train", "nonfinite", ("stop", "skip"))
     _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
              self.max_minutes, "must be positive or none")
     _choice(self, "train", "dispatch", DISPATCH_KINDS)
@@ -370,6 +417,9 @@ class ParallelConfig:
     coordinator and process ids come from the fields below, else from JAX's cluster detection
     (SLURM, Open MPI, ...) or the ``JAX_COORDINATOR_ADDRESS`` environment variable. The
     ``SPARSE_JAX_DISTRIBUTED=1`` environment variable has the same effect as true.
+  coordinator_address: host:port of process 0 (none: detected or from the environment).
+  num_processes: processes of a distributed run (none: detected).
+  process_id: this process's index (none: detected).
   """
 
   mesh: str = "auto"

@@ -43,6 +43,10 @@ class SparseFFNChecks:
     return (ops.SparseFFNConfig(ell_width=16, tail_capacity=self.M),
             ops.SparseFFNConfig(ell_width=16, tail_capacity=1))
 
+  def roomy_config(self):
+    """A config under which no row overflows its sparse format (every row on the sparse path)."""
+    return ops.SparseFFNConfig(twell_capacity=ops.SparseFFNConfig().tile, tail_capacity=self.M)
+
   def op(self, x, wg, wu, wd, gated=True, config=None):
     if gated:
       return ops.gated_sparse_ffn(x, wg, wu, wd, implementation=self.implementation, config=config)
@@ -170,6 +174,50 @@ class SparseFFNChecks:
     ok[5] = False
     assert rel_err(y[ok], y_ref[ok]) < TOL[dtype]
 
+  @pytest.mark.parametrize("gated", [True, False])
+  def test_inf_and_nan_rows_match_dense(self, key, gated):
+    """+-Inf and NaN inputs give what the dense float32 FFN gives (gated: an Inf feature makes
+    every gate pre-activation +-Inf or NaN, so inactive neurons give 0 * Inf = NaN and the row is
+    all NaN; non-gated: +-Inf or NaN per output), in the inference forward and in the training
+    forward; the other rows stay exact."""
+    dtype = self.dtypes[0]
+    p = self.problem(key, dtype)
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 30)))
+    rows = rng.choice(self.M, 5, replace=False)
+    cols = rng.choice(self.D, 3, replace=False)
+    # Trained gates are mostly negative: an Inf feature then makes only a few neurons active
+    # (their h is +-Inf) and all the others -Inf (h = 0 * Inf = NaN in dense). Here feature
+    # cols[0] opens 2 neurons on +Inf, feature cols[1] 2 neurons on -Inf.
+    w_gate = np.asarray(p.w_gate, np.float32).copy()
+    few = rng.choice(self.N, 4, replace=False)
+    w_gate[:, cols[0]] = -np.abs(w_gate[:, cols[0]]) - 0.1
+    w_gate[few[:2], cols[0]] *= -1
+    w_gate[:, cols[1]] = np.abs(w_gate[:, cols[1]]) + 0.1
+    w_gate[few[2:], cols[1]] *= -1
+    w_gate = jnp.asarray(w_gate, dtype)
+    x = (p.x.at[rows[0], cols[0]].set(jnp.inf)
+         .at[rows[1], cols[1]].set(-jnp.inf)
+         .at[rows[2], cols[2]].set(jnp.nan)
+         .at[rows[3], cols[0]].set(jnp.inf).at[rows[3], cols[1]].set(-jnp.inf)
+         .at[rows[4], cols[0]].set(jnp.inf).at[rows[4], cols[2]].set(jnp.nan))
+    p = dataclasses.replace(p, w_gate=w_gate)
+    y_ref, _, _ = dense_loss_and_grads(x, p.w_gate, p.w_up, p.w_down, 0.0, 0.0, gated=gated)
+    y_ref = np.asarray(y_ref)
+    if gated:  # h = relu(g) * u: an inactive neuron's 0 * Inf makes the whole row NaN
+      assert np.isnan(y_ref[rows]).all()
+    ok = np.ones(self.M, bool)
+    ok[rows] = False
+    cfg = self.roomy_config()
+    y_infer, _ = self.op(x, p.w_gate, p.w_up, p.w_down, gated=gated, config=cfg)
+    y_train, _ = jax.vjp(
+        lambda x: self.op(x, p.w_gate, p.w_up, p.w_down, gated=gated, config=cfg)[0], x)
+    for y in (y_infer, y_train):
+      y = np.asarray(y, np.float32)
+      np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+      np.testing.assert_array_equal(np.isinf(y), np.isinf(y_ref))
+      np.testing.assert_array_equal(y[np.isinf(y_ref)], y_ref[np.isinf(y_ref)])
+      assert rel_err(y[ok], y_ref[ok]) < TOL[dtype]
+
   def test_bad_arguments_raise_clear_errors(self, key):
     p = self.problem(key, self.dtypes[0])
     with pytest.raises(ValueError, match=r"w_gate .*looks like the \[d_model, d_ff\] layout"):
@@ -204,6 +252,9 @@ class PallasChecks(SparseFFNChecks):
     # overflow_capacity rows; past that the backward runs dense.
     return (ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=self.M),
             ops.SparseFFNConfig(twell_capacity=8, overflow_capacity=1))
+
+  def roomy_config(self):
+    return ops.SparseFFNConfig(twell_capacity=128, overflow_capacity=self.M)
 
   def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):
     cfg = config or ops.SparseFFNConfig()

@@ -149,3 +149,46 @@ def test_bfloat16_decode_path_matches_dense(key):
   y_ref, _ = dense32(p, True)
   assert y.dtype == jnp.bfloat16 and not bool(stats.dense_fallback)
   assert rel_err(y, y_ref) < 2e-2
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_inf_and_nan_rows_match_dense(key, gated):
+  """+-Inf and NaN tokens give the dense float32 FFN's rows on the union path (the same rule as
+  every backend, sparse_jax.ops.nonfinite): an Inf feature that opens only a few neurons leaves
+  the others at -Inf, where dense gives 0 * Inf = NaN; the union path would drop them. Checked in
+  the inference call and in the training forward (vjp); the finite rows stay exact."""
+  m, d, n = 8, 32, 256
+  k_p, k_r = jax.random.split(key)
+  p = make_ffn_problem(k_p, m, d, n, active_per_token=6.0, dtype=jnp.float32)
+  rng = np.random.default_rng(int(jax.random.randint(k_r, (), 0, 2 ** 30)))
+  rows = rng.choice(m, 4, replace=False)
+  cols = rng.choice(np.arange(1, d), 3, replace=False)  # feature 0 of x is 1 (make_ffn_problem)
+  few = rng.choice(n, 4, replace=False)
+  w_gate = np.asarray(p.w_gate).copy()
+  w_gate[:, cols[0]] = -np.abs(w_gate[:, cols[0]]) - 0.1  # +Inf opens only few[:2]
+  w_gate[few[:2], cols[0]] *= -1
+  w_gate[:, cols[1]] = np.abs(w_gate[:, cols[1]]) + 0.1   # -Inf opens only few[2:]
+  w_gate[few[2:], cols[1]] *= -1
+  p = dataclasses.replace(p, w_gate=jnp.asarray(w_gate))
+  x = (p.x.at[rows[0], cols[0]].set(jnp.inf)
+       .at[rows[1], cols[1]].set(-jnp.inf)
+       .at[rows[2], cols[0]].set(jnp.inf).at[rows[2], cols[1]].set(-jnp.inf)
+       .at[rows[3], cols[2]].set(jnp.nan))
+  p = dataclasses.replace(p, x=x)
+  y_ref = np.asarray(dense32(p, gated)[0])
+  if gated:  # an inactive neuron's 0 * Inf makes the whole dense row NaN
+    assert np.isnan(y_ref[rows]).all()
+  ok = np.ones(m, bool)
+  ok[rows] = False
+  fn = (lambda x: decode.gated_ffn_decode(x, p.w_gate, p.w_up, p.w_down, ROOMY)) if gated else (
+      lambda x: decode.relu_ffn_decode(x, p.w_gate, p.w_down, ROOMY))
+  y_infer, stats = jax.jit(fn)(x)
+  y_train, _ = jax.vjp(lambda x: fn(x)[0], x)
+  # The union (U = d_ff) holds every active neuron: the rows come from the rule, not a fallback.
+  assert not bool(stats.dense_fallback)
+  for y in (y_infer, y_train):
+    y = np.asarray(y)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(y_ref))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(y_ref))
+    np.testing.assert_array_equal(y[np.isinf(y_ref)], y_ref[np.isinf(y_ref)])
+    assert rel_err(y[ok], y_ref[ok]) < 2e-6

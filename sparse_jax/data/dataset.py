@@ -63,7 +63,10 @@ def num_examples(tokens: np.ndarray, seq_len: int) -> int:
 
 
 def examples(tokens: np.ndarray, seq_len: int, ids: np.ndarray) -> np.ndarray:
-  """Examples ``ids`` as an int32 [len(ids), seq_len + 1] array."""
+  """Examples ``ids`` as an int32 [len(ids), seq_len + 1] array (of an in-memory token array or of
+  a ``shards.TokenStream``, which reads just those tokens)."""
+  if hasattr(tokens, "examples"):
+    return tokens.examples(ids, seq_len)
   offsets = ids[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
   return tokens[offsets].astype(np.int32)
 
@@ -103,6 +106,11 @@ class Batches:
 
   def next(self) -> np.ndarray:
     """The next [batch_size, seq_len + 1] int32 batch (continuing into the next epoch)."""
+    return examples(self.tokens, self.seq_len, self.next_ids())
+
+  def next_ids(self) -> np.ndarray:
+    """The example indices of the next batch (advancing the position as ``next`` does): a process
+    of a multi-host run reads only the examples its devices take (``pipeline.next_batch``)."""
     ids = []
     need = self.batch_size
     while need:
@@ -113,7 +121,7 @@ class Batches:
       if self.index == self.n_examples:
         self.epoch, self.index = self.epoch + 1, 0
         self._perm = self._permutation(self.epoch)
-    return examples(self.tokens, self.seq_len, np.concatenate(ids))
+    return np.concatenate(ids)
 
 
 def validation_batches(tokens: np.ndarray, seq_len: int, batch_size: int,

@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import pathlib
+import sys
 import sysconfig
 import warnings
 from typing import Iterator
@@ -112,15 +113,37 @@ def expand_paths(spec: str) -> list[str]:
   return out
 
 
+class NotText(ValueError):
+  """A data file that is not UTF-8 text (``data.bad_files`` decides: refuse or skip)."""
+
+
+def decode_text(where: str, raw: bytes) -> str:
+  """``raw`` as UTF-8 text, or ``NotText`` naming ``where`` (the file) and the first bad byte.
+  NUL bytes, which text never holds, mark a binary file even where they decode."""
+  nul = raw.find(b"\0")
+  if nul >= 0:
+    raise NotText(f"{where} is binary, not text (a NUL byte at offset {nul}); leave it out of "
+                  "data.source or set data.bad_files=skip")
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise NotText(f"{where} is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                  "convert it to UTF-8, leave it out or set data.bad_files=skip") from None
+
+
+def _open_raw(path: str):
+  if path.endswith(".gz"):
+    import gzip
+    return gzip.open(path, "rb")
+  return open(path, "rb")
+
+
 def read_jsonl_records(path: str) -> Iterator[tuple[int, dict]]:
   """(line number, object) for every non-blank line of a JSONL file (``.gz`` too); a line that is
   not a JSON object raises an error naming the file and line."""
-  opener = open
-  if path.endswith(".gz"):
-    import gzip
-    opener = gzip.open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
+  with _open_raw(path) as f:
+    for n, raw in enumerate(f, 1):
+      line = decode_text(f"data file {path}, line {n},", raw)
       if not line.strip():
         continue
       try:
@@ -136,7 +159,16 @@ def _read_jsonl(path: str, field: str) -> Iterator[str]:
   for n, record in read_jsonl_records(path):
     if field not in record:
       raise ValueError(f"{path}:{n}: no {field!r} field (set data.text_field)")
-    yield str(record[field])
+    yield text_value(record[field], f"{path}:{n}: field {field!r}")
+
+
+def text_value(value, where: str) -> str:
+  """``value`` if it is a string; anything else (numbers, lists, null) is refused rather than
+  trained on as its ``str()``."""
+  if not isinstance(value, str):
+    raise ValueError(f"{where} is {type(value).__name__} {str(value)[:40]!r}, not a string; "
+                     "fix the data or set data.text_field to the text field")
+  return value
 
 
 def _read_parquet(path: str, field: str) -> Iterator[str]:
@@ -149,8 +181,13 @@ def _read_parquet(path: str, field: str) -> Iterator[str]:
   if field not in pf.schema_arrow.names:
     raise ValueError(f"{path}: no column {field!r} (columns: {', '.join(pf.schema_arrow.names)}; "
                      "set data.text_field)")
+  import pyarrow as pa
+  kind = pf.schema_arrow.field(field).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    raise ValueError(f"{path}: column {field!r} holds {kind}, not strings; set data.text_field "
+                     "to the text column")
   for batch in pf.iter_batches(columns=[field], batch_size=4096):
-    yield from (str(t) for t in batch.column(0).to_pylist() if t is not None)
+    yield from (t for t in batch.column(0).to_pylist() if t is not None)
 
 
 def _read_file(path: str, field: str) -> Iterator[str]:
@@ -159,7 +196,20 @@ def _read_file(path: str, field: str) -> Iterator[str]:
   elif path.endswith(_PARQUET):
     yield from _read_parquet(path, field)
   else:
-    yield pathlib.Path(path).read_text(encoding="utf-8", errors="replace")
+    yield decode_text(f"data file {path}", pathlib.Path(path).read_bytes())
+
+
+def _file_is_text(path: str) -> bool:
+  """Whether every byte of ``path`` (decompressed for .gz) is UTF-8 text: the pre-check of
+  ``data.bad_files=skip`` (Parquet stores typed columns, checked when read)."""
+  if path.endswith(_PARQUET):
+    return True
+  with _open_raw(path) as f:
+    try:
+      decode_text(path, f.read())
+    except NotText:
+      return False
+  return True
 
 
 def _hf_documents(cfg: DataConfig) -> Iterator[str]:
@@ -173,8 +223,9 @@ def _hf_documents(cfg: DataConfig) -> Iterator[str]:
                       "pip install datasets (and a network connection)") from None
   name, _, subset = cfg.source[len("hf:"):].partition(":")
   ds = datasets.load_dataset(name, subset or None, split=cfg.hf_split, streaming=True)
-  for record in ds:
-    yield str(record[cfg.text_field])
+  for n, record in enumerate(ds):
+    yield text_value(record[cfg.text_field], f"{cfg.source} record {n}: field "
+                                             f"{cfg.text_field!r}")
 
 
 def iter_documents(cfg: DataConfig) -> Iterator[str]:
@@ -187,6 +238,15 @@ def iter_documents(cfg: DataConfig) -> Iterator[str]:
     docs = _hf_documents(cfg)
   else:
     paths = expand_paths(cfg.source)
+    if cfg.bad_files == "skip":
+      bad = [p for p in paths if not _file_is_text(p)]
+      if bad:
+        print(f"warning: data.bad_files=skip: left out {len(bad)} of {len(paths)} files that are "
+              f"not UTF-8 text: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}",
+              file=sys.stderr)
+        paths = [p for p in paths if p not in set(bad)]
+      if not paths:
+        raise ValueError(f"data.source={cfg.source!r}: no file is UTF-8 text")
     docs = (d for p in paths for d in _read_file(p, cfg.text_field))
   for n, doc in enumerate(docs):
     if cfg.max_docs is not None and n >= cfg.max_docs:

@@ -27,7 +27,10 @@ import numpy as np
 from tqdm import tqdm
 
 from sparse_jax.data import build_corpus, iter_documents, validation_batches
+from sparse_jax.data.pipeline import load_splits
+from sparse_jax.data.shards import is_prepared
 from sparse_jax.eval import report as report_lib
+from sparse_jax.eval.context import warn_past_context
 from sparse_jax.eval.lm import evaluate_lm
 from sparse_jax.checkpoints import Loaded, load_model
 from sparse_jax.eval.multiple_choice import evaluate_task, load_task
@@ -39,9 +42,13 @@ class EvalOptions:
   """What ``evaluate_checkpoint`` does; the CLI flags of ``sparse-jax eval`` map one to one.
 
   data: None evaluates the checkpoint's validation split; else files/globs/"stdlib" whose
-    documents (all of them) are the evaluation text.
+    documents (all of them) are the evaluation text, or a directory made by ``sparse-jax
+    prepare-data``, whose validation split is.
   seq_len: window length (default: the run's data.seq_len; a Hugging Face checkpoint's
-    max_position_embeddings, at most 2048).
+    max_position_embeddings, at most 2048). Longer than the trained context warns.
+  batch_size, max_batches: default to the run's own validation (train.batch_size / grad_accum
+    windows per batch, train.eval_batches batches), so the default evaluation reproduces the
+    run's validation loss; 8 and 32 for a Hugging Face checkpoint.
   tasks: multiple-choice JSONL files ("path" or "FORMAT:path").
   mc_max_len: longest context + choice scored (default: seq_len); longer ones keep their end.
   """
@@ -50,8 +57,8 @@ class EvalOptions:
   step: int | None = None
   data: str | None = None
   seq_len: int | None = None
-  batch_size: int = 8
-  max_batches: int = 32
+  batch_size: int | None = None
+  max_batches: int | None = None
   lm: bool = True
   tasks: tuple[str, ...] = ()
   mc_batch_size: int = 16
@@ -82,6 +89,11 @@ def evaluation_tokens(loaded: Loaded, data: str | None, *, progress: bool
                       ) -> tuple[np.ndarray, str]:
   """(token stream, description) of the evaluation text."""
   cfg, tok = loaded.cfg, loaded.tokenizer
+  source = cfg.data.source if data is None else data
+  if is_prepared(source):
+    # The prepared validation split, read from disk: the training shards are not touched.
+    return load_splits(dataclasses.replace(cfg.data, source=source), tok,
+                       progress=progress)[1], f"validation split of the prepared data {source!r}"
   if data is None:
     corpus = build_corpus(cfg.data, tok, progress=progress)
     return corpus.val_tokens, (f"validation split of data.source={cfg.data.source!r} "
@@ -95,6 +107,14 @@ def evaluation_tokens(loaded: Loaded, data: str | None, *, progress: bool
   return np.concatenate(pieces), f"all {len(docs)} documents of {data!r}"
 
 
+def default_batches(loaded: Loaded) -> tuple[int, int]:
+  """(windows per batch, batches): a run's own validation settings, else (8, 32)."""
+  if loaded.kind == "run":
+    t = loaded.cfg.train
+    return t.batch_size // t.grad_accum, t.eval_batches
+  return 8, 32
+
+
 def _device() -> str:
   d = jax.devices()[0]
   return f"{d.platform} ({getattr(d, 'device_kind', d.platform)})"
@@ -106,17 +126,23 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
   loaded = load_model(opts.checkpoint, step=opts.step, ffn=opts.ffn,
                       compute_dtype=opts.compute_dtype, tokenizer=opts.tokenizer,
                       allow_unknown_config=opts.allow_unknown_config)
+  cfg = loaded.cfg
+  seq_len = opts.seq_len or cfg.data.seq_len
+  warn_past_context(seq_len, cfg.data.seq_len, "evaluation windows span")
+  if opts.tasks:
+    warn_past_context(opts.mc_max_len or seq_len, cfg.data.seq_len,
+                      "multiple-choice contexts + choices span up to")
   tasks = [load_task(spec) for spec in opts.tasks]  # bad task files fail before the long work
   out = opts.out or default_out(loaded)
   os.makedirs(out, exist_ok=True)
-  cfg = loaded.cfg
-  seq_len = opts.seq_len or cfg.data.seq_len
+  batch_size, max_batches = default_batches(loaded)
+  batch_size, max_batches = opts.batch_size or batch_size, opts.max_batches or max_batches
   report = dict(checkpoint=loaded.label, path=os.path.abspath(loaded.path), kind=loaded.kind,
                 step=loaded.step, model=dataclasses.asdict(cfg.model),
                 params=count_params(loaded.model), tokenizer=cfg.data.tokenizer, out=out)
   if opts.lm:
     tokens, report["data"] = evaluation_tokens(loaded, opts.data, progress=opts.progress)
-    batches = validation_batches(tokens, seq_len, opts.batch_size, opts.max_batches)
+    batches = validation_batches(tokens, seq_len, batch_size, max_batches)
     acc = evaluate_lm(loaded.model, batches, progress=opts.progress)
     report["lm"] = acc.result()
     np.savez_compressed(os.path.join(out, "sparsity_counts.npz"), **acc.arrays())

@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
+
 from sparse_jax.hf.config import CONFIG_FILE, TOKENIZER_FILE, hf_config
 from sparse_jax.hf.weights import hf_tensors, write_tensors
 from sparse_jax.nn import Transformer
@@ -85,6 +87,16 @@ def tokenizer_files(tokenizer_json: str, *, eos_id: int, pad_id: int | None,
           GENERATION_CONFIG_FILE: generation}
 
 
+def _umask_permissions(directory: str) -> None:
+  """The modes a plain ``mkdir`` and ``open`` would have given (0777 / 0666 less the umask), not
+  mkdtemp's private 0700: an exported model is meant to be shared."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(directory, 0o777 & ~umask)
+  for name in os.listdir(directory):
+    os.chmod(os.path.join(directory, name), 0o666 & ~umask)
+
+
 def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: str = "float32",
               max_position_embeddings: int = 2048, max_shard_bytes: int | None = None,
               source: str | None = None) -> list[str]:
@@ -121,11 +133,19 @@ def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: 
     side = tokenizer_files(tokenizer_json, eos_id=tok.eos_id, pad_id=pad_id,
                            context=config["max_position_embeddings"])
     copied = []
+  tensors = hf_tensors(model, dtype)
+  for name, t in tensors.items():  # a diverged model is refused, not written (the importer would)
+    finite = np.isfinite(np.asarray(t, np.float32))
+    if not finite.all():
+      first = tuple(int(i) for i in np.argwhere(~finite)[0])
+      raise ValueError(f"{name} holds non-finite values ({int((~finite).sum())} of {t.size}, "
+                       f"first at {first}); the model diverged or overflows {dtype}, nothing was "
+                       "exported")
   parent = os.path.dirname(os.path.abspath(out))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
   try:
-    files = write_tensors(hf_tensors(model, dtype), tmp, max_shard_bytes)
+    files = write_tensors(tensors, tmp, max_shard_bytes)
     for name, content in {CONFIG_FILE: config, **side}.items():
       with open(os.path.join(tmp, name), "w") as fh:
         json.dump(content, fh, indent=2)
@@ -133,6 +153,7 @@ def export_hf(model: Transformer, out: str, *, tokenizer: str = "bytes", dtype: 
       shutil.copyfile(os.path.join(source, name), os.path.join(tmp, name))
     with open(os.path.join(tmp, TOKENIZER_FILE), "w") as fh:
       fh.write(tokenizer_json)
+    _umask_permissions(tmp)
     os.rename(tmp, out)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

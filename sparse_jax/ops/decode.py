@@ -26,6 +26,8 @@ the dense VJP is the exact gradient of the same function, so training through it
 Non-gated FFN (``w_up is None``): the gate is Wu itself and h = relu(x Wu^T) on the union.
 With ``cfg.gate_threshold > 0`` every relu above is FATReLU (``dense.gate_activation``: active iff
 g > threshold, value g), exactly as the reference op computes it.
+Rows of x holding +-Inf or NaN give the dense FFN's row, as in every backend
+(``sparse_jax.ops.nonfinite``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 
 from sparse_jax.ops.base import FFNStats, SparseFFNConfig
 from sparse_jax.ops.dense import F32, ffn_with_l1, gate_activation, matmul_nn, matmul_nt
+from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
 
 # The union capacity is sized at this multiple of the expected union (uniform firing, the
 # configured density): batch-to-batch variation of the union must rarely overflow into the
@@ -109,6 +112,9 @@ def _forward(x_MxD, w_gate, w_up, w_down, u_cap: int | None, threshold: float = 
   else:
     y_MxD, l1 = jax.lax.cond(fallback, dense, sparse)
     overflow_rows = jnp.where(fallback, m, 0).astype(jnp.int32)
+    # Rows of x with +-Inf or NaN take the dense FFN's output (sparse_jax.ops.nonfinite): the
+    # union drops the inactive neurons whose 0 * Inf makes the dense row NaN.
+    y_MxD = with_dense_nonfinite_rows(x_MxD, w_gate, w_up, w_down, y_MxD)
   stats = FFNStats(l0=jnp.sum(active_MxN, dtype=F32) / m, l1=l1.astype(F32),
                    overflow_rows=overflow_rows, dense_fallback=fallback,
                    active_per_neuron=jnp.sum(active_MxN, axis=0, dtype=jnp.int32))

@@ -40,6 +40,7 @@ from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
 from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
                                   dense_grads_neuron_chunked, dense_with_stats, ffn_as_model,
                                   matmul_nt)
+from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
 
 ROW_BLOCK = 128           # the gate kernel's CTA rows: x is padded to a multiple of it
 ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
@@ -354,19 +355,36 @@ def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
 # at trace time.
 
 
+# Rows of x with +-Inf or NaN take the dense FFN's output, as in the XLA reference
+# (sparse_jax.ops.nonfinite): XLA glue around the kernels, run only when such a row exists; the
+# kernels are unchanged. Applied to the inference primal and to the training forward, so the
+# backward sees the same output.
+
+
+def _exact_rows(x_MxD, w_gate, w_up, w_down, out):
+  y, stats = out
+  return with_dense_nonfinite_rows(x_MxD, w_gate, w_up, w_down, y), stats
+
+
+def _train_forward(x_MxD, w_gate, w_up, w_down, cfg):
+  out, res = training_forward(x_MxD, w_gate, w_up, w_down, cfg)
+  return _exact_rows(x_MxD, w_gate, w_up, w_down, out), res
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gated_ffn(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
-  return twell_forward(x_MxD, w_gate, w_up, w_down, cfg)
+  return _exact_rows(x_MxD, w_gate, w_up, w_down,
+                     twell_forward(x_MxD, w_gate, w_up, w_down, cfg))
 
 
-gated_ffn.defvjp(lambda x, wg, wu, wd, cfg: training_forward(x, wg, wu, wd, cfg),
+gated_ffn.defvjp(lambda x, wg, wu, wd, cfg: _train_forward(x, wg, wu, wd, cfg),
                  lambda cfg, res, ct: training_backward(res, ct, cfg))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def relu_ffn(x_MxD, w_up, w_down, cfg: SparseFFNConfig):
-  return twell_forward(x_MxD, w_up, None, w_down, cfg)
+  return _exact_rows(x_MxD, w_up, None, w_down, twell_forward(x_MxD, w_up, None, w_down, cfg))
 
 
-relu_ffn.defvjp(lambda x, wu, wd, cfg: training_forward(x, wu, None, wd, cfg),
+relu_ffn.defvjp(lambda x, wu, wd, cfg: _train_forward(x, wu, None, wd, cfg),
                 lambda cfg, res, ct: training_backward(res, ct, cfg))

@@ -30,6 +30,7 @@ from sparse_jax.formats import hybrid, twell
 from sparse_jax.ops.base import F32, FFNStats, SparseFFNConfig, make_stats
 from sparse_jax.ops.dense import (ffn_with_l1, gate_activation, hidden, matmul_nn, matmul_nt,
                                   matmul_tn)
+from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
 
 
 def _abs_grad(t):
@@ -200,13 +201,24 @@ def _f32(tree):
 # The implementation's entry points (``api.IMPLEMENTATIONS["xla"]``): x [M, D], checked weights.
 
 
+# Rows of x with +-Inf or NaN take the dense FFN's output (sparse_jax.ops.nonfinite: the sparse
+# formats drop the inactive neurons whose 0 * Inf makes the dense row NaN).
+
+
+def _dense_nonfinite_rows(x_MxD, w_gate, w_up, w_down, out):
+  y, stats = out
+  return with_dense_nonfinite_rows(x_MxD, w_gate, w_up, w_down, y), stats
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gated_ffn(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
-  return twell_forward(x_MxD, w_gate, w_up, w_down, cfg)
+  return _dense_nonfinite_rows(x_MxD, w_gate, w_up, w_down,
+                               twell_forward(x_MxD, w_gate, w_up, w_down, cfg))
 
 
 def _gated_fwd(x_MxD, w_gate, w_up, w_down, cfg):
-  return hybrid_forward(x_MxD, w_gate, w_up, w_down, cfg)
+  out, res = hybrid_forward(x_MxD, w_gate, w_up, w_down, cfg)
+  return _dense_nonfinite_rows(x_MxD, w_gate, w_up, w_down, out), res
 
 
 def _gated_bwd(cfg, residuals, cotangents):
@@ -218,11 +230,13 @@ gated_ffn.defvjp(_gated_fwd, _gated_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def relu_ffn(x_MxD, w_up, w_down, cfg: SparseFFNConfig):
-  return twell_forward(x_MxD, w_up, None, w_down, cfg)
+  return _dense_nonfinite_rows(x_MxD, w_up, None, w_down,
+                               twell_forward(x_MxD, w_up, None, w_down, cfg))
 
 
 def _relu_fwd(x_MxD, w_up, w_down, cfg):
-  return hybrid_forward(x_MxD, w_up, None, w_down, cfg)
+  out, res = hybrid_forward(x_MxD, w_up, None, w_down, cfg)
+  return _dense_nonfinite_rows(x_MxD, w_up, None, w_down, out), res
 
 
 def _relu_bwd(cfg, residuals, cotangents):

@@ -16,6 +16,7 @@ a shared ``OUT``; process 0 writes the files above, process i > 0 its own copies
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,21 +26,25 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
-from sparse_jax import parallel
+from sparse_jax import parallel, runlock
 from sparse_jax.config import Config, DataConfig, TrainConfig
-from sparse_jax.data import Batches, build_corpus, load_tokenizer, validation_batches
+from sparse_jax.data import Batches, load_tokenizer, validation_batches
+from sparse_jax.data.pipeline import load_splits, next_batch
 from sparse_jax.nn import count_params
+from sparse_jax.train import guard
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.dispatch import Dispatcher, step_lowering
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
+from sparse_jax.train.resume import start_or_resume
 from sparse_jax.train.step import init_state, step_functions
+from sparse_jax.train.tracking import IntervalMean, ProgressBar, RunTracker, check_tracking
 
 # Train settings that may change between a checkpoint and its resumption without changing what
 # the run computes (budgets and cadences). Any other change is reported: exact resume needs none.
 _RESUMABLE_TRAIN_CHANGES = {"max_minutes", "log_every", "eval_every", "eval_batches",
-                            "ckpt_every", "keep_checkpoints"}
+                            "ckpt_every", "keep_checkpoints", "nonfinite", "tensorboard",
+                            "wandb", "wandb_project"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +108,8 @@ def evaluate(params, graphdef, cfg: Config, batches: list[np.ndarray], *, mesh=N
   sums = jax.device_get(sums)
   n = len(batches)
   l0_L = sums["l0_L"] / n
-  return dict(
+  tokens = n * batches[0].shape[0] * (batches[0].shape[1] - 1)
+  return dict(firing_LxF=sums["active_per_neuron_LxF"] / tokens,
       ce=float(sums["ce"] / n), ppl=float(np.exp(sums["ce"] / n)), l0_L=l0_L,
       l1_L=sums["l1_L"] / n, sparsity_pct=float(100 * (1 - l0_L.mean() / cfg.model.d_ff)),
       dead_on_val_L=np.mean(sums["active_per_neuron_LxF"] == 0, axis=1),
@@ -125,35 +131,53 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
     to run over existing checkpoints).
   fresh: delete ``out``'s checkpoints first (a new run in the same directory).
   stop_at: stop at this step (saving a checkpoint) as if interrupted; a later call resumes.
+
+  Process 0 holds ``out``'s lock (``sparse_jax.runlock``) for the whole run, so a second trainer
+  on the same directory is refused. SIGTERM, SIGINT and SIGHUP stop the run at the next step
+  boundary with a checkpoint saved and raise ``guard.StoppedBySignal`` (a ``KeyboardInterrupt``)
+  with the resume message; a non-finite step raises ``guard.DivergenceError`` with
+  ``train.nonfinite="stop"`` (the default) or is skipped and counted with ``"skip"``.
   """
-  t0 = time.perf_counter()
   parallel.initialize_distributed(cfg.parallel)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  lock = runlock.RunLock(out, say=say) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock, guard.StopSignals(say=say) as signals:
+    return _train_locked(cfg, out, resume=resume, fresh=fresh, stop_at=stop_at,
+                         progress=progress, signals=signals, say=say)
+
+
+def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: int | None,
+                  progress: bool, signals: guard.StopSignals, say) -> dict:
+  t0 = time.perf_counter()
   paths = RunPaths.of(out, jax.process_index())
   progress = progress and jax.process_index() == 0
   cfg, tokenizer = resolve_config(cfg)
+  check_tracking(cfg.train)
   tcfg, d_ff = cfg.train, cfg.model.d_ff
   micro = tcfg.batch_size // tcfg.grad_accum
   mesh = parallel.run_mesh(cfg.parallel)
   if mesh is not None:
     parallel.check_batch(micro, mesh)
-  corpus = build_corpus(cfg.data, tokenizer, progress=progress)
+  train_tokens, val_tokens = load_splits(cfg.data, tokenizer, progress=progress)
   graphdef, state = init_state(cfg, mesh)
   if fresh and os.path.isdir(paths.checkpoints) and jax.process_index() == 0:
     shutil.rmtree(paths.checkpoints)
   parallel.sync_hosts("fresh checkpoints directory")
   ckpt = Checkpointer(paths.checkpoints, keep=tcfg.keep_checkpoints)
-  data_state, resumed_from = None, None
-  if not resume and ckpt.latest_step() is not None:
+  try:
+    state, data_state, resumed_from = start_or_resume(
+        ckpt, state, out, paths.metrics, resume=resume, fresh=fresh, say=say,
+        check_config=lambda saved: _check_resumable(saved, cfg))
+  except BaseException:
     ckpt.close()
-    raise ValueError(f"{paths.checkpoints} holds checkpoints up to step {ckpt.latest_step()}; "
-                     "resume from them, start over with --fresh, or use another --out")
-  if ckpt.latest_step() is not None:
-    _check_resumable(ckpt.read_config(), cfg)
-    state, data_state, _, resumed_from = ckpt.restore(state)
-  batches = Batches(corpus.train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
+    raise
+  watch = guard.NonfiniteWatch(tcfg.nonfinite, say=say)
+  batches = Batches(train_tokens, cfg.data.seq_len, tcfg.batch_size, cfg.data.seed,
                     state=data_state)
-  val = validation_batches(corpus.val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
+  val = validation_batches(val_tokens, cfg.data.seq_len, micro, tcfg.eval_batches)
   log = MetricsLog(paths.metrics, resume_step=resumed_from)
+  tracker = RunTracker(cfg, paths.out, resume_step=resumed_from,
+                       enabled=jax.process_index() == 0)
   compiled_cfg = step_config(cfg)
   # One compiled step per pattern of per-layer FFN modes (train.dispatch; sparse_jax.train.dispatch).
   train_step = Dispatcher(cfg, graphdef, state.params,
@@ -169,7 +193,9 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   def run_eval(step):
     rec = dict(split="val", step=step, **evaluate(state.params, graphdef, compiled_cfg, val,
                                                   mesh=mesh))
+    firing_LxF = rec.pop("firing_LxF")  # per neuron: TensorBoard histograms, not the JSONL
     log.write(rec)
+    tracker.write(rec, firing_LxF)
     return rec
 
   step = start_step = int(state.step)
@@ -182,19 +208,37 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
   last_val = None
   t_loop = last_t = time.perf_counter()
   last_step, steady = step, []  # (tokens, seconds) of log intervals after the first (compile)
-  bar = tqdm(total=tcfg.steps, initial=step, desc=f"train {cfg.name}", unit="step",
-             disable=not progress, mininterval=1.0, dynamic_ncols=True)
+  bar = ProgressBar(tcfg, step, desc=f"train {cfg.name}", disable=not progress)
+  interval = IntervalMean()  # train metrics averaged over each log interval
+
+  def save():
+    watch.flush()  # a non-finite last step stops here with train.nonfinite=stop, unsaved
+    bad = guard.nonfinite_leaves(state.params)
+    if bad:
+      raise guard.DivergenceError(f"step {step}: the weights {', '.join(bad[:3])} hold "
+                                  "non-finite values; not saved over the finite checkpoints")
+    ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+
+  diverged = False
   try:
     while step < target:
+      if signals.received is not None:
+        stop_reason = f"signal {signals.name}"
+        break
       if deadline is not None and time.perf_counter() > deadline:
         stop_reason = "time budget"
         break
-      batch = batches.next().reshape(tcfg.grad_accum, micro, cfg.data.seq_len + 1)
+      batch = next_batch(batches, tcfg.grad_accum,
+                         None if mesh is None else parallel.batch_sharding(mesh, 3, 1))
       state, metrics = train_step(state, batch)
+      interval.add(metrics)
       step += 1
-      bar.update(1)
+      bar.update(step)
+      watch.after_step(step, metrics)
+      # The dispatcher reads this step's own l0_ema_L (the log records hold interval averages).
+      step_metrics = metrics
       if step % tcfg.log_every == 0 or step == target:
-        metrics = jax.device_get(metrics)
+        metrics = interval.take()
         now = time.perf_counter()
         dt, n_tok = now - last_t, (step - last_step) * tokens_per_step
         if last_step != start_step:
@@ -203,36 +247,53 @@ def train(cfg: Config, out: str, *, resume: bool = True, fresh: bool = False,
                    tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, ffn_modes=train_step.code(),
                    **metrics)
         log.write(rec)
-        bar.set_postfix(_postfix(rec, d_ff), refresh=False)
+        tracker.write(rec)
+        bar.set_postfix(_postfix(rec, d_ff))
         last_t, last_step = time.perf_counter(), step
-      train_step.after_step(step, metrics)
+      train_step.after_step(step, step_metrics)
       if step % tcfg.eval_every == 0:
         last_val = run_eval(step)
       if step % tcfg.ckpt_every == 0:
-        ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+        save()
+    watch.flush()
+  except guard.StopNow:
+    raise
   except KeyboardInterrupt:
     stop_reason = "interrupted"
+  except guard.DivergenceError:
+    diverged = True
+    raise
   finally:
     bar.close()
+    if diverged:
+      ckpt.close()  # an async save of earlier, finite steps completes; nothing new is saved
+    tracker.flush()
   if stop_reason == "steps" and step < tcfg.steps:
     stop_reason = "stop_at"
   # However the loop ended, the state it reached is saved (unless that step already is).
   if step > 0 and ckpt.latest_step() != step:
-    ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+    save()
   ckpt.close()
-  if stop_reason == "interrupted":
-    raise KeyboardInterrupt(f"interrupted at step {step}; the checkpoint is saved in "
-                            f"{paths.checkpoints}, rerun the same command to resume")
+  if stop_reason == "interrupted" or signals.received is not None:
+    tracker.close()  # the records so far stay in the event files / the W&B run
+    where = (f"the checkpoint of step {step} is saved in {paths.checkpoints}, rerun the same "
+             "command to resume" if step > 0 else "nothing was trained or saved yet")
+    message = f"stopped by {signals.name or 'an interrupt'} at step {step}; {where}"
+    if signals.received is not None:
+      raise guard.StoppedBySignal(message, signals.received)
+    raise KeyboardInterrupt(message)
   records = read_records(paths.metrics)
   if last_val is None or last_val["step"] != step:
     # A resumed run that was already finished has its final evaluation on record.
     done = [r for r in records if r["split"] == "val" and r["step"] == step]
     last_val = done[-1] if done else run_eval(step)
     records += [] if done else [to_python(last_val)]
+  tracker.close()
   plot_curves(records, paths.plot, d_ff=d_ff, title=f"{cfg.name}: {cfg.model.ffn}, "
               f"L1 {tcfg.l1_coeff:g} ({tcfg.l1_norm})")
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
                      time.perf_counter() - t0, mesh)
+  summary["nonfinite_steps_skipped"] = watch.skipped
   with open(paths.summary, "w") as f:
     json.dump(summary, f, indent=2)
   return summary

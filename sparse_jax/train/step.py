@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sparse_jax import parallel
 from sparse_jax.config import Config
 from sparse_jax.nn import Transformer, forward_with_stats
+from sparse_jax.train import guard
 from sparse_jax.train.loss import cross_entropy, l1_coeff_at, lm_loss
 from sparse_jax.train.optimizer import lr_schedule, make_optimizer
 from sparse_jax.train.sparsity import SparsityTracker, init_tracker, update_tracker
@@ -139,6 +140,8 @@ def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphD
       reinit_neurons=jnp.where(window_done & tcfg.reinit_dead, jnp.sum(dead_LxF), 0))
   new_state = dataclasses.replace(state, step=state.step + 1, params=params,
                                   opt_state=opt_state, tracker=tracker)
+  # A non-finite step leaves the weights as they were (train.nonfinite says what the loop does).
+  new_state, metrics["nonfinite"] = guard.keep_finite(state, new_state, loss, grads, updates)
   return new_state, metrics
 
 
