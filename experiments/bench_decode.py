@@ -145,7 +145,7 @@ def set_decode_config(model, batch: int, union_capacity: int, max_union_fraction
   field: the Generator built after this compiles with it)."""
   from sparse_jax.ops import decode
   cfg = dataclasses.replace(model.blocks[0].ffn.sparse_config, decode_max_tokens=batch,
-                            decode_union_capacity=union_capacity)
+                            decode_path="union", decode_union_capacity=union_capacity)
   if max_union_fraction is not None:
     cfg = dataclasses.replace(cfg, decode_max_union_fraction=max_union_fraction)
   for block in model.blocks:

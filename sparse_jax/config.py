@@ -93,9 +93,15 @@ class ModelConfig:
   tie_embeddings: False gives the model its own output head (``lm_head_VxD``), as imported
     Llama 2/3 checkpoints have.
   rope_scaling: none, linear, llama3 or yarn, computed as transformers does (``sparse_jax.nn.rope``)
-    from the rope_* fields: factor; original_max_len (llama3, yarn: the pre-scaling context);
-    low/high_freq_factor (llama3); beta_fast/slow, truncate, attention_factor (yarn: cos and sin
-    are multiplied by it).
+    from the rope_* fields below.
+  rope_factor: the scaling factor (linear, llama3, yarn); at least 1 when scaling.
+  rope_original_max_len: llama3 and yarn: the context before scaling.
+  rope_low_freq_factor: llama3: wavelengths longer than original_max_len / this are scaled fully.
+  rope_high_freq_factor: llama3: wavelengths shorter than original_max_len / this are kept.
+  rope_beta_fast: yarn: the fast boundary of the frequency ramp (rotations).
+  rope_beta_slow: yarn: the slow boundary of the frequency ramp (rotations).
+  rope_truncate: yarn: round the ramp's boundaries to whole dimensions, as transformers does.
+  rope_attention_factor: yarn: cos and sin are multiplied by it (attention temperature).
   gate_threshold: the ReLU FFNs' gate is FATReLU: a neuron is active iff its pre-activation is
     above the threshold, and then its value is the pre-activation itself (0: plain ReLU). It is
     the op's ``sparse.gate_threshold``: setting either sets both (they may not differ).

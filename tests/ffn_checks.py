@@ -258,8 +258,9 @@ class PallasChecks(SparseFFNChecks):
 
   def op(self, x, wg, wu, wd, gated=True, config=None, dispatch=False):
     cfg = config or ops.SparseFFNConfig()
-    if not dispatch:  # the small test FFNs are far denser than the dispatcher's threshold
-      cfg = dataclasses.replace(cfg, max_active_fraction=None)
+    if not dispatch:  # the small test FFNs are far denser than the dispatcher's threshold, and
+      # their few tokens would be the decode regime (dense by default): the kernels are tested
+      cfg = dataclasses.replace(cfg, max_active_fraction=None, decode_max_tokens=0)
     return self.call(x, wg, wu, wd, cfg, gated)
 
   def test_jit_vmap_and_leading_dims(self, key):

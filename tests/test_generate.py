@@ -236,7 +236,7 @@ def test_sparse_decode_path_generates_the_dense_models_tokens(key):
   sparse = tiny_model(k_model, ffn="relu_sparse", ffn_impl="auto")
   dense = tiny_model(k_model, ffn="relu_dense")
   nnx.update(dense, nnx.state(sparse, nnx.Param))
-  cfg = ops.SparseFFNConfig(decode_union_capacity=64, decode_max_union_fraction=1.0)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=64, decode_max_union_fraction=1.0)
   for block in sparse.blocks:
     block.ffn.sparse_config = cfg
   prompt = random_prompt(k_tok, 3, 4)

@@ -245,7 +245,7 @@ def test_split_with_pallas_kernels_interpret(key, pallas_interpret):
   from sparse_jax.ops import pallas_backend
   p = make_ffn_problem(key, 128, 256, 512, active_per_token=12.0, distribution="skewed")
   p = dataclasses.replace(p, w_gate=p.w_gate.at[:, 0].add(jnp.asarray(1e-2, jnp.bfloat16)))
-  cfg = ops.SparseFFNConfig(max_active_fraction=None)
+  cfg = ops.SparseFFNConfig(max_active_fraction=None, decode_max_tokens=0)  # the kernels, tested
   y, st = hotcold.hot_cold_ffn(p.x, p.w_gate, p.w_up, p.w_down, n_hot=128, config=cfg,
                                cold_op=pallas_backend.gated_ffn)
   y_ref, st_ref = ops.gated_sparse_ffn(p.x, p.w_gate, p.w_up, p.w_down, implementation="xla")

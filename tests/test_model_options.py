@@ -87,7 +87,7 @@ def test_threshold_on_every_other_path(key, path, gated):
   cfg = ops.SparseFFNConfig(gate_threshold=THRESHOLD,
                             mode="dense" if path == "dense_mode" else "auto",
                             # the union path even at this small d_ff (real models: U << d_ff)
-                            decode_union_capacity=wg.shape[0], decode_max_union_fraction=1.0)
+                            decode_path="union", decode_union_capacity=wg.shape[0], decode_max_union_fraction=1.0)
   if path == "decode":
     assert ops_decode.use_decode(x.shape[0], wg.shape[0], cfg)
   if path == "hot_cold":

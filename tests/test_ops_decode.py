@@ -14,7 +14,7 @@ from sparse_jax.ops.dense import ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
 # U = d_ff: never overflows (the dispatcher's union-fraction line lifted so the path is taken).
-ROOMY = ops.SparseFFNConfig(decode_union_capacity=10**6, decode_max_union_fraction=1.0)
+ROOMY = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=10**6, decode_max_union_fraction=1.0)
 
 
 def run(p, gated, config, implementation=None):
@@ -53,7 +53,7 @@ def test_decode_path_matches_dense_and_the_ops_stats(key, m, gated):
 def test_union_overflow_runs_dense_and_is_reported(key, gated):
   m = 8
   p = make_ffn_problem(key, m, 32, 256, active_per_token=6.0, dtype=jnp.float32)
-  cfg = ops.SparseFFNConfig(decode_union_capacity=2, decode_max_union_fraction=1.0)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=2, decode_max_union_fraction=1.0)
   y, stats = run(p, gated, cfg)
   y_ref, l1_ref = dense32(p, gated)
   assert bool(stats.dense_fallback) and int(stats.overflow_rows) == m
@@ -67,7 +67,7 @@ def test_nan_rules_are_the_ops(key):
   p = make_ffn_problem(key, m, 32, n, active_per_token=6.0, dtype=jnp.float32)
   # A NaN token: every gate is NaN, hence active; the union overflows, dense gives a NaN row.
   x = p.x.at[2, 5].set(jnp.nan)
-  cfg = ops.SparseFFNConfig(decode_union_capacity=64, decode_max_union_fraction=1.0)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=64, decode_max_union_fraction=1.0)
   y, stats = ops.gated_sparse_ffn(x, p.w_gate, p.w_up, p.w_down, config=cfg)
   assert bool(stats.dense_fallback)
   assert np.all(np.isnan(y[2])) and np.all(np.isfinite(np.delete(np.asarray(y), 2, axis=0)))
@@ -78,7 +78,7 @@ def test_nan_rules_are_the_ops(key):
   w_gate = p.w_gate.at[dead].set(0.0).at[dead, 0].set(-1.0)
   p = dataclasses.replace(p, w_gate=w_gate)
   w_up = p.w_up.at[dead, 0].set(jnp.nan)
-  cfg = ops.SparseFFNConfig(decode_union_capacity=n, decode_max_union_fraction=1.0)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=n, decode_max_union_fraction=1.0)
   y, stats = ops.gated_sparse_ffn(p.x, p.w_gate, w_up, p.w_down, config=cfg)
   y_ref, _ = dense32(p, True)
   assert not bool(stats.dense_fallback) and np.all(np.isfinite(y))
@@ -86,23 +86,23 @@ def test_nan_rules_are_the_ops(key):
 
 
 def test_dispatch_by_tokens_and_union_capacity():
-  cfg = ops.SparseFFNConfig(decode_density=0.005)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_density=0.005)
   assert decode.use_decode(1, 5632, cfg) and decode.use_decode(8, 5632, cfg)
   assert decode.union_capacity(1, 5632, cfg) == 128
   assert not decode.use_decode(257, 5632, cfg)  # past decode_max_tokens
   assert not decode.use_decode(256, 5632, cfg)  # the expected union is most of d_ff
   assert decode.union_fits(8, 5632, cfg) and not decode.union_fits(64, 5632, cfg)
   assert not decode.use_decode(1, 5632, ops.SparseFFNConfig(decode_max_tokens=0))
-  assert decode.union_capacity(4, 256, ops.SparseFFNConfig(decode_union_capacity=999)) == 256
+  assert decode.union_capacity(4, 256, ops.SparseFFNConfig(decode_path="union", decode_union_capacity=999)) == 256
   with pytest.raises(ValueError, match="decode_density"):
-    ops.SparseFFNConfig(decode_density=0.0)
+    ops.SparseFFNConfig(decode_path="union", decode_density=0.0)
   with pytest.raises(ValueError, match="decode_union_capacity"):
-    ops.SparseFFNConfig(decode_union_capacity=0)
+    ops.SparseFFNConfig(decode_path="union", decode_union_capacity=0)
 
 
 def test_a_union_that_cannot_pay_runs_dense(key):
   p = make_ffn_problem(key, 4, 32, 256, active_per_token=6.0, dtype=jnp.float32)
-  cfg = ops.SparseFFNConfig(decode_union_capacity=128, decode_max_union_fraction=0.25)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=128, decode_max_union_fraction=0.25)
   assert not decode.union_fits(4, 256, cfg) and not decode.use_decode(4, 256, cfg)
   y, stats = decode.gated_ffn_decode(p.x, p.w_gate, p.w_up, p.w_down, cfg)
   y_ref, l1_ref = dense32(p, True)
@@ -112,7 +112,7 @@ def test_a_union_that_cannot_pay_runs_dense(key):
 
 def test_public_op_takes_the_decode_path_only_when_asked_for_none(key):
   p = make_ffn_problem(key, 3, 32, 256, active_per_token=6.0, dtype=jnp.float32)
-  tiny_union = ops.SparseFFNConfig(decode_union_capacity=1, decode_max_union_fraction=1.0)
+  tiny_union = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=1, decode_max_union_fraction=1.0)
   _, auto = run(p, True, tiny_union)  # implementation=None: the decode path, which overflows U=1
   _, xla = run(p, True, tiny_union, implementation="xla")
   assert bool(auto.dense_fallback) and int(auto.overflow_rows) == 3
@@ -125,7 +125,7 @@ def test_gradients_are_the_dense_ones(key, gated, cap):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 5, 32, 256, active_per_token=6.0, dtype=jnp.float32)
   cot = jax.random.normal(k2, p.x.shape, jnp.float32)
-  cfg = ops.SparseFFNConfig(decode_union_capacity=cap, decode_max_union_fraction=1.0)
+  cfg = ops.SparseFFNConfig(decode_path="union", decode_union_capacity=cap, decode_max_union_fraction=1.0)
   fn = decode.gated_ffn_decode if gated else (
       lambda x, g, u, d, c: decode.relu_ffn_decode(x, g, d, c))
 

@@ -16,7 +16,7 @@ from sparse_jax.nn import Transformer
 # One valid non-default value per field (all of them: a new field must be added here).
 NEW_VALUES = {"tile": 128, "twell_capacity": 64, "overflow_capacity": 48, "ell_width": 24,
               "tail_capacity": 9, "max_active_fraction": 0.02, "max_active_fraction_train": 0.01,
-              "entry_capacity": 4096, "mode": "sparse", "decode_max_tokens": 64,
+              "entry_capacity": 4096, "mode": "sparse", "decode_max_tokens": 64, "decode_path": "union",
               "decode_density": 0.02, "decode_union_capacity": 512,
               "decode_max_union_fraction": 0.3, "gate_threshold": 0.05}
 

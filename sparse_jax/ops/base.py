@@ -21,6 +21,7 @@ from sparse_jax.formats import hybrid, twell
 F32 = jnp.float32
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
+DECODE_PATHS = ("dense", "union")      # SparseFFNConfig.decode_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,10 +52,17 @@ class SparseFFNConfig:
     "dense": the plain XLA dense FFN and its ``jax.grad`` (what a dense model runs), with the
       L1 term and the statistics; any backend, no custom VJP.
     A training loop sets it per layer from its own measurements (``sparse_jax.train.dispatch``).
-  decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) with
-    ``implementation=None`` take the decode path (``sparse_jax.ops.decode``): one gate GEMM, the
-    union of the batch's active neurons gathered once from Wu and Wd, where the union capacity
-    pays (``decode_max_union_fraction``). 0 turns it off.
+  decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) are in
+    the decode regime, where the batched kernels (128-row tiles, a warp per token) do not pay;
+    there ``decode_path`` decides. 0 turns the regime off (every call goes to the backend).
+  decode_path: what an inference call in the decode regime runs. "dense" (default): the plain
+    dense FFN, no probe, no conditional (the Pallas backend's inference primal in mode "auto";
+    training calls and mode "sparse" keep the kernels). "union" (with ``implementation=None``): ``sparse_jax.ops.decode``, one
+    gate GEMM and the union of the batch's active neurons gathered once from Wu and Wd, where the
+    union capacity pays (``decode_max_union_fraction``). "dense" is the default because the union
+    path measured slower than dense generation on an H200 (0.5b, batch 1 / 8: 0.85x / 0.77x of
+    dense tokens/s, experiments/results/bench_decode_quick_h200.json): at a few tokens per call
+    its extra launches cost more than the weight bytes it saves.
   decode_density: the per-token active fraction that sizes the decode path's union capacity U
     (measure it: ``sparse_jax.calibrate.measure_activity`` or the FFN statistics).
   decode_union_capacity: U itself (neurons; None: derived from M and ``decode_density``). A call
@@ -78,6 +86,7 @@ class SparseFFNConfig:
   entry_capacity: int | None = None
   mode: str = "auto"
   decode_max_tokens: int = 256
+  decode_path: str = "dense"
   decode_density: float = 0.01
   decode_union_capacity: int | None = None
   decode_max_union_fraction: float = 0.25
@@ -91,6 +100,9 @@ class SparseFFNConfig:
     if not isinstance(self.decode_max_tokens, int) or self.decode_max_tokens < 0:
       raise ValueError(f"SparseFFNConfig.decode_max_tokens must be an int >= 0, got "
                        f"{self.decode_max_tokens!r}")
+    if self.decode_path not in DECODE_PATHS:
+      raise ValueError(f"SparseFFNConfig.decode_path must be one of {DECODE_PATHS}, got "
+                       f"{self.decode_path!r}")
     for name in ("decode_density", "decode_max_union_fraction"):
       v = getattr(self, name)
       if not 0.0 < v <= 1.0:

@@ -62,7 +62,8 @@ def use_decode(m: int, d_ff: int, cfg: SparseFFNConfig) -> bool:
   """Whether ``implementation=None`` takes the union path for M tokens (a trace-time choice): the
   decode regime, where the batched kernels (128-row tiles) do not fit, and a union that pays.
   Other calls keep the backends' own dispatch (a training call of few tokens stays sparse)."""
-  return 0 < m <= cfg.decode_max_tokens and union_fits(m, d_ff, cfg)
+  return (cfg.decode_path == "union" and 0 < m <= cfg.decode_max_tokens
+          and union_fits(m, d_ff, cfg))
 
 
 def union_fits(m: int, d_ff: int, cfg: SparseFFNConfig) -> bool:
