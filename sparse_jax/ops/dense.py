@@ -183,10 +183,14 @@ def dense_with_stats(x_MxD, w_gate, w_up, w_down, threshold: float = 0.0
 
 def dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff, max_chunk=NEURON_CHUNK):
   """Gradients of sum(y * d_y) + coeff * sum|h| of the dense FFN with f32 hidden activations
-  (``ffn_with_l1``), recomputing the activations one d_ff chunk at a time over all M rows. Every
-  weight-gradient row depends on one chunk only, so each chunk's dW is final (in the weight dtype);
-  only dx sums over chunks (f32). Matmuls keep M = all rows (tensor-core sized); temporaries are
-  ~6 [M, chunk] f32 arrays plus the f32 dx.
+  (``ffn_with_l1``, the numerics the sparse kernels follow), recomputing the activations one d_ff
+  chunk at a time over all M rows. Every weight-gradient row depends on one chunk only, so each
+  chunk's dW is final (in the weight dtype); only dx sums over chunks (f32). Written out by hand
+  so that every GEMM takes bf16 operands with f32 accumulation: the hidden activations and their
+  cotangents are kept in f32 and rounded once before each GEMM (with bf16 matmul outputs instead,
+  the gradients measured ~1.3e-2 from float32 on an H200; autodiff of the f32 form runs its
+  weight-gradient GEMMs in f32, measured ~3x slower). Matmuls keep M = all rows (tensor-core
+  sized); temporaries are a few [M, chunk] f32 arrays plus the f32 dx.
   Returns (dx f32, dW_gate[, dW_up], dW_down)."""
   m, d = x.shape
   n = w_gate.shape[0]
@@ -197,19 +201,26 @@ def dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff, max_chunk=NE
   n_pad = width * n_chunks
   ws = [w for w in (w_gate, w_up, w_down) if w is not None]
   chunks = [jnp.pad(w, ((0, n_pad - n), (0, 0))).reshape(n_chunks, width, d) for w in ws]
-  d_y = d_y.astype(x.dtype)
-
-  def f(xx, *w):
-    # f32 hidden activations (``ffn_with_l1``'s numerics, which the sparse kernels follow): with
-    # bf16 matmul outputs the gradients land ~1.3e-2 from float32 (measured at the paper shape).
-    wg, wu, wd = w if gated else (w[0], None, w[1])
-    h = hidden(xx, wg, wu)
-    return matmul_nn(h.astype(xx.dtype), wd).astype(xx.dtype), jnp.sum(jnp.abs(h))
+  dt = x.dtype
+  d_y = d_y.astype(dt)
 
   def body(dx, w):
-    _, vjp = jax.vjp(f, x, *w)
-    dxc, *dws = vjp((d_y, coeff))
-    return dx + dxc.astype(F32), dws
+    wg, wu, wd = w if gated else (w[0], None, w[1])
+    pre = matmul_nt(x, wg)
+    p = jax.nn.relu(pre)
+    up = matmul_nt(x, wu) if gated else None
+    h = p * up if gated else p
+    # d(sum|h|)/dh with jax.grad's convention for abs (+1 at 0, as the backward kernel).
+    dh = matmul_nt(d_y, wd) + coeff * jnp.where(h >= 0, 1.0, -1.0)
+    d_pre = jnp.where(pre > 0, dh * up if gated else dh, 0.0).astype(dt)
+    dws = [matmul_tn(d_pre, x).astype(wg.dtype)]
+    dxc = matmul_nn(d_pre, wg)
+    if gated:
+      d_up = (dh * p).astype(dt)
+      dws.append(matmul_tn(d_up, x).astype(wu.dtype))
+      dxc = dxc + matmul_nn(d_up, wu)
+    dws.append(matmul_tn(h.astype(dt), d_y).astype(wd.dtype))
+    return dx + dxc, dws
 
   dx, dws = lax.scan(body, jnp.zeros((m, d), F32), chunks)
   return (dx,) + tuple(g.reshape(n_pad, d)[:n] for g in dws)
