@@ -148,9 +148,12 @@ def test_sparse_mode_pallas_interpret_matches_dense(key, capacity, entry_capacit
                  argnums=(0, 1, 2, 3))(*(a.astype(F32) for a in args))
   for name, g, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], grads, ref):
     assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
-  assert (int(st.overflow_rows) > 0) == (capacity == 8)
+  active_MxN = np.asarray(jnp.dot(p.x.astype(F32), p.w_gate.astype(F32).T) > 0)
+  # Rows with a tile over capacity, from the float32 pattern (a skewed draw can overflow 32 too).
+  over = int((active_MxN.reshape(active_MxN.shape[0], -1, 256).sum(2) > capacity).any(1).sum())
+  assert abs(int(st.overflow_rows) - over) <= 1 and (capacity != 8 or int(st.overflow_rows) > 0)
   assert bool(st.dense_fallback) == (entry_capacity is not None)
-  active = np.asarray(jnp.dot(p.x.astype(F32), p.w_gate.astype(F32).T) > 0).sum(0)
+  active = active_MxN.sum(0)
   assert np.abs(np.asarray(st.active_per_neuron) - active).max() <= 1  # bf16 pre-activations
 
 
