@@ -33,8 +33,10 @@ def _words(rng, n):
 
 
 def _data(tmp_path, rng):
+  # Endings start with a plain word: one of only "[title]" would be "" after lm-eval's
+  # preprocessing, and lm-eval fails on an empty choice.
   hellaswag = [{"activity_label": "" if i == 0 else _words(rng, 2), "ctx_a": _words(rng, 6 + 8 * i),
-                "ctx_b": _words(rng, 3), "endings": [_words(rng, int(k)) for k in
+                "ctx_b": _words(rng, 3), "endings": ["she " + _words(rng, int(k)) for k in
                                                      rng.integers(1, 6, 4)],
                 "label": str(int(rng.integers(0, 4)))} for i in range(5)]
   arc = [{"question": _words(rng, 5) + "?", "choices": {"text": [_words(rng, int(k)) for k in
