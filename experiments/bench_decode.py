@@ -92,6 +92,9 @@ def parse_args(argv):
   p.add_argument("--unrolled", action="store_true",
                  help="unroll the layers instead of scanning them (compile time vs step time: a "
                       "scanned step slices each layer's weights out of the stacked arrays)")
+  p.add_argument("--decode-path", choices=("kernel", "union"), default="kernel",
+                 help="the sparse model's decode steps: the decode kernels "
+                      "(pallas_kernels/twell_decode.py) or the XLA union path")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cpu-smoke", action="store_true", help="tiny config, tiny shapes, any device")
   p.add_argument("--out", default="experiments/results/bench_decode.json")
@@ -140,10 +143,20 @@ def build_models(args, config: str):
   return sparse, dense, cfg, n_ids, calibration
 
 
-def set_decode_config(model, batch: int, union_capacity: int, max_union_fraction: float | None):
-  """The sparse FFNs' config for decode steps of ``batch`` tokens with union capacity U (a static
-  field: the Generator built after this compiles with it)."""
+def set_decode_config(model, batch: int, union_capacity: int, max_union_fraction: float | None,
+                      path: str = "union"):
+  """The sparse FFNs' config for decode steps of ``batch`` tokens: the decode kernels
+  (``path="kernel"``) or the union path with union capacity U (static fields: the Generator
+  built after this compiles with them). Returns whether the decode steps take that path."""
   from sparse_jax.ops import decode
+  if path == "kernel":
+    cfg = dataclasses.replace(model.blocks[0].ffn.sparse_config, decode_max_tokens=batch,
+                              decode_path="kernel")
+    for block in model.blocks:
+      block.ffn.sparse_config = cfg
+    from pallas_kernels import common
+    return (common.hopper_available()
+            and decode.kernel_supports(batch, model.cfg.d_model, model.cfg.d_ff) is None)
   cfg = dataclasses.replace(model.blocks[0].ffn.sparse_config, decode_max_tokens=batch,
                             decode_path="union", decode_union_capacity=union_capacity)
   if max_union_fraction is not None:
@@ -173,7 +186,8 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   # Whole 128-row tiles of gathered weights; tiny smoke models (d_ff of a few hundred) use 16.
   unit = decode.UNION_ROUND if d_ff >= 16 * decode.UNION_ROUND else 16
   u_cap = min(d_ff, unit * math.ceil(UNION_HEADROOM * union_max / unit))
-  decode_path = set_decode_config(sparse, batch, max(u_cap, 1), args.max_union_fraction)
+  decode_path = set_decode_config(sparse, batch, max(u_cap, 1), args.max_union_fraction,
+                                  getattr(args, "decode_path", "union"))
   sparse_gen = Generator(sparse, scan_layers=not args.unrolled)
   gens = {"dense": dense_gen, "sparse": sparse_gen}
   first = {v: g.generate(prompts, max_new_tokens=n_new, n_ids=n_ids) for v, g in gens.items()}
@@ -188,7 +202,8 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
       energy = meter.stop()
       runs[v].append((g, energy))
   row = dict(batch=batch, prompt_len=prompt_len, new_tokens=n_new, d_ff=d_ff,
-             probe_union_max=union_max, union_capacity=u_cap, decode_path=bool(decode_path))
+             probe_union_max=union_max, union_capacity=u_cap, decode_path=bool(decode_path),
+             decode_path_kind=getattr(args, "decode_path", "union"))
   for v, rs in runs.items():
     gs = [g for g, _ in rs]
     prefill_s = _median([g.prefill_s for g in gs])

@@ -7,7 +7,7 @@ from experiments import bench_decode
 def test_cpu_smoke_writes_a_side_by_side_row(tmp_path):
   out = tmp_path / "bench_decode.json"
   result = bench_decode.main(["--cpu-smoke", "--batches", "2", "--long-context", "0",
-                              "--out", str(out)])
+                              "--decode-path", "union", "--out", str(out)])
   saved = json.loads(out.read_text())
   assert saved["rows"] == json.loads(json.dumps(result["rows"]))
   assert saved["device"].startswith("cpu") and "bench_decode.py" in saved["command"]

@@ -21,7 +21,7 @@ from sparse_jax.formats import hybrid, twell
 F32 = jnp.float32
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
-DECODE_PATHS = ("dense", "union")      # SparseFFNConfig.decode_path
+DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +57,11 @@ class SparseFFNConfig:
     there ``decode_path`` decides. 0 turns the regime off (every call goes to the backend).
   decode_path: what an inference call in the decode regime runs. "dense" (default): the plain
     dense FFN, no probe, no conditional (the Pallas backend's inference primal in mode "auto";
-    training calls and mode "sparse" keep the kernels). "union" (with ``implementation=None``): ``sparse_jax.ops.decode``, one
+    training calls and mode "sparse" keep the kernels). "kernel": the decode kernels
+    (``pallas_kernels/twell_decode.py`` through ``sparse_jax.ops.decode.kernel_forward``; Pallas
+    backend, inference primal, mode "auto", up to 256 tokens): the gate streamed by every SM and
+    the up/down projections only for 64-neuron tiles where a token fires; exact, no capacity, no
+    conditional. "union" (with ``implementation=None``): ``sparse_jax.ops.decode``, one
     gate GEMM and the union of the batch's active neurons gathered once from Wu and Wd, where the
     union capacity pays (``decode_max_union_fraction``). "dense" is the default because the union
     path measured slower than dense generation on an H200 (0.5b, batch 1 / 8: 0.85x / 0.77x of

@@ -37,7 +37,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from sparse_jax.ops.base import FFNStats, SparseFFNConfig
+from sparse_jax.ops.base import FFNStats, SparseFFNConfig, make_stats
 from sparse_jax.ops.dense import F32, ffn_with_l1, gate_activation, matmul_nn, matmul_nt
 from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
 
@@ -168,3 +168,40 @@ def relu_ffn_decode(x_MxD, w_up, w_down, cfg: SparseFFNConfig) -> tuple[jax.Arra
   """``relu(x Wu^T) @ Wd`` on [M, d_model] through the batch's union of actives."""
   return _relu(x_MxD, w_up, w_down, _capacity(x_MxD.shape[0], w_up.shape[0], cfg),
                cfg.gate_threshold)
+
+
+# --------------------------------------------------------------------------- decode kernels
+
+
+def kernel_supports(m: int, d_model: int, d_ff: int) -> str | None:
+  """None if the decode kernels (``pallas_kernels.twell_decode``) take a call of M tokens of
+  these sizes (bf16 and a Hopper GPU are the Pallas backend's own checks), else why not."""
+  from pallas_kernels import twell_decode as td
+  if not 0 < m <= td.MAX_TOKENS:
+    return f"M={m} tokens: the decode kernels take 1..{td.MAX_TOKENS}"
+  if d_ff % td.NEURON_TILE:
+    return f"d_ff={d_ff} must be a multiple of {td.NEURON_TILE}"
+  if d_model % td.DOWN_ROWS:
+    return f"d_model={d_model} must be a multiple of {td.DOWN_ROWS}"
+  return None
+
+
+def kernel_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig
+                   ) -> tuple[jax.Array, FFNStats]:
+  """Inference forward of a few tokens through the decode kernels: ``(y [M, D], FFNStats)``.
+
+  Exact on every input with no capacity and no conditional (non-finite rows included, see the
+  kernels' module); the statistics are counted from the kernels' fired gate values (NaN counts
+  as active, as in the op) and L1 from their bf16 hidden activations. Differentiating the op
+  does not come here: the Pallas backend's training forward does."""
+  from pallas_kernels import twell_decode as td
+  m, _ = x_MxD.shape
+  n = w_gate.shape[0]
+  m_pad = td.pad_tokens(m)
+  xp = jnp.pad(x_MxD, ((0, m_pad - m), (0, 0)))
+  y, h_NxM, p_NxM, _ = td.decode_ffn(xp, w_gate, w_up, w_down, threshold=cfg.gate_threshold)
+  active_NxM = p_NxM[:, :m] != 0
+  stats = make_stats(l0=jnp.sum(active_NxM, dtype=F32) / m,
+                     l1=jnp.sum(jnp.abs(h_NxM[:, :m].astype(F32))) / (m * n),
+                     active_per_neuron=jnp.sum(active_NxM, axis=1, dtype=jnp.int32))
+  return y[:m], stats

@@ -35,7 +35,7 @@ from jax import lax
 
 from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax.formats import twell
-from sparse_jax.ops import dispatch
+from sparse_jax.ops import decode, dispatch
 from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
 from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
                                   dense_grads_neuron_chunked, dense_with_stats, ffn_as_model,
@@ -173,11 +173,6 @@ def twell_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
 
   def dense():
     return dense_with_stats(x_MxD, w_gate, w_up, w_down)
-
-  if m <= cfg.decode_max_tokens and cfg.decode_path == "dense" and cfg.mode == "auto":
-    # Decode regime (a few tokens per call): the plain dense FFN, no probe, no conditional. The
-    # batched kernels pad to 128-row tiles and measured ~0.8x of dense there (SparseFFNConfig).
-    return dense()
 
   def sparse():
     wg, wu, wd = (_pad_neurons(w, n_pad) for w in (w_gate, w_up, w_down))
@@ -376,10 +371,23 @@ def _train_forward(x_MxD, w_gate, w_up, w_down, cfg):
   return _exact_rows(x_MxD, w_gate, w_up, w_down, out), res
 
 
+def _inference(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
+  """The inference primal. In the decode regime (``cfg.decode_path``) the dense FFN or the
+  decode kernels: both exact on non-finite rows by themselves, so no conditional is added (a
+  ``lax.cond`` per layer would stall every generation step on a host round trip)."""
+  m, d = x_MxD.shape
+  if m <= cfg.decode_max_tokens and cfg.mode == "auto":
+    if (cfg.decode_path == "kernel"
+        and decode.kernel_supports(m, d, w_gate.shape[0]) is None):
+      return decode.kernel_forward(x_MxD, w_gate, w_up, w_down, cfg)
+    if cfg.decode_path in ("dense", "kernel"):
+      return dense_with_stats(x_MxD, w_gate, w_up, w_down)
+  return _exact_rows(x_MxD, w_gate, w_up, w_down, twell_forward(x_MxD, w_gate, w_up, w_down, cfg))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def gated_ffn(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
-  return _exact_rows(x_MxD, w_gate, w_up, w_down,
-                     twell_forward(x_MxD, w_gate, w_up, w_down, cfg))
+  return _inference(x_MxD, w_gate, w_up, w_down, cfg)
 
 
 gated_ffn.defvjp(lambda x, wg, wu, wd, cfg: _train_forward(x, wg, wu, wd, cfg),
@@ -388,7 +396,7 @@ gated_ffn.defvjp(lambda x, wg, wu, wd, cfg: _train_forward(x, wg, wu, wd, cfg),
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def relu_ffn(x_MxD, w_up, w_down, cfg: SparseFFNConfig):
-  return _exact_rows(x_MxD, w_up, None, w_down, twell_forward(x_MxD, w_up, None, w_down, cfg))
+  return _inference(x_MxD, w_up, None, w_down, cfg)
 
 
 relu_ffn.defvjp(lambda x, wu, wd, cfg: _train_forward(x, wu, None, wd, cfg),
