@@ -47,6 +47,11 @@ def parse_args(argv=None):
   ap.add_argument("--active", nargs="+", type=float, default=[28.0],
                   help="active neurons per token (28 of 5632: 99.5%% sparsity)")
   ap.add_argument("--layers", type=int, default=8)
+  ap.add_argument("--layout", choices=("unrolled", "scan"), default="unrolled",
+                  help="unrolled: each layer's weights a separate array, the layers a Python "
+                       "loop (what an unrolled model runs); scan: stacked weights under lax.map "
+                       "(what a layer-scanned model runs: XLA may copy each layer's slice before "
+                       "a GEMM or a kernel reads it)")
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--cpu-smoke", action="store_true",
@@ -89,8 +94,12 @@ def main(argv=None) -> int:
                             decode_max_tokens=max(batches))
       f = lambda x, wg, wu, wd: pallas_backend.gated_ffn(x, wg, wu, wd, cfg)[0]
 
-    def run(x_L, wg_L, wu_L, wd_L):
-      return jax.lax.map(lambda a: f(*a), (x_L, wg_L, wu_L, wd_L))
+    if args.layout == "scan":
+      def run(x_L, wg_L, wu_L, wd_L):
+        return jax.lax.map(lambda a: f(*a), (x_L, wg_L, wu_L, wd_L))
+    else:
+      def run(x_L, wg_L, wu_L, wd_L):
+        return jnp.stack([f(*a) for a in zip(x_L, wg_L, wu_L, wd_L)])
     return jax.jit(run)
 
   fns = {p: step_fn(p) for p in ("dense", "kernel", "dense_path")}
@@ -103,10 +112,13 @@ def main(argv=None) -> int:
     probs = [make_ffn_problem(k, max(b, DRAW_TOKENS), d, n, active_per_token=active,
                               distribution=dist) for k in keys]
     probs = [dataclasses.replace(p, x=p.x[:b]) for p in probs]
-    stack = lambda name: jnp.stack([getattr(p, name) for p in probs])
+    if args.layout == "scan":
+      stack = lambda name: jnp.stack([getattr(p, name) for p in probs])
+    else:
+      stack = lambda name: [getattr(p, name) for p in probs]
     ins = tuple(stack(nm) for nm in ("x", "w_gate", "w_up", "w_down"))
-    g = np.asarray(jnp.einsum("lmd,lnd->lmn", ins[0].astype(jnp.float32),
-                              ins[1].astype(jnp.float32)))
+    g = np.stack([np.asarray(p.x.astype(jnp.float32) @ p.w_gate.astype(jnp.float32).T)
+                  for p in probs])
     fired = g > 0
     tiles = fired.reshape(args.layers, b, n // twell_decode.NEURON_TILE, -1).any(axis=(1, 3))
     f_tile = float(tiles.mean())
@@ -114,6 +126,7 @@ def main(argv=None) -> int:
     errs = {p: ffn_cases.rel_err_f32(ys[p][0], probs[0], np.arange(b)) for p in ys}
     t = timing.side_by_side(fns, ins, rounds=args.rounds, calls_per_round=None, baseline="dense")
     rec = dict(d_model=d, d_ff=n, batch=b, distribution=dist, active_per_token=active,
+               layout=args.layout, xla_flags=os.environ.get("XLA_FLAGS", ""),
                measured_active_per_token=float(fired.sum(axis=2).mean()),
                union_per_layer=float(fired.any(axis=1).sum(axis=1).mean()),
                tile_fraction=f_tile, predicted_ratio=3.0 / (1.0 + 2.0 * f_tile),
