@@ -188,7 +188,8 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   u_cap = min(d_ff, unit * math.ceil(UNION_HEADROOM * union_max / unit))
   decode_path = set_decode_config(sparse, batch, max(u_cap, 1), args.max_union_fraction,
                                   getattr(args, "decode_path", "union"))
-  sparse_gen = Generator(sparse, scan_layers=not args.unrolled)
+  # The decode path set above (set_decode_config), not the Generator's own choice.
+  sparse_gen = Generator(sparse, scan_layers=not args.unrolled, decode_path="model")
   gens = {"dense": dense_gen, "sparse": sparse_gen}
   first = {v: g.generate(prompts, max_new_tokens=n_new, n_ids=n_ids) for v, g in gens.items()}
   # The probe compiled the dense programs of this shape (the first case of a config; later cases

@@ -244,3 +244,18 @@ def test_sparse_decode_path_generates_the_dense_models_tokens(key):
   want = generate(dense, prompt, max_new_tokens=8)
   np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
   np.testing.assert_allclose(got.step_active_SxL, want.step_active_SxL, rtol=1e-6)
+
+
+def test_generator_decode_path_is_static_config_and_leaves_the_model_alone(key):
+  """decode_path reaches the sparse FFNs through the block graphdef the Generator compiles, and
+  the model's own configs are restored; "auto" keeps them off a Hopper GPU."""
+  model = tiny_model(key)
+  before = [b.ffn.sparse_config for b in model.blocks]
+  g = Generator(model, decode_path="kernel")
+  assert g.decode_path == "kernel"
+  assert [b.ffn.sparse_config for b in model.blocks] == before
+  assert "decode_path='kernel'" in repr(g.block_graphdef)
+  assert Generator(model).decode_path is None  # CPU: "auto" keeps the model's config
+  assert "decode_path='kernel'" not in repr(Generator(model).block_graphdef)
+  with pytest.raises(ValueError, match="decode_path"):
+    Generator(model, decode_path="fast")

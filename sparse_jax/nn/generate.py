@@ -29,6 +29,7 @@ compiled program serves every setting.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -289,14 +290,55 @@ def _stack(states, dtype):
   return _cast_weights(jax.tree.map(lambda *a: jnp.stack(a), *states), dtype)
 
 
+DECODE_PATHS = ("auto", "model", "kernel", "dense")
+
+
+def _decode_path(model, scan_layers: bool, decode_path: str) -> str | None:
+  """The sparse FFNs' ``SparseFFNConfig.decode_path`` for the decode steps, or None (keep the
+  model's own). "auto": the decode kernels when the layers are scanned on a Hopper GPU -- under
+  the scan XLA copies each layer's weight slices before a cuBLAS matmul reads them, the decode
+  kernels read them in place: per FFN 2.0-2.9x faster than the dense FFN at 1-64 tokens per step
+  (2b shape, H200, experiments/results/bench_decode_ffn_scan_h200.json); with separate per-layer
+  weights (unrolled) dense is as fast from 8 tokens on, so the model's own setting stays."""
+  if decode_path not in DECODE_PATHS:
+    raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got {decode_path!r}")
+  if decode_path == "model":
+    return None
+  if decode_path == "auto":
+    from pallas_kernels import common
+    if not (scan_layers and common.hopper_available()):
+      return None
+    decode_path = "kernel"
+  return decode_path
+
+
+@contextlib.contextmanager
+def _sparse_decode_path(model, decode_path: str | None):
+  """Within: every sparse FFN's config has ``decode_path`` (the block graphdefs split here carry
+  it as static configuration); the model itself is restored afterwards."""
+  ffns = [b.ffn for b in model.blocks if hasattr(b.ffn, "sparse_config")]
+  saved = [f.sparse_config for f in ffns]
+  try:
+    if decode_path is not None:
+      for f in ffns:
+        f.sparse_config = dataclasses.replace(f.sparse_config, decode_path=decode_path)
+    yield
+  finally:
+    for f, c in zip(ffns, saved):
+      f.sparse_config = c
+
+
 class Generator:
   """Compiled generation for one model: stacks (and casts) the blocks' parameters once, compiles
   each (batch, prompt length, new tokens) shape once, and times prefill and decode apart.
 
   Build it after the weights are final: it keeps its own stacked copy (in the compute dtype).
+  ``decode_path``: what the sparse FFNs run at the decode steps (``_decode_path``): "auto"
+  (default: the decode kernels when the layers are scanned on a Hopper GPU), "model" (the model's
+  own ``SparseFFNConfig.decode_path``), "kernel" or "dense".
   """
 
-  def __init__(self, model: Transformer, *, scan_layers: bool = True):
+  def __init__(self, model: Transformer, *, scan_layers: bool = True, decode_path: str = "auto"):
     self.model = model
     self.cfg = model.cfg
     dtype = model.compute_dtype
@@ -304,7 +346,9 @@ class Generator:
     # The Transformer is merged from its own blocks' state (unused by the programs, which run the
     # blocks from layer_states) and its other parameters cast once (embedding/head).
     self.model_state = (blocks_state, _cast_weights(rest_state, dtype))
-    splits = [nnx.split(block) for block in model.blocks]
+    self.decode_path = _decode_path(model, scan_layers, decode_path)
+    with _sparse_decode_path(model, self.decode_path):
+      splits = [nnx.split(block) for block in model.blocks]
     graphdefs = tuple(gd for gd, _ in splits)
     # Blocks of different structure cannot share one scanned program: unroll them.
     self.scan_layers = scan_layers and all(gd == graphdefs[0] for gd in graphdefs)
@@ -456,9 +500,9 @@ def _left_pad(prompts, vocab: int):
 def generate(model: Transformer, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
              pad_id: int | None = None, n_ids: int | None = None,
-             scan_layers: bool = True) -> Generation:
+             scan_layers: bool = True, decode_path: str = "auto") -> Generation:
   """``Generator(model).generate(...)`` (see there); build a ``Generator`` to generate repeatedly
   without re-stacking the weights or recompiling."""
-  return Generator(model, scan_layers=scan_layers).generate(
+  return Generator(model, scan_layers=scan_layers, decode_path=decode_path).generate(
       prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
       seed=seed, eos_id=eos_id, pad_id=pad_id, n_ids=n_ids)

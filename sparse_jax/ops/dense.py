@@ -147,13 +147,22 @@ def dense_forward_chunked(x_MxD, w_gate, w_up, w_down, chunk: int = ROW_CHUNK,
 # tens of rows on it calls cuBLAS, which accumulates in f32 anyway (same numbers either way). Kept
 # to the decode regime so the large-M dense baseline compiles exactly as before.
 F32_ACCUMULATE_ROWS = 256
+# Below this many rows XLA's f32-accumulating dot is not a cuBLAS call: at M = 1 the 2b FFN took
+# 34.3 us per layer on an H200 against 24.7 us with the rows zero-padded to 8 (23.5 us at M = 8;
+# experiments/results/tune_decode_h200.json), so ``ffn_as_model`` pads to it.
+MIN_GEMM_ROWS = 8
 
 
 def ffn_as_model(x_MxD, w_gate, w_up, w_down, activation: str = "relu", threshold: float = 0.0):
   """(y, h, pre): the dense FFN as a bf16 model computes it: every matmul output in the compute
   dtype (f32 accumulation inside the matmuls). ``pre`` is the gate's pre-activation."""
   dt = x_MxD.dtype
-  if x_MxD.shape[0] <= F32_ACCUMULATE_ROWS:
+  m = x_MxD.shape[0]
+  if 0 < m < MIN_GEMM_ROWS:  # zero rows: exact, and XLA calls cuBLAS (module comment above)
+    y, h, pre = ffn_as_model(jnp.pad(x_MxD, ((0, MIN_GEMM_ROWS - m), (0, 0))), w_gate, w_up,
+                             w_down, activation, threshold)
+    return y[:m], h[:m], pre[:m]
+  if m <= F32_ACCUMULATE_ROWS:
     dot = lambda a, b, dims: lax.dot_general(a, b, (dims, ((), ())),
                                              preferred_element_type=F32).astype(dt)
   else:
