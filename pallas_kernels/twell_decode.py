@@ -139,7 +139,7 @@ def _any(mask_f32):
   def scope(scratch):
     scratch[...] = mask_f32
     plgpu.commit_smem()
-    v = plgpu.load(scratch, (), layout=plgpu.Layout.WG_STRIDED(mask_f32.shape, vec_size=2))
+    v = plgpu.load(scratch, layout=plgpu.Layout.WG_STRIDED(mask_f32.shape, vec_size=2))
     return jnp.max(v) > 0.0
   return pl.run_scoped(scope, plgpu.SMEM(mask_f32.shape, jnp.float32))
 
