@@ -10,8 +10,10 @@ stacked once in bf16), alternating dense and sparse calls for ``--rounds`` round
 the prefill and decode wall times are reported, with energy per generated token from NVML
 (``EnergyMeter`` of ``experiments/bench_model.py``) and each program's compile time.
 
-The sparse model's decode steps (B tokens per call) take the decode-regime path of
-``sparse_jax.ops.decode`` when its union capacity pays: U is set per case from the union of the
+The sparse model's decode steps (B tokens per call) run the decode kernels
+(``--decode-path kernel``, the default: ``pallas_kernels/twell_decode.py``, no capacity, exact),
+or with ``--decode-path union`` the XLA union path of ``sparse_jax.ops.decode`` when its union
+capacity pays: U is set per case from the union of the
 batch's active neurons measured on a probe generation of other prompts (the dense twin computes
 the same activity), x 1.25, rounded up to 128; a step whose union exceeds U runs dense (exact) and
 is counted (``dense_fallback_share``). ``decode_max_tokens`` is set to B, so the prefill (B x P
