@@ -6,8 +6,11 @@ it is). The dense baseline is the same weights with ``model.ffn=relu_dense`` (th
 ``sparse_jax.eval.loading.rebuild``: the parameter arrays are shared). Each case (batch B, prompt
 P, N new tokens; default B = 1, 8, 64 at P = 128, N = 128, and a long-context case at P = 2048)
 runs greedy generation through ``sparse_jax.nn.generate.Generator`` (layers scanned, weights
-stacked once in bf16), alternating dense and sparse calls for ``--rounds`` rounds; the medians of
-the prefill and decode wall times are reported, with energy per generated token from NVML
+stacked once in bf16), alternating dense and sparse calls for ``--rounds`` rounds (and, unless
+``--no-best-dense``, the dense model with its layers unrolled: under the scan XLA copies each
+layer's weight slices before its GEMMs, unrolled it does not, so that is the fastest dense
+generation measured; ``speedup_decode_vs_best_dense`` compares with the faster dense); the
+medians of the prefill and decode wall times are reported, with energy per generated token from NVML
 (``EnergyMeter`` of ``experiments/bench_model.py``) and each program's compile time.
 
 The sparse model's decode steps (B tokens per call) run the decode kernels
@@ -91,6 +94,13 @@ def parse_args(argv):
   p.add_argument("--max-union-fraction", type=float,
                  help="SparseFFNConfig.decode_max_union_fraction of the sparse model (default: the "
                       "config's): the union path runs only if U <= this x d_ff")
+  p.add_argument("--cublas", action="store_true",
+                  help="compile generation with xla_gpu_enable_triton_gemm=False (cuBLAS GEMMs; "
+                       "measured slower on the H200, see Generator's compiler_options)")
+  p.add_argument("--no-best-dense", dest="best_dense", action="store_false",
+                  help="do not also time the dense model with its layers unrolled (separate "
+                       "per-layer weights: no weight-slice copies, the fastest dense generation "
+                       "measured; compiles longer) and report speedup_decode_vs_best_dense")
   p.add_argument("--unrolled", action="store_true",
                  help="unroll the layers instead of scanning them (compile time vs step time: a "
                       "scanned step slices each layer's weights out of the stacked arrays)")
@@ -173,7 +183,8 @@ def _median(xs):
   return statistics.median(xs) if xs else None
 
 
-def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, meter) -> dict:
+def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, meter,
+             dense_unrolled_gen=None) -> dict:
   from sparse_jax.nn.generate import Generator
   from sparse_jax.ops import decode
 
@@ -191,15 +202,20 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   decode_path = set_decode_config(sparse, batch, max(u_cap, 1), args.max_union_fraction,
                                   getattr(args, "decode_path", "union"))
   # The decode path set above (set_decode_config), not the Generator's own choice.
-  sparse_gen = Generator(sparse, scan_layers=not args.unrolled, decode_path="model")
+  sparse_gen = Generator(sparse, scan_layers=not args.unrolled, decode_path="model",
+                         compiler_options=_compiler_options(args))
   gens = {"dense": dense_gen, "sparse": sparse_gen}
+  if dense_unrolled_gen is not None:
+    gens["dense_unrolled"] = dense_unrolled_gen
   first = {v: g.generate(prompts, max_new_tokens=n_new, n_ids=n_ids) for v, g in gens.items()}
   # The probe compiled the dense programs of this shape (the first case of a config; later cases
   # of the same shape reuse them).
-  compile_s = dict(dense=probe.compile_s, sparse=first["sparse"].compile_s)
+  compile_s = {v: g.compile_s for v, g in first.items()}
+  compile_s["dense"] = probe.compile_s
   runs = {v: [] for v in gens}
+  order = list(gens)
   for r in range(args.rounds):
-    for v in (("dense", "sparse") if r % 2 == 0 else ("sparse", "dense")):
+    for v in (order if r % 2 == 0 else order[::-1]):
       meter.start()
       g = gens[v].generate(prompts, max_new_tokens=n_new, n_ids=n_ids)
       energy = meter.stop()
@@ -230,7 +246,18 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   row["speedup_decode"] = row["sparse"]["decode_tokens_per_s"] / row["dense"]["decode_tokens_per_s"]
   row["speedup_end_to_end"] = (row["sparse"]["end_to_end_tokens_per_s"]
                                / row["dense"]["end_to_end_tokens_per_s"])
+  if dense_unrolled_gen is not None:
+    # Against the fastest dense generation measured in this case: the scanned dense model pays
+    # XLA's copies of each layer's weight slices, the unrolled one does not (generate.py).
+    best = max(row["dense"]["decode_tokens_per_s"], row["dense_unrolled"]["decode_tokens_per_s"])
+    row["speedup_decode_vs_best_dense"] = row["sparse"]["decode_tokens_per_s"] / best
+    row["dense_unrolled_tokens_equal_share"] = float(
+        (first["dense_unrolled"].tokens_BxN == first["dense"].tokens_BxN).mean())
   return row
+
+
+def _compiler_options(args) -> dict:
+  return {"xla_gpu_enable_triton_gemm": False} if args.cublas else {}
 
 
 def main(argv=None) -> dict:
@@ -257,10 +284,16 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     sparse, dense, cfg, n_ids, calibration = build_models(args, config)
     build_s = time.perf_counter() - t0
-    dense_gen = Generator(dense, scan_layers=not args.unrolled)
+    dense_gen = Generator(dense, scan_layers=not args.unrolled,
+                          compiler_options=_compiler_options(args))
+    dense_unrolled_gen = (Generator(dense, scan_layers=False,
+                                    compiler_options=_compiler_options(args))
+                          if args.best_dense and not args.unrolled else None)
     for batch, prompt_len in cases:
-      row = run_case(args, sparse, dense_gen, n_ids, batch, prompt_len, meter)
+      row = run_case(args, sparse, dense_gen, n_ids, batch, prompt_len, meter,
+                     dense_unrolled_gen)
       row.update(config=config, layers="unrolled" if args.unrolled else "scan",
+                 compiler_options=dense_gen.compiler_options,
                  init_from=args.init_from, n_layers=cfg.model.n_layers,
                  sparsity_target=None if calibration is None else args.sparsity,
                  profile=None if calibration is None else args.profile, build_s=build_s)
@@ -274,10 +307,15 @@ def main(argv=None) -> dict:
             f"{s['dense_fallback_share']:.3f}; compile dense {d['compile_s']:.1f} s sparse "
             f"{s['compile_s']:.1f} s; same greedy tokens {row['greedy_tokens_equal_share']:.3f}",
             flush=True)
+      if "dense_unrolled" in row:
+        u = row["dense_unrolled"]
+        print(f"{'':>5} dense unrolled {u['decode_tokens_per_s']:9.1f} tok/s (compile "
+              f"{u['compile_s']:.1f} s): sparse vs the best dense "
+              f"{row['speedup_decode_vs_best_dense']:.2f}x", flush=True)
       os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
       with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    del sparse, dense, dense_gen
+    del sparse, dense, dense_gen, dense_unrolled_gen
   print(f"wrote {args.out}")
   return result
 

@@ -24,7 +24,6 @@ per case, with its predicted ratio ``3 / (1 + 2 f_tile)``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 
@@ -32,8 +31,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
 
-
-DRAW_TOKENS = 256
+LAYOUTS = ("unrolled", "stacked", "scan")  # sparse_jax.benchmarking.ffn_cases.LAYER_LAYOUTS
 
 
 def parse_args(argv=None):
@@ -47,11 +45,12 @@ def parse_args(argv=None):
   ap.add_argument("--active", nargs="+", type=float, default=[28.0],
                   help="active neurons per token (28 of 5632: 99.5%% sparsity)")
   ap.add_argument("--layers", type=int, default=8)
-  ap.add_argument("--layout", choices=("unrolled", "scan"), default="unrolled",
+  ap.add_argument("--layout", choices=LAYOUTS, default="unrolled",
                   help="unrolled: each layer's weights a separate array, the layers a Python "
-                       "loop (what an unrolled model runs); scan: stacked weights under lax.map "
-                       "(what a layer-scanned model runs: XLA may copy each layer's slice before "
-                       "a GEMM or a kernel reads it)")
+                       "loop (what an unrolled model runs); stacked: stacked weights, a Python "
+                       "loop indexing them statically (what the Generator's decode step runs); "
+                       "scan: stacked weights under lax.map (what a layer-scanned model runs: "
+                       "XLA copies each layer's slices before a GEMM reads them)")
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--cpu-smoke", action="store_true",
@@ -64,7 +63,6 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args.cpu_smoke:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  import jax
   import jax.numpy as jnp
   import numpy as np
   from tqdm import tqdm
@@ -73,7 +71,7 @@ def main(argv=None) -> int:
   from sparse_jax.benchmarking import ffn_cases, results, timing
   from sparse_jax.ops import SparseFFNConfig, pallas_backend
   from sparse_jax.ops.dense import ffn_as_model
-  from sparse_jax.synthetic import make_ffn_problem
+  assert LAYOUTS == ffn_cases.LAYER_LAYOUTS
 
   if args.cpu_smoke:
     common._interpret = True  # noqa: SLF001 (the process-wide switch, as the env variable sets it)
@@ -94,29 +92,16 @@ def main(argv=None) -> int:
                             decode_max_tokens=max(batches))
       f = lambda x, wg, wu, wd: pallas_backend.gated_ffn(x, wg, wu, wd, cfg)[0]
 
-    if args.layout == "scan":
-      def run(x_L, wg_L, wu_L, wd_L):
-        return jax.lax.map(lambda a: f(*a), (x_L, wg_L, wu_L, wd_L))
-    else:
-      def run(x_L, wg_L, wu_L, wd_L):
-        return jnp.stack([f(*a) for a in zip(x_L, wg_L, wu_L, wd_L)])
-    return jax.jit(run)
+    return ffn_cases.over_layers(f, args.layout)
 
   fns = {p: step_fn(p) for p in ("dense", "kernel", "dense_path")}
   cases = [(s, b, dist, a) for s in args.shape for b in batches for dist in args.dist
            for a in args.active]
   for shape, b, dist, active in tqdm(cases, desc="decode FFN cases", file=sys.stderr):
     d, n = ffn_cases.parse_shape(shape)
-    keys = jax.random.split(jax.random.key(args.seed + 1000 * b), args.layers)
-    # Drawn at a size where the generator's per-token activity holds, then the first B tokens.
-    probs = [make_ffn_problem(k, max(b, DRAW_TOKENS), d, n, active_per_token=active,
-                              distribution=dist) for k in keys]
-    probs = [dataclasses.replace(p, x=p.x[:b]) for p in probs]
-    if args.layout == "scan":
-      stack = lambda name: jnp.stack([getattr(p, name) for p in probs])
-    else:
-      stack = lambda name: [getattr(p, name) for p in probs]
-    ins = tuple(stack(nm) for nm in ("x", "w_gate", "w_up", "w_down"))
+    probs = ffn_cases.decode_problems(args.seed + 1000 * b, args.layers, b, d, n, active=active,
+                                      distribution=dist)
+    ins = ffn_cases.layer_inputs(probs, args.layout)
     g = np.stack([np.asarray(p.x.astype(jnp.float32) @ p.w_gate.astype(jnp.float32).T)
                   for p in probs])
     fired = g > 0

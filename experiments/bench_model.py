@@ -26,6 +26,14 @@ with the per-token tail (p50/p99/max). ``dense_fallback_share`` is the share of 
 dispatcher took the dense path (it does when the probe estimate exceeds
 ``SparseFFNConfig.max_active_fraction``, ~1%: the 0.99 rows sit near that line).
 
+Training dispatch. By default the sparse model's step is the on-device dispatcher's
+(``train.dispatch=device``); ``--set train.dispatch=sparse|dense`` times one static mode for every
+layer, and ``--set train.dispatch=auto_host [train.hot_cold=true]`` the run loop's host
+dispatcher: ``--settle-steps`` steps run first with a decision after each (per-layer sparse/dense
+with hysteresis and, with hot_cold, each sparse layer's hot/cold split and neuron reordering),
+then the step of the pattern it settled on is compiled and timed (``dispatch_pattern``). The
+dense model always runs its plain step.
+
 Timing is wall clock: jit and compile once (``lower().compile()``, whose ``memory_analysis`` gives
 the peak), warm up, then ``--windows`` windows of back-to-back calls (``block_until_ready`` at each
 window's end, outputs released as the next call is queued) lasting ``--min-seconds`` in all; the
@@ -257,9 +265,18 @@ def run_job(spec: dict) -> dict:
                            rng=jax.random.key_data(jax.random.key(spec["seed"])))
         del params
         batch = jnp.asarray(tokens[None])
-        if compiled is None:
+        settle = variant == "sparse" and cfg.train.dispatch == "auto_host"
+        if settle:
+          # The host dispatcher decides per level (the pattern depends on the sparsity): its
+          # steps run first, then the step of the pattern it settled on is timed.
+          state, step_gd, settled = settle_host_dispatch(cfg, graphdef, state, batch, scfg,
+                                                         spec["settle_steps"])
+          rec.update(settled)
+        elif compiled is None:
+          step_gd = (graphdef if variant == "dense" else  # the dense model has no dispatch
+                     static_graphdef(cfg, graphdef, state.params))  # train.dispatch=sparse|dense
+        if settle or compiled is None:
           t0 = time.perf_counter()
-          step_gd = static_graphdef(cfg, graphdef, state.params)  # train.dispatch=sparse|dense
           compiled = train_step.lower(state, batch, graphdef=step_gd, cfg=scfg).compile()
           compile_s = time.perf_counter() - t0
         rec.update(compiled_memory(compiled))
@@ -292,6 +309,32 @@ def run_job(spec: dict) -> dict:
     gc.collect()
   result["job_s"] = time.perf_counter() - t_job
   return result
+
+
+def settle_host_dispatch(cfg, graphdef, state, batch, scfg, steps: int):
+  """``train.dispatch=auto_host`` (and ``train.hot_cold``): runs ``steps`` training steps on
+  ``batch`` with the run loop's ``Dispatcher`` deciding after every one (its hysteresis and, with
+  hot_cold, the neuron reorderings of params, moments and tracker), as ``train`` does every
+  ``dispatch_every`` steps. Returns (state, the graphdef of the pattern it settled on, fields for
+  the row: the pattern after each step and the settled one)."""
+  from sparse_jax.train.dispatch import Dispatcher
+  from sparse_jax.train.step import train_step
+
+  if steps < 1:
+    raise ValueError(f"--settle-steps must be at least 1 with train.dispatch=auto_host, got {steps}")
+  tokens = int(np.prod(batch.shape[1:])) - batch.shape[1]  # inputs: each sequence but its last
+  disp = Dispatcher(cfg, graphdef, state.params,
+                    lambda gd: functools.partial(train_step, graphdef=gd, cfg=scfg),
+                    tokens_per_call=tokens, tokens_per_step=tokens)
+  disp.every = 1  # a decision after every settling step
+  codes = []
+  for i in range(1, steps + 1):
+    state, metrics = disp(state, batch)
+    disp.after_step(i, metrics)
+    state = disp.refresh(state)
+    codes.append(disp.code())
+  return state, disp.graphdef(), dict(dispatch_pattern=disp.code(), dispatch_settling=codes,
+                                      dispatch_hot_cold=bool(cfg.train.hot_cold))
 
 
 @functools.cache
@@ -345,6 +388,9 @@ def parse_args(argv):
   p.add_argument("--sparse-impl", choices=("auto", "pallas", "xla"), default="auto",
                  help="auto: pallas on a GPU, the XLA reference elsewhere (Pallas interpret "
                       "mode with SPARSE_JAX_PALLAS_INTERPRET=1 where the shapes allow)")
+  p.add_argument("--settle-steps", type=int, default=3,
+                 help="with --set train.dispatch=auto_host: steps the host dispatcher decides "
+                      "after (each) before the settled pattern's step is timed")
   p.add_argument("--warmup", type=int, default=2, help="untimed calls after compilation")
   p.add_argument("--windows", type=int, default=3, help="timed windows (median reported)")
   p.add_argument("--min-seconds", type=float, default=6.0,
@@ -420,6 +466,7 @@ def plan_jobs(args) -> list[dict]:
                          seed=args.seed, warmup=args.warmup, windows=args.windows,
                          min_seconds=args.min_seconds, op_stats=args.op_stats,
                          data=args.data, sparse_impl=args.sparse_impl,
+                         settle_steps=args.settle_steps,
                          dense_baseline=DENSE_BASELINE, ffn_impl=None))
   return jobs
 

@@ -309,6 +309,12 @@ class TrainConfig:
     sparse below the first, a sparse layer goes dense above the second.
   dispatch_compile_ahead: "auto_host" compiles the likely next pattern's step in a background
     thread, so a switch does not stall the run on compilation.
+  hot_cold: with "auto_host", the hot/cold split in training: at each decision every sparse layer
+    gets the split ``sparse_jax.ops.hotcold.plan_layer`` chooses from the decision step's
+    per-neuron counts (its hottest neurons computed densely, forward and backward, the rest
+    through the sparse op), its neurons reordered in the parameters, both AdamW moments and the
+    tracker (``train/neuron_order.py``: the function and the optimisation are unchanged).
+  hot_cold_round_to: the split's granularity (n_hot is a multiple of it, or all of d_ff).
   nonfinite: a step with a non-finite loss or gradient never changes the weights; "stop" ends the
     run with an error there, "skip" goes on and counts the skipped steps.
   """
@@ -342,6 +348,8 @@ class TrainConfig:
   dispatch_sparse_below: float = 0.0072
   dispatch_dense_above: float = 0.0085
   dispatch_compile_ahead: bool = True
+  hot_cold: bool = False
+  hot_cold_round_to: int = 128
   nonfinite: str = "stop"
   tensorboard: bool = True
   wandb: bool = False
@@ -372,7 +380,10 @@ class TrainConfig:
     _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
              self.max_minutes, "must be positive or none")
     _choice(self, "train", "dispatch", DISPATCH_KINDS)
-    _positive_ints(self, "train", ("dispatch_every",))
+    _positive_ints(self, "train", ("dispatch_every", "hot_cold_round_to"))
+    _require(not self.hot_cold or self.dispatch == "auto_host", "train.hot_cold", self.hot_cold,
+             f"needs train.dispatch=auto_host (the loop decides the split), got "
+             f"train.dispatch={self.dispatch}")
     _require(0 < self.dispatch_sparse_below < self.dispatch_dense_above <= 1,
              "train.dispatch_sparse_below", self.dispatch_sparse_below,
              f"must be in (0, dispatch_dense_above={self.dispatch_dense_above}) (hysteresis), "

@@ -2,6 +2,7 @@
 rows measured in separate invocations; memory estimates."""
 import json
 import os
+import re
 
 import pytest
 
@@ -15,9 +16,14 @@ REQUIRED = ("device", "config", "mode", "sparsity_target", "sparsity_measured", 
 
 
 def test_quick_mode_writes_rows(tmp_path):
+  """Both modes; the sparse model's training step is the host dispatcher's (auto_host with the
+  hot/cold split): it decides after each settling step and the settled pattern's step is timed,
+  while the dense model runs its plain step."""
   out = str(tmp_path / "bench.json")
+  overrides = ["train.dispatch=auto_host", "train.hot_cold=true"]
   bench_model.main(["--quick", "--sparsity", "0.99", "--windows", "1", "--warmup", "0",
-                    "--min-seconds", "0.05", "--isolate", "no", "--out", out])
+                    "--min-seconds", "0.05", "--isolate", "no", "--settle-steps", "2",
+                    "--set", *overrides, "--out", out])
   with open(out) as f:
     data = json.load(f)
   assert data["paper"]["forward"]["2b"]["speedup"] == pytest.approx(1.205)
@@ -38,6 +44,13 @@ def test_quick_mode_writes_rows(tmp_path):
     # The dense model is relu_dense_bf16 built from the config with the same (calibrated) weights:
     # both compute the same function.
     assert r["dense_baseline"] == "relu_dense_bf16" and r["final_loss_rel_diff"] < 1e-2
+    assert r["overrides"] == overrides
+    if r["mode"] == "train":
+      assert r["dispatch_hot_cold"] is True and len(r["dispatch_settling"]) == 2
+      assert re.fullmatch(r"([SD]\d*){2}", r["dispatch_pattern"]), r["dispatch_pattern"]
+      assert r["dispatch_pattern"] == r["dispatch_settling"][-1]
+    else:
+      assert "dispatch_pattern" not in r
   assert os.path.exists(str(tmp_path / "bench.png"))
 
 

@@ -368,7 +368,8 @@ def test_bad_data_files_refused_or_skipped(tmp_path, capsys):
   good = tmp_path / "good.txt"
   good.write_text("plain text, ünïcode fine\n")
   png = tmp_path / "image.png"
-  png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64))
+  # Random bytes without NUL: a NUL byte is the binary-file check, tested below.
+  png.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(64).replace(b"\0", b"\1"))
   latin = tmp_path / "latin1.txt"
   latin.write_bytes("caf\u00e9 au lait".encode("latin-1"))
   data = lambda src, **kw: apply_overrides(small_config(), [f"data.source={src}"] + [

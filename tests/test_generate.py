@@ -174,6 +174,10 @@ def test_scanned_layers_equal_the_unrolled_block_steps(key):
   scanned = generate(model, prompts, scan_layers=True, **kw)
   unrolled = generate(model, prompts, scan_layers=False, **kw)
   np.testing.assert_array_equal(scanned.tokens_BxN, unrolled.tokens_BxN)
+  # scanned prefill, decode over static slices of the stacked layers
+  sliced = Generator(model, unroll_decode=True).generate(prompts, **kw)
+  np.testing.assert_array_equal(sliced.tokens_BxN, unrolled.tokens_BxN)
+  np.testing.assert_allclose(sliced.step_active_SxL, unrolled.step_active_SxL, rtol=1e-6)
   np.testing.assert_allclose(scanned.prompt_active_L, unrolled.prompt_active_L, rtol=1e-6)
   np.testing.assert_allclose(scanned.step_active_SxL, unrolled.step_active_SxL, rtol=1e-6)
 
@@ -196,6 +200,26 @@ def test_programs_do_not_grow_with_depth(key):
   assert p24u > 5 * p2 and d24u > 5 * d2  # the unrolled reference does grow
 
 
+def _dense_generator_and_ragged_prompts(key):
+  """A tiny dense model's Generator and two prompts of 5 and 2 tokens."""
+  k_model, k_tok = jax.random.split(key)
+  gen = Generator(tiny_model(k_model, ffn="relu_dense"))
+  return gen, [random_prompt(k_tok, 1, 5)[0], random_prompt(k_tok, 1, 2)[0]]
+
+
+def test_decode_step_program_is_the_loops_step(key):
+  gen, prompts = _dense_generator_and_ragged_prompts(key)
+  ref = gen.generate(prompts, max_new_tokens=4)
+  f, args = gen.decode_step_program(prompts, max_new_tokens=4)
+  nxt, _, _, stats = f(*args)
+  np.testing.assert_array_equal(np.asarray(nxt), ref.tokens_BxN[:, 1])
+  np.testing.assert_allclose(np.asarray(stats)[:, 0], ref.step_active_SxL[0], rtol=1e-6)
+  nxt2, *_ = f(*args)  # nothing donated: callable again
+  np.testing.assert_array_equal(np.asarray(nxt2), np.asarray(nxt))
+  with pytest.raises(ValueError, match="step"):
+    gen.decode_step_program(prompts, max_new_tokens=4, step=3)
+
+
 def test_top_k_one_is_greedy(key):
   k_model, k_tok = jax.random.split(key)
   model = tiny_model(k_model, ffn="relu_dense")
@@ -211,10 +235,7 @@ def test_top_k_one_is_greedy(key):
 
 
 def test_finished_rows_emit_pad_and_the_loop_stops(key):
-  k_model, k_tok = jax.random.split(key)
-  model = tiny_model(k_model, ffn="relu_dense")
-  gen = Generator(model)
-  prompts = [random_prompt(k_tok, 1, 5)[0], random_prompt(k_tok, 1, 2)[0]]
+  gen, prompts = _dense_generator_and_ragged_prompts(key)
   free = gen.generate(prompts, max_new_tokens=10)
   eos = int(free.tokens_BxN[0, 2])
   stopped = gen.generate(prompts, max_new_tokens=10, eos_id=eos, pad_id=7)

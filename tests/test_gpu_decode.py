@@ -32,14 +32,17 @@ def _f32(x, wg, wu, wd, threshold=0.0):
     return ffn_with_l1(f(x), f(wg), f(wu), f(wd), threshold)[0]
 
 
-@pytest.mark.parametrize("m,gated,dist", [(1, True, "skewed"), (8, True, "zipf"),
-                                          (16, False, "uniform"), (64, True, "clustered"),
-                                          (200, True, "heavy_tail"), (256, True, "skewed")])
-def test_decode_kernels_match_float32(key, m, gated, dist):
+@pytest.mark.parametrize("m,gated,dist,narrow", [
+    (1, True, "skewed", False), (1, True, "skewed", True), (8, True, "zipf", False),
+    (16, False, "uniform", True), (64, True, "clustered", False), (200, True, "heavy_tail", False),
+    (256, True, "skewed", False)])
+def test_decode_kernels_match_float32(key, m, gated, dist, narrow):
   p = _problem(key, m, dist)
   xp = jnp.pad(p.x, ((0, twell_decode.pad_tokens(m) - m), (0, 0)))
   wu = p.w_up if gated else None
-  y, h, pg, flags = jax.jit(twell_decode.decode_ffn)(xp, p.w_gate, wu, p.w_down)
+  cfg = dataclasses.replace(twell_decode.default_config(xp.shape[0], D, N), narrow_partials=narrow)
+  y, h, pg, flags = jax.jit(lambda *a: twell_decode.decode_ffn(*a, config=cfg))(
+      xp, p.w_gate, wu, p.w_down)
   ref = _f32(p.x, p.w_gate, wu, p.w_down)
   assert rel_err(y[:m], ref) < 1e-2
   assert not np.any(np.asarray(y[m:], np.float32))

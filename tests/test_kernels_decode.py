@@ -31,13 +31,14 @@ def dense32(x, wg, wu, wd, threshold=0.0):
   return ffn_with_l1(f32(x), f32(wg), f32(wu), f32(wd), threshold)
 
 
-@pytest.mark.parametrize("m,gated,threshold", [(1, True, 0.0), (5, False, 0.0), (16, True, 0.05),
-                                               (40, True, 0.0)])
-def test_decode_kernels_interpret_match_dense(pallas_interpret, key, m, gated, threshold):
+@pytest.mark.parametrize("m,gated,threshold,narrow", [
+    (1, True, 0.0, False), (5, False, 0.0, True), (16, True, 0.05, False), (40, True, 0.0, True)])
+def test_decode_kernels_interpret_match_dense(pallas_interpret, key, m, gated, threshold, narrow):
   p, x = problem(key, m)
   wu = p.w_up if gated else None
+  cfg = dataclasses.replace(SMALL, narrow_partials=narrow)
   y, h, pg, flags = jax.jit(lambda *a: twell_decode.decode_ffn(
-      *a, threshold=threshold, config=SMALL))(x, p.w_gate, wu, p.w_down)
+      *a, threshold=threshold, config=cfg))(x, p.w_gate, wu, p.w_down)
   y_ref, _ = dense32(p.x, p.w_gate, wu, p.w_down, threshold)
   assert y.shape == x.shape and y.dtype == jnp.bfloat16
   assert rel_err(y[:m], y_ref) < 1e-2
@@ -46,14 +47,18 @@ def test_decode_kernels_interpret_match_dense(pallas_interpret, key, m, gated, t
   g = (p.x.astype(jnp.float32) @ p.w_gate.astype(jnp.float32).T)
   g_bf = np.asarray(jnp.asarray(pg, jnp.float32))[:, :m].T
   fired = np.asarray(g > threshold)
-  np.testing.assert_array_equal(g_bf != 0, fired | (np.abs(np.asarray(g) - threshold) < 1e-3)
-                                & (g_bf != 0))
-  tiles = fired.reshape(m, -1, twell_decode.NEURON_TILE).any(axis=(0, 2))
+  # The kernel's gate (wgmma, f32 accumulation in another order) may fall on the other side of
+  # the threshold where the float32 gate is within 1e-3 of it; everywhere else they agree.
+  sure = np.abs(np.asarray(g) - threshold) >= 1e-3
+  np.testing.assert_array_equal((g_bf != 0)[sure], fired[sure])
+  per_tile = lambda a: a.reshape(m, -1, twell_decode.NEURON_TILE).any(axis=(0, 2))  # noqa: E731
+  tiles = per_tile(fired)
   assert 0 < tiles.sum() < tiles.size, "the draw should have both silent and live tiles"
-  np.testing.assert_array_equal(np.asarray(flags) != 0, tiles)
-  # silent tiles hold zero hidden activations
+  ran = np.asarray(flags) != 0
+  assert np.all(ran[per_tile(fired & sure)]) and not np.any(ran[~per_tile(fired | ~sure)])
+  # tiles that did not run hold zero hidden activations
   h_t = np.asarray(jnp.asarray(h, jnp.float32)).reshape(-1, twell_decode.NEURON_TILE, h.shape[1])
-  assert not np.any(h_t[~tiles])
+  assert not np.any(h_t[~ran])
 
 
 def test_decode_kernels_nonfinite_rows_are_the_dense_rows(pallas_interpret, key):
@@ -80,10 +85,11 @@ def test_decode_kernels_inf_in_a_silent_neurons_up_row_stays_out(pallas_interpre
   assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y[:m], y_ref) < 1e-2
 
 
-@pytest.mark.parametrize("m", [16, 64, 256])
-def test_decode_kernels_cross_lower(key, m):
+@pytest.mark.parametrize("m,narrow", [(16, False), (64, False), (256, False), (16, True)])
+def test_decode_kernels_cross_lower(key, m, narrow):
   p, x = problem(key, m, d=2048, n=1024)
-  f = jax.jit(lambda *a: twell_decode.decode_ffn(*a))
+  cfg = dataclasses.replace(twell_decode.default_config(m, 2048, 1024), narrow_partials=narrow)
+  f = jax.jit(lambda *a: twell_decode.decode_ffn(*a, config=cfg))
   text = f.trace(x, p.w_gate, p.w_up, p.w_down).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("mosaic_gpu") >= 2
 

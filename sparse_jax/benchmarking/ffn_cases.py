@@ -184,3 +184,46 @@ def run_grid(args, settings: dict, header: dict, *, compile_fns, wall_case, cupt
       cupti_case(case, rec, fns)
     write_results(args.out, header, records, summary=summary(records))
   return records
+
+
+# ------------------------------------------------------------------------------ decode regime
+
+DECODE_DRAW_TOKENS = 256  # decode problems are drawn at this many tokens, then cut to B
+
+
+def decode_problems(seed: int, layers: int, b: int, d_model: int, d_ff: int, *, active: float,
+                    distribution: str) -> list[FFNProblem]:
+  """One problem per layer (own weights, so a stack of layers streams from HBM as in a model)
+  with B tokens: drawn at ``max(B, DECODE_DRAW_TOKENS)`` tokens, where the generator's per-token
+  activity holds, then the first B kept (``experiments/bench_decode_ffn.py``, ``tune_decode.py``)."""
+  keys = jax.random.split(jax.random.key(seed), layers)
+  probs = [make_ffn_problem(k, max(b, DECODE_DRAW_TOKENS), d_model, d_ff,
+                            active_per_token=active, distribution=distribution) for k in keys]
+  return [dataclasses.replace(p, x=p.x[:b]) for p in probs]
+
+
+LAYER_LAYOUTS = ("unrolled", "stacked", "scan")
+
+
+def layer_inputs(probs: list[FFNProblem], layout: str) -> tuple:
+  """(x, w_gate, w_up, w_down) of every layer: lists of arrays ("unrolled") or stacked arrays."""
+  if layout not in LAYER_LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")
+  names = ("x", "w_gate", "w_up", "w_down")
+  if layout == "unrolled":
+    return tuple([getattr(p, nm) for p in probs] for nm in names)
+  return tuple(jnp.stack([getattr(p, nm) for p in probs]) for nm in names)
+
+
+def over_layers(f, layout: str):
+  """A jitted call of ``f(x, wg, wu, wd)`` on every layer of ``layer_inputs(..., layout)``:
+  "unrolled" a Python loop over separate arrays, "stacked" a Python loop over static slices of
+  the stacks, "scan" ``lax.map`` over the stacks (XLA copies a layer's slices before a Triton
+  GEMM fusion reads them; Pallas kernels read them in place)."""
+  if layout == "scan":
+    return jax.jit(lambda *ws: jax.lax.map(lambda a: f(*a), ws))
+  if layout == "stacked":
+    return jax.jit(lambda *ws: jnp.stack([f(*(w[i] for w in ws)) for i in range(ws[0].shape[0])]))
+  if layout == "unrolled":
+    return jax.jit(lambda *ws: jnp.stack([f(*a) for a in zip(*ws)]))
+  raise ValueError(f"layout must be one of {LAYER_LAYOUTS}, got {layout!r}")

@@ -96,7 +96,7 @@ SPARSE_KEYS = ("sparsity_measured", "op_active_per_token_L", "dense_fallback_L",
                "dense_fallback_share", "overflow_rows_L", "sparsity_measured_walk",
                "walk_active_per_token_L", "walk_p50_L", "walk_p99_L", "walk_max_L",
                "calib_alpha_L", "calib_fit_active_fraction_L", "calib_check_active_fraction_L",
-               "calib_settings")
+               "calib_settings", "dispatch_pattern", "dispatch_settling", "dispatch_hot_cold")
 
 
 def _measured(row: dict, v: str) -> bool:
@@ -235,6 +235,10 @@ DEFINITIONS = {
     "final_loss": "next-token cross-entropy on the timed batch (train: the step's loss; "
                   "forward: the first 4 sequences), a check that both models compute the same "
                   "function (final_loss_rel_diff)",
+    "dispatch_pattern": "train with train.dispatch=auto_host: the per-layer pattern (S sparse, D "
+                        "dense, a number: hot neurons) the host dispatcher settled on after "
+                        "--settle-steps decisions (dispatch_settling: after each), whose step "
+                        "was timed",
 }
 
 

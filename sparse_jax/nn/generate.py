@@ -14,8 +14,22 @@ summation order (the test checks greedy float32 tokens are equal).
 (``[n_layers, ...]`` leaves, the weight matrices cast once to the compute dtype, which the blocks
 cast to at use anyway, so the numbers are the same), the KV cache is ``[n_layers, B, S, K, H]``,
 and ``lax.scan`` runs one block's program over the layers: the compiled program does not grow
-with depth (the 2b model compiled for minutes unrolled). ``scan_layers=False`` unrolls the same
-block step (the reference the tests compare with). The model's parameter tree is unchanged.
+with depth (the 2b model compiled for minutes unrolled; scanned, 7-13 s). ``scan_layers=False``
+unrolls the blocks over their own separate states (the reference the tests compare with; also
+for blocks of different structure). ``unroll_decode=True`` keeps the scanned prefill but runs
+the decode step as a Python loop over static slices of the stacked leaves.
+
+What the layout costs (2b, H200, batch 1, experiments/results/): under the scan XLA copies each
+layer's weight slices before its Triton GEMM fusions read them (``loop_dynamic_slice_fusion`` in
+the optimized HLO, ``hlo/decode_ffn_scan_dense_b1_after_optimizations.txt``), while the Pallas
+decode kernels read them in place (a ``dynamic-slice-fusion`` around the custom call): a dense
+2b FFN takes ~72 us per layer and step scanned and ~25 us with separate weights
+(``bench_decode_ffn_scan_h200.json``, ``bench_decode_ffn_stacked_h200.json``). Dense generation:
+205 tokens/s scanned, 294 unrolled (compile 19 s; ``bench_decode_unrolled_2b_h200.json``), 182
+with ``unroll_decode`` (the static slices are copied inside the decode loop too). Sparse
+generation with the decode kernels: 343 scanned, 383 with ``unroll_decode`` (compile 77 s, each
+layer's kernels compiled apart; ``bench_decode_2b_unrolled_decode_h200.json``). The scanned
+default is the fast-compiling one; a dense model generates fastest unrolled.
 
 **Sampling.** ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the
 temperature and restricted to the ``top_k`` most likely tokens (0: no limit) and to the smallest
@@ -187,14 +201,25 @@ class _Static:
   block_graphdef: object     # one block (all blocks share it) when scanning, else None
   block_graphdefs: tuple     # every block's graphdef when unrolled
   n_layers: int
+  unroll_decode: bool        # decode: a Python loop over the stacked layers instead of a scan
   n_ids: int
   cache_len: int
   max_new_tokens: int
 
 
-def _layers(st: _Static, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT, key_ok_BxS):
-  """All blocks: a ``lax.scan`` of one block over stacked parameters, or the same step unrolled.
+def _layers(st: _Static, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT, key_ok_BxS, *,
+            unroll: bool = False):
+  """All blocks: a ``lax.scan`` of one block over stacked parameters, the same block step over
+  static slices of them (``unroll``), or the blocks' own states unrolled.
   Returns (x, k_cache, v_cache, FFN statistics [n_layers, 3] (see ``_captured_step``))."""
+  if st.block_graphdef is not None and unroll:
+    stats = []
+    for layer in range(st.n_layers):
+      block = nnx.merge(st.block_graphdef, jax.tree.map(lambda a: a[layer], layer_states))
+      (x_BxTxD, k_cache, v_cache), layer_stats = _captured_step(
+          block, x_BxTxD, k_cache, v_cache, layer, slot, pos_BxT, key_ok_BxS)
+      stats.append(layer_stats)
+    return x_BxTxD, k_cache, v_cache, jnp.stack(stats)
   if st.block_graphdef is not None:
     def body(carry, xs):
       x, k, v = carry
@@ -243,10 +268,25 @@ def _prefill(model_state, layer_states, prompt_BxP, pad_B, key, temperature, top
   return k_cache, v_cache, first_B, prompt_l0_L
 
 
+def _decode_step(model_state, layer_states, k, v, token_B, i, pad_B, key_ok_BxS, key,
+                 temperature, top_p, top_k, *, st: _Static):
+  """Decode step i: feeds token i (at cache slot P + i), returns (the next token per row, the
+  caches, FFN statistics [n_layers, 3])."""
+  # Modules are merged in the trace that uses them: nnx.capture marks the modules it records
+  # into, which flax allows only at the trace level where they were built.
+  model = nnx.merge(st.graphdef, *model_state)
+  slot = st.cache_len - st.max_new_tokens + i
+  x_Bx1xD = model._embed(token_B[:, None])
+  pos_Bx1 = (slot - pad_B)[:, None]
+  x_Bx1xD, k, v, stats_Lx3 = _layers(st, layer_states, x_Bx1xD, k, v, slot, pos_Bx1, key_ok_BxS,
+                                     unroll=st.unroll_decode)
+  nxt_B = _pick(st, model._logits(x_Bx1xD)[:, 0], key, i + 1, temperature, top_p, top_k)
+  return nxt_B, k, v, stats_Lx3
+
+
 def _decode(model_state, layer_states, k_cache, v_cache, first_B, pad_B, key, temperature, top_p,
             top_k, eos_id, pad_id, *, st: _Static):
   b = first_B.shape[0]
-  p = st.cache_len - st.max_new_tokens
   n_steps = st.max_new_tokens - 1  # the last generated token is not fed
   key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
   done0_B = first_B == eos_id
@@ -259,14 +299,8 @@ def _decode(model_state, layer_states, k_cache, v_cache, first_B, pad_B, key, te
 
   def body(carry):
     i, k, v, token_B, done_B, tokens_BxN, stats_SxLx3 = carry
-    # Modules are merged in the trace that uses them: nnx.capture marks the modules it records
-    # into, which flax allows only at the trace level where they were built.
-    model = nnx.merge(st.graphdef, *model_state)
-    slot = p + i
-    x_Bx1xD = model._embed(token_B[:, None])
-    pos_Bx1 = (slot - pad_B)[:, None]
-    x_Bx1xD, k, v, stats_Lx3 = _layers(st, layer_states, x_Bx1xD, k, v, slot, pos_Bx1, key_ok_BxS)
-    nxt_B = _pick(st, model._logits(x_Bx1xD)[:, 0], key, i + 1, temperature, top_p, top_k)
+    nxt_B, k, v, stats_Lx3 = _decode_step(model_state, layer_states, k, v, token_B, i, pad_B,
+                                          key_ok_BxS, key, temperature, top_p, top_k, st=st)
     nxt_B = jnp.where(done_B, pad_id, nxt_B)
     done_B = done_B | (nxt_B == eos_id)
     tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, nxt_B[:, None], (0, i + 1))
@@ -335,11 +369,18 @@ class Generator:
   Build it after the weights are final: it keeps its own stacked copy (in the compute dtype).
   ``decode_path``: what the sparse FFNs run at the decode steps (``_decode_path``): "auto"
   (default: the decode kernels when the layers are scanned on a Hopper GPU), "model" (the model's
-  own ``SparseFFNConfig.decode_path``), "kernel" or "dense".
+  own ``SparseFFNConfig.decode_path``), "kernel" or "dense". ``compiler_options``: XLA options
+  for the prefill and decode programs (``jax.stages.Lowered.compile``). Measured and not made
+  a default: ``{"xla_gpu_enable_triton_gemm": False}`` (cuBLAS GEMMs) made 2b generation slower,
+  dense 205 -> 171 and sparse 343 -> 331 tokens/s at batch 1 on an H200
+  (experiments/results/bench_decode_2b_cublas_scan_h200.json).
   """
 
-  def __init__(self, model: Transformer, *, scan_layers: bool = True, decode_path: str = "auto"):
+  def __init__(self, model: Transformer, *, scan_layers: bool = True, unroll_decode: bool = False,
+               decode_path: str = "auto", compiler_options: dict | None = None):
     self.model = model
+    self.unroll_decode = bool(unroll_decode)
+    self.compiler_options = dict(compiler_options or {})
     self.cfg = model.cfg
     dtype = model.compute_dtype
     self.graphdef, blocks_state, rest_state = nnx.split(model, nnx.PathContains("blocks"), ...)
@@ -367,10 +408,11 @@ class Generator:
     if cache_key in self._compiled:
       return (*self._compiled[cache_key], 0.0)
     t0 = time.perf_counter()
-    prefill = _prefill_jit.lower(*args_prefill, st=st).compile()
+    opts = self.compiler_options
+    prefill = _prefill_jit.lower(*args_prefill, st=st).compile(opts)
     k_cache, v_cache, first_B, _ = prefill.out_info
     decode = _decode_jit.lower(args_decode[0], args_decode[1], k_cache, v_cache, first_B,
-                               *args_decode[2:], st=st).compile()
+                               *args_decode[2:], st=st).compile(opts)
     seconds = time.perf_counter() - t0
     self._compiled[cache_key] = (prefill, decode)
     return prefill, decode, seconds
@@ -393,6 +435,7 @@ class Generator:
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
     st = _Static(graphdef=self.graphdef, block_graphdef=self.block_graphdef,
                  block_graphdefs=self.block_graphdefs, n_layers=len(self.model.blocks),
+                 unroll_decode=self.unroll_decode,
                  n_ids=int(n_ids), cache_len=prompt_BxP.shape[1] + int(max_new_tokens),
                  max_new_tokens=int(max_new_tokens))
     key = jax.random.key(seed)
@@ -413,6 +456,26 @@ class Generator:
     k_cache, v_cache, first_B, _ = jax.eval_shape(lambda *a: _prefill(*a, st=st), *args_prefill)
     return (_prefill_jit.lower(*args_prefill, st=st),
             _decode_jit.lower(*args_decode[:2], k_cache, v_cache, first_B, *args_decode[2:], st=st))
+
+  def decode_step_program(self, prompts, *, max_new_tokens: int, step: int = 0):
+    """(f, args): one decode step of this shape as a jitted function of its arguments, on the
+    cache the prompts' prefill leaves, for profiling (``f(*args)`` can be called repeatedly:
+    nothing is donated; it returns the next tokens, the caches and the statistics). The same
+    program body as the decode loop's, compiled with this Generator's compiler options."""
+    st, args_prefill, args_decode, _ = self._prepare(
+        prompts, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=0,
+        eos_id=None, pad_id=None, n_ids=None)
+    if not 0 <= step < max_new_tokens - 1:
+      raise ValueError(f"step={step}: must be in [0, {max_new_tokens - 1})")
+    prefill = _prefill_jit.lower(*args_prefill, st=st).compile(self.compiler_options)
+    k_cache, v_cache, first_B, _ = prefill(*args_prefill)
+    model_state, layer_states, pad_B, key, temperature, top_p, top_k = args_decode[:7]
+    key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
+    args = (model_state, layer_states, k_cache, v_cache, first_B, jnp.int32(step), pad_B,
+            key_ok_BxS, key, temperature, top_p, top_k)
+    f = jax.jit(functools.partial(_decode_step, st=st)).lower(*args).compile(
+        self.compiler_options)
+    return f, args
 
   def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,

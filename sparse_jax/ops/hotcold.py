@@ -224,6 +224,21 @@ def cold_cost(freq_sorted_desc: np.ndarray, m: int, d_model: int, cost: CostMode
               overflow_tile_fraction=float(over_T.mean()))
 
 
+def split_cost(freq_sorted_desc: np.ndarray, n_hot: int, *, m: int, d_model: int,
+               cost: CostModel) -> tuple[float, dict]:
+  """(seconds, the cold part's ``cold_cost``) of the split with the ``n_hot`` hottest neurons
+  dense, at M tokens (frequencies sorted hottest first)."""
+  c = cold_cost(freq_sorted_desc[n_hot:], m, d_model, cost)
+  return cost.dense_s(m, d_model, n_hot) + c["gather_s"] + c["overflow_s"], c
+
+
+def split_order(freq_F: np.ndarray, n_hot: int, cost: CostModel) -> np.ndarray:
+  """The neuron order of a split: the ``n_hot`` hottest first (stable: ties keep their index
+  order), the rest dealt over the TwELL tiles (``spread_over_tiles``)."""
+  order = np.argsort(-np.asarray(freq_F, np.float64), kind="stable")
+  return np.concatenate([order[:n_hot], spread_over_tiles(order[n_hot:], cost.tile)])
+
+
 def plan_layer(freq_F: np.ndarray, *, d_model: int, m: int = 16384,
                cost: CostModel = CostModel()) -> LayerPlan:
   """The split of one layer from its per-neuron firing frequencies (share of tokens, in [0, 1]).
@@ -246,13 +261,12 @@ def plan_layer(freq_F: np.ndarray, *, d_model: int, m: int = 16384,
   candidates = sorted(set(range(0, d_ff, cost.round_to)) | {d_ff})
   best = None
   for n_hot in candidates:
-    c = cold_cost(sorted_f[n_hot:], m, d_model, cost)
-    total = cost.dense_s(m, d_model, n_hot) + c["gather_s"] + c["overflow_s"]
+    total, c = split_cost(sorted_f, n_hot, m=m, d_model=d_model, cost=cost)
     if best is None or total < best[0] * (1 - 1e-9):
       best = (total, n_hot, c)
   total, n_hot, c = best
   all_sparse = cold_cost(sorted_f, m, d_model, cost)
-  perm = np.concatenate([order[:n_hot], spread_over_tiles(order[n_hot:], cost.tile)])
+  perm = split_order(freq_F, n_hot, cost)
   predicted = dict(m=m, total_s=total, hot_dense_s=cost.dense_s(m, d_model, n_hot),
                    cold_gather_s=c["gather_s"], cold_overflow_s=c["overflow_s"],
                    cold_overflow_tile_fraction=c["overflow_tile_fraction"],

@@ -31,12 +31,18 @@ jit's cache, so the switch itself then compiles nothing. The state (``kind``, pe
 (``Checkpointer`` item ``host``), so a resumed run continues with the same pattern and the same
 hysteresis state: bit-identical to an uninterrupted one.
 
-Hot/cold split in training (issue 15 item 5, shared with the inference split of issue 14): each
-layer's op carries ``n_hot`` (hot neurons computed densely, the rest sparse), refreshed with the
-pattern. The op has no hot/cold path yet, so ``apply_op`` refuses ``n_hot > 0``; when it has,
-``apply_op`` sets it in the layer's config, the decision picks it from the tracker's per-neuron
-counts, and ``train.neuron_order.permute_neurons`` moves the hot neurons to the front of the
-layer in the parameters, both AdamW moments and the tracker (tested to train identically).
+Hot/cold split in training (``train.hot_cold``; the inference split's op, ``ops.hotcold``): each
+layer's op carries ``n_hot``, its neurons ``[0, n_hot)`` computed densely (forward and backward:
+XLA autodiff of the dense part, the sparse op's VJP for the rest; ``FFN.hot_neurons``). On each
+decision step a sparse layer's split is re-planned (``ops.hotcold.plan_layer``) from that step's
+per-neuron counts (its size changes only where the current one costs over ``N_HOT_SLACK`` more
+than the plan's: each size is a compiled step); if the size changed, or the current hot block
+holds less than ``HOT_KEEP`` of the activity the hottest neurons would, the layer's neurons are
+reordered (hot first, the cold ones spread over the TwELL tiles) by
+``train.neuron_order.permute_neurons`` in the parameters, both AdamW moments and the tracker
+(``refresh``), which changes neither the function nor the optimisation.
+The reordering lives in the saved state and ``n_hot`` in the saved pattern, so a resumed run
+continues bit-identically. Dense layers have no split.
 """
 from __future__ import annotations
 
@@ -53,6 +59,8 @@ from flax import nnx
 from sparse_jax.config import DISPATCH_KINDS as KINDS   # train.dispatch
 
 MIN_FULL_TOKENS = 16384   # tokens per call at which the thresholds hold unscaled
+HOT_KEEP = 0.95           # a layer's hot block is kept while it holds this share of the plan's
+N_HOT_SLACK = 0.1         # a layer keeps its n_hot while it costs at most 10% over the plan's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,12 +111,18 @@ def decide_modes(modes: tuple[str, ...], active_fraction_L, *, sparse_below: flo
 
 
 def apply_op(ffn: nnx.Module, op: LayerOp) -> None:
-  """Sets ``op`` in one FFN module's static op config (in place, before ``nnx.split``)."""
-  if op.n_hot:
-    raise NotImplementedError("n_hot > 0: the sparse FFN op has no hot/cold path in training yet")
+  """Sets ``op`` in one FFN module's static op config (in place, before ``nnx.split``): the mode
+  and, for ``n_hot > 0``, the hot/cold split (``FFN.hot_neurons``)."""
+  from sparse_jax.nn.ffn import SPARSE_KINDS
+  if op.n_hot and op.mode == "dense":
+    raise ValueError(f"{op}: a dense layer has no hot/cold split")
+  if op.n_hot and ffn.kind not in SPARSE_KINDS:
+    raise ValueError(f"{op}: the hot/cold split needs a sparse FFN kind {SPARSE_KINDS}, got "
+                     f"{ffn.kind!r}")
   # Under a mesh the same module runs its computation per device (FFN.compute inside shard_map),
   # so the one config reaches every device.
   ffn.sparse_config = dataclasses.replace(ffn.sparse_config, mode=op.mode)
+  ffn.hot_neurons = op.n_hot or None
 
 
 def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern) -> nnx.GraphDef:
@@ -156,7 +170,7 @@ class Dispatcher:
 
   def __init__(self, cfg, graphdef: nnx.GraphDef, params: nnx.State,
                make_step: Callable[[nnx.GraphDef], Callable], *, tokens_per_call: int,
-               lower: Callable | None = None):
+               lower: Callable | None = None, tokens_per_step: int | None = None):
     from sparse_jax.nn.ffn import SPARSE_KINDS
     tcfg = cfg.train
     self.kind = tcfg.dispatch
@@ -170,6 +184,14 @@ class Dispatcher:
     self.dense_above = scaled_threshold(tcfg.dispatch_dense_above, tokens_per_call)
     self.d_ff = cfg.model.d_ff
     self.n_layers = cfg.model.n_layers
+    self.hot_cold = tcfg.hot_cold
+    self._round_to = tcfg.hot_cold_round_to
+    if self.hot_cold and not tokens_per_step:
+      raise ValueError("train.hot_cold: the dispatcher needs tokens_per_step (the step's tokens, "
+                       "which its per-neuron counts count)")
+    self.tokens_per_call, self.tokens_per_step = tokens_per_call, tokens_per_step
+    self.d_model = cfg.model.d_model
+    self._pending: dict[int, np.ndarray] = {}   # layer -> neuron order to apply (refresh)
     self._graphdef = graphdef
     # Shapes only: the state's arrays are donated to the steps.
     self._params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
@@ -196,6 +218,10 @@ class Dispatcher:
                       f"({self.ahead_errors[pattern]!r}); it compiles now")
       self._steps[pattern] = self._make_step(self._graphdef_of(pattern))
     return self._steps[pattern]
+
+  def graphdef(self, pattern: Pattern | None = None) -> nnx.GraphDef:
+    """The graphdef that runs ``pattern`` (default: the current one)."""
+    return self._graphdef_of(self.pattern if pattern is None else pattern)
 
   def _graphdef_of(self, pattern: Pattern) -> nnx.GraphDef:
     if self.kind == "device":
@@ -247,19 +273,72 @@ class Dispatcher:
     frac_L = ema_L / self.d_ff
     modes = decide_modes(tuple(op.mode for op in self.pattern), frac_L,
                          sparse_below=self.sparse_below, dense_above=self.dense_above)
-    new = tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
+    if self.hot_cold:
+      from sparse_jax.train.step import HOT_COLD_COUNTS
+      counts_LxF = np.asarray(jax.device_get(metrics[HOT_COLD_COUNTS]), np.float64)
+      new, self._pending = self.plan_hot_cold(modes, counts_LxF)
+    else:
+      new = tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
     changed = new != self.pattern
     self.pattern = new
     self.compile_ahead(self.likely_next(frac_L))
     return changed
 
+  def plan_hot_cold(self, modes: tuple[str, ...], counts_LxF: np.ndarray
+                    ) -> tuple[Pattern, dict[int, np.ndarray]]:
+    """(the next pattern, the neuron order of each layer to reorder) for ``modes`` and one step's
+    per-neuron counts (in the current neuron order). A sparse layer keeps its hot block while
+    the plan's size is the same and the block holds ``HOT_KEEP`` of the plan's hot activity."""
+    from sparse_jax.ops import hotcold
+    if counts_LxF.shape != (self.n_layers, self.d_ff):
+      raise ValueError(f"per-neuron counts of shape {counts_LxF.shape}, expected "
+                       f"({self.n_layers}, {self.d_ff})")
+    cost = hotcold.CostModel(round_to=self._round_to)
+    ops, perms = [], {}
+    for layer, (op, mode) in enumerate(zip(self.pattern, modes)):
+      if mode != "sparse":
+        ops.append(LayerOp(mode))
+        continue
+      freq_F = np.clip(counts_LxF[layer] / self.tokens_per_step, 0.0, 1.0)
+      plan = hotcold.plan_layer(freq_F, d_model=self.d_model, m=self.tokens_per_call, cost=cost)
+      # The size: the plan's, unless the current one costs at most N_HOT_SLACK more (each new
+      # size is one more compiled step).
+      n_hot = plan.n_hot
+      sorted_f = np.sort(freq_F)[::-1]
+      if op.mode == "sparse" and op.n_hot != n_hot:
+        now, _ = hotcold.split_cost(sorted_f, op.n_hot, m=self.tokens_per_call,
+                                    d_model=self.d_model, cost=cost)
+        if now <= (1 + N_HOT_SLACK) * plan.predicted["total_s"]:
+          n_hot = op.n_hot
+      ops.append(LayerOp(mode, n_hot))
+      if n_hot == 0 and op.n_hot == 0:
+        continue  # no split before or after: nothing to reorder
+      # The block: kept while it holds HOT_KEEP of the activity the hottest n_hot neurons hold.
+      total = max(freq_F.sum(), 1e-30)
+      held, best = freq_F[:n_hot].sum() / total, sorted_f[:n_hot].sum() / total
+      if n_hot != op.n_hot or held < HOT_KEEP * best:
+        perms[layer] = hotcold.split_order(freq_F, n_hot, cost)
+    return tuple(ops), perms
+
+  def refresh(self, state):
+    """``state`` with the last decision's neuron reorderings applied (``plan_hot_cold``); call it
+    after ``after_step``, before the next step and before saving."""
+    if not self._pending:
+      return state
+    from sparse_jax.train.neuron_order import permute_neurons
+    for layer, perm in sorted(self._pending.items()):
+      state = permute_neurons(state, layer, perm)
+    self._pending = {}
+    return state
+
   def likely_next(self, active_fraction_L) -> Pattern:
     """The pattern the next decisions approach: the decision with each layer's band shrunk to
-    its midpoint."""
+    its midpoint (a layer's split kept while it stays sparse; a dense layer has none)."""
     mid = 0.5 * (self.sparse_below + self.dense_above)
     modes = decide_modes(tuple(op.mode for op in self.pattern), active_fraction_L,
                          sparse_below=mid * (1 - 1e-9), dense_above=mid)
-    return tuple(dataclasses.replace(op, mode=m) for op, m in zip(self.pattern, modes))
+    return tuple(LayerOp(m, op.n_hot if m == "sparse" else 0)
+                 for op, m in zip(self.pattern, modes))
 
   def code(self) -> str:
     return pattern_code(self.pattern)

@@ -35,6 +35,7 @@ from sparse_jax.nn import count_params
 from sparse_jax.train import guard
 from sparse_jax.train.checkpoint import Checkpointer
 from sparse_jax.train.dispatch import Dispatcher, step_lowering
+from sparse_jax.train.step import HOT_COLD_COUNTS
 from sparse_jax.train.metrics import MetricsLog, plot_curves, read_records, to_python
 from sparse_jax.train.resume import start_or_resume
 from sparse_jax.train.step import init_state, step_functions
@@ -183,6 +184,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   train_step = Dispatcher(cfg, graphdef, state.params,
                           lambda gd: step_functions(gd, compiled_cfg, mesh)[0],
                           tokens_per_call=micro * cfg.data.seq_len // (mesh.size if mesh else 1),
+                          tokens_per_step=tcfg.batch_size * cfg.data.seq_len,
                           lower=step_lowering(compiled_cfg, mesh)
                           if tcfg.dispatch_compile_ahead else None)
   if resumed_from is not None:
@@ -231,12 +233,14 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
       batch = next_batch(batches, tcfg.grad_accum,
                          None if mesh is None else parallel.batch_sharding(mesh, 3, 1))
       state, metrics = train_step(state, batch)
+      # The per-neuron counts of train.hot_cold are for the dispatcher only, not for the log.
+      step_metrics = metrics
+      metrics = {k: v for k, v in metrics.items() if k != HOT_COLD_COUNTS}
       interval.add(metrics)
       step += 1
       bar.update(step)
       watch.after_step(step, metrics)
-      # The dispatcher reads this step's own l0_ema_L (the log records hold interval averages).
-      step_metrics = metrics
+      # The dispatcher reads this step's own metrics (the log records hold interval averages).
       if step % tcfg.log_every == 0 or step == target:
         metrics = interval.take()
         now = time.perf_counter()
@@ -251,6 +255,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
         bar.set_postfix(_postfix(rec, d_ff))
         last_t, last_step = time.perf_counter(), step
       train_step.after_step(step, step_metrics)
+      state = train_step.refresh(state)  # train.hot_cold's neuron reorderings, if any
       if step % tcfg.eval_every == 0:
         last_val = run_eval(step)
       if step % tcfg.ckpt_every == 0:

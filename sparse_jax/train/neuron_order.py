@@ -49,7 +49,11 @@ def permute_neurons(state: TrainState, layer: int, perm_F) -> TrainState:
     if leaf.shape[0] != d_ff:
       raise ValueError(f"{jax.tree_util.keystr(path)} has {leaf.shape[0]} rows, not d_ff={d_ff}")
     moved.append(jax.tree_util.keystr(path))
-    return jnp.take(leaf, perm, axis=0)
+    out = jnp.take(leaf, perm, axis=0)
+    # Keep the leaf where it was (a sharded train state stays in its shardings).
+    sharding = getattr(leaf, "sharding", None)
+    return out if sharding is None or isinstance(leaf, jax.core.Tracer) else jax.device_put(
+        out, sharding)
 
   params = jax.tree_util.tree_map_with_path(visit, state.params)
   n_weights = len(moved)

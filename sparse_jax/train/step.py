@@ -118,6 +118,11 @@ def _reinit_dead(params, graphdef, dead_LxF, key):
   return nnx.state(model, nnx.Param)
 
 
+# The step's per-neuron activity counts [n_layers, d_ff] (tokens of the step): a metric only with
+# train.hot_cold, read by the dispatcher on decision steps and never logged.
+HOT_COLD_COUNTS = "active_per_neuron_LxF"
+
+
 def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
   """One optimiser step on a [grad_accum, micro_batch, seq_len + 1] int32 batch."""
   tcfg = cfg.train
@@ -138,6 +143,8 @@ def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphD
       overflow_rows_L=stats.overflow_rows, dense_fallback_L=stats.dense_fallback,
       dead_fraction_L=tracker.dead_fraction_L,
       reinit_neurons=jnp.where(window_done & tcfg.reinit_dead, jnp.sum(dead_LxF), 0))
+  if tcfg.hot_cold:  # the hot/cold split's decisions read them (train/dispatch.py)
+    metrics[HOT_COLD_COUNTS] = stats.active_per_neuron
   new_state = dataclasses.replace(state, step=state.step + 1, params=params,
                                   opt_state=opt_state, tracker=tracker)
   # A non-finite step leaves the weights as they were (train.nonfinite says what the loop does).
