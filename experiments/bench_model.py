@@ -269,13 +269,13 @@ def run_job(spec: dict) -> dict:
         if settle:
           # The host dispatcher decides per level (the pattern depends on the sparsity): its
           # steps run first, then the step of the pattern it settled on is timed.
-          state, step_gd, settled = settle_host_dispatch(cfg, graphdef, state, batch, scfg,
-                                                         spec["settle_steps"])
+          state, compiled, compile_s, settled = settle_host_dispatch(
+              cfg, graphdef, state, batch, scfg, spec["settle_steps"])
           rec.update(settled)
         elif compiled is None:
           step_gd = (graphdef if variant == "dense" else  # the dense model has no dispatch
                      static_graphdef(cfg, graphdef, state.params))  # train.dispatch=sparse|dense
-        if settle or compiled is None:
+        if not settle and compiled is None:
           t0 = time.perf_counter()
           compiled = train_step.lower(state, batch, graphdef=step_gd, cfg=scfg).compile()
           compile_s = time.perf_counter() - t0
@@ -315,26 +315,49 @@ def settle_host_dispatch(cfg, graphdef, state, batch, scfg, steps: int):
   """``train.dispatch=auto_host`` (and ``train.hot_cold``): runs ``steps`` training steps on
   ``batch`` with the run loop's ``Dispatcher`` deciding after every one (its hysteresis and, with
   hot_cold, the neuron reorderings of params, moments and tracker), as ``train`` does every
-  ``dispatch_every`` steps. Returns (state, the graphdef of the pattern it settled on, fields for
-  the row: the pattern after each step and the settled one)."""
+  ``dispatch_every`` steps. Each pattern's step is compiled once, ahead of time, and the settled
+  pattern's compiled step is the one timed (it is compiled here if the last decision chose a
+  pattern not run yet). Returns (state, the settled pattern's compiled step, its compile seconds,
+  fields for the row: the pattern after each step, the settled one, each pattern's compile time).
+  Progress goes to stdout as it happens (a job killed at its time budget shows how far it got)."""
+  import jax
+
   from sparse_jax.train.dispatch import Dispatcher
   from sparse_jax.train.step import train_step
 
   if steps < 1:
     raise ValueError(f"--settle-steps must be at least 1 with train.dispatch=auto_host, got {steps}")
+  specs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                       (state, batch))
+  compile_s: dict[str, float] = {}
+
+  def make_step(gd):
+    t0 = time.perf_counter()
+    step = train_step.lower(*specs, graphdef=gd, cfg=scfg).compile()
+    code = disp.code()  # the pattern whose step is asked for (the dispatcher's current one)
+    compile_s[code] = time.perf_counter() - t0
+    print(f"   settle: compiled the step of {code} in {compile_s[code]:.1f} s", flush=True)
+    return step
+
   tokens = int(np.prod(batch.shape[1:])) - batch.shape[1]  # inputs: each sequence but its last
-  disp = Dispatcher(cfg, graphdef, state.params,
-                    lambda gd: functools.partial(train_step, graphdef=gd, cfg=scfg),
-                    tokens_per_call=tokens, tokens_per_step=tokens)
+  disp = Dispatcher(cfg, graphdef, state.params, make_step, tokens_per_call=tokens,
+                    tokens_per_step=tokens)
   disp.every = 1  # a decision after every settling step
   codes = []
   for i in range(1, steps + 1):
+    t0 = time.perf_counter()
     state, metrics = disp(state, batch)
+    jax.block_until_ready(metrics)
+    ran = disp.code()
     disp.after_step(i, metrics)
     state = disp.refresh(state)
     codes.append(disp.code())
-  return state, disp.graphdef(), dict(dispatch_pattern=disp.code(), dispatch_settling=codes,
-                                      dispatch_hot_cold=bool(cfg.train.hot_cold))
+    print(f"   settle step {i}: ran {ran} in {time.perf_counter() - t0:.1f} s, next {codes[-1]}",
+          flush=True)
+  compiled = disp.step_fn()
+  return state, compiled, compile_s[disp.code()], dict(
+      dispatch_pattern=disp.code(), dispatch_settling=codes,
+      dispatch_hot_cold=bool(cfg.train.hot_cold), dispatch_compile_s=compile_s)
 
 
 @functools.cache

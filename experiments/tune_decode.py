@@ -7,7 +7,9 @@ which ``ffn_as_model`` now does: tune_decode_h200.json), and the decode kernels 
 each ``--configs`` entry ``tile_k:stages:down_tiles[:narrow]`` (``narrow``:
 ``DecodeConfig.narrow_partials``). ``kernel_gateonly``
 is the default config with a threshold no gate reaches: the gate stream, an idle down kernel and
-the glue, i.e. the kernels' cost before any up/down byte.
+the glue, i.e. the kernels' cost before any up/down byte. ``--cupti`` adds each candidate's
+per-kernel breakdown (CUPTI, one call; GPU only): how the time per layer splits between the gate
+kernel, the down kernel and XLA's glue (pad, partial sums, casts), against the wall clock.
 
     PYTHONPATH=$PWD JAX_PLATFORMS=cuda python3 experiments/tune_decode.py \\
         --out experiments/results/tune_decode_h200.json
@@ -33,6 +35,8 @@ def main(argv=None) -> int:
   ap.add_argument("--rounds", type=int, default=7)
   ap.add_argument("--configs", nargs="+",
                   default=["256:4:11", "256:4:11:narrow", "128:4:11", "256:4:22:narrow"])
+  ap.add_argument("--cupti", action="store_true",
+                  help="also a per-kernel CUPTI breakdown of each candidate (GPU only)")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   import jax.numpy as jnp
@@ -78,9 +82,16 @@ def main(argv=None) -> int:
         print(f"B={b} {name}: {results.short_error(e, 300)}", file=sys.stderr)
         fns.pop(name)
     t = timing.side_by_side(fns, ins, rounds=args.rounds, calls_per_round=None, baseline="dense")
+    breakdown = {name: kernel_breakdown(f, ins, args.layers) for name, f in fns.items()
+                 if args.cupti}
     for name, c in t["candidates"].items():
       records.append(dict(batch=b, candidate=name, us_per_layer=c["median_ms"] * 1e3 / args.layers,
-                          speedup_vs_dense=t["speedup"].get(name, 1.0), rel_err=ok.get(name)))
+                          speedup_vs_dense=t["speedup"].get(name, 1.0), rel_err=ok.get(name),
+                          **({"kernels_us_per_layer": breakdown[name]} if name in breakdown
+                             else {})))
+      if name in breakdown:
+        print(f"  B={b} {name}: {c['median_ms'] * 1e3 / args.layers:.1f} us/layer wall; kernels "
+              + ", ".join(f"{k} {v:.2f}" for k, v in breakdown[name].items()), flush=True)
     best = min(t["candidates"], key=lambda k: t["candidates"][k]["median_ms"])
     print(f"B={b}: " + "  ".join(f"{k} {v['median_ms'] * 1e3 / args.layers:.1f}us"
                                 for k, v in t["candidates"].items()) + f"  best {best}",
@@ -88,6 +99,18 @@ def main(argv=None) -> int:
     if args.out:
       results.write_results(args.out, results.run_header(), records)
   return 0
+
+
+def kernel_breakdown(f, ins, layers: int) -> dict[str, float]:
+  """{kernel name: us per layer} of one call of ``f`` (CUPTI; the names as XLA and Mosaic give
+  them, summed over the call's layers), plus "sum" (all kernels) per layer."""
+  from sparse_jax.benchmarking import cupti_breakdown
+  per: dict[str, float] = {}
+  for name, ms in cupti_breakdown(f, *ins):
+    per[name] = per.get(name, 0.0) + ms * 1e3 / layers
+  per = dict(sorted(per.items(), key=lambda kv: -kv[1]))
+  per["sum"] = sum(per.values())
+  return per
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ import os
 # cheapest optimisation level compiles them ~25% faster. Programs compiled in one test (or in a
 # test's subprocess, which inherits this environment) are reused by the others through a
 # persistent compilation cache that lives for the session (shared by pytest-xdist's workers).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The cheap LLVM level only where the tests run on the CPU (GPU tests compile as users do).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8" + (
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    if os.environ["JAX_PLATFORMS"] == "cpu" else ""))
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   import atexit
   import shutil

@@ -49,6 +49,9 @@ def test_quick_mode_writes_rows(tmp_path):
       assert r["dispatch_hot_cold"] is True and len(r["dispatch_settling"]) == 2
       assert re.fullmatch(r"([SD]\d*){2}", r["dispatch_pattern"]), r["dispatch_pattern"]
       assert r["dispatch_pattern"] == r["dispatch_settling"][-1]
+      # Each pattern run (the first all dense) compiled once; the settled one is timed.
+      assert "DD" in r["dispatch_compile_s"] and r["dispatch_pattern"] in r["dispatch_compile_s"]
+      assert r["compile_s_sparse"] == r["dispatch_compile_s"][r["dispatch_pattern"]] > 0
     else:
       assert "dispatch_pattern" not in r
   assert os.path.exists(str(tmp_path / "bench.png"))

@@ -96,7 +96,8 @@ SPARSE_KEYS = ("sparsity_measured", "op_active_per_token_L", "dense_fallback_L",
                "dense_fallback_share", "overflow_rows_L", "sparsity_measured_walk",
                "walk_active_per_token_L", "walk_p50_L", "walk_p99_L", "walk_max_L",
                "calib_alpha_L", "calib_fit_active_fraction_L", "calib_check_active_fraction_L",
-               "calib_settings", "dispatch_pattern", "dispatch_settling", "dispatch_hot_cold")
+               "calib_settings", "dispatch_pattern", "dispatch_settling", "dispatch_hot_cold",
+               "dispatch_compile_s")
 
 
 def _measured(row: dict, v: str) -> bool:
@@ -239,6 +240,8 @@ DEFINITIONS = {
                         "dense, a number: hot neurons) the host dispatcher settled on after "
                         "--settle-steps decisions (dispatch_settling: after each), whose step "
                         "was timed",
+    "dispatch_compile_s": "seconds to compile each pattern's training step while settling "
+                          "(compile_s_sparse is the settled pattern's)",
 }
 
 
