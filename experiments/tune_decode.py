@@ -4,8 +4,8 @@ in the decode regime, wall clock side by side, 8 layers of separate weights (HBM
 Candidates per batch size B: the dense FFN as ``ops.dense.ffn_as_model`` computes it (a dense
 model's FFN; an earlier version of this script also timed plain bf16 dots and 8-row padding,
 which ``ffn_as_model`` now does: tune_decode_h200.json), and the decode kernels under
-each ``--configs`` entry ``tile_k:stages:down_tiles[:narrow]`` (``narrow``:
-``DecodeConfig.narrow_partials``). ``kernel_gateonly``
+each ``--configs`` entry ``tile_k:stages:down_tiles[:narrow][:sN]`` (``narrow``:
+``DecodeConfig.narrow_partials``; ``sN``: ``gate_split=N``, the gate streamed by N CTAs per tile). ``kernel_gateonly``
 is the default config with a threshold no gate reaches: the gate stream, an idle down kernel and
 the glue, i.e. the kernels' cost before any up/down byte. ``--cupti`` adds each candidate's
 per-kernel breakdown (CUPTI, one call; GPU only): how the time per layer splits between the gate
@@ -61,10 +61,7 @@ def main(argv=None) -> int:
       return td.decode_ffn(xp, g, u, dn, threshold=1e30)[0][:x.shape[0]]
     fns["kernel_gateonly"] = unrolled(gateonly)
     for spec in args.configs:
-      parts = spec.split(":")
-      tk, st, dt = (int(v) for v in parts[:3])
-      cfg = td.DecodeConfig(tile_k=tk, max_concurrent_steps=st, down_tiles_per_cta=dt,
-                            narrow_partials=parts[3:] == ["narrow"])
+      cfg = parse_config(spec)
       if cfg.gate_smem_bytes(m_pad) > 227 * 1024 or cfg.down_smem_bytes(m_pad) > 227 * 1024:
         continue
 
@@ -99,6 +96,20 @@ def main(argv=None) -> int:
     if args.out:
       results.write_results(args.out, results.run_header(), records)
   return 0
+
+
+def parse_config(spec: str):
+  """``tile_k:stages:down_tiles[:narrow][:sN]`` -> ``DecodeConfig``."""
+  from pallas_kernels import twell_decode as td
+  parts = spec.split(":")
+  flags = parts[3:]
+  bad = [f for f in flags if f != "narrow" and not (f[:1] == "s" and f[1:].isdigit())]
+  if len(parts) < 3 or bad:
+    raise ValueError(f"config {spec!r}: expected tile_k:stages:down_tiles[:narrow][:sN]")
+  tk, st, dt = (int(v) for v in parts[:3])
+  split = next((int(f[1:]) for f in flags if f.startswith("s")), 1)
+  return td.DecodeConfig(tile_k=tk, max_concurrent_steps=st, down_tiles_per_cta=dt,
+                         narrow_partials="narrow" in flags, gate_split=split)
 
 
 def kernel_breakdown(f, ins, layers: int) -> dict[str, float]:

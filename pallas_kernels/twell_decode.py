@@ -32,6 +32,13 @@ row (finite gate) does not reach the output, the op's rule.
 
 Non-gated FFN (``relu(x Wu^T) Wd``): kernel 1 skips the up projection (h = relu(g)).
 
+Split gate (``DecodeConfig.gate_split = S > 1``, measured next): kernel 1 runs as two. Kernel 1a
+streams the gate with S CTAs per tile, each over 1/S of d_model (S x d_ff / 64 CTAs, so every SM
+streams Wg where d_ff / 64 = 88 CTAs leave 44 of 132 idle), writing f32 partial sums
+``[S, d_ff, Mp]``; kernel 1b reads a tile's S partials, sums them in f32 and continues as kernel 1
+(activity, fired values, the up projection of a live tile). Same results up to the f32 summation
+order of the gate.
+
 Interpret mode (``common.pallas_interpret()``) runs these same kernels on the CPU.
 """
 from __future__ import annotations
@@ -67,9 +74,14 @@ class DecodeConfig:
   max_concurrent_steps: int = 4
   down_tiles_per_cta: int = 11
   narrow_partials: bool = True
+  gate_split: int = 1
 
   def gate_smem_bytes(self, m_pad: int) -> int:
-    return self.max_concurrent_steps * (NEURON_TILE + m_pad) * self.tile_k * 2
+    """Kernel 1 (1b with ``gate_split``: plus the partial sums)."""
+    stream = self.max_concurrent_steps * (NEURON_TILE + m_pad) * self.tile_k * 2
+    if self.gate_split > 1:
+      stream += self.gate_split * NEURON_TILE * m_pad * 4
+    return stream
 
   def down_smem_bytes(self, m_pad: int) -> int:
     return self.down_tiles_per_cta * (NEURON_TILE * DOWN_ROWS + NEURON_TILE * down_pad(m_pad)) * 2
@@ -126,6 +138,9 @@ def check_shapes(x_MxD, w_gate, w_up, w_down, config: DecodeConfig) -> None:
   if d % DOWN_ROWS or d % config.tile_k:
     raise ValueError(f"d_model={d} must be a multiple of {DOWN_ROWS} and of tile_k="
                      f"{config.tile_k}")
+  if config.gate_split < 1 or d % (config.tile_k * config.gate_split):
+    raise ValueError(f"gate_split={config.gate_split} must be >= 1 and divide d_model / tile_k "
+                     f"= {d // config.tile_k}")
 
 
 def _transforms(row_bytes: int):
@@ -148,37 +163,47 @@ def _any(mask_f32):
   return pl.run_scoped(scope, plgpu.SMEM(mask_f32.shape, jnp.float32))
 
 
-def _gate_up_kernel(*refs, gated: bool, threshold: float, config: DecodeConfig):
-  if gated:
-    x_gmem, wg_gmem, wu_gmem, h_gmem, p_gmem, flag_gmem = refs
-  else:
-    x_gmem, wg_gmem, h_gmem, p_gmem, flag_gmem = refs
-    wu_gmem = None
-  m_pad, d = x_gmem.shape
+def _project(w_gmem, x_gmem, config: DecodeConfig):
+  """[64, Mp] f32 = w [64, K] @ x [Mp, K]^T on wgmma, streamed over K by a TMA pipeline."""
+  m_pad, k = x_gmem.shape
   tile_k = config.tile_k
-  t = lax.axis_index("tile")
-  rows = pl.ds(pl.multiple_of(t * NEURON_TILE, NEURON_TILE), NEURON_TILE)
   transforms = _transforms(tile_k * 2)
 
-  def project(w_gmem):
-    """[64, Mp] f32 = w[tile] @ x^T, streamed over d_model."""
-    def acc_scope(acc_ref):
-      def body(_, w_smem, x_smem):
-        plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
-        plgpu.wgmma_wait(0)
+  def acc_scope(acc_ref):
+    def body(_, w_smem, x_smem):
+      plgpu.wgmma(acc_ref, w_smem, x_smem.transpose((1, 0)))
+      plgpu.wgmma_wait(0)
 
-      plgpu.emit_pipeline(
-          body, grid=(d // tile_k,),
-          in_specs=[plgpu.BlockSpec((NEURON_TILE, tile_k), lambda kk: (0, kk),
-                                    transforms=transforms),
-                    plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=transforms)],
-          max_concurrent_steps=config.max_concurrent_steps,
-      )(w_gmem.at[rows, :], x_gmem)
-      return acc_ref[...]
+    plgpu.emit_pipeline(
+        body, grid=(k // tile_k,),
+        in_specs=[plgpu.BlockSpec((NEURON_TILE, tile_k), lambda kk: (0, kk),
+                                  transforms=transforms),
+                  plgpu.BlockSpec((m_pad, tile_k), lambda kk: (0, kk), transforms=transforms)],
+        max_concurrent_steps=config.max_concurrent_steps,
+    )(w_gmem, x_gmem)
+    return acc_ref[...]
 
-    return pl.run_scoped(acc_scope, plgpu.ACC((NEURON_TILE, m_pad), jnp.float32))
+  return pl.run_scoped(acc_scope, plgpu.ACC((NEURON_TILE, m_pad), jnp.float32))
 
-  g = project(wg_gmem)
+
+def _gate_up_kernel(*refs, gated: bool, threshold: float, config: DecodeConfig):
+  """Kernel 1: the tile's gate, its activity and, when live, its up projection. With
+  ``gate_split = S > 1`` (kernel 1b) the gate input is kernel 1a's f32 partial sums
+  ``[S, d_ff, Mp]``, loaded in the accumulator's layout and summed in f32 (part 0 first),
+  instead of ``Wg``."""
+  if gated:
+    x_gmem, gate_gmem, wu_gmem, h_gmem, p_gmem, flag_gmem = refs
+  else:
+    x_gmem, gate_gmem, h_gmem, p_gmem, flag_gmem = refs
+    wu_gmem = None
+  m_pad, d = x_gmem.shape
+  t = lax.axis_index("tile")
+  rows = pl.ds(pl.multiple_of(t * NEURON_TILE, NEURON_TILE), NEURON_TILE)
+
+  if config.gate_split > 1:
+    g = _partial_sum(gate_gmem.at[:, rows, :])
+  else:
+    g = _project(gate_gmem.at[rows, :], x_gmem, config)
   fired = (g > threshold) | (g != g)                    # NaN and +Inf fire
   compute = fired | (g == -jnp.inf)                     # -Inf: the dense 0 * Inf (module doc)
   p = jnp.where(fired, g, 0.0)
@@ -189,7 +214,7 @@ def _gate_up_kernel(*refs, gated: bool, threshold: float, config: DecodeConfig):
   @pl.when(any_active)
   def _():
     # p is gate_activation(g) (0 where not fired); a -Inf gate gives 0 * u, the dense product.
-    h = p * project(wu_gmem) if gated else p
+    h = p * _project(wu_gmem.at[rows, :], x_gmem, config) if gated else p
     h_gmem[rows, :m_pad] = jnp.where(compute, h, 0.0).astype(h_gmem.dtype)
 
   @pl.when(jnp.logical_not(any_active))
@@ -198,6 +223,35 @@ def _gate_up_kernel(*refs, gated: bool, threshold: float, config: DecodeConfig):
 
   if h_gmem.shape[1] > m_pad:  # the down kernel's 64-column granularity
     h_gmem[rows, m_pad:] = jnp.zeros((NEURON_TILE, h_gmem.shape[1] - m_pad), h_gmem.dtype)
+
+
+def _partial_sum(parts_gmem):
+  """[64, Mp] f32 in the WGMMA layout: the sum over the leading axis of ``parts_gmem``
+  [S, 64, Mp] f32 (one TMA copy to SMEM, then part 0 + part 1 + ...)."""
+  split, rows, m_pad = parts_gmem.shape
+
+  def scope(parts_smem, bar):
+    plgpu.copy_gmem_to_smem(parts_gmem, parts_smem, bar)
+    plgpu.barrier_wait(bar)
+    g = plgpu.load(parts_smem.at[0], layout=plgpu.Layout.WGMMA)
+    for k in range(1, split):
+      g = g + plgpu.load(parts_smem.at[k], layout=plgpu.Layout.WGMMA)
+    return g
+
+  return pl.run_scoped(scope, plgpu.SMEM((split, rows, m_pad), jnp.float32),
+                       plgpu.Barrier(num_arrivals=1))
+
+
+def _gate_part_kernel(x_gmem, wg_gmem, gp_gmem, *, config: DecodeConfig):
+  """Kernel 1a (``gate_split = S > 1``): CTA (tile, part) writes the tile's gate over d_model
+  columns [part d / S, (part + 1) d / S) as f32 partial sums ``gp[part, tile rows, :]``."""
+  d = x_gmem.shape[1]
+  dk = d // config.gate_split
+  t = lax.axis_index("tile")
+  kp = lax.axis_index("part")
+  rows = pl.ds(pl.multiple_of(t * NEURON_TILE, NEURON_TILE), NEURON_TILE)
+  cols = pl.ds(pl.multiple_of(kp * dk, dk), dk)
+  gp_gmem[kp, rows, :] = _project(wg_gmem.at[rows, cols], x_gmem.at[:, cols], config)
 
 
 # --------------------------------------------------------------------------- kernel 2: down
@@ -265,13 +319,21 @@ def decode_ffn(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None, w_do
   gated = w_up is not None
   interpret = common.interpret_params()
   params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+  gate_in = w_gate
+  if config.gate_split > 1:
+    gate_parts = plgpu.kernel(
+        functools.partial(_gate_part_kernel, config=config),
+        out_type=jax.ShapeDtypeStruct((config.gate_split, n, m_pad), jnp.float32),
+        grid=(n_tiles, config.gate_split), grid_names=("tile", "part"), compiler_params=params,
+        interpret=interpret)
+    gate_in = gate_parts(x_MxD, w_gate)
   gate_up = plgpu.kernel(
       functools.partial(_gate_up_kernel, gated=gated, threshold=float(threshold), config=config),
       out_type=(jax.ShapeDtypeStruct((n, down_pad(m_pad)), jnp.bfloat16),
                 jax.ShapeDtypeStruct((n, m_pad), jnp.bfloat16),
                 jax.ShapeDtypeStruct((n_tiles,), jnp.int32)),
       grid=(n_tiles,), grid_names=("tile",), compiler_params=params, interpret=interpret)
-  ws = (w_gate, w_up) if gated else (w_gate,)
+  ws = (gate_in, w_up) if gated else (gate_in,)
   h_NxM, p_NxM, flags = gate_up(x_MxD, *ws)
   groups = common.cdiv(n_tiles, config.down_tiles_per_cta)
   down = plgpu.kernel(

@@ -32,15 +32,18 @@ def _f32(x, wg, wu, wd, threshold=0.0):
     return ffn_with_l1(f(x), f(wg), f(wu), f(wd), threshold)[0]
 
 
-@pytest.mark.parametrize("m,gated,dist,narrow", [
-    (1, True, "skewed", False), (1, True, "skewed", True), (8, True, "zipf", False),
-    (16, False, "uniform", True), (64, True, "clustered", False), (200, True, "heavy_tail", False),
-    (256, True, "skewed", False)])
-def test_decode_kernels_match_float32(key, m, gated, dist, narrow):
+@pytest.mark.parametrize("m,gated,dist,narrow,split", [
+    (1, True, "skewed", False, 1), (1, True, "skewed", True, 1), (8, True, "zipf", False, 1),
+    (16, False, "uniform", True, 1), (64, True, "clustered", False, 1),
+    (200, True, "heavy_tail", False, 1), (256, True, "skewed", False, 1),
+    (1, True, "skewed", True, 4), (8, True, "zipf", True, 2), (16, False, "uniform", True, 4)])
+def test_decode_kernels_match_float32(key, m, gated, dist, narrow, split):
+  """split > 1: ``DecodeConfig.gate_split`` (the gate streamed by split CTAs per tile)."""
   p = _problem(key, m, dist)
   xp = jnp.pad(p.x, ((0, twell_decode.pad_tokens(m) - m), (0, 0)))
   wu = p.w_up if gated else None
-  cfg = dataclasses.replace(twell_decode.default_config(xp.shape[0], D, N), narrow_partials=narrow)
+  cfg = dataclasses.replace(twell_decode.default_config(xp.shape[0], D, N), narrow_partials=narrow,
+                            gate_split=split)
   y, h, pg, flags = jax.jit(lambda *a: twell_decode.decode_ffn(*a, config=cfg))(
       xp, p.w_gate, wu, p.w_down)
   ref = _f32(p.x, p.w_gate, wu, p.w_down)

@@ -31,12 +31,16 @@ def dense32(x, wg, wu, wd, threshold=0.0):
   return ffn_with_l1(f32(x), f32(wg), f32(wu), f32(wd), threshold)
 
 
-@pytest.mark.parametrize("m,gated,threshold,narrow", [
-    (1, True, 0.0, False), (5, False, 0.0, True), (16, True, 0.05, False), (40, True, 0.0, True)])
-def test_decode_kernels_interpret_match_dense(pallas_interpret, key, m, gated, threshold, narrow):
+@pytest.mark.parametrize("m,gated,threshold,narrow,split", [
+    (1, True, 0.0, False, 1), (5, False, 0.0, True, 1), (16, True, 0.05, False, 1),
+    (40, True, 0.0, True, 1), (1, True, 0.0, True, 4), (16, False, 0.05, True, 2),
+    (24, True, 0.0, False, 2)])
+def test_decode_kernels_interpret_match_dense(pallas_interpret, key, m, gated, threshold, narrow,
+                                              split):
+  """split > 1: the gate streamed by ``gate_split`` CTAs per tile (partial sums, kernel 1b)."""
   p, x = problem(key, m)
   wu = p.w_up if gated else None
-  cfg = dataclasses.replace(SMALL, narrow_partials=narrow)
+  cfg = dataclasses.replace(SMALL, narrow_partials=narrow, gate_split=split)
   y, h, pg, flags = jax.jit(lambda *a: twell_decode.decode_ffn(
       *a, threshold=threshold, config=cfg))(x, p.w_gate, wu, p.w_down)
   y_ref, _ = dense32(p.x, p.w_gate, wu, p.w_down, threshold)
@@ -61,11 +65,13 @@ def test_decode_kernels_interpret_match_dense(pallas_interpret, key, m, gated, t
   assert not np.any(h_t[~ran])
 
 
-def test_decode_kernels_nonfinite_rows_are_the_dense_rows(pallas_interpret, key):
+@pytest.mark.parametrize("split", [1, 2])
+def test_decode_kernels_nonfinite_rows_are_the_dense_rows(pallas_interpret, key, split):
   m = 4
   p, x = problem(key, m)
   x = x.at[1, 3].set(jnp.inf).at[2, 0].set(jnp.nan)
-  y, *_ = jax.jit(lambda *a: twell_decode.decode_ffn(*a, config=SMALL))(
+  cfg = dataclasses.replace(SMALL, gate_split=split)
+  y, *_ = jax.jit(lambda *a: twell_decode.decode_ffn(*a, config=cfg))(
       x, p.w_gate, p.w_up, p.w_down)
   y_ref, _ = dense32(x[:m], p.w_gate, p.w_up, p.w_down)
   y, y_ref = np.asarray(y[:m], np.float32), np.asarray(y_ref)
@@ -85,13 +91,16 @@ def test_decode_kernels_inf_in_a_silent_neurons_up_row_stays_out(pallas_interpre
   assert np.isfinite(np.asarray(y, np.float32)).all() and rel_err(y[:m], y_ref) < 1e-2
 
 
-@pytest.mark.parametrize("m,narrow", [(16, False), (64, False), (256, False), (16, True)])
-def test_decode_kernels_cross_lower(key, m, narrow):
+@pytest.mark.parametrize("m,narrow,split", [(16, False, 1), (64, False, 1), (256, False, 1),
+                                            (16, True, 1), (16, True, 4), (64, True, 2)])
+def test_decode_kernels_cross_lower(key, m, narrow, split):
   p, x = problem(key, m, d=2048, n=1024)
-  cfg = dataclasses.replace(twell_decode.default_config(m, 2048, 1024), narrow_partials=narrow)
+  cfg = dataclasses.replace(twell_decode.default_config(m, 2048, 1024), narrow_partials=narrow,
+                            gate_split=split)
+  assert cfg.gate_smem_bytes(m) <= twell_decode.SMEM_BUDGET
   f = jax.jit(lambda *a: twell_decode.decode_ffn(*a, config=cfg))
   text = f.trace(x, p.w_gate, p.w_up, p.w_down).lower(lowering_platforms=("cuda",)).as_text()
-  assert text.count("mosaic_gpu") >= 2
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == (2 if split == 1 else 3)
 
 
 def test_decode_kernels_reject_bad_shapes(key):
@@ -102,6 +111,9 @@ def test_decode_kernels_reject_bad_shapes(key):
     twell_decode.decode_ffn(x, p.w_gate, p.w_up[:, :128], p.w_down)
   with pytest.raises(NotImplementedError, match="bf16"):
     twell_decode.decode_ffn(x.astype(jnp.float32), p.w_gate, p.w_up, p.w_down)
+  with pytest.raises(ValueError, match="gate_split=3"):  # d_model / tile_k = 4 steps
+    twell_decode.decode_ffn(x, p.w_gate, p.w_up, p.w_down,
+                            config=dataclasses.replace(SMALL, gate_split=3))
 
 
 @pytest.mark.parametrize("m,gated", [(3, True), (24, False)])
