@@ -90,11 +90,11 @@ class DecodeConfig:
 SMEM_BUDGET = 200 * 1024
 
 
-def default_config(m_pad: int, d_model: int, d_ff: int) -> DecodeConfig:
+def default_config(m_pad: int, d_model: int, d_ff: int, gate_split: int = 1) -> DecodeConfig:
   """Tuned for the H200 at d_model 2048 / d_ff 5632 (NOTES_decode.md: tile_k 256 measured 21.9 /
   30.3 us per layer at 1 / 8 tokens against 23.2 / 31.0 with 128; the number of stages made no
-  difference); shrunk to fit SMEM."""
-  cfg = DecodeConfig()
+  difference); shrunk to fit SMEM. ``gate_split`` (not yet measured: 1) is taken as given."""
+  cfg = DecodeConfig(gate_split=gate_split)
   if m_pad <= 16 and d_model % 256 == 0:  # the measured cases (1 and 8 tokens)
     cfg = dataclasses.replace(cfg, tile_k=256)
   if d_model % cfg.tile_k:

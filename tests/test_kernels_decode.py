@@ -116,13 +116,15 @@ def test_decode_kernels_reject_bad_shapes(key):
                             config=dataclasses.replace(SMALL, gate_split=3))
 
 
-@pytest.mark.parametrize("m,gated", [(3, True), (24, False)])
-def test_op_decode_path_kernel_matches_dense_and_the_ops_stats(pallas_interpret, key, m, gated):
+@pytest.mark.parametrize("m,gated,split", [(3, True, None), (24, False, None), (5, True, 2)])
+def test_op_decode_path_kernel_matches_dense_and_the_ops_stats(pallas_interpret, key, m, gated,
+                                                               split):
   """The public op, Pallas backend, decode regime with decode_path="kernel": the decode kernels,
-  the op's statistics, no conditional in the compiled call."""
+  the op's statistics, no conditional in the compiled call; ``decode_gate_split`` reaches the
+  kernels (d_model 512: two tile_k steps to split)."""
   from sparse_jax import ops
-  p, _ = problem(key, m)
-  cfg = ops.SparseFFNConfig(decode_path="kernel")
+  p, _ = problem(key, m, d=256 if split is None else 512)
+  cfg = ops.SparseFFNConfig(decode_path="kernel", decode_gate_split=split)
   if gated:
     f = lambda impl: jax.jit(lambda x, g, u, d: ops.gated_sparse_ffn(
         x, g, u, d, implementation=impl, config=cfg))
@@ -139,6 +141,16 @@ def test_op_decode_path_kernel_matches_dense_and_the_ops_stats(pallas_interpret,
   np.testing.assert_array_equal(stats.active_per_neuron, ref.active_per_neuron)
   assert rel_err(stats.l1, l1_ref) < 1e-2
   assert int(stats.overflow_rows) == 0 and not bool(stats.dense_fallback)
+
+
+def test_decode_gate_split_config_is_checked(pallas_interpret, key):
+  from sparse_jax import ops
+  with pytest.raises(ValueError, match="decode_gate_split"):
+    ops.SparseFFNConfig(decode_gate_split=0)
+  p, _ = problem(key, 2, d=256)  # d_model / tile_k = 1 step: nothing to split
+  with pytest.raises(ValueError, match="gate_split=2"):
+    ops.gated_sparse_ffn(p.x, p.w_gate, p.w_up, p.w_down, implementation="pallas",
+                         config=ops.SparseFFNConfig(decode_path="kernel", decode_gate_split=2))
 
 
 @pytest.mark.parametrize("path,kernels", [("kernel", 2), ("dense", 0)])

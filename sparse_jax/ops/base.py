@@ -74,6 +74,9 @@ class SparseFFNConfig:
   decode_max_union_fraction: the union path is taken only if U <= this x d_ff: each union row of
     Wu and Wd is read three times (gather read and write, GEMM read), so the union pays below
     ~d_ff / 3 and clearly below d_ff / 4.
+  decode_gate_split: the decode kernels' ``DecodeConfig.gate_split`` (CTAs streaming each
+    64-neuron tile's gate, each over a slice of d_model; it must divide d_model / tile_k), for
+    measuring it end to end; None: the kernels' default for the shape.
   gate_threshold: FATReLU gate (``sparse_jax.ops.dense.gate_activation``): a neuron is active iff
     its gate pre-activation exceeds this, with the pre-activation as its value (0: ReLU). The XLA
     reference, the dense path and the decode path compute it exactly; the Pallas kernels and the
@@ -94,6 +97,7 @@ class SparseFFNConfig:
   decode_density: float = 0.01
   decode_union_capacity: int | None = None
   decode_max_union_fraction: float = 0.25
+  decode_gate_split: int | None = None
   gate_threshold: float = 0.0
 
   def __post_init__(self):
@@ -111,7 +115,8 @@ class SparseFFNConfig:
       v = getattr(self, name)
       if not 0.0 < v <= 1.0:
         raise ValueError(f"SparseFFNConfig.{name} must be in (0, 1], got {v!r}")
-    for name in ("overflow_capacity", "tail_capacity", "entry_capacity", "decode_union_capacity"):
+    for name in ("overflow_capacity", "tail_capacity", "entry_capacity", "decode_union_capacity",
+                 "decode_gate_split"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
         raise ValueError(f"SparseFFNConfig.{name} must be None or a positive int, got {v!r}")

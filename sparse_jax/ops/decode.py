@@ -199,7 +199,9 @@ def kernel_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig
   n = w_gate.shape[0]
   m_pad = td.pad_tokens(m)
   xp = jnp.pad(x_MxD, ((0, m_pad - m), (0, 0)))
-  y, h_NxM, p_NxM, _ = td.decode_ffn(xp, w_gate, w_up, w_down, threshold=cfg.gate_threshold)
+  kcfg = td.default_config(m_pad, x_MxD.shape[1], n, gate_split=cfg.decode_gate_split or 1)
+  y, h_NxM, p_NxM, _ = td.decode_ffn(xp, w_gate, w_up, w_down, threshold=cfg.gate_threshold,
+                                     config=kcfg)
   active_NxM = p_NxM[:, :m] != 0
   stats = make_stats(l0=jnp.sum(active_NxM, dtype=F32) / m,
                      l1=jnp.sum(jnp.abs(h_NxM[:, :m].astype(F32))) / (m * n),
