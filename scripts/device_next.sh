@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The next device call's measurements, in priority order, each under its own time limit so one
+# slow step cannot take the others' results with it (results and logs under $OUT):
+#   bash scripts/device_next.sh decode|train|all
+# decode (~5 min): GPU tests of the decode kernels (incl. DecodeConfig.gate_split), tune_decode
+#   with the split gate and longer TMA bursts (CUPTI breakdown), generation with the split gate.
+# train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
+# Written down in pallas_kernels/NOTES_decode.md and NOTES_train.md ("Next device call").
+set -uo pipefail
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"
+run() {  # run SECONDS NAME CMD...: the command's output to $OUT/NAME.log, its tail here
+  local limit="$1" name="$2"; shift 2
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "   exit $?"; grep -v "^W[0-9]\|Warning" "$OUT/$name.log" | tail -12
+}
+decode() {
+  run 200 gpu_decode_tests python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_decode.py \
+      -k match_float32
+  run 240 tune_decode_split python3 experiments/tune_decode.py --batches 1,8,64 --layers 4 \
+      --rounds 3 --cupti --configs 256:4:11:narrow 512:2:11:narrow 128:8:11:narrow \
+      256:4:11:narrow:s2 256:2:11:narrow:s4 128:2:11:narrow:s4 128:2:11:narrow:s8 \
+      --out "$OUT/tune_decode_split_h200.json"
+  run 200 bench_decode_split4 python3 experiments/bench_decode.py --configs 2b --batches 1,8 \
+      --new-tokens 64 --long-batches "" --set model.sparse.decode_gate_split=4 \
+      --out "$OUT/bench_decode_2b_split4_h200.json"
+}
+train() {
+  run 200 bench_ffn_modes_hot_cold python3 experiments/bench_ffn_modes.py --dist skewed zipf \
+      --active 28 --windows 3 --hot-cold --out "$OUT/bench_ffn_modes_hot_cold_h200.json"
+  run 330 bench_model_2b_auto_host python3 experiments/bench_model.py --configs 2b --modes train \
+      --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 --max-minutes 5.3 \
+      --set train.dispatch=auto_host --out "$OUT/bench_model_2b_train_auto_host_h200.json"
+}
+python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
+case "${1:-all}" in
+  decode) decode ;;
+  train) train ;;
+  all) decode; train ;;
+  *) echo "usage: bash scripts/device_next.sh decode|train|all" >&2; exit 2 ;;
+esac
