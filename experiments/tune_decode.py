@@ -67,7 +67,7 @@ def main(argv=None) -> int:
       fns[f"kernel_gateonly_{spec}"] = unrolled(gateonly_split)
     for spec in args.configs:
       cfg = parse_config(spec)
-      if cfg.gate_smem_bytes(m_pad) > 227 * 1024 or cfg.down_smem_bytes(m_pad) > 227 * 1024:
+      if max(cfg.gate_smem_bytes(m_pad), cfg.down_smem_bytes(m_pad)) > td.SMEM_LIMIT:
         continue
 
       def kern(x, g, u, dn, cfg=cfg):

@@ -87,7 +87,8 @@ class DecodeConfig:
     return self.down_tiles_per_cta * (NEURON_TILE * DOWN_ROWS + NEURON_TILE * down_pad(m_pad)) * 2
 
 
-SMEM_BUDGET = 200 * 1024
+SMEM_BUDGET = 200 * 1024   # default_config shrinks to this
+SMEM_LIMIT = 227 * 1024    # a Hopper CTA's shared memory
 
 
 def default_config(m_pad: int, d_model: int, d_ff: int, gate_split: int = 1) -> DecodeConfig:
@@ -141,6 +142,11 @@ def check_shapes(x_MxD, w_gate, w_up, w_down, config: DecodeConfig) -> None:
   if config.gate_split < 1 or d % (config.tile_k * config.gate_split):
     raise ValueError(f"gate_split={config.gate_split} must be >= 1 and divide d_model / tile_k "
                      f"= {d // config.tile_k}")
+  for kernel, need in (("gate/up", config.gate_smem_bytes(m)), ("down", config.down_smem_bytes(m))):
+    if need > SMEM_LIMIT:
+      raise ValueError(f"the {kernel} kernel needs {need // 1024} KiB of shared memory at M={m} "
+                       f"with {config} (at most {SMEM_LIMIT // 1024} KiB): fewer stages, a "
+                       "smaller tile_k, gate_split or down_tiles_per_cta")
 
 
 def _transforms(row_bytes: int):

@@ -114,6 +114,9 @@ def test_decode_kernels_reject_bad_shapes(key):
   with pytest.raises(ValueError, match="gate_split=3"):  # d_model / tile_k = 4 steps
     twell_decode.decode_ffn(x, p.w_gate, p.w_up, p.w_down,
                             config=dataclasses.replace(SMALL, gate_split=3))
+  with pytest.raises(ValueError, match="shared memory"):
+    twell_decode.decode_ffn(x, p.w_gate, p.w_up, p.w_down,
+                            config=dataclasses.replace(SMALL, tile_k=256, max_concurrent_steps=8))
 
 
 @pytest.mark.parametrize("m,gated,split", [(3, True, None), (24, False, None), (5, True, 2)])
