@@ -18,7 +18,7 @@ NEW_VALUES = {"tile": 128, "twell_capacity": 64, "overflow_capacity": 48, "ell_w
               "tail_capacity": 9, "max_active_fraction": 0.02, "max_active_fraction_train": 0.01,
               "entry_capacity": 4096, "mode": "sparse", "decode_max_tokens": 64, "decode_path": "union",
               "decode_density": 0.02, "decode_union_capacity": 512,
-              "decode_max_union_fraction": 0.3, "gate_threshold": 0.05}
+              "decode_max_union_fraction": 0.3, "decode_gate_split": 4, "gate_threshold": 0.05}
 
 
 def test_every_field_is_settable_and_round_trips():
