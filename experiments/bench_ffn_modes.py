@@ -34,7 +34,7 @@ from sparse_jax import benchmarking
 from pallas_kernels import common
 from sparse_jax import ops
 from sparse_jax.ops import hotcold
-from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1
+from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1, gate_active, matmul_nt
 from sparse_jax.synthetic import make_ffn_problem
 
 L1_COEFF = 1e-2
@@ -81,6 +81,18 @@ def peak_bytes(f, *args) -> int:
   m = f.lower(*args).compile().memory_analysis()
   return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
              - m.alias_size_in_bytes)
+
+
+def reference_grads(fns: dict, args):
+  """The float32 gradients (highest matmul precision) on ``args``."""
+  with jax.default_matmul_precision("highest"):
+    return fns["reference"](*(x.astype(jnp.float32) for x in args))
+
+
+def grad_rel_err(grads, ref) -> float:
+  """The largest relative error (Frobenius) over the four gradients."""
+  return max(float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+             for g, r in zip(grads, ref))
 
 
 def interleaved_wall_ms(fns: dict, args, *, windows: int, calls: int, extra=None
@@ -133,33 +145,26 @@ def main(argv=None):
         p = make_ffn_problem(k1, m, d_model, d_ff, active_per_token=active, distribution=dist)
         a = (p.x, p.w_gate, p.w_up, p.w_down)
         cot = jax.random.normal(k2, p.x.shape, jnp.float32)
-        plan = None
+        plan = a_hc = None
         if args.hot_cold:
-          # The split as the training dispatcher plans it: from per-neuron firing counts.
-          counts = jnp.sum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32) > 0,
-                           axis=0)
+          # The split as the training dispatcher plans it: from per-neuron firing counts (as the
+          # op counts them), on the weights in the plan's neuron order.
+          counts = jnp.sum(gate_active(matmul_nt(p.x, p.w_gate)), axis=0)
           plan = hotcold.plan_layer(np.asarray(counts) / m, d_model=p.x.shape[1], m=m)
+          a_hc = (p.x, *hotcold.permute_neurons(plan.perm, *a[1:]))
         fns = step_fns(cfg, cot, None if plan is None else plan.n_hot)
         times = interleaved_wall_ms({k: fns[k] for k in VARIANTS}, a, windows=args.windows,
                                     calls=args.calls,
                                     extra=None if plan is None else (
-                                        "hot_cold", fns["hot_cold"],
-                                        (p.x, *hotcold.permute_neurons(plan.perm, *a[1:]))))
+                                        "hot_cold", fns["hot_cold"], a_hc))
         peaks = {k: peak_bytes(fns[k], *a) for k in VARIANTS}
         fell = {k: bool(f(*a)) for k, f in fns["fallback"].items()}
-        with jax.default_matmul_precision("highest"):
-          ref = fns["reference"](*(x.astype(jnp.float32) for x in a))
-        err = {k: max(float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-                      for g, r in zip(fns[k](*a), ref)) for k in ("sparse", "mode_dense")}
+        ref = reference_grads(fns, a)
+        err = {k: grad_rel_err(fns[k](*a), ref) for k in ("sparse", "mode_dense")}
         extra = {}
         if plan is not None:
-          ap_ = (p.x, *hotcold.permute_neurons(plan.perm, *a[1:]))
-          with jax.default_matmul_precision("highest"):
-            ref_p = fns["reference"](*(x.astype(jnp.float32) for x in ap_))
-          err["hot_cold"] = max(float(jnp.linalg.norm(g.astype(jnp.float32) - r)
-                                      / jnp.linalg.norm(r))
-                                for g, r in zip(fns["hot_cold"](*ap_), ref_p))
-          peaks["hot_cold"] = peak_bytes(fns["hot_cold"], *ap_)
+          err["hot_cold"] = grad_rel_err(fns["hot_cold"](*a_hc), reference_grads(fns, a_hc))
+          peaks["hot_cold"] = peak_bytes(fns["hot_cold"], *a_hc)
           extra = dict(hot_cold_n_hot=plan.n_hot, hot_cold_predicted=plan.predicted,
                        grad_rel_err_hot_cold=err["hot_cold"])
         rec = dict(M=m, distribution=dist, target_active=active,

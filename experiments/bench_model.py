@@ -275,7 +275,6 @@ def run_job(spec: dict) -> dict:
         elif compiled is None:
           step_gd = (graphdef if variant == "dense" else  # the dense model has no dispatch
                      static_graphdef(cfg, graphdef, state.params))  # train.dispatch=sparse|dense
-        if not settle and compiled is None:
           t0 = time.perf_counter()
           compiled = train_step.lower(state, batch, graphdef=step_gd, cfg=scfg).compile()
           compile_s = time.perf_counter() - t0

@@ -56,24 +56,21 @@ def main(argv=None) -> int:
 
     fns = {"dense": unrolled(lambda *a: ffn_as_model(*a)[0])}
 
-    def gateonly(x, g, u, dn):
-      xp = jnp.pad(x, ((0, m_pad - x.shape[0]), (0, 0)))
-      return td.decode_ffn(xp, g, u, dn, threshold=1e30)[0][:x.shape[0]]
-    fns["kernel_gateonly"] = unrolled(gateonly)
-    for spec in (c for c in args.configs if ":s" in c):  # the split gate stream alone
-      def gateonly_split(x, g, u, dn, cfg=parse_config(spec)):
+    def kernels(cfg=None, threshold=0.0):
+      """The decode kernels under ``cfg`` (None: the default) on one layer's unpadded x."""
+      def f(x, g, u, dn):
         xp = jnp.pad(x, ((0, m_pad - x.shape[0]), (0, 0)))
-        return td.decode_ffn(xp, g, u, dn, threshold=1e30, config=cfg)[0][:x.shape[0]]
-      fns[f"kernel_gateonly_{spec}"] = unrolled(gateonly_split)
+        return td.decode_ffn(xp, g, u, dn, threshold=threshold, config=cfg)[0][:x.shape[0]]
+      return unrolled(f)
+
+    fns["kernel_gateonly"] = kernels(threshold=GATE_ONLY)
     for spec in args.configs:
       cfg = parse_config(spec)
       if max(cfg.gate_smem_bytes(m_pad), cfg.down_smem_bytes(m_pad)) > td.SMEM_LIMIT:
         continue
-
-      def kern(x, g, u, dn, cfg=cfg):
-        xp = jnp.pad(x, ((0, m_pad - x.shape[0]), (0, 0)))
-        return td.decode_ffn(xp, g, u, dn, config=cfg)[0][:x.shape[0]]
-      fns[f"kernel_{spec}"] = unrolled(kern)
+      if cfg.gate_split > 1:  # the split gate stream alone
+        fns[f"kernel_gateonly_{spec}"] = kernels(cfg, threshold=GATE_ONLY)
+      fns[f"kernel_{spec}"] = kernels(cfg)
     ok = {}
     for name, f in list(fns.items()):
       try:
@@ -118,6 +115,7 @@ def parse_config(spec: str):
 
 
 MOSAIC = "anonymous_mosaic_gpu_kernel"
+GATE_ONLY = 1e30  # a threshold no gate reaches: the gate stream, an idle down kernel and the glue
 
 
 def kernel_breakdown(f, ins, layers: int) -> dict[str, float]:

@@ -317,7 +317,8 @@ class Dispatcher:
       total = max(freq_F.sum(), 1e-30)
       held, best = freq_F[:n_hot].sum() / total, sorted_f[:n_hot].sum() / total
       if n_hot != op.n_hot or held < HOT_KEEP * best:
-        perms[layer] = hotcold.split_order(freq_F, n_hot, cost)
+        perms[layer] = (plan.perm if n_hot == plan.n_hot
+                        else hotcold.split_order(freq_F, n_hot, cost))
     return tuple(ops), perms
 
   def refresh(self, state):
