@@ -5,17 +5,18 @@ For each config (default 0.5b and 2b) one model is built with calibrated gate sp
 it is). The dense baseline is the same weights with ``model.ffn=relu_dense`` (the FFN kind, through
 ``sparse_jax.eval.loading.rebuild``: the parameter arrays are shared). Each case (batch B, prompt
 P, N new tokens; default B = 1, 8, 64 at P = 128, N = 128, and a long-context case at P = 2048)
-runs greedy generation through ``sparse_jax.nn.generate.Generator`` (layers scanned, weights
-stacked once in bf16), alternating dense and sparse calls for ``--rounds`` rounds (and, unless
-``--no-best-dense``, the dense model with its layers unrolled: under the scan XLA copies each
-layer's weight slices before its GEMMs, unrolled it does not, so that is the fastest dense
-generation measured; ``speedup_decode_vs_best_dense`` compares with the faster dense); the
+runs greedy generation through ``sparse_jax.nn.generate.Generator`` (its default layout: layers
+unrolled over their own bf16 weights; ``--layers scan``: one scanned block over stacked weights,
+and then, unless ``--no-best-dense``, the dense model unrolled as well, since under the scan XLA
+copies each layer's weight slices before its GEMMs: ``speedup_decode_vs_best_dense`` compares with
+the faster dense), alternating dense and sparse calls for ``--rounds`` rounds; the
 medians of the prefill and decode wall times are reported, with energy per generated token from NVML
 (``EnergyMeter`` of ``experiments/bench_model.py``) and each program's compile time.
 
-The sparse model's decode steps (B tokens per call) run the decode kernels
-(``--decode-path kernel``, the default: ``pallas_kernels/twell_decode.py``, no capacity, exact),
-or with ``--decode-path union`` the XLA union path of ``sparse_jax.ops.decode`` when its union
+The sparse model's decode steps (B tokens per call) run what the Generator picks by batch size
+and layout (``--decode-path auto``, the default: the decode kernels of
+``pallas_kernels/twell_decode.py`` or the dense FFN, ``Generator.decode_path_for``), the decode
+kernels always (``--decode-path kernel``: no capacity, exact), or with ``--decode-path union`` the XLA union path of ``sparse_jax.ops.decode`` when its union
 capacity pays: U is set per case from the union of the
 batch's active neurons measured on a probe generation of other prompts (the dense twin computes
 the same activity), x 1.25, rounded up to 128; a step whose union exceeds U runs dense (exact) and
@@ -97,16 +98,23 @@ def parse_args(argv):
   p.add_argument("--cublas", action="store_true",
                   help="compile generation with xla_gpu_enable_triton_gemm=False (cuBLAS GEMMs; "
                        "measured slower on the H200, see Generator's compiler_options)")
+  p.add_argument("--xla-option", dest="xla_options", nargs="+", action="extend", default=[],
+                 metavar="NAME=VALUE",
+                 help="XLA compiler options for every generation program (after --cublas), e.g. "
+                      "xla_gpu_enable_dynamic_slice_fusion=true")
   p.add_argument("--no-best-dense", dest="best_dense", action="store_false",
-                  help="do not also time the dense model with its layers unrolled (separate "
-                       "per-layer weights: no weight-slice copies, the fastest dense generation "
-                       "measured; compiles longer) and report speedup_decode_vs_best_dense")
-  p.add_argument("--unrolled", action="store_true",
-                 help="unroll the layers instead of scanning them (compile time vs step time: a "
-                      "scanned step slices each layer's weights out of the stacked arrays)")
-  p.add_argument("--decode-path", choices=("kernel", "union"), default="kernel",
-                 help="the sparse model's decode steps: the decode kernels "
-                      "(pallas_kernels/twell_decode.py) or the XLA union path")
+                  help="with --layers scan, do not also time the dense model with its layers "
+                       "unrolled (separate per-layer weights: no weight-slice copies, the fastest "
+                       "dense generation measured) and report speedup_decode_vs_best_dense")
+  p.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled",
+                 help="the Generator's layer layout for both models (its default: unrolled; "
+                      "scan compiles faster but copies each layer's weight slices every step)")
+  p.add_argument("--unrolled", dest="layers", action="store_const", const="unrolled",
+                 help="the same as --layers unrolled (the default)")
+  p.add_argument("--decode-path", choices=("auto", "kernel", "union"), default="auto",
+                 help="the sparse model's decode steps: the Generator's own choice by batch size "
+                      "and layout (auto), the decode kernels (pallas_kernels/twell_decode.py) "
+                      "or the XLA union path")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cpu-smoke", action="store_true", help="tiny config, tiny shapes, any device")
   p.add_argument("--out", default="experiments/results/bench_decode.json")
@@ -199,11 +207,15 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   # Whole 128-row tiles of gathered weights; tiny smoke models (d_ff of a few hundred) use 16.
   unit = decode.UNION_ROUND if d_ff >= 16 * decode.UNION_ROUND else 16
   u_cap = min(d_ff, unit * math.ceil(UNION_HEADROOM * union_max / unit))
+  kind = getattr(args, "decode_path", "union")
   decode_path = set_decode_config(sparse, batch, max(u_cap, 1), args.max_union_fraction,
-                                  getattr(args, "decode_path", "union"))
-  # The decode path set above (set_decode_config), not the Generator's own choice.
-  sparse_gen = Generator(sparse, scan_layers=not args.unrolled, decode_path="model",
+                                  "kernel" if kind == "auto" else kind)
+  # auto: the Generator's own choice; otherwise the decode path set above (set_decode_config).
+  sparse_gen = Generator(sparse, scan_layers=args.layers == "scan",
+                         decode_path="auto" if kind == "auto" else "model",
                          compiler_options=_compiler_options(args))
+  if kind == "auto":
+    decode_path = decode_path and sparse_gen.decode_path_for(batch) != "dense"
   gens = {"dense": dense_gen, "sparse": sparse_gen}
   if dense_unrolled_gen is not None:
     gens["dense_unrolled"] = dense_unrolled_gen
@@ -222,7 +234,8 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
       runs[v].append((g, energy))
   row = dict(batch=batch, prompt_len=prompt_len, new_tokens=n_new, d_ff=d_ff,
              probe_union_max=union_max, union_capacity=u_cap, decode_path=bool(decode_path),
-             decode_path_kind=getattr(args, "decode_path", "union"))
+             decode_path_kind=kind,
+             decode_path_used=(sparse_gen.decode_path_for(batch) or "model") if kind == "auto" else kind)
   for v, rs in runs.items():
     gs = [g for g, _ in rs]
     prefill_s = _median([g.prefill_s for g in gs])
@@ -257,7 +270,15 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
 
 
 def _compiler_options(args) -> dict:
-  return {"xla_gpu_enable_triton_gemm": False} if args.cublas else {}
+  opts = {"xla_gpu_enable_triton_gemm": False} if args.cublas else {}
+  for item in args.xla_options:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+      raise SystemExit(f"--xla-option wants NAME=VALUE, got {item!r}")
+    low = value.lower()
+    opts[name] = (low == "true") if low in ("true", "false") else (
+        int(value) if value.lstrip("-").isdigit() else value)
+  return opts
 
 
 def main(argv=None) -> dict:
@@ -284,15 +305,15 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     sparse, dense, cfg, n_ids, calibration = build_models(args, config)
     build_s = time.perf_counter() - t0
-    dense_gen = Generator(dense, scan_layers=not args.unrolled,
+    dense_gen = Generator(dense, scan_layers=args.layers == "scan",
                           compiler_options=_compiler_options(args))
     dense_unrolled_gen = (Generator(dense, scan_layers=False,
                                     compiler_options=_compiler_options(args))
-                          if args.best_dense and not args.unrolled else None)
+                          if args.best_dense and args.layers == "scan" else None)
     for batch, prompt_len in cases:
       row = run_case(args, sparse, dense_gen, n_ids, batch, prompt_len, meter,
                      dense_unrolled_gen)
-      row.update(config=config, layers="unrolled" if args.unrolled else "scan",
+      row.update(config=config, layers=args.layers,
                  compiler_options=dense_gen.compiler_options,
                  init_from=args.init_from, n_layers=cfg.model.n_layers,
                  sparsity_target=None if calibration is None else args.sparsity,
@@ -303,7 +324,7 @@ def main(argv=None) -> dict:
             f"{d['decode_tokens_per_s']:9.1f} sparse {s['decode_tokens_per_s']:9.1f} "
             f"({row['speedup_decode']:.2f}x); end-to-end "
             f"{row['speedup_end_to_end']:.2f}x; U={row['union_capacity']} (probe max "
-            f"{row['probe_union_max']:.0f}, decode path {row['decode_path']}); fallback "
+            f"{row['probe_union_max']:.0f}, decode path {row['decode_path_used']}); fallback "
             f"{s['dense_fallback_share']:.3f}; compile dense {d['compile_s']:.1f} s sparse "
             f"{s['compile_s']:.1f} s; same greedy tokens {row['greedy_tokens_equal_share']:.3f}",
             flush=True)

@@ -139,6 +139,7 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
   dx_ref[rows] = dx.astype(dx_ref.dtype)
 
 
+@common.shared_lowering(static_argnames=("config",))
 def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTxC, coeff, *,
                     config: BackwardConfig | None = None):
   """(dx [M, D] in x's dtype, dU slots, dR slots) for the rows without an overflowed tile (flagged

@@ -308,6 +308,7 @@ def _down_kernel(h_gmem, wd_gmem, flag_gmem, out_gmem, *, config: DecodeConfig):
 # --------------------------------------------------------------------------- entry point
 
 
+@common.shared_lowering(static_argnames=("threshold", "config"))
 def decode_ffn(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None, w_down: jax.Array, *,
                threshold: float = 0.0, config: DecodeConfig | None = None
                ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:

@@ -183,6 +183,7 @@ def _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref
   l1_ref[rows] = jnp.sum(jnp.abs(h), axis=1)
 
 
+@common.shared_lowering(static_argnames=("return_r", "compute", "config"))
 def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
                   w_down: jax.Array, tw: TwELL, *, return_r: bool = False,
                   compute: Literal["mgpu", "jnp", "auto"] = "auto",

@@ -234,6 +234,7 @@ def check_shapes(x_MxK, w_NxK, capacity, config: GateConfig) -> None:
                      f"{capacity}")
 
 
+@common.shared_lowering(static_argnames=("capacity", "config"))
 def gate_twell(x_MxK: jax.Array, w_gate_NxK: jax.Array, *, capacity: int,
                config: GateConfig | None = None) -> TwELL:
   """TwELL of ``relu(x @ w_gate.T)``; x [M, d_model] (M % 128 == 0), w_gate [d_ff, d_model]."""

@@ -292,6 +292,7 @@ def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, 
   part_ref[...] = jnp.zeros(part_ref.shape, F32).at[prow].set(part, mode="drop")
 
 
+@common.shared_lowering(static_argnames=("n_x", "out_dtype", "config"))
 def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: int, out_dtype,
                         config: WgradConfig | None = None):
   """(outputs [n_x + 1] x [N_pad, D] out_dtype, partials [partial_rows, n_x + 1, D] f32)."""

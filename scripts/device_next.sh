@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The next device call's measurements, in priority order, each under its own time limit so one
 # slow step cannot take the others' results with it (results and logs under $OUT):
-#   bash scripts/device_next.sh decode|train|all
+#   bash scripts/device_next.sh decode|scan|lowering|unrolled|train|all
 # decode (~5 min): GPU tests of the decode kernels (incl. DecodeConfig.gate_split), tune_decode
 #   with the split gate and longer TMA bursts (CUPTI breakdown), generation with the split gate.
+# scan (~6 min): scanned layers with cuBLAS GEMMs and XLA's dynamic-slice fusion (weights in place?).
+# lowering (~10 min): GPU tests through the shared kernel lowerings, unrolled 2b generation, 0.5b
+#   training compile times.
 # train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
 # Written down in pallas_kernels/NOTES_decode.md and NOTES_train.md ("Next device call").
 set -uo pipefail
@@ -26,6 +29,32 @@ decode() {
       --new-tokens 64 --long-batches "" --set model.sparse.decode_gate_split=4 \
       --out "$OUT/bench_decode_2b_split4_h200.json"
 }
+scan() {  # do cuBLAS GEMMs with XLA's dynamic-slice fusion read a scanned layer's weights in place?
+  XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true" \
+  run 150 decode_ffn_scan_cublas_dsf python3 experiments/bench_decode_ffn.py --layout scan \
+      --batches 1,8 --dist skewed --rounds 5 --out "$OUT/bench_decode_ffn_scan_cublas_dsf_h200.json"
+  run 260 bench_decode_cublas_dsf python3 experiments/bench_decode.py --configs 2b --batches 1,8 \
+      --new-tokens 64 --long-batches "" --cublas \
+      --xla-option xla_gpu_enable_dynamic_slice_fusion=true \
+      --out "$OUT/bench_decode_2b_cublas_dsf_h200.json"
+}
+lowering() {  # kernels shared per shape (common.shared_lowering): correct, and how much compile is saved
+  run 200 gpu_tests_shared_lowering python3 -m pytest -q -x -p no:cacheprovider \
+      tests/test_gpu_decode.py tests/test_gpu_kernels.py -k "match_float32 or full_op or training_gradients"
+  run 260 bench_decode_unrolled python3 experiments/bench_decode.py --configs 2b --batches 1,8 \
+      --new-tokens 64 --long-batches "" --unrolled --out "$OUT/bench_decode_2b_unrolled_shared_h200.json"
+  run 170 bench_model_05b_compile python3 experiments/bench_model.py --configs 0.5b --modes train \
+      --sparsity 0.995 --settle-steps 2 --windows 1 --min-seconds 2 --warmup 1 --max-minutes 2.5 \
+      --set train.dispatch=auto_host --out "$OUT/bench_model_05b_train_shared_lowering_h200.json"
+}
+unrolled() {  # the Generator's unrolled default: where do the decode kernels stop paying?
+  run 190 bench_decode_unrolled_kernel python3 experiments/bench_decode.py --configs 2b \
+      --batches 2,4 --new-tokens 64 --long-batches "" --decode-path kernel --rounds 3 \
+      --out "$OUT/bench_decode_2b_unrolled_kernel_b2_b4_h200.json"
+  run 230 bench_decode_unrolled_auto python3 experiments/bench_decode.py --configs 2b \
+      --batches 8,64 --new-tokens 64 --long-batches "" --rounds 3 \
+      --out "$OUT/bench_decode_2b_unrolled_auto_b8_b64_h200.json"
+}
 train() {
   run 200 bench_ffn_modes_hot_cold python3 experiments/bench_ffn_modes.py --dist skewed zipf \
       --active 28 --windows 3 --hot-cold --out "$OUT/bench_ffn_modes_hot_cold_h200.json"
@@ -36,6 +65,9 @@ train() {
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
+  scan) scan ;;
+  lowering) lowering ;;
+  unrolled) unrolled ;;
   train) train ;;
   all) decode; train ;;
   *) echo "usage: bash scripts/device_next.sh decode|train|all" >&2; exit 2 ;;

@@ -7,7 +7,7 @@ from experiments import bench_decode
 def test_cpu_smoke_writes_a_side_by_side_row(tmp_path):
   out = tmp_path / "bench_decode.json"
   result = bench_decode.main(["--cpu-smoke", "--batches", "2", "--long-context", "0",
-                              "--decode-path", "union", "--out", str(out)])
+                              "--decode-path", "union", "--layers", "scan", "--out", str(out)])
   saved = json.loads(out.read_text())
   assert saved["rows"] == json.loads(json.dumps(result["rows"]))
   assert saved["device"].startswith("cpu") and "bench_decode.py" in saved["command"]
@@ -21,7 +21,7 @@ def test_cpu_smoke_writes_a_side_by_side_row(tmp_path):
     assert len(r["decode_ms_rounds"]) == 2 and r["active_per_token_mean"] > 0
     assert r["mj_per_generated_token"] is None and "NVML" in r["energy_error"]
   assert row["sparse"]["compile_s"] > 0 and row["dense"]["compile_s"] > 0
-  # the unrolled dense baseline, timed in the same alternation
+  # scanned layers: the unrolled dense baseline, timed in the same alternation
   assert row["dense_unrolled"]["decode_tokens_per_s"] > 0
   best = max(row["dense"]["decode_tokens_per_s"], row["dense_unrolled"]["decode_tokens_per_s"])
   assert abs(row["speedup_decode_vs_best_dense"]

@@ -175,7 +175,7 @@ def test_scanned_layers_equal_the_unrolled_block_steps(key):
   unrolled = generate(model, prompts, scan_layers=False, **kw)
   np.testing.assert_array_equal(scanned.tokens_BxN, unrolled.tokens_BxN)
   # scanned prefill, decode over static slices of the stacked layers
-  sliced = Generator(model, unroll_decode=True).generate(prompts, **kw)
+  sliced = Generator(model, scan_layers=True, unroll_decode=True).generate(prompts, **kw)
   np.testing.assert_array_equal(sliced.tokens_BxN, unrolled.tokens_BxN)
   np.testing.assert_allclose(sliced.step_active_SxL, unrolled.step_active_SxL, rtol=1e-6)
   np.testing.assert_allclose(scanned.prompt_active_L, unrolled.prompt_active_L, rtol=1e-6)
@@ -268,15 +268,34 @@ def test_sparse_decode_path_generates_the_dense_models_tokens(key):
 
 
 def test_generator_decode_path_is_static_config_and_leaves_the_model_alone(key):
-  """decode_path reaches the sparse FFNs through the block graphdef the Generator compiles, and
+  """decode_path reaches the sparse FFNs through the block graphdefs the Generator compiles, and
   the model's own configs are restored; "auto" keeps them off a Hopper GPU."""
   model = tiny_model(key)
   before = [b.ffn.sparse_config for b in model.blocks]
   g = Generator(model, decode_path="kernel")
-  assert g.decode_path == "kernel"
+  assert g.decode_path == "kernel" and g.decode_path_for(64) == "kernel"
   assert [b.ffn.sparse_config for b in model.blocks] == before
-  assert "decode_path='kernel'" in repr(g.block_graphdef)
+  assert all("decode_path='kernel'" in repr(gd) for gd in g.block_graphdefs_for(1))
   assert Generator(model).decode_path is None  # CPU: "auto" keeps the model's config
-  assert "decode_path='kernel'" not in repr(Generator(model).block_graphdef)
+  assert "decode_path='kernel'" not in repr(Generator(model).block_graphdefs_for(1))
   with pytest.raises(ValueError, match="decode_path"):
     Generator(model, decode_path="fast")
+
+
+def test_auto_decode_path_by_layout_and_batch_on_hopper(key, monkeypatch):
+  """On a Hopper GPU "auto" takes the decode kernels at every batch size when the layers are
+  scanned, and up to UNROLLED_KERNEL_MAX_BATCH rows (then the dense FFN) when unrolled; the
+  programs of each batch size compile the matching graphdefs."""
+  from pallas_kernels import common
+  from sparse_jax.nn.generate import UNROLLED_KERNEL_MAX_BATCH as top
+  monkeypatch.setattr(common, "hopper_available", lambda: True)
+  model = tiny_model(key)
+  unrolled = Generator(model)
+  assert not unrolled.scan_layers
+  assert unrolled.decode_path_for(1) == unrolled.decode_path_for(top) == "kernel"
+  assert unrolled.decode_path_for(top + 1) == unrolled.decode_path_for(256) == "dense"
+  assert "decode_path='dense'" in repr(unrolled.block_graphdefs_for(top + 1)[0])
+  assert "decode_path='kernel'" in repr(unrolled.block_graphdefs_for(top)[0])
+  scanned = Generator(model, scan_layers=True)
+  assert {scanned.decode_path_for(b) for b in (1, top + 1, 256)} == {"kernel"}
+  assert Generator(model, decode_path="model").decode_path_for(1) is None

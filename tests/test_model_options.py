@@ -206,7 +206,7 @@ def test_generator_greedy_equals_full_forward_argmax(key, changes):
   rows = [np.asarray(jax.random.randint(key, (6,), 0, 97)),
           np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (3,), 0, 97))]
   n = 8
-  got = Generator(model).generate(rows, max_new_tokens=n)
+  got = Generator(model, scan_layers=True).generate(rows, max_new_tokens=n)
   call = nnx.jit(lambda m, t: m(t))
   for b, prompt in enumerate(rows):
     p = len(prompt)

@@ -1,5 +1,5 @@
 """Text generation with a KV cache: ragged prompt batches, greedy / temperature / top-k / top-p
-sampling, per-row end tokens, a scan over the layers, prefill and decode timed apart.
+sampling, per-row end tokens, unrolled or scanned layers, prefill and decode timed apart.
 
 **Ragged prompts: left padding.** Prompts of different lengths are padded on the left to the
 longest, P. All rows then write the same cache slot at every step (slot P + i for generated token
@@ -10,26 +10,31 @@ stays exactly zero through every block (RMSNorm(0) = 0, no biases), so pads neve
 neuron and never reach a real token. A row therefore gets the tokens it would get alone, up to
 summation order (the test checks greedy float32 tokens are equal).
 
-**Layers: one scanned block.** The blocks' parameters are stacked once per ``Generator``
-(``[n_layers, ...]`` leaves, the weight matrices cast once to the compute dtype, which the blocks
-cast to at use anyway, so the numbers are the same), the KV cache is ``[n_layers, B, S, K, H]``,
-and ``lax.scan`` runs one block's program over the layers: the compiled program does not grow
-with depth (the 2b model compiled for minutes unrolled; scanned, 7-13 s). ``scan_layers=False``
-unrolls the blocks over their own separate states (the reference the tests compare with; also
-for blocks of different structure). ``unroll_decode=True`` keeps the scanned prefill but runs
-the decode step as a Python loop over static slices of the stacked leaves.
+**Layers: unrolled by default.** Each block runs over its own parameters (cast once per
+``Generator`` to the compute dtype, which the blocks cast to at use anyway, so the numbers are
+the same) with a ``[n_layers, B, S, K, H]`` KV cache. ``scan_layers=True`` stacks the blocks'
+parameters (``[n_layers, ...]`` leaves) and runs one block's program under ``lax.scan``: the
+program does not grow with depth (2b: compile 7-13 s), but XLA copies each layer's weight slices
+before its Triton GEMM fusions read them (``loop_dynamic_slice_fusion`` in the optimized HLO,
+``hlo/decode_ffn_scan_dense_b1_after_optimizations.txt``; cuBLAS GEMMs with
+``xla_gpu_enable_dynamic_slice_fusion`` were no better: ``bench_decode_2b_cublas_dsf_h200.json``),
+while the Pallas decode kernels read them in place. ``unroll_decode=True`` keeps the scanned
+prefill and runs the decode step as a Python loop over static slices of the stacked leaves (the
+slices are copied too). Blocks of different structure are always unrolled.
 
-What the layout costs (2b, H200, batch 1, experiments/results/): under the scan XLA copies each
-layer's weight slices before its Triton GEMM fusions read them (``loop_dynamic_slice_fusion`` in
-the optimized HLO, ``hlo/decode_ffn_scan_dense_b1_after_optimizations.txt``), while the Pallas
-decode kernels read them in place (a ``dynamic-slice-fusion`` around the custom call): a dense
-2b FFN takes ~72 us per layer and step scanned and ~25 us with separate weights
-(``bench_decode_ffn_scan_h200.json``, ``bench_decode_ffn_stacked_h200.json``). Dense generation:
-205 tokens/s scanned, 294 unrolled (compile 19 s; ``bench_decode_unrolled_2b_h200.json``), 182
-with ``unroll_decode`` (the static slices are copied inside the decode loop too). Sparse
-generation with the decode kernels: 343 scanned, 383 with ``unroll_decode`` (compile 77 s, each
-layer's kernels compiled apart; ``bench_decode_2b_unrolled_decode_h200.json``). The scanned
-default is the fast-compiling one; a dense model generates fastest unrolled.
+What the layout costs (2b, H200, prompt 128, experiments/results/): dense generation 316 / 3278 /
+15509 tokens/s at batch 1 / 8 / 64 unrolled against 205 / 1394-1519 / 8656 scanned; compile 17-29 s
+unrolled (dense) and 27-35 s (sparse: the Pallas kernels are lowered once per shape and
+configuration, ``pallas_kernels.common.shared_lowering``; before that every layer compiled its
+own and the sparse model took 207 s). ``bench_decode_2b_unrolled_shared_h200.json``,
+``bench_decode_2b_unrolled_auto_b8_b64_h200.json``, ``bench_decode_2b_b1_b8_scan_h200.json``.
+
+**Decode path.** With ``decode_path="auto"`` (default) on a Hopper GPU the sparse FFNs' decode
+steps take the decode kernels at batch <= ``UNROLLED_KERNEL_MAX_BATCH`` (1) with unrolled layers
+and the dense FFN above (kernels measured 1.18x / 1.00x / 0.95x of dense generation at batch
+1 / 2 / 4, 0.96x at 8: with separate weights they only pay while few 64-neuron tiles are live),
+and at every batch size with scanned layers. The path is static configuration in the blocks'
+graphdefs: one set per path, picked by the batch size of each call.
 
 **Sampling.** ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the
 temperature and restricted to the ``top_k`` most likely tokens (0: no limit) and to the smallest
@@ -325,25 +330,37 @@ def _stack(states, dtype):
 
 
 DECODE_PATHS = ("auto", "model", "kernel", "dense")
+# "auto" with unrolled layers: the decode kernels up to this many rows per decode step, the dense
+# FFN above. 2b on an H200, unrolled, wall-clock generation: kernels 1.18x of dense at batch 1,
+# 0.96x at batch 8 (experiments/results/bench_decode_2b_unrolled_shared_h200.json); per FFN
+# 20.7 vs 24.9 us at 1 token, 28.9 vs 25.1 at 8 (tune_decode_b1_8_64_h200.json).
+UNROLLED_KERNEL_MAX_BATCH = 1
 
 
-def _decode_path(model, scan_layers: bool, decode_path: str) -> str | None:
-  """The sparse FFNs' ``SparseFFNConfig.decode_path`` for the decode steps, or None (keep the
-  model's own). "auto": the decode kernels when the layers are scanned on a Hopper GPU -- under
-  the scan XLA copies each layer's weight slices before a cuBLAS matmul reads them, the decode
-  kernels read them in place: per FFN 2.0-2.9x faster than the dense FFN at 1-64 tokens per step
-  (2b shape, H200, experiments/results/bench_decode_ffn_scan_h200.json); with separate per-layer
-  weights (unrolled) dense is as fast from 8 tokens on, so the model's own setting stays."""
+def _decode_paths(model, scan_layers: bool, decode_path: str) -> dict[int, str | None]:
+  """The sparse FFNs' ``SparseFFNConfig.decode_path`` at the decode steps, by batch size:
+  ``{max batch: path}`` (the smallest key >= the batch applies; None: keep the model's own).
+  "auto" on a Hopper GPU: scanned layers take the decode kernels at every batch size -- under the
+  scan XLA copies each layer's weight slices before its matmuls read them, the decode kernels
+  read them in place (per FFN 2.0-2.9x faster than the scanned dense FFN at 1-64 tokens per step,
+  2b shape, experiments/results/bench_decode_ffn_scan_h200.json); unrolled layers (separate
+  weights, no copies) take them up to ``UNROLLED_KERNEL_MAX_BATCH`` rows and the dense FFN above.
+  Elsewhere "auto" keeps the model's own setting."""
   if decode_path not in DECODE_PATHS:
     raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got {decode_path!r}")
   if decode_path == "model":
-    return None
+    return {_ANY_BATCH: None}
   if decode_path == "auto":
     from pallas_kernels import common
-    if not (scan_layers and common.hopper_available()):
-      return None
-    decode_path = "kernel"
-  return decode_path
+    if not common.hopper_available():
+      return {_ANY_BATCH: None}
+    if scan_layers:
+      return {_ANY_BATCH: "kernel"}
+    return {UNROLLED_KERNEL_MAX_BATCH: "kernel", _ANY_BATCH: "dense"}
+  return {_ANY_BATCH: decode_path}
+
+
+_ANY_BATCH = 1 << 62
 
 
 @contextlib.contextmanager
@@ -363,20 +380,24 @@ def _sparse_decode_path(model, decode_path: str | None):
 
 
 class Generator:
-  """Compiled generation for one model: stacks (and casts) the blocks' parameters once, compiles
-  each (batch, prompt length, new tokens) shape once, and times prefill and decode apart.
+  """Compiled generation for one model: casts (and with ``scan_layers`` stacks) the blocks'
+  parameters once, compiles each (batch, prompt length, new tokens) shape once, and times prefill
+  and decode apart.
 
-  Build it after the weights are final: it keeps its own stacked copy (in the compute dtype).
-  ``decode_path``: what the sparse FFNs run at the decode steps (``_decode_path``): "auto"
-  (default: the decode kernels when the layers are scanned on a Hopper GPU), "model" (the model's
-  own ``SparseFFNConfig.decode_path``), "kernel" or "dense". ``compiler_options``: XLA options
-  for the prefill and decode programs (``jax.stages.Lowered.compile``). Measured and not made
-  a default: ``{"xla_gpu_enable_triton_gemm": False}`` (cuBLAS GEMMs) made 2b generation slower,
-  dense 205 -> 171 and sparse 343 -> 331 tokens/s at batch 1 on an H200
-  (experiments/results/bench_decode_2b_cublas_scan_h200.json).
+  Build it after the weights are final: it keeps its own copy (in the compute dtype).
+  ``scan_layers``: one scanned block over stacked weights instead of the unrolled blocks (the
+  module docstring says what each costs). ``decode_path``: what the sparse FFNs run at the decode
+  steps (``_decode_paths``): "auto" (default: on a Hopper GPU the decode kernels at batch 1 with
+  unrolled layers, at every batch with scanned ones; ``decode_path_for(batch)``), "model" (the
+  model's own ``SparseFFNConfig.decode_path``), "kernel" or "dense". ``compiler_options``: XLA
+  options for the prefill and decode programs (``jax.stages.Lowered.compile``). Measured and not
+  made a default: ``{"xla_gpu_enable_triton_gemm": False}`` (cuBLAS GEMMs) made 2b generation
+  slower, scanned dense 205 -> 171 and sparse 343 -> 331 tokens/s at batch 1, unrolled dense
+  316 -> 177 with dynamic-slice fusion on (H200,
+  experiments/results/bench_decode_2b_cublas_scan_h200.json, bench_decode_2b_cublas_dsf_h200.json).
   """
 
-  def __init__(self, model: Transformer, *, scan_layers: bool = True, unroll_decode: bool = False,
+  def __init__(self, model: Transformer, *, scan_layers: bool = False, unroll_decode: bool = False,
                decode_path: str = "auto", compiler_options: dict | None = None):
     self.model = model
     self.unroll_decode = bool(unroll_decode)
@@ -387,19 +408,34 @@ class Generator:
     # The Transformer is merged from its own blocks' state (unused by the programs, which run the
     # blocks from layer_states) and its other parameters cast once (embedding/head).
     self.model_state = (blocks_state, _cast_weights(rest_state, dtype))
-    self.decode_path = _decode_path(model, scan_layers, decode_path)
-    with _sparse_decode_path(model, self.decode_path):
-      splits = [nnx.split(block) for block in model.blocks]
-    graphdefs = tuple(gd for gd, _ in splits)
+    splits = [nnx.split(block) for block in model.blocks]
     # Blocks of different structure cannot share one scanned program: unroll them.
-    self.scan_layers = scan_layers and all(gd == graphdefs[0] for gd in graphdefs)
+    self.scan_layers = scan_layers and all(gd == splits[0][0] for gd, _ in splits)
     if self.scan_layers:
-      self.block_graphdef, self.block_graphdefs = graphdefs[0], ()
       self.layer_states = _stack([s for _, s in splits], dtype)
     else:
-      self.block_graphdef, self.block_graphdefs = None, graphdefs
       self.layer_states = [_cast_weights(s, dtype) for _, s in splits]
+    # The decode path is static configuration in the blocks' graphdefs: one set per path used.
+    self._decode_paths = _decode_paths(model, self.scan_layers, decode_path)
+    self._graphdefs = {}
+    for path in set(self._decode_paths.values()):
+      with _sparse_decode_path(model, path):
+        self._graphdefs[path] = tuple(nnx.graphdef(block) for block in model.blocks)
     self._compiled: dict = {}
+
+  def block_graphdefs_for(self, batch: int) -> tuple:
+    """The blocks' graphdefs the programs of ``batch`` rows compile (their FFN configs carry the
+    decode path)."""
+    return self._graphdefs[self.decode_path_for(batch)]
+
+  def decode_path_for(self, batch: int) -> str | None:
+    """The sparse FFNs' decode path at ``batch`` rows per step (None: the model's own)."""
+    return self._decode_paths[min(k for k in self._decode_paths if k >= batch)]
+
+  @property
+  def decode_path(self) -> str | None:
+    """The decode path at batch 1 (``decode_path_for`` gives it per batch size)."""
+    return self.decode_path_for(1)
 
   def _programs(self, st: _Static, args_prefill, args_decode):
     """(prefill, decode, compile seconds) for this shape, compiled ahead of time on first use."""
@@ -433,8 +469,11 @@ class Generator:
         raise ValueError(f"{name}={v}: must be in [0, {vocab})")
     stop_id = -1 if eos_id is None else eos_id  # -1 is never produced: no row stops
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    st = _Static(graphdef=self.graphdef, block_graphdef=self.block_graphdef,
-                 block_graphdefs=self.block_graphdefs, n_layers=len(self.model.blocks),
+    graphdefs = self.block_graphdefs_for(prompt_BxP.shape[0])
+    st = _Static(graphdef=self.graphdef,
+                 block_graphdef=graphdefs[0] if self.scan_layers else None,
+                 block_graphdefs=() if self.scan_layers else graphdefs,
+                 n_layers=len(self.model.blocks),
                  unroll_decode=self.unroll_decode,
                  n_ids=int(n_ids), cache_len=prompt_BxP.shape[1] + int(max_new_tokens),
                  max_new_tokens=int(max_new_tokens))
@@ -563,7 +602,7 @@ def _left_pad(prompts, vocab: int):
 def generate(model: Transformer, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int = 0, eos_id: int | None = None,
              pad_id: int | None = None, n_ids: int | None = None,
-             scan_layers: bool = True, decode_path: str = "auto") -> Generation:
+             scan_layers: bool = False, decode_path: str = "auto") -> Generation:
   """``Generator(model).generate(...)`` (see there); build a ``Generator`` to generate repeatedly
   without re-stacking the weights or recompiling."""
   return Generator(model, scan_layers=scan_layers, decode_path=decode_path).generate(
