@@ -285,11 +285,14 @@ def test_generator_decode_path_is_static_config_and_leaves_the_model_alone(key):
 def test_auto_decode_path_by_layout_and_batch_on_hopper(key, monkeypatch):
   """On a Hopper GPU "auto" takes the decode kernels at every batch size when the layers are
   scanned, and up to UNROLLED_KERNEL_MAX_BATCH rows (then the dense FFN) when unrolled; the
-  programs of each batch size compile the matching graphdefs."""
+  programs of each batch size compile the matching graphdefs, and the prefill the dense FFN up to
+  PREFILL_DENSE_MAX_TOKENS tokens."""
   from pallas_kernels import common
+  from sparse_jax.nn.generate import PREFILL_DENSE_MAX_TOKENS
   from sparse_jax.nn.generate import UNROLLED_KERNEL_MAX_BATCH as top
   monkeypatch.setattr(common, "hopper_available", lambda: True)
   model = tiny_model(key)
+  before = [b.ffn.sparse_config for b in model.blocks]
   unrolled = Generator(model)
   assert not unrolled.scan_layers
   assert unrolled.decode_path_for(1) == unrolled.decode_path_for(top) == "kernel"
@@ -298,4 +301,29 @@ def test_auto_decode_path_by_layout_and_batch_on_hopper(key, monkeypatch):
   assert "decode_path='kernel'" in repr(unrolled.block_graphdefs_for(top)[0])
   scanned = Generator(model, scan_layers=True)
   assert {scanned.decode_path_for(b) for b in (1, top + 1, 256)} == {"kernel"}
-  assert Generator(model, decode_path="model").decode_path_for(1) is None
+  # the prefill: the dense FFN up to PREFILL_DENSE_MAX_TOKENS tokens, either layout
+  for g in (unrolled, scanned):
+    cfgs = {repr(gd) for gd in g.prefill_graphdefs_for(1)}
+    assert all("decode_path='dense'" in c and f"decode_max_tokens={PREFILL_DENSE_MAX_TOKENS}" in c
+               for c in cfgs)
+  forced = Generator(model, decode_path="model")
+  assert forced.decode_path_for(1) is None
+  assert forced.prefill_graphdefs_for(1) == forced.block_graphdefs_for(1)
+  assert [b.ffn.sparse_config for b in model.blocks] == before
+
+
+def test_hopper_auto_paths_generate_the_same_tokens(key, monkeypatch):
+  """The graphdefs "auto" picks on a Hopper GPU (prefill widened to the dense decode regime,
+  decode steps by batch size) generate what the model's own configuration generates (on the CPU
+  the XLA backend runs both; batch 2 keeps the decode kernels out)."""
+  from pallas_kernels import common
+  k_model, k_tok = jax.random.split(key)
+  model = tiny_model(k_model)
+  prompts = random_prompt(k_tok, 2, 6)
+  want = Generator(model).generate(prompts, max_new_tokens=6)
+  monkeypatch.setattr(common, "hopper_available", lambda: True)
+  g = Generator(model)
+  assert g.decode_path_for(2) == "dense"
+  got = g.generate(prompts, max_new_tokens=6)
+  np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
+  np.testing.assert_allclose(got.prompt_active_L, want.prompt_active_L, rtol=1e-6)

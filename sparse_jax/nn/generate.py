@@ -33,8 +33,10 @@ own and the sparse model took 207 s). ``bench_decode_2b_unrolled_shared_h200.jso
 steps take the decode kernels at batch <= ``UNROLLED_KERNEL_MAX_BATCH`` (1) with unrolled layers
 and the dense FFN above (kernels measured 1.18x / 1.00x / 0.95x of dense generation at batch
 1 / 2 / 4, 0.96x at 8: with separate weights they only pay while few 64-neuron tiles are live),
-and at every batch size with scanned layers. The path is static configuration in the blocks'
-graphdefs: one set per path, picked by the batch size of each call.
+and at every batch size with scanned layers; the prefill runs the dense FFN up to
+``PREFILL_DENSE_MAX_TOKENS`` (1024) tokens, where the batched sparse path measured slower (11.9 vs
+8.2 ms at 128 tokens, 20.8 vs 15.4 ms at 1024; even at 8192). The paths are static configuration
+in the blocks' graphdefs: one set per path, picked by the batch size of each call.
 
 **Sampling.** ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the
 temperature and restricted to the ``top_k`` most likely tokens (0: no limit) and to the smallest
@@ -205,6 +207,7 @@ class _Static:
   graphdef: object
   block_graphdef: object     # one block (all blocks share it) when scanning, else None
   block_graphdefs: tuple     # every block's graphdef when unrolled
+  prefill_graphdefs: tuple   # the blocks' graphdefs for the prefill (their FFN configs may differ)
   n_layers: int
   unroll_decode: bool        # decode: a Python loop over the stacked layers instead of a scan
   n_ids: int
@@ -264,8 +267,11 @@ def _prefill(model_state, layer_states, prompt_BxP, pad_B, key, temperature, top
   k_cache = jnp.zeros(shape, model.compute_dtype)
   v_cache = jnp.zeros(shape, model.compute_dtype)
   key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
-  x_BxPxD, k_cache, v_cache, stats_Lx3 = _layers(st, layer_states, x_BxPxD, k_cache, v_cache, 0,
-                                            pos_BxP, key_ok_BxS)
+  st_prefill = dataclasses.replace(
+      st, block_graphdef=st.prefill_graphdefs[0] if st.block_graphdef is not None else None,
+      block_graphdefs=() if st.block_graphdef is not None else st.prefill_graphdefs)
+  x_BxPxD, k_cache, v_cache, stats_Lx3 = _layers(st_prefill, layer_states, x_BxPxD, k_cache,
+                                            v_cache, 0, pos_BxP, key_ok_BxS)
   logits_BxV = model._logits(x_BxPxD[:, -1:])[:, 0]
   first_B = _pick(st, logits_BxV, key, 0, temperature, top_p, top_k)
   # Pads fire no neuron: the op's mean over B x P tokens, rescaled to the real ones.
@@ -361,18 +367,27 @@ def _decode_paths(model, scan_layers: bool, decode_path: str) -> dict[int, str |
 
 
 _ANY_BATCH = 1 << 62
+# "auto" on a Hopper GPU: prefill calls of up to this many tokens (batch x prompt length) run the
+# dense FFN. 2b, H200, unrolled: the batched sparse path's prefill took 11.9 vs 8.2 ms at 128
+# tokens and 20.8 vs 15.4 ms at 1024, and was even at 8192 (86.2 vs 86.5 ms;
+# experiments/results/bench_decode_2b_unrolled_*_h200.json); the decode kernels lose from a few
+# tokens on with separate weights (per FFN 0.67x of dense at 256 tokens).
+PREFILL_DENSE_MAX_TOKENS = 1024
 
 
 @contextlib.contextmanager
-def _sparse_decode_path(model, decode_path: str | None):
-  """Within: every sparse FFN's config has ``decode_path`` (the block graphdefs split here carry
-  it as static configuration); the model itself is restored afterwards."""
+def _sparse_decode_path(model, decode_path: str | None, **overrides):
+  """Within: every sparse FFN's config has ``decode_path`` (and the other ``SparseFFNConfig``
+  fields in ``overrides``; the block graphdefs split here carry them as static configuration);
+  the model itself is restored afterwards."""
   ffns = [b.ffn for b in model.blocks if hasattr(b.ffn, "sparse_config")]
   saved = [f.sparse_config for f in ffns]
   try:
-    if decode_path is not None:
-      for f in ffns:
+    for f in ffns:
+      if decode_path is not None:
         f.sparse_config = dataclasses.replace(f.sparse_config, decode_path=decode_path)
+      if overrides:
+        f.sparse_config = dataclasses.replace(f.sparse_config, **overrides)
     yield
   finally:
     for f, c in zip(ffns, saved):
@@ -421,12 +436,26 @@ class Generator:
     for path in set(self._decode_paths.values()):
       with _sparse_decode_path(model, path):
         self._graphdefs[path] = tuple(nnx.graphdef(block) for block in model.blocks)
+    # "auto" on Hopper: the prefill runs the dense FFN up to PREFILL_DENSE_MAX_TOKENS tokens (the
+    # decode regime widened to them, on its dense path); otherwise the decode steps' graphdefs.
+    self._prefill_graphdefs = None
+    ffns = [b.ffn for b in model.blocks if hasattr(b.ffn, "sparse_config")]
+    if decode_path == "auto" and self._decode_paths[_ANY_BATCH] is not None and ffns:
+      widest = max(PREFILL_DENSE_MAX_TOKENS, *(f.sparse_config.decode_max_tokens for f in ffns))
+      with _sparse_decode_path(model, "dense", decode_max_tokens=widest):
+        self._prefill_graphdefs = tuple(nnx.graphdef(block) for block in model.blocks)
     self._compiled: dict = {}
 
   def block_graphdefs_for(self, batch: int) -> tuple:
     """The blocks' graphdefs the programs of ``batch`` rows compile (their FFN configs carry the
     decode path)."""
     return self._graphdefs[self.decode_path_for(batch)]
+
+  def prefill_graphdefs_for(self, batch: int) -> tuple:
+    """The blocks' graphdefs the prefill of ``batch`` rows compiles."""
+    if self._prefill_graphdefs is not None:
+      return self._prefill_graphdefs
+    return self.block_graphdefs_for(batch)
 
   def decode_path_for(self, batch: int) -> str | None:
     """The sparse FFNs' decode path at ``batch`` rows per step (None: the model's own)."""
@@ -473,6 +502,7 @@ class Generator:
     st = _Static(graphdef=self.graphdef,
                  block_graphdef=graphdefs[0] if self.scan_layers else None,
                  block_graphdefs=() if self.scan_layers else graphdefs,
+                 prefill_graphdefs=self.prefill_graphdefs_for(prompt_BxP.shape[0]),
                  n_layers=len(self.model.blocks),
                  unroll_decode=self.unroll_decode,
                  n_ids=int(n_ids), cache_len=prompt_BxP.shape[1] + int(max_new_tokens),
