@@ -38,9 +38,11 @@ def parse_args(argv=None):
   ap.add_argument("--calib-seq", type=int, default=512)
   ap.add_argument("--decode-path", choices=("kernel", "dense"), default="kernel",
                   help="what the sparse model's FFNs run at the decode step")
+  ap.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled",
+                  help="the Generator's layer layout (its default: unrolled)")
   ap.add_argument("--unroll-decode", action="store_true",
-                  help="the decode step over static slices of the stacked layers (Generator("
-                       "unroll_decode=True)) instead of the layer scan")
+                  help="with --layers scan: the decode step over static slices of the stacked "
+                       "layers (Generator(unroll_decode=True)) instead of the layer scan")
   ap.add_argument("--calls", type=int, default=50, help="back-to-back calls of the wall clock")
   ap.add_argument("--top", type=int, default=20, help="kernel groups listed per model")
   ap.add_argument("--seed", type=int, default=0)
@@ -108,7 +110,8 @@ def main(argv=None) -> int:
   header = results.run_header()
   records = []
   for name, model, path in (("dense", dense, "model"), ("sparse", sparse, args.decode_path)):
-    gen = Generator(model, decode_path=path, unroll_decode=args.unroll_decode)
+    gen = Generator(model, scan_layers=args.layers == "scan", decode_path=path,
+                    unroll_decode=args.unroll_decode)
     f, a = gen.decode_step_program(prompts, max_new_tokens=args.new_tokens,
                                    step=args.new_tokens // 2)
     dispatch_ms, wall_ms = wall_ms_per_call(f, *a, calls=args.calls)
@@ -118,7 +121,8 @@ def main(argv=None) -> int:
     kinds = collections.Counter()
     for g in groups:
       kinds[g["kind"]] += g["us"]
-    rec = dict(model=name, decode_path=gen.decode_path, unroll_decode=args.unroll_decode,
+    rec = dict(model=name, decode_path=gen.decode_path, layers=args.layers,
+               unroll_decode=args.unroll_decode,
                batch=args.batch, prompt_len=args.prompt_len, n_layers=n_layers,
                wall_ms=wall_ms, dispatch_ms=dispatch_ms, kernel_ms=kernel_ms,
                kernels=len(kernels), kernels_per_layer=len(kernels) / n_layers,

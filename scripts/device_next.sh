@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The next device call's measurements, in priority order, each under its own time limit so one
 # slow step cannot take the others' results with it (results and logs under $OUT):
-#   bash scripts/device_next.sh decode|scan|lowering|unrolled|train|all
-# decode (~5 min): GPU tests of the decode kernels (incl. DecodeConfig.gate_split), tune_decode
+#   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
+# generation (~8 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b), 0.5b.
+# train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
+# Ran on 2026-12-02 (kept to reproduce their results): decode (~5 min): GPU tests of the decode kernels (incl. DecodeConfig.gate_split), tune_decode
 #   with the split gate and longer TMA bursts (CUPTI breakdown), generation with the split gate.
 # scan (~6 min): scanned layers with cuBLAS GEMMs and XLA's dynamic-slice fusion (weights in place?).
 # lowering (~10 min): GPU tests through the shared kernel lowerings, unrolled 2b generation, 0.5b
-#   training compile times.
-# train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
+#   training compile times. unrolled (~5 min): the decode kernels vs dense, unrolled, batch 2-64.
 # Written down in pallas_kernels/NOTES_decode.md and NOTES_train.md ("Next device call").
 set -uo pipefail
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda
@@ -55,6 +56,15 @@ unrolled() {  # the Generator's unrolled default: where do the decode kernels st
       --batches 8,64 --new-tokens 64 --long-batches "" --rounds 3 \
       --out "$OUT/bench_decode_2b_unrolled_auto_b8_b64_h200.json"
 }
+generation() {  # issue 16's closing measurement: the Generator's defaults (unrolled, auto paths,
+  # dense prefill up to 1024 tokens), every batch size and the long context, side by side
+  run 300 bench_decode_2b_defaults python3 experiments/bench_decode.py --configs 2b \
+      --batches 1,8,64 --new-tokens 64 --long-batches 1,8 --rounds 3 \
+      --out "$OUT/bench_decode_2b_defaults_h200.json"
+  run 200 bench_decode_05b_defaults python3 experiments/bench_decode.py --configs 0.5b \
+      --batches 1,8,64 --new-tokens 64 --long-batches "" --rounds 3 \
+      --out "$OUT/bench_decode_05b_defaults_h200.json"
+}
 train() {
   run 200 bench_ffn_modes_hot_cold python3 experiments/bench_ffn_modes.py --dist skewed zipf \
       --active 28 --windows 3 --hot-cold --out "$OUT/bench_ffn_modes_hot_cold_h200.json"
@@ -68,7 +78,8 @@ case "${1:-all}" in
   scan) scan ;;
   lowering) lowering ;;
   unrolled) unrolled ;;
+  generation) generation ;;
   train) train ;;
-  all) decode; train ;;
+  all) generation; train ;;
   *) echo "usage: bash scripts/device_next.sh decode|train|all" >&2; exit 2 ;;
 esac
