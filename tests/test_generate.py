@@ -62,10 +62,20 @@ def test_cached_greedy_generation_equals_uncached_argmax(key):
   got = generate(model, prompt, max_new_tokens=n)
   # Uncached: the whole sequence through the plain forward at every step. The sequence is padded
   # to its final length (one compilation); causality keeps the padding out of position t's logits.
+  # Each row is compared up to its first near-tie of the uncached logits (top two within 1e-4):
+  # there the cached program's summation order may pick the other token, and the rows diverge.
   tokens = jnp.zeros((2, p + n), jnp.int32).at[:, :p].set(prompt)
+  tied = np.zeros((2, n), bool)
   for t in range(p, p + n):
-    tokens = tokens.at[:, t].set(jnp.argmax(full_forward(model, tokens)[:, t - 1], axis=-1))
-  np.testing.assert_array_equal(got.tokens_BxN, np.asarray(tokens[:, p:]))
+    logits = full_forward(model, tokens)[:, t - 1]
+    top2 = np.sort(np.asarray(logits, np.float64), axis=-1)[:, -2:]
+    tied[:, t - p] = top2[:, 1] - top2[:, 0] < 1e-4
+    tokens = tokens.at[:, t].set(jnp.argmax(logits, axis=-1))
+  want = np.asarray(tokens[:, p:])
+  for b in range(2):
+    upto = int(np.argmax(tied[b])) if tied[b].any() else n
+    np.testing.assert_array_equal(got.tokens_BxN[b, :upto], want[b, :upto])
+  assert tied.sum() <= 2, "too many near-ties: a weak check"
   assert len(set(got.tokens_BxN.ravel().tolist())) > 4, "degenerate sequence: a weak check"
   # The prefill's statistics are those of the plain forward of the prompt.
   _, stats = forward_with_stats(model, jnp.asarray(prompt))
