@@ -258,6 +258,10 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--num-samples", type=int, default=1, help="continuations of each prompt")
   p.add_argument("--no-stop", action="store_true",
                  help="keep generating past the end-of-document token")
+  p.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled",
+                 help="unrolled (default: fastest steps) or one scanned block over stacked "
+                      "weights (compiles faster for deep models; XLA copies each layer's weights "
+                      "every step)")
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -276,7 +280,8 @@ def _generate(args: argparse.Namespace) -> int:
                     loaded.cfg.data.seq_len, "prompt + new tokens span")
   gen = generate(loaded.model, prompts, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                 seed=args.seed, eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size)
+                 seed=args.seed, eos_id=None if args.no_stop else tok.eos_id, n_ids=tok.vocab_size,
+                 scan_layers=args.layers == "scan")
   for b, text in enumerate(texts):
     row = gen.row(b)
     ended = bool(gen.finished_B[b])

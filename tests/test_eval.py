@@ -265,8 +265,11 @@ def test_generate_command(run, capsys):
   assert capsys.readouterr().out.split("---")[:5] == first.split("---")[:5]  # the same samples
   assert first.count("--- sample") == 2 and "\ndef " in first
   assert "active FFN neurons per generated token" in first
+  assert "layers unrolled, FFN decode path model" in first  # CPU: the model's own path
   assert main(args[:-1] + ["6"]) == 0
   assert capsys.readouterr().out.split("---")[:5] != first.split("---")[:5]
+  assert main(args + ["--layers", "scan"]) == 0  # (scan = unrolled: tests/test_generate.py)
+  assert "layers scan, FFN decode path model" in capsys.readouterr().out
 
 
 def test_command_errors(run, tmp_path, capsys):

@@ -82,6 +82,9 @@ class Generation:
   prefill_s: float              # wall time of the prefill (compiled), to the first tokens
   decode_s: float               # wall time of the decode loop (compiled)
   compile_s: float              # compile time of this call's programs (0 when already compiled)
+  layers: str = "unrolled"      # the Generator's layer layout: "unrolled" or "scan"
+  decode_path: str = "model"    # the sparse FFNs' decode steps ran: "kernel", "dense", or the
+                                # model's own SparseFFNConfig.decode_path ("model")
 
   def row(self, b: int) -> list[int]:
     """Row b's generated ids up to and including its end token."""
@@ -581,7 +584,9 @@ class Generator:
                       step_active_SxL=stats_SxLx3[:int(n_steps), :, 0],
                       step_union_SxL=stats_SxLx3[:int(n_steps), :, 1],
                       step_dense_fallback_SxL=stats_SxLx3[:int(n_steps), :, 2],
-                      prefill_s=t1 - t0, decode_s=t2 - t1, compile_s=compile_s)
+                      prefill_s=t1 - t0, decode_s=t2 - t1, compile_s=compile_s,
+                      layers="scan" if self.scan_layers else "unrolled",
+                      decode_path=self.decode_path_for(len(tokens)) or "model")
 
 
 def generation_report(gen: Generation, d_ff: int) -> str:
@@ -591,6 +596,7 @@ def generation_report(gen: Generation, d_ff: int) -> str:
   return "\n".join([
       f"--- {len(gen.tokens_BxN)} rows, {int(gen.prompt_lengths_B.sum())} prompt tokens, "
       f"{int(gen.lengths_B.sum())} generated ({int(gen.finished_B.sum())} rows ended)",
+      f"layers {gen.layers}, FFN decode path {gen.decode_path}; "
       f"compile {gen.compile_s:.1f} s; prefill {gen.prefill_s * 1e3:.1f} ms "
       f"({gen.prefill_tokens_per_s:.0f} tokens/s); decode {len(steps)} steps in "
       f"{gen.decode_s * 1e3:.1f} ms ({gen.decode_tokens_per_s:.0f} tokens/s)",
