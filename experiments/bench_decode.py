@@ -16,8 +16,9 @@ medians of the prefill and decode wall times are reported, with energy per gener
 The sparse model's decode steps (B tokens per call) run what the Generator picks by batch size
 and layout (``--decode-path auto``, the default: the decode kernels of
 ``pallas_kernels/twell_decode.py`` or the dense FFN, ``Generator.decode_path_for``), the decode
-kernels always (``--decode-path kernel``: no capacity, exact), or with ``--decode-path union`` the XLA union path of ``sparse_jax.ops.decode`` when its union
-capacity pays: U is set per case from the union of the
+kernels always (``--decode-path kernel``: no capacity, exact), or with ``--decode-path union``
+the XLA union path of ``sparse_jax.ops.decode`` when its union capacity pays: U is set per case
+from the union of the
 batch's active neurons measured on a probe generation of other prompts (the dense twin computes
 the same activity), x 1.25, rounded up to 128; a step whose union exceeds U runs dense (exact) and
 is counted (``dense_fallback_share``). ``decode_max_tokens`` is set to B, so the prefill (B x P
@@ -214,8 +215,9 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   sparse_gen = Generator(sparse, scan_layers=args.layers == "scan",
                          decode_path="auto" if kind == "auto" else "model",
                          compiler_options=_compiler_options(args))
-  if kind == "auto":
-    decode_path = decode_path and sparse_gen.decode_path_for(batch) != "dense"
+  used = (sparse_gen.decode_path_for(batch) or "model") if kind == "auto" else kind
+  if used == "dense":
+    decode_path = False
   gens = {"dense": dense_gen, "sparse": sparse_gen}
   if dense_unrolled_gen is not None:
     gens["dense_unrolled"] = dense_unrolled_gen
@@ -235,7 +237,7 @@ def run_case(args, sparse, dense_gen, n_ids: int, batch: int, prompt_len: int, m
   row = dict(batch=batch, prompt_len=prompt_len, new_tokens=n_new, d_ff=d_ff,
              probe_union_max=union_max, union_capacity=u_cap, decode_path=bool(decode_path),
              decode_path_kind=kind,
-             decode_path_used=(sparse_gen.decode_path_for(batch) or "model") if kind == "auto" else kind)
+             decode_path_used=used)
   for v, rs in runs.items():
     gs = [g for g, _ in rs]
     prefill_s = _median([g.prefill_s for g in gs])

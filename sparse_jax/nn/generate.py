@@ -208,9 +208,10 @@ class _Static:
   # The Transformer (for its embedding and head; its blocks' own state is passed along unused,
   # and jit drops unused arguments from the program).
   graphdef: object
-  block_graphdef: object     # one block (all blocks share it) when scanning, else None
-  block_graphdefs: tuple     # every block's graphdef when unrolled
-  prefill_graphdefs: tuple   # the blocks' graphdefs for the prefill (their FFN configs may differ)
+  scan: bool                 # one block scanned over stacked parameters (all blocks share
+                             # their graphdefs), else the blocks' own states unrolled
+  block_graphdefs: tuple     # every block's graphdef at the decode steps
+  prefill_graphdefs: tuple   # every block's graphdef at the prefill (their FFN configs may differ)
   n_layers: int
   unroll_decode: bool        # decode: a Python loop over the stacked layers instead of a scan
   n_ids: int
@@ -218,24 +219,25 @@ class _Static:
   max_new_tokens: int
 
 
-def _layers(st: _Static, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT, key_ok_BxS, *,
-            unroll: bool = False):
-  """All blocks: a ``lax.scan`` of one block over stacked parameters, the same block step over
-  static slices of them (``unroll``), or the blocks' own states unrolled.
-  Returns (x, k_cache, v_cache, FFN statistics [n_layers, 3] (see ``_captured_step``))."""
-  if st.block_graphdef is not None and unroll:
+def _layers(st: _Static, graphdefs, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT,
+            key_ok_BxS, *, unroll: bool = False):
+  """All blocks (``graphdefs``: each block's): a ``lax.scan`` of one block over stacked
+  parameters, the same block step over static slices of them (``unroll``), or the blocks' own
+  states unrolled. Returns (x, k_cache, v_cache, FFN statistics [n_layers, 3] (see
+  ``_captured_step``))."""
+  if st.scan and unroll:
     stats = []
     for layer in range(st.n_layers):
-      block = nnx.merge(st.block_graphdef, jax.tree.map(lambda a: a[layer], layer_states))
+      block = nnx.merge(graphdefs[0], jax.tree.map(lambda a: a[layer], layer_states))
       (x_BxTxD, k_cache, v_cache), layer_stats = _captured_step(
           block, x_BxTxD, k_cache, v_cache, layer, slot, pos_BxT, key_ok_BxS)
       stats.append(layer_stats)
     return x_BxTxD, k_cache, v_cache, jnp.stack(stats)
-  if st.block_graphdef is not None:
+  if st.scan:
     def body(carry, xs):
       x, k, v = carry
       state, layer = xs
-      block = nnx.merge(st.block_graphdef, state)
+      block = nnx.merge(graphdefs[0], state)
       (x, k, v), layer_stats = _captured_step(block, x, k, v, layer, slot, pos_BxT, key_ok_BxS)
       return (x, k, v), layer_stats
 
@@ -243,7 +245,7 @@ def _layers(st: _Static, layer_states, x_BxTxD, k_cache, v_cache, slot, pos_BxT,
         body, (x_BxTxD, k_cache, v_cache), (layer_states, jnp.arange(st.n_layers)))
     return x_BxTxD, k_cache, v_cache, stats_Lx3
   stats = []
-  for layer, (gd, state) in enumerate(zip(st.block_graphdefs, layer_states, strict=True)):
+  for layer, (gd, state) in enumerate(zip(graphdefs, layer_states, strict=True)):
     block = nnx.merge(gd, state)
     (x_BxTxD, k_cache, v_cache), layer_stats = _captured_step(
         block, x_BxTxD, k_cache, v_cache, layer, slot, pos_BxT, key_ok_BxS)
@@ -270,11 +272,8 @@ def _prefill(model_state, layer_states, prompt_BxP, pad_B, key, temperature, top
   k_cache = jnp.zeros(shape, model.compute_dtype)
   v_cache = jnp.zeros(shape, model.compute_dtype)
   key_ok_BxS = jnp.arange(st.cache_len)[None, :] >= pad_B[:, None]
-  st_prefill = dataclasses.replace(
-      st, block_graphdef=st.prefill_graphdefs[0] if st.block_graphdef is not None else None,
-      block_graphdefs=() if st.block_graphdef is not None else st.prefill_graphdefs)
-  x_BxPxD, k_cache, v_cache, stats_Lx3 = _layers(st_prefill, layer_states, x_BxPxD, k_cache,
-                                            v_cache, 0, pos_BxP, key_ok_BxS)
+  x_BxPxD, k_cache, v_cache, stats_Lx3 = _layers(st, st.prefill_graphdefs, layer_states, x_BxPxD,
+                                            k_cache, v_cache, 0, pos_BxP, key_ok_BxS)
   logits_BxV = model._logits(x_BxPxD[:, -1:])[:, 0]
   first_B = _pick(st, logits_BxV, key, 0, temperature, top_p, top_k)
   # Pads fire no neuron: the op's mean over B x P tokens, rescaled to the real ones.
@@ -292,8 +291,8 @@ def _decode_step(model_state, layer_states, k, v, token_B, i, pad_B, key_ok_BxS,
   slot = st.cache_len - st.max_new_tokens + i
   x_Bx1xD = model._embed(token_B[:, None])
   pos_Bx1 = (slot - pad_B)[:, None]
-  x_Bx1xD, k, v, stats_Lx3 = _layers(st, layer_states, x_Bx1xD, k, v, slot, pos_Bx1, key_ok_BxS,
-                                     unroll=st.unroll_decode)
+  x_Bx1xD, k, v, stats_Lx3 = _layers(st, st.block_graphdefs, layer_states, x_Bx1xD, k, v, slot,
+                                     pos_Bx1, key_ok_BxS, unroll=st.unroll_decode)
   nxt_B = _pick(st, model._logits(x_Bx1xD)[:, 0], key, i + 1, temperature, top_p, top_k)
   return nxt_B, k, v, stats_Lx3
 
@@ -339,6 +338,7 @@ def _stack(states, dtype):
 
 
 DECODE_PATHS = ("auto", "model", "kernel", "dense")
+_ANY_BATCH = 1 << 62  # the key of ``_decode_paths`` that covers every larger batch
 # "auto" with unrolled layers: the decode kernels up to this many rows per decode step, the dense
 # FFN above. 2b on an H200, unrolled, wall-clock generation: kernels 1.18x of dense at batch 1,
 # 0.96x at batch 8 (experiments/results/bench_decode_2b_unrolled_shared_h200.json); per FFN
@@ -369,7 +369,6 @@ def _decode_paths(model, scan_layers: bool, decode_path: str) -> dict[int, str |
   return {_ANY_BATCH: decode_path}
 
 
-_ANY_BATCH = 1 << 62
 # "auto" on a Hopper GPU: prefill calls of up to this many tokens (batch x prompt length) run the
 # dense FFN. 2b, H200, unrolled: the batched sparse path's prefill took 11.9 vs 8.2 ms at 128
 # tokens and 20.8 vs 15.4 ms at 1024, and was even at 8192 (86.2 vs 86.5 ms;
@@ -378,12 +377,16 @@ _ANY_BATCH = 1 << 62
 PREFILL_DENSE_MAX_TOKENS = 1024
 
 
+def _sparse_ffns(model) -> list:
+  return [b.ffn for b in model.blocks if hasattr(b.ffn, "sparse_config")]
+
+
 @contextlib.contextmanager
 def _sparse_decode_path(model, decode_path: str | None, **overrides):
   """Within: every sparse FFN's config has ``decode_path`` (and the other ``SparseFFNConfig``
   fields in ``overrides``; the block graphdefs split here carry them as static configuration);
   the model itself is restored afterwards."""
-  ffns = [b.ffn for b in model.blocks if hasattr(b.ffn, "sparse_config")]
+  ffns = _sparse_ffns(model)
   saved = [f.sparse_config for f in ffns]
   try:
     for f in ffns:
@@ -442,7 +445,7 @@ class Generator:
     # "auto" on Hopper: the prefill runs the dense FFN up to PREFILL_DENSE_MAX_TOKENS tokens (the
     # decode regime widened to them, on its dense path); otherwise the decode steps' graphdefs.
     self._prefill_graphdefs = None
-    ffns = [b.ffn for b in model.blocks if hasattr(b.ffn, "sparse_config")]
+    ffns = _sparse_ffns(model)
     if decode_path == "auto" and self._decode_paths[_ANY_BATCH] is not None and ffns:
       widest = max(PREFILL_DENSE_MAX_TOKENS, *(f.sparse_config.decode_max_tokens for f in ffns))
       with _sparse_decode_path(model, "dense", decode_max_tokens=widest):
@@ -501,10 +504,8 @@ class Generator:
         raise ValueError(f"{name}={v}: must be in [0, {vocab})")
     stop_id = -1 if eos_id is None else eos_id  # -1 is never produced: no row stops
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    graphdefs = self.block_graphdefs_for(prompt_BxP.shape[0])
-    st = _Static(graphdef=self.graphdef,
-                 block_graphdef=graphdefs[0] if self.scan_layers else None,
-                 block_graphdefs=() if self.scan_layers else graphdefs,
+    st = _Static(graphdef=self.graphdef, scan=self.scan_layers,
+                 block_graphdefs=self.block_graphdefs_for(prompt_BxP.shape[0]),
                  prefill_graphdefs=self.prefill_graphdefs_for(prompt_BxP.shape[0]),
                  n_layers=len(self.model.blocks),
                  unroll_decode=self.unroll_decode,
