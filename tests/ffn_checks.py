@@ -71,7 +71,9 @@ class SparseFFNChecks:
       # Another summation order (a kernel, or XLA compiling the dot inside other fusions) may
       # flip pre-activations within f32 noise of 0; only those may differ.
       n_near = int(jnp.sum(jnp.abs(pre32) < 1e-4))
-      assert abs(float(stats.l0) - float(jnp.mean(jnp.sum(pre > 0, axis=1)))) <= n_near / self.M
+      # (+1e-5: the two means of integer counts are summed in different f32 orders)
+      assert abs(float(stats.l0) - float(jnp.mean(jnp.sum(pre > 0, axis=1)))) <= (
+          n_near / self.M + 1e-5)
       assert int(jnp.sum(jnp.abs(stats.active_per_neuron - jnp.sum(pre > 0, axis=0)))) <= n_near
 
   @pytest.mark.parametrize("dist", ["uniform", "skewed"])

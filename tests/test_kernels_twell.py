@@ -194,5 +194,5 @@ class TestPallasBackendInterpret(PallasChecks):
     y_ref, st_ref = ops.gated_sparse_ffn(p.x, p.w_gate, p.w_up, p.w_down, implementation="xla")
     pre32 = jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32)
     n_near = int(jnp.sum(jnp.abs(pre32) < 1e-4))  # may flip with the summation order
-    assert bool(st.dense_fallback) and abs(float(st.l0) - float(st_ref.l0)) <= n_near / self.M
+    assert bool(st.dense_fallback) and abs(float(st.l0) - float(st_ref.l0)) <= n_near / self.M + 1e-5
     assert rel_err(y, y_ref) < 1e-2
