@@ -2,7 +2,8 @@
 # The next device call's measurements, in priority order, each under its own time limit so one
 # slow step cannot take the others' results with it (results and logs under $OUT):
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
-# generation (~8 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b), 0.5b.
+# generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
+#   generation05 (~3 min): the same for the 0.5b.
 # train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
 # Ran on 2026-12-02 (kept to reproduce their results): decode (~5 min): GPU tests of the decode kernels (incl. DecodeConfig.gate_split), tune_decode
 #   with the split gate and longer TMA bursts (CUPTI breakdown), generation with the split gate.
@@ -57,12 +58,18 @@ unrolled() {  # the Generator's unrolled default: where do the decode kernels st
       --out "$OUT/bench_decode_2b_unrolled_auto_b8_b64_h200.json"
 }
 generation() {  # issue 16's closing measurement: the Generator's defaults (unrolled, auto paths,
-  # dense prefill up to 1024 tokens), every batch size and the long context, side by side
-  run 300 bench_decode_2b_defaults python3 experiments/bench_decode.py --configs 2b \
-      --batches 1,8,64 --new-tokens 64 --long-batches 1,8 --rounds 3 \
+  # dense prefill up to 1024 tokens), prompt 128 + 128 new tokens at batch 1 / 8 / 64 and the
+  # 2048-token context at batch 1 / 8, side by side (2b); the 0.5b is stage generation05
+  run 330 bench_decode_2b_defaults python3 experiments/bench_decode.py --configs 2b \
+      --batches 1,8,64 --new-tokens 128 --long-batches "" --rounds 3 \
       --out "$OUT/bench_decode_2b_defaults_h200.json"
+  run 250 bench_decode_2b_long_defaults python3 experiments/bench_decode.py --configs 2b \
+      --batches "" --new-tokens 128 --long-batches 1,8 --rounds 3 \
+      --out "$OUT/bench_decode_2b_long_defaults_h200.json"
+}
+generation05() {
   run 200 bench_decode_05b_defaults python3 experiments/bench_decode.py --configs 0.5b \
-      --batches 1,8,64 --new-tokens 64 --long-batches "" --rounds 3 \
+      --batches 1,8,64 --new-tokens 128 --long-batches "" --rounds 3 \
       --out "$OUT/bench_decode_05b_defaults_h200.json"
 }
 train() {
@@ -79,7 +86,8 @@ case "${1:-all}" in
   lowering) lowering ;;
   unrolled) unrolled ;;
   generation) generation ;;
+  generation05) generation05 ;;
   train) train ;;
-  all) generation; train ;;
-  *) echo "usage: bash scripts/device_next.sh decode|train|all" >&2; exit 2 ;;
+  all) generation; generation05; train ;;
+  *) echo "usage: bash scripts/device_next.sh generation|generation05|train|decode|scan|lowering|unrolled|all" >&2; exit 2 ;;
 esac

@@ -34,8 +34,8 @@ steps take the decode kernels at batch <= ``UNROLLED_KERNEL_MAX_BATCH`` (1) with
 and the dense FFN above (kernels measured 1.18x / 1.00x / 0.95x of dense generation at batch
 1 / 2 / 4, 0.96x at 8: with separate weights they only pay while few 64-neuron tiles are live),
 and at every batch size with scanned layers; the prefill runs the dense FFN up to
-``PREFILL_DENSE_MAX_TOKENS`` (1024) tokens, where the batched sparse path measured slower (11.9 vs
-8.2 ms at 128 tokens, 20.8 vs 15.4 ms at 1024; even at 8192). The paths are static configuration
+``PREFILL_DENSE_MAX_TOKENS`` (8192) tokens, where the batched sparse path measured slower (11.9 vs
+8.2 ms at 128 tokens, 20.8 vs 15.4 ms at 1024, 52.5 vs 46.0 ms at 2048; even at 8192). The paths are static configuration
 in the blocks' graphdefs: one set per path, picked by the batch size of each call.
 
 **Sampling.** ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the
@@ -371,10 +371,11 @@ def _decode_paths(model, scan_layers: bool, decode_path: str) -> dict[int, str |
 
 # "auto" on a Hopper GPU: prefill calls of up to this many tokens (batch x prompt length) run the
 # dense FFN. 2b, H200, unrolled: the batched sparse path's prefill took 11.9 vs 8.2 ms at 128
-# tokens and 20.8 vs 15.4 ms at 1024, and was even at 8192 (86.2 vs 86.5 ms;
-# experiments/results/bench_decode_2b_unrolled_*_h200.json); the decode kernels lose from a few
-# tokens on with separate weights (per FFN 0.67x of dense at 256 tokens).
-PREFILL_DENSE_MAX_TOKENS = 1024
+# tokens, 20.8 vs 15.4 ms at 1024, 52.5 vs 46.0 ms at 2048 (one 2048-token prompt) and was even
+# at 8192 (86.2 vs 86.5 ms) and 16384 (383.1 vs 384.5 ms; experiments/results/
+# bench_decode_2b_unrolled_*_h200.json, bench_decode_2b_long_defaults_h200.json); the decode
+# kernels lose from a few tokens on with separate weights (per FFN 0.67x of dense at 256 tokens).
+PREFILL_DENSE_MAX_TOKENS = 8192
 
 
 def _sparse_ffns(model) -> list:
