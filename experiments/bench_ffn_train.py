@@ -2,20 +2,27 @@
 L1_COEFF * l1``) of the sparse FFN op vs ``jax.grad`` of the bf16 dense FFN, on a Hopper GPU.
 
 Same cases as ``bench_ffn.py`` (shapes x M x distributions x densities, ``sparse_jax.synthetic``).
-Per case:
+Per case, timed side by side (``sparse_jax.benchmarking.side_by_side``: wall clock, alternating
+in one process on the same inputs, median of rounds):
 
-* ``speedup`` (the headline): wall clock, the dense and sparse steps timed side by side
-  (``sparse_jax.benchmarking.side_by_side``), ``dense_ms / sparse_ms``; ``sparse`` is the op with
-  its dispatcher, ``sparse_forced`` always sparse (``max_active_fraction=None``).
-* ``kernel_speedup_forced``: CUPTI kernel sums of dense over sparse_forced (a breakdown: launch
-  gaps and kernels inside device-side conditionals are not counted), measured after all wall
-  clocks of the run.
-* peak memory: XLA's buffer assignment of each compiled step (arguments + outputs + temporaries
-  - aliasing), ``peak_ratio`` sparse / dense;
-* ``grad_rel_err``: the largest relative error of the four gradients vs the float32 step;
-  ``overflow_rows`` and ``dense_fallback`` from the op's statistics in the step.
+* ``dense``: ``jax.grad`` of the bf16 dense FFN (the dense model; the baseline of every ratio);
+* ``sparse``: ``mode="sparse"``, the sparse kernels with no conditional around them (what
+  ``train.dispatch=auto_host`` runs in a sparse layer);
+* ``mode_dense``: ``mode="dense"``, the op's plain XLA path (what auto_host runs in a dense layer);
+* ``device``: ``mode="auto"``, the on-device dispatcher (gate probe + ``lax.cond``, forward and
+  backward; ``train.dispatch=device``).
 
-    python3 experiments/bench_ffn_train.py --quick --out $OUT/bench_ffn_train.json  # H200 ~3 min
+``speedup`` (the headline) is dense over the mode ``train.dispatch=auto_host`` settles on for a
+layer with this batch's statistics (``host_mode``: ``sparse_jax.train.dispatch.settled_mode`` of
+the sparse step's active fraction and ``dense_fallback``, with the default thresholds scaled to M).
+Also: ``speedup_sparse``, ``speedup_mode_dense``, ``speedup_device``;
+``kernel_speedup_sparse``: CUPTI kernel sums of dense over sparse (a breakdown: launch gaps are
+not counted), measured after all wall clocks of the run; peak memory: XLA's buffer assignment of
+each compiled step (arguments + outputs + temporaries - aliasing), ``peak_ratio`` host pick /
+dense; ``grad_rel_err``: the largest relative error of the four gradients of the sparse step vs
+the float32 step; ``overflow_rows`` and ``dense_fallback`` from the sparse step's statistics.
+
+    python3 experiments/bench_ffn_train.py --quick --out $OUT/bench_ffn_train.json  # H200 ~4 min
     python3 experiments/bench_ffn_train.py --cpu-smoke --out /tmp/bench_ffn_train.json
 """
 from __future__ import annotations
@@ -35,15 +42,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_jax import benchmarking, ops  # noqa: E402
 from sparse_jax.benchmarking import ffn_cases  # noqa: E402
 from sparse_jax.benchmarking.results import command_line, fmt  # noqa: E402
+from sparse_jax.config import TrainConfig  # noqa: E402
+from sparse_jax.train import dispatch  # noqa: E402
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1  # noqa: E402
 
 L1_COEFF = 1e-2
-TIMED = ("dense", "sparse", "sparse_forced")
+TIMED = ("dense", "sparse", "mode_dense", "device")
+MODES = dict(sparse="sparse", mode_dense="dense", device="auto")   # candidate: SparseFFNConfig.mode
 GRADS = (0, 1, 2, 3)
 
 
 def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
-  """loss(x, wg, wu, wd, cot) of each candidate; ``*_stats`` also return the op's FFNStats."""
+  """loss(x, wg, wu, wd, cot) of each candidate; ``sparse_stats`` also returns the op's
+  FFNStats (of mode sparse)."""
   def dense(x, wg, wu, wd, cot):  # the dense model as it trains in bf16
     y, l1 = bf16_gated_ffn_with_l1(x, wg, wu, wd)
     return jnp.sum(y.astype(jnp.float32) * cot) + L1_COEFF * l1
@@ -52,16 +63,17 @@ def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
     y, l1 = ffn_with_l1(x, wg, wu, wd)
     return jnp.sum(y * cot) + L1_COEFF * l1
 
-  def sparse(c):
+  def op(mode):
+    c = dataclasses.replace(cfg, mode=mode)
+
     def loss(x, wg, wu, wd, cot):
       y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation=impl, config=c)
       return jnp.sum(y.astype(jnp.float32) * cot) + L1_COEFF * st.l1, st
     return loss
 
-  forced = dataclasses.replace(cfg, max_active_fraction=None)
   drop = lambda f: (lambda *a: f(*a)[0])  # noqa: E731
-  return dict(dense=dense, reference=reference, sparse=drop(sparse(cfg)),
-              sparse_forced=drop(sparse(forced)), sparse_stats=sparse(cfg))
+  out = {name: drop(op(mode)) for name, mode in MODES.items()}
+  return dict(out, dense=dense, reference=reference, sparse_stats=op("sparse"))
 
 
 def compile_steps(args5, impl, cfg) -> tuple[dict, float]:
@@ -82,6 +94,16 @@ def compile_steps(args5, impl, cfg) -> tuple[dict, float]:
   return out, time.perf_counter() - t0
 
 
+def host_mode(active_per_token: float, d_ff: int, fallback: float, m: int) -> str:
+  """The mode ``train.dispatch=auto_host`` settles on for a layer with these statistics, with
+  the default thresholds (``TrainConfig``) at M tokens per call."""
+  t = TrainConfig()
+  return dispatch.settled_mode(
+      active_per_token / d_ff, fallback,
+      sparse_below=dispatch.scaled_threshold(t.dispatch_sparse_below, m),
+      dense_above=dispatch.scaled_threshold(t.dispatch_dense_above, m))
+
+
 def wall_case(case, steps, settings, args) -> dict:
   p = case.problem(args.seq_len)
   cot = jax.random.normal(jax.random.key(case.seed + 1), p.x.shape, jnp.float32)
@@ -94,17 +116,21 @@ def wall_case(case, steps, settings, args) -> dict:
             for g, r in zip(got, ref))
   peaks = {k: benchmarking.compiled_memory(steps[k])["peak_bytes"] for k in TIMED}
   ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED}
+  fallback = float(st.dense_fallback)
+  mode = host_mode(float(st.l0), p.w_gate.shape[0], fallback, p.x.shape[0])
+  pick = "sparse" if mode == "sparse" else "mode_dense"
   ratio = lambda a, b: a / b if a and b else None  # noqa: E731
   return dict(
-      case.fields(), **ffn_cases.activity_fields(p), speedup=wall["speedup"]["sparse"],
-      speedup_forced=wall["speedup"]["sparse_forced"], dense_ms=ms["dense"],
-      sparse_ms=ms["sparse"], sparse_forced_ms=ms["sparse_forced"], wall=wall,
-      dense_peak_bytes=peaks["dense"], sparse_peak_bytes=peaks["sparse"],
-      sparse_forced_peak_bytes=peaks["sparse_forced"],
-      peak_ratio=ratio(peaks["sparse"], peaks["dense"]), grad_rel_err=err,
+      case.fields(), **ffn_cases.activity_fields(p), host_mode=mode,
+      speedup=wall["speedup"][pick], speedup_sparse=wall["speedup"]["sparse"],
+      speedup_mode_dense=wall["speedup"]["mode_dense"], speedup_device=wall["speedup"]["device"],
+      dense_ms=ms["dense"], host_ms=ms[pick], sparse_ms=ms["sparse"],
+      mode_dense_ms=ms["mode_dense"], device_ms=ms["device"], wall=wall,
+      **{f"{k}_peak_bytes": peaks[k] for k in TIMED},
+      peak_ratio=ratio(peaks[pick], peaks["dense"]),
+      peak_ratio_sparse=ratio(peaks["sparse"], peaks["dense"]), grad_rel_err=err,
       op_active_per_token=float(st.l0), overflow_rows=int(st.overflow_rows),
-      dense_fallback=float(st.dense_fallback),
-      peak="XLA buffer assignment of the compiled fwd+bwd step")
+      dense_fallback=fallback, peak="XLA buffer assignment of the compiled fwd+bwd step")
 
 
 def cupti_case(case, rec, steps, settings, args) -> None:
@@ -113,30 +139,35 @@ def cupti_case(case, rec, steps, settings, args) -> None:
   a = (p.x, p.w_gate, p.w_up, p.w_down, cot)
   n = settings["cupti_iterations"]
   dense, _ = benchmarking.cupti_ms(steps["dense"], *a, iterations=n)
-  forced, _ = benchmarking.cupti_ms(steps["sparse_forced"], *a, iterations=n)
-  rec.update(cupti_dense_ms=dense, cupti_sparse_forced_ms=forced,
-             kernel_speedup_forced=dense / forced)
+  sparse, _ = benchmarking.cupti_ms(steps["sparse"], *a, iterations=n)
+  rec.update(cupti_dense_ms=dense, cupti_sparse_ms=sparse, kernel_speedup_sparse=dense / sparse)
 
 
-HEAD = ("M", "shape", "dist", "act/tok", "dense ms", "sparse ms", "speedup", "forced ms",
-        "x forced", "kernel x", "peak D GiB", "peak S GiB", "ratio", "grad err", "ovf", "path")
+HEAD = ("M", "shape", "dist", "act/tok", "dense ms", "host", "speedup", "sparse ms", "x sparse",
+        "x mode dense", "x device", "kernel x", "peak D GiB", "peak ratio", "grad err", "ovf",
+        "fallback")
 
 
 def row(r: dict) -> tuple:
   gib = lambda b: fmt(b and b / 2**30, ".2f")  # noqa: E731
   return (str(r["M"]), f"{r['d_model']}x{r['d_ff']}", r["distribution"],
-          f"{r['active_per_token']:.1f}", f"{r['dense_ms']:.3f}", f"{r['sparse_ms']:.3f}",
-          f"{r['speedup']:.2f}", f"{r['sparse_forced_ms']:.3f}", f"{r['speedup_forced']:.2f}",
-          fmt(r.get("kernel_speedup_forced"), ".2f"), gib(r["dense_peak_bytes"]),
-          gib(r["sparse_peak_bytes"]), fmt(r["peak_ratio"], ".2f"), f"{r['grad_rel_err']:.1e}",
-          str(r["overflow_rows"]), "dense" if r["dense_fallback"] else "sparse")
+          f"{r['active_per_token']:.1f}", f"{r['dense_ms']:.3f}", r["host_mode"],
+          f"{r['speedup']:.2f}", f"{r['sparse_ms']:.3f}", f"{r['speedup_sparse']:.2f}",
+          f"{r['speedup_mode_dense']:.2f}", f"{r['speedup_device']:.2f}",
+          fmt(r.get("kernel_speedup_sparse"), ".2f"), gib(r["dense_peak_bytes"]),
+          fmt(r["peak_ratio"], ".2f"), f"{r['grad_rel_err']:.1e}", str(r["overflow_rows"]),
+          "yes" if r["dense_fallback"] else "no")
 
 
 def summary(records: list[dict]) -> dict:
   worst = min(records, key=lambda r: r["speedup"])
-  return dict(cases=len(records), min_speedup=worst["speedup"],
-              min_speedup_case=f"{worst['distribution']} {worst['target_active']:g}/token "
-                               f"M={worst['M']} {worst['d_model']}x{worst['d_ff']}",
+  name = lambda r: (f"{r['distribution']} {r['target_active']:g}/token M={r['M']} "  # noqa: E731
+                    f"{r['d_model']}x{r['d_ff']}")
+  worst_device = min(records, key=lambda r: r["speedup_device"])
+  return dict(cases=len(records), min_speedup=worst["speedup"], min_speedup_case=name(worst),
+              min_speedup_device=worst_device["speedup_device"],
+              min_speedup_device_case=name(worst_device),
+              host_sparse_share=float(np.mean([r["host_mode"] == "sparse" for r in records])),
               dense_fallback_share=float(np.mean([r["dense_fallback"] for r in records])),
               max_grad_rel_err=max(r["grad_rel_err"] for r in records))
 
@@ -173,9 +204,11 @@ def main(argv=None):
       extra=dict(twell_capacity=cfg.twell_capacity, implementation=impl))
   print(benchmarking.format_table(HEAD, [row(r) for r in records]))
   s = summary(records)
-  print(f"min speedup {s['min_speedup']:.2f} ({s['min_speedup_case']}); dispatcher ran dense in "
-        f"{100 * s['dense_fallback_share']:.0f}% of cases; max grad rel err "
-        f"{s['max_grad_rel_err']:.1e}")
+  print(f"min speedup (auto_host's pick) {s['min_speedup']:.2f} ({s['min_speedup_case']}); "
+        f"on-device dispatcher min {s['min_speedup_device']:.2f} "
+        f"({s['min_speedup_device_case']}); auto_host picks sparse in "
+        f"{100 * s['host_sparse_share']:.0f}% of cases; the sparse step fell back to dense in "
+        f"{100 * s['dense_fallback_share']:.0f}%; max grad rel err {s['max_grad_rel_err']:.1e}")
   print(f"wrote {args.out}")
   return dict(header=header, records=records, summary=s)
 

@@ -26,10 +26,11 @@ with the per-token tail (p50/p99/max). ``dense_fallback_share`` is the share of 
 dispatcher took the dense path (it does when the probe estimate exceeds
 ``SparseFFNConfig.max_active_fraction``, ~1%: the 0.99 rows sit near that line).
 
-Training dispatch. By default the sparse model's step is the on-device dispatcher's
-(``train.dispatch=device``); ``--set train.dispatch=sparse|dense`` times one static mode for every
-layer, and ``--set train.dispatch=auto_host [train.hot_cold=true]`` the run loop's host
-dispatcher: ``--settle-steps`` steps run first with a decision after each (per-layer sparse/dense
+Training dispatch. By default (``train.dispatch=auto``, which is ``auto_host`` for a sparse FFN) and
+with ``--set train.dispatch=auto_host [train.hot_cold=true]`` the sparse model's step is the run
+loop's host dispatcher's; ``--set train.dispatch=device`` times the on-device dispatcher,
+``--set train.dispatch=sparse|dense`` one static mode for every layer. With the host dispatcher
+``--settle-steps`` steps run first with a decision after each (per-layer sparse/dense
 with hysteresis and, with hot_cold, each sparse layer's hot/cold split and neuron reordering),
 then the step of the pattern it settled on is compiled and timed (``dispatch_pattern``). The
 dense model always runs its plain step.
@@ -192,7 +193,7 @@ def run_job(spec: dict) -> dict:
 
   from sparse_jax.calibrate import measure_activity
   from sparse_jax.train import init_tracker, make_optimizer
-  from sparse_jax.train.dispatch import static_graphdef
+  from sparse_jax.train.dispatch import resolve_kind, static_graphdef
   from sparse_jax.train.loop import step_config
   from sparse_jax.train.step import TrainState, train_step
 
@@ -265,7 +266,7 @@ def run_job(spec: dict) -> dict:
                            rng=jax.random.key_data(jax.random.key(spec["seed"])))
         del params
         batch = jnp.asarray(tokens[None])
-        settle = variant == "sparse" and cfg.train.dispatch == "auto_host"
+        settle = variant == "sparse" and resolve_kind(cfg) == "auto_host"
         if settle:
           # The host dispatcher decides per level (the pattern depends on the sparsity): its
           # steps run first, then the step of the pattern it settled on is timed.

@@ -4,6 +4,8 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
+# train_host (~5 min): bench_ffn_train's grid with auto_host's pick as the headline.
+# ffn_grid (~4 min): bench_ffn's inference grid on the wall clock.
 # train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
 # Ran on 2026-12-02 (kept to reproduce their results): decode (~5 min): GPU tests of the decode kernels (incl. DecodeConfig.gate_split), tune_decode
 #   with the split gate and longer TMA bursts (CUPTI breakdown), generation with the split gate.
@@ -72,6 +74,15 @@ generation05() {
       --batches 1,8,64 --new-tokens 128 --long-batches "" --rounds 3 \
       --out "$OUT/bench_decode_05b_defaults_h200.json"
 }
+train_host() {  # issue 15: every distribution x density in training, with auto_host's pick as the
+  # headline (and the on-device dispatcher, mode sparse, mode dense beside it)
+  run 360 bench_ffn_train_host python3 experiments/bench_ffn_train.py --quick \
+      --out "$OUT/bench_ffn_train_host_h200.json"
+}
+ffn_grid() {  # issue 14: the inference grid on the wall clock, re-measured
+  run 330 bench_ffn_grid python3 experiments/bench_ffn.py --quick --no-cupti \
+      --out "$OUT/bench_ffn_wall_grid_h200.json"
+}
 train() {
   run 200 bench_ffn_modes_hot_cold python3 experiments/bench_ffn_modes.py --dist skewed zipf \
       --active 28 --windows 3 --hot-cold --out "$OUT/bench_ffn_modes_hot_cold_h200.json"
@@ -88,6 +99,8 @@ case "${1:-all}" in
   generation) generation ;;
   generation05) generation05 ;;
   train) train ;;
+  train_host) train_host ;;
+  ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;
-  *) echo "usage: bash scripts/device_next.sh generation|generation05|train|decode|scan|lowering|unrolled|all" >&2; exit 2 ;;
+  *) echo "usage: bash scripts/device_next.sh generation|generation05|train_host|ffn_grid|train|decode|scan|lowering|unrolled|all" >&2; exit 2 ;;
 esac

@@ -25,10 +25,18 @@ def test_cpu_smoke_writes_the_table_json(script, tmp_path):
     assert abs(r["active_per_token"] - 28) < 3
     # The headline is the side-by-side wall clock; its ratio is the medians' ratio.
     wall = r["wall"]["candidates"]
-    assert set(wall) == {"dense", "sparse", "sparse_forced"}
-    assert r["speedup"] == pytest.approx(wall["dense"]["median_ms"] / wall["sparse"]["median_ms"])
+    if script is bench_ffn:
+      assert set(wall) == {"dense", "sparse", "sparse_forced"}
+      headline = wall["sparse"]
+      assert r.get("kernel_speedup_forced") is None  # no CUPTI on the CPU
+    else:  # training: the headline is the mode auto_host settles on for this batch
+      assert set(wall) == {"dense", "sparse", "mode_dense", "device"}
+      assert r["host_mode"] in ("sparse", "dense")
+      headline = wall["sparse" if r["host_mode"] == "sparse" else "mode_dense"]
+      assert r["host_ms"] == headline["median_ms"]
+      assert r.get("kernel_speedup_sparse") is None
+    assert r["speedup"] == pytest.approx(wall["dense"]["median_ms"] / headline["median_ms"])
     assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["wall"]["rounds"] == 2
-    assert r.get("kernel_speedup_forced") is None  # no CUPTI on the CPU
     assert r["dense_fallback"] in (0.0, 1.0) and r["overflow_rows"] >= 0
     err = r["rel_err"] if script is bench_ffn else r["grad_rel_err"]
     assert 0 < err < 2e-2
@@ -37,6 +45,10 @@ def test_cpu_smoke_writes_the_table_json(script, tmp_path):
   assert data["summary"]["cases"] == 3 and res["summary"]["min_speedup"] > 0
   if script is bench_ffn_train:
     assert all(r["dense_peak_bytes"] > 0 and r["peak_ratio"] > 0 for r in records)
+    # ~28 of 1024 active (2.7%) is above auto_host's line at M = 512: every layer stays dense
+    assert [r["host_mode"] for r in records] == ["dense"] * 3
+    assert bench_ffn_train.host_mode(2.0, 1024, 0.0, 16384) == "sparse"
+    assert bench_ffn_train.host_mode(2.0, 1024, 1.0, 16384) == "dense"  # it fell back
 
 
 def test_grid_flags():

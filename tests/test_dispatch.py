@@ -181,6 +181,66 @@ def test_hysteresis_on_a_synthetic_ema_sequence():
     decide_modes(modes, (0.1,), sparse_below=lo, dense_above=hi)
 
 
+def test_fallback_sends_a_sparse_layer_dense_with_a_doubling_back_off():
+  """A sparse layer whose step fell back to dense goes dense although its active fraction is low,
+  is held dense for 1, 2, 4, ... decisions (each fallback doubles the hold, up to MAX_HOLD), and
+  a layer that stays sparse without fallbacks halves its back-off. settled_mode is the rule's
+  fixed point."""
+  from sparse_jax.train.dispatch import MAX_HOLD, next_hold, settled_mode
+  lo, hi = 0.2, 0.3
+  modes, hold, backoff = ("sparse", "sparse"), np.zeros(2, int), np.zeros(2, int)
+  history = []
+  for _ in range(60):
+    fallback = [1.0 if m == "sparse" else 0.0 for m in modes[:1]] + [0.0]  # layer 0 overflows
+    new = decide_modes(modes, (0.1, 0.1), sparse_below=lo, dense_above=hi, fallback_L=fallback,
+                       hold_L=hold)
+    hold, backoff = next_hold(modes, new, fallback, hold, backoff)
+    modes = new
+    history.append(modes[0][0])
+    assert modes[1] == "sparse"  # layer 1 never falls back: untouched
+  # dense for 1, then 2, 4, 8, 16 decisions, with one sparse (failing) decision in between
+  # (the decision that sends it dense, then the hold)
+  runs = [len(r) for r in "".join(history).split("s") if r]
+  assert runs[:5] == [1 + h for h in (1, 2, 4, 8, 16)], history
+  assert runs[5] == 1 + MAX_HOLD  # capped
+  assert backoff[0] == MAX_HOLD and backoff[1] == 0
+  # A clean sparse decision halves the back-off; a share at or below the line is not a fallback.
+  h, b = next_hold(("sparse",), ("sparse",), [0.25], [0], [8])
+  assert (h[0], b[0]) == (0, 4)
+  assert decide_modes(("sparse",), (0.1,), sparse_below=lo, dense_above=hi,
+                      fallback_L=[0.25]) == ("sparse",)
+  # Held dense layers do not go sparse while held, even far below the line.
+  assert decide_modes(("dense",), (0.0,), sparse_below=lo, dense_above=hi,
+                      hold_L=[1]) == ("dense",)
+  with pytest.raises(ValueError, match="fallback_L"):
+    decide_modes(modes, (0.1, 0.1), sparse_below=lo, dense_above=hi, fallback_L=[0.0])
+  assert settled_mode(0.1, 0.0, sparse_below=lo, dense_above=hi) == "sparse"
+  assert settled_mode(0.1, 1.0, sparse_below=lo, dense_above=hi) == "dense"
+  assert settled_mode(0.25, 0.0, sparse_below=lo, dense_above=hi) == "dense"  # band: stays dense
+
+
+def test_dispatcher_backs_off_a_falling_back_layer_and_saves_the_back_off():
+  cfg = _tiny("train.dispatch=auto_host", "train.dispatch_every=1",
+              "train.dispatch_sparse_below=0.2", "train.dispatch_dense_above=0.3")
+  graphdef, state = init_state(cfg)
+  disp = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
+  d_ff = cfg.model.d_ff
+  m = lambda fb: {"l0_ema_L": np.asarray([0.1, 0.1]) * d_ff,  # noqa: E731
+                  "dense_fallback_L": np.asarray(fb, np.float32)}
+  assert disp.after_step(1, m([0, 0])) and disp.code() == "SS"
+  assert disp.after_step(2, m([1, 0])) and disp.code() == "DS"   # layer 0 fell back: held 1
+  assert not disp.after_step(3, m([0, 0])) and disp.code() == "DS"   # held
+  assert disp.after_step(4, m([0, 0])) and disp.code() == "SS"   # retried
+  assert disp.after_step(5, m([1, 0])) and disp.code() == "DS"   # falls back again: held 2
+  saved = json.loads(json.dumps(disp.state_dict()))
+  fresh = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
+  fresh.load_state_dict(saved)
+  assert list(fresh.hold_L) == [2, 0] and list(fresh.backoff_L) == [2, 0]
+  for d in (disp, fresh):  # the resumed dispatcher decides as the original does
+    assert [d.after_step(s, m([0, 0])) for s in (6, 7, 8)] == [False, False, True]
+    assert d.code() == "SS"
+
+
 def _tiny(*overrides):
   return apply_overrides(get_config("tiny"), ["model.vocab_size=97", *overrides])
 
@@ -237,9 +297,21 @@ def test_dispatch_settings_are_validated():
   gd_hc, state_hc = init_state(hot_cold)
   with pytest.raises(ValueError, match="tokens_per_step"):
     Dispatcher(hot_cold, gd_hc, state_hc.params, lambda gd: None, tokens_per_call=16384)
-  # Fixed kinds for scripts that compile one step (benchmarks): device = unchanged.
+  # The default "auto": auto_host for a sparse FFN (the loop's Dispatcher starts dense), device
+  # for a dense one (nothing to decide); a single compiled step takes the on-device dispatcher.
+  from sparse_jax.train.dispatch import resolve_kind
+  assert _tiny().train.dispatch == "auto" and resolve_kind(_tiny()) == "auto_host"
+  assert resolve_kind(_tiny(), single_step=True) == "device"
+  assert resolve_kind(_tiny("model.ffn=silu_dense")) == "device"
   cfg = _tiny()
   graphdef, state = init_state(cfg)
+  disp = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
+  assert disp.kind == "auto_host" and disp.code() == "DD"
+  dense_cfg = _tiny("model.ffn=silu_dense")
+  gd_dense, state_dense = init_state(dense_cfg)
+  assert Dispatcher(dense_cfg, gd_dense, state_dense.params, lambda gd: None,
+                    tokens_per_call=16384).kind == "device"
+  # Fixed kinds for scripts that compile one step (benchmarks): device (and auto) = unchanged.
   assert static_graphdef(cfg, graphdef, state.params) is graphdef
   for kind in ("sparse", "dense"):
     gd = static_graphdef(_tiny(f"train.dispatch={kind}"), graphdef, state.params)
@@ -458,7 +530,9 @@ def test_hot_cold_plan_keeps_a_good_block_and_reorders_otherwise():
   # The compile-ahead guess drops the split of a layer that would go dense.
   assert disp.likely_next(np.array([1.0, 0.0])) == (LayerOp("dense"), LayerOp("sparse"))
   with pytest.raises(ValueError, match="hot_cold"):
-    apply_overrides(get_config("tiny"), ["train.hot_cold=true"])  # needs auto_host
+    apply_overrides(get_config("tiny"), ["train.hot_cold=true", "train.dispatch=device"])
+  # the default dispatch ("auto") is auto_host for a sparse FFN: the split is allowed
+  assert apply_overrides(get_config("tiny"), ["train.hot_cold=true"]).train.dispatch == "auto"
 
 
 def test_hot_cold_training_resumes_bit_identically(tmp_path):

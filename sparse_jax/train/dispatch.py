@@ -3,8 +3,10 @@
 The Pallas backend can decide per call on device (``SparseFFNConfig.mode="auto"``: a gate probe and
 a ``lax.cond``, forward and backward), but kernels inside XLA conditionals run outside the step's
 command buffer, and the dense branch must recompute in chunks to keep the conditional's memory
-bounded. Here the training loop decides instead, from the sparsity tracker's EMA of active neurons
-per layer (``train/sparsity.py``), with hysteresis, every ``train.dispatch_every`` steps:
+bounded (its dense branch measured 0.6-0.8x of a dense model's FFN). Here the training loop
+decides instead (``train.dispatch=auto_host``, which the default ``auto`` is for a sparse FFN),
+from the sparsity tracker's EMA of active neurons per layer (``train/sparsity.py``), with
+hysteresis, every ``train.dispatch_every`` steps:
 
 * a sparse layer goes dense when its active fraction rises above ``train.dispatch_dense_above``;
 * a dense layer goes sparse when it falls below ``train.dispatch_sparse_below`` (lower, so a
@@ -13,6 +15,18 @@ per layer (``train/sparsity.py``), with hysteresis, every ``train.dispatch_every
 both fractions of d_ff hold for >= 16384 tokens per call and scale with sqrt(tokens / 16384)
 below, as the on-device line does (``sparse_jax.ops.pallas_backend.dispatch_threshold``: fewer
 tokens leave the sparse kernels less work to balance).
+
+The active fraction alone misses what makes a sparse layer slow at a low mean: activity
+concentrated in a few TwELL tiles or in a few very busy tokens overflows the op's capacities, and
+its backward then runs the kernels *and* the dense correction (measured 0.63x of dense on
+clustered hot neurons at ~28 active/token, ``bench_ffn_train.py``). So a sparse layer whose step
+reported ``dense_fallback`` (the op's statistics; under a mesh the share of devices) above
+``FALLBACK_DENSE_SHARE`` on a decision step goes dense too, and stays dense for a back-off of
+decisions that doubles each time it falls back again (1, 2, 4, ... up to ``MAX_HOLD``) and halves
+after each decision it stays sparse without one: a layer whose pattern changes (training moves
+activity around; ``train.hot_cold`` spreads hot neurons over the tiles) is retried, a layer that
+keeps overflowing costs at most one window of ``dispatch_every`` slow steps per ``MAX_HOLD``
+windows. ``settled_mode`` is the rule's fixed point for one layer (the benchmarks' host column).
 
 How the choice reaches the FFNs: as static configuration. The model's graphdef carries each
 FFN's ``SparseFFNConfig`` (a static attribute); ``graphdef_for`` rebuilds the graphdef with each
@@ -61,6 +75,8 @@ from sparse_jax.config import DISPATCH_KINDS as KINDS   # train.dispatch
 MIN_FULL_TOKENS = 16384   # tokens per call at which the thresholds hold unscaled
 HOT_KEEP = 0.95           # a layer's hot block is kept while it holds this share of the plan's
 N_HOT_SLACK = 0.1         # a layer keeps its n_hot while it costs at most 10% over the plan's
+FALLBACK_DENSE_SHARE = 0.25  # a sparse layer whose step fell back to dense above this goes dense
+MAX_HOLD = 16             # the longest back-off (decisions) before such a layer is retried sparse
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,26 +104,64 @@ def scaled_threshold(fraction: float, tokens_per_call: int) -> float:
 
 
 def decide_modes(modes: tuple[str, ...], active_fraction_L, *, sparse_below: float,
-                 dense_above: float) -> tuple[str, ...]:
-  """The hysteresis rule, per layer: sparse -> dense above ``dense_above``, dense -> sparse below
-  ``sparse_below``, otherwise unchanged. A non-finite fraction (a diverged run) goes dense: the
-  exact path that needs no capacity."""
+                 dense_above: float, fallback_L=None, hold_L=None) -> tuple[str, ...]:
+  """The hysteresis rule, per layer: sparse -> dense above ``dense_above`` or when the layer's
+  step fell back to dense (``fallback_L`` above ``FALLBACK_DENSE_SHARE``), dense -> sparse below
+  ``sparse_below`` unless the layer is held dense (``hold_L > 0``), otherwise unchanged. A
+  non-finite fraction (a diverged run) goes dense: the exact path that needs no capacity."""
   if not sparse_below < dense_above:
     raise ValueError(f"sparse_below ({sparse_below}) must be below dense_above ({dense_above})")
+  n = len(modes)
   frac = np.asarray(active_fraction_L, np.float64)
-  if frac.shape != (len(modes),):
-    raise ValueError(f"active_fraction_L has shape {frac.shape}, expected ({len(modes)},)")
+  fallback = np.zeros(n) if fallback_L is None else np.asarray(fallback_L, np.float64)
+  hold = np.zeros(n, np.int64) if hold_L is None else np.asarray(hold_L, np.int64)
+  for name, a in (("active_fraction_L", frac), ("fallback_L", fallback), ("hold_L", hold)):
+    if a.shape != (n,):
+      raise ValueError(f"{name} has shape {a.shape}, expected ({n},)")
   out = []
-  for mode, f in zip(modes, frac):
+  for mode, f, fb, h in zip(modes, frac, fallback, hold):
     if not np.isfinite(f):
       out.append("dense")
-    elif mode == "sparse" and f > dense_above:
+    elif mode == "sparse" and (f > dense_above or fb > FALLBACK_DENSE_SHARE):
       out.append("dense")
-    elif mode == "dense" and f < sparse_below:
+    elif mode == "dense" and f < sparse_below and h <= 0:
       out.append("sparse")
     else:
       out.append(mode)
   return tuple(out)
+
+
+def next_hold(modes_before, modes_after, fallback_L, hold_L, backoff_L
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """(hold, backoff) after one decision (``decide_modes``): a sparse layer sent dense by a
+  fallback is held dense for a back-off that doubles (up to ``MAX_HOLD``); a held dense layer
+  counts its hold down; a layer that stays sparse with no fallback halves its back-off."""
+  hold = np.array(hold_L, np.int64)
+  backoff = np.array(backoff_L, np.int64)
+  fallback = np.asarray(fallback_L, np.float64)
+  for i, (before, after) in enumerate(zip(modes_before, modes_after)):
+    if before == "sparse" and after == "dense" and fallback[i] > FALLBACK_DENSE_SHARE:
+      backoff[i] = min(MAX_HOLD, max(1, 2 * backoff[i]))
+      hold[i] = backoff[i]
+    elif before == "dense" and after == "dense" and hold[i] > 0:
+      hold[i] -= 1
+    elif before == "sparse" and after == "sparse":
+      backoff[i] //= 2
+  return hold, backoff
+
+
+def settled_mode(active_fraction: float, fallback: float, *, sparse_below: float,
+                 dense_above: float) -> str:
+  """The mode ``auto_host`` settles on for one layer whose statistics stay at
+  ``active_fraction`` and ``fallback`` (its sparse steps' ``dense_fallback``): it starts dense and
+  goes sparse below ``sparse_below``; a sparse layer that falls back goes dense again and is held
+  there (retried after each back-off). Used by the benchmarks to time what the loop would run."""
+  modes = decide_modes(("dense",), [active_fraction], sparse_below=sparse_below,
+                       dense_above=dense_above)
+  if modes == ("sparse",):
+    modes = decide_modes(modes, [active_fraction], sparse_below=sparse_below,
+                         dense_above=dense_above, fallback_L=[fallback])
+  return modes[0]
 
 
 def apply_op(ffn: nnx.Module, op: LayerOp) -> None:
@@ -147,10 +201,22 @@ def step_lowering(compiled_cfg, mesh) -> Callable:
   return lambda gd, s, b: train_step_module.sharded_steps(gd, compiled_cfg, mesh)[0].lower(s, b)
 
 
-def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
-  """The graphdef of a fixed ``train.dispatch`` (``device``: unchanged; ``sparse``/``dense``: every
-  layer in that mode), for scripts that compile one step without the loop (benchmarks)."""
+def resolve_kind(cfg, *, single_step: bool = False) -> str:
+  """The ``train.dispatch`` kind that runs: "auto" is "auto_host" for a sparse ``model.ffn`` and
+  "device" otherwise (a dense FFN has nothing to decide); ``single_step`` (scripts that compile
+  one step without the loop, which cannot change its pattern): "auto" is "device" there."""
+  from sparse_jax.nn.ffn import SPARSE_KINDS
   kind = cfg.train.dispatch
+  if kind != "auto":
+    return kind
+  return "auto_host" if cfg.model.ffn in SPARSE_KINDS and not single_step else "device"
+
+
+def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
+  """The graphdef of a fixed ``train.dispatch`` (``device`` or ``auto``: unchanged;
+  ``sparse``/``dense``: every layer in that mode), for scripts that compile one step without the
+  loop (benchmarks)."""
+  kind = resolve_kind(cfg, single_step=True)
   if kind == "device":
     return graphdef
   if kind == "auto_host":
@@ -173,7 +239,9 @@ class Dispatcher:
                lower: Callable | None = None, tokens_per_step: int | None = None):
     from sparse_jax.nn.ffn import SPARSE_KINDS
     tcfg = cfg.train
-    self.kind = tcfg.dispatch
+    if tcfg.dispatch not in KINDS:
+      raise ValueError(f"train.dispatch must be one of {KINDS}, got {tcfg.dispatch!r}")
+    self.kind = resolve_kind(cfg)
     if self.kind not in KINDS:
       raise ValueError(f"train.dispatch must be one of {KINDS}, got {self.kind!r}")
     if self.kind != "device" and cfg.model.ffn not in SPARSE_KINDS:
@@ -206,6 +274,10 @@ class Dispatcher:
     # after the first step.
     first = {"device": "auto", "auto_host": "dense", "sparse": "sparse", "dense": "dense"}
     self.pattern: Pattern = tuple(LayerOp(first[self.kind]) for _ in range(self.n_layers))
+    # The fallback back-off (decide_modes / next_hold): decisions a layer stays dense, and the
+    # length of its next hold.
+    self.hold_L = np.zeros(self.n_layers, np.int64)
+    self.backoff_L = np.zeros(self.n_layers, np.int64)
 
   def step_fn(self, pattern: Pattern | None = None) -> Callable:
     """The compiled step of ``pattern`` (default: the current one), built on first use."""
@@ -265,14 +337,20 @@ class Dispatcher:
     return self.kind == "auto_host" and (step == 1 or step % self.every == 0)
 
   def after_step(self, step: int, metrics: dict) -> bool:
-    """Decides the next steps' pattern on decision steps from ``metrics["l0_ema_L"]`` (a host
-    fetch only then). Returns whether the pattern changed."""
+    """Decides the next steps' pattern on decision steps from ``metrics["l0_ema_L"]`` and that
+    step's ``metrics["dense_fallback_L"]`` (a host fetch only then). Returns whether the pattern
+    changed."""
     if not self.due(step):
       return False
     ema_L = np.asarray(jax.device_get(metrics["l0_ema_L"]), np.float64)
     frac_L = ema_L / self.d_ff
-    modes = decide_modes(tuple(op.mode for op in self.pattern), frac_L,
-                         sparse_below=self.sparse_below, dense_above=self.dense_above)
+    fallback_L = (np.zeros(self.n_layers) if "dense_fallback_L" not in metrics else
+                  np.asarray(jax.device_get(metrics["dense_fallback_L"]), np.float64))
+    before = tuple(op.mode for op in self.pattern)
+    modes = decide_modes(before, frac_L, sparse_below=self.sparse_below,
+                         dense_above=self.dense_above, fallback_L=fallback_L, hold_L=self.hold_L)
+    self.hold_L, self.backoff_L = next_hold(before, modes, fallback_L, self.hold_L,
+                                            self.backoff_L)
     if self.hot_cold:
       from sparse_jax.train.step import HOT_COLD_COUNTS
       counts_LxF = np.asarray(jax.device_get(metrics[HOT_COLD_COUNTS]), np.float64)
@@ -337,7 +415,7 @@ class Dispatcher:
     its midpoint (a layer's split kept while it stays sparse; a dense layer has none)."""
     mid = 0.5 * (self.sparse_below + self.dense_above)
     modes = decide_modes(tuple(op.mode for op in self.pattern), active_fraction_L,
-                         sparse_below=mid * (1 - 1e-9), dense_above=mid)
+                         sparse_below=mid * (1 - 1e-9), dense_above=mid, hold_L=self.hold_L)
     return tuple(LayerOp(m, op.n_hot if m == "sparse" else 0)
                  for op, m in zip(self.pattern, modes))
 
@@ -347,7 +425,8 @@ class Dispatcher:
   def state_dict(self) -> dict:
     """The checkpointed state: JSON-serialisable."""
     return {"kind": self.kind, "modes": [op.mode for op in self.pattern],
-            "n_hot": [op.n_hot for op in self.pattern]}
+            "n_hot": [op.n_hot for op in self.pattern], "hold": self.hold_L.tolist(),
+            "backoff": self.backoff_L.tolist()}
 
   def load_state_dict(self, saved: dict | None) -> None:
     """Continues a saved run's pattern. A checkpoint without one (saved before host dispatch, or
@@ -360,3 +439,6 @@ class Dispatcher:
       raise ValueError(f"the checkpoint's dispatch state has {len(modes)} layers, the model "
                        f"{self.n_layers}")
     self.pattern = tuple(LayerOp(m, int(h)) for m, h in zip(modes, n_hot))
+    zeros = [0] * self.n_layers
+    self.hold_L = np.asarray(saved.get("hold", zeros), np.int64)
+    self.backoff_L = np.asarray(saved.get("backoff", zeros), np.int64)
