@@ -132,8 +132,12 @@ def entry_lists(tw: twell.TwELL, keep_rows: jax.Array, capacity: int) -> EntryLi
   key = jnp.where(valid, neuron, n_pad)
   key_sorted, perm = lax.sort((key, e), num_keys=1, is_stable=True)
   valid_sorted = key_sorted < n_pad
-  seg_start = jnp.searchsorted(key_sorted, jnp.arange(n_pad + 1, dtype=jnp.int32),
-                               side="left").astype(jnp.int32)
+  # Segment starts: the exclusive running count of entries per neuron (a scatter-add and a
+  # cumsum; a searchsorted of the sorted keys would be a ~20-step loop of small kernels on the
+  # GPU, each a launch of its own).
+  per_neuron = jnp.zeros((n_pad + 1,), jnp.int32).at[key].add(1)[:n_pad]
+  seg_start = jnp.concatenate([jnp.zeros((1,), jnp.int32),
+                               jnp.cumsum(per_neuron, dtype=jnp.int32)])
   return EntryLists(rows=jnp.where(valid_sorted, rt[perm] // n_tiles, 0),
                     slots=jnp.where(valid_sorted, slot[perm], -1),
                     seg_start=seg_start, n_entries=total)
@@ -161,7 +165,12 @@ def task_table(seg_start: jax.Array, *, piece: int = DEFAULT_CONFIG.piece,
   pfirst = jnp.cumsum(jnp.where(multi, n_pieces, 0)) - jnp.where(multi, n_pieces, 0)
   t_cap = n_pad + partial_rows
   k = jnp.arange(t_cap, dtype=jnp.int32)
-  j = jnp.clip(jnp.searchsorted(first, k, side="right").astype(jnp.int32) - 1, 0, n_pad - 1)
+  # The neuron of task k: the last neuron whose first task is <= k. Every neuron has >= 1 task, so
+  # the firsts are distinct: mark each at its first task and carry it forward with a running max
+  # (= searchsorted(first, k, "right") - 1 without the searchsorted's loop of small kernels).
+  marks = jnp.full((t_cap,), 0, jnp.int32).at[first].set(
+      jnp.arange(n_pad, dtype=jnp.int32), mode="drop")
+  j = jnp.clip(lax.cummax(marks), 0, n_pad - 1)
   q = k - first[j]
   live = k < n_tasks
   start = jnp.where(live, seg_start[j] + q * b, n_entries)
@@ -181,7 +190,8 @@ def cta_bounds(tasks, n_ctas: int, task_overhead: int = DEFAULT_CONFIG.task_over
                                                task_overhead, 0)
   cum = jnp.cumsum(work)
   goal = (jnp.arange(n_ctas + 1, dtype=jnp.int32).astype(F32) * (cum[-1].astype(F32) / n_ctas))
-  b = jnp.searchsorted(cum.astype(F32), goal, side="left").astype(jnp.int32)
+  # n_ctas + 1 queries: one fused comparison instead of the default searchsorted's loop.
+  b = jnp.searchsorted(cum.astype(F32), goal, side="left", method="compare_all").astype(jnp.int32)
   return b.at[0].set(0).at[-1].set(tasks.shape[0])
 
 

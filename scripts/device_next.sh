@@ -4,6 +4,7 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
+# session8 (~10 min): glue_check (~2 min: GPU tests of the training path), train_host, generation05.
 # train_host (~5 min): bench_ffn_train's grid with auto_host's pick as the headline.
 # ffn_grid (~4 min): bench_ffn's inference grid on the wall clock.
 # train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
@@ -74,9 +75,14 @@ generation05() {
       --batches 1,8,64 --new-tokens 128 --long-batches "" --rounds 3 \
       --out "$OUT/bench_decode_05b_defaults_h200.json"
 }
+glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
+  # bounds without searchsorted loops) through the GPU tests of the training path
+  run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "weight_gradient or training_gradients or static_modes"
+}
 train_host() {  # issue 15: every distribution x density in training, with auto_host's pick as the
   # headline (and the on-device dispatcher, mode sparse, mode dense beside it)
-  run 360 bench_ffn_train_host python3 experiments/bench_ffn_train.py --quick \
+  run 330 bench_ffn_train_host python3 experiments/bench_ffn_train.py --quick --no-cupti \
       --out "$OUT/bench_ffn_train_host_h200.json"
 }
 ffn_grid() {  # issue 14: the inference grid on the wall clock, re-measured
@@ -100,6 +106,8 @@ case "${1:-all}" in
   generation05) generation05 ;;
   train) train ;;
   train_host) train_host ;;
+  glue_check) glue_check ;;
+  session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;
   *) echo "usage: bash scripts/device_next.sh generation|generation05|train_host|ffn_grid|train|decode|scan|lowering|unrolled|all" >&2; exit 2 ;;

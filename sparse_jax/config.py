@@ -304,7 +304,8 @@ class TrainConfig:
     with hysteresis, every dispatch_every steps; one compiled step per pattern), "device" (the op
     decides per call on device: a probe and ``lax.cond``, whose dense branch measured 0.6-0.8x of
     a dense model's FFN), "sparse" / "dense" (every layer, fixed), "auto" (the default:
-    "auto_host" for a sparse model.ffn, "device" otherwise, where there is nothing to decide).
+    "auto_host" for a sparse model.ffn on the Hopper kernels, "device" otherwise, where there is
+    nothing to decide).
   dispatch_every: steps between "auto_host"'s per-layer decisions.
   dispatch_sparse_below / dispatch_dense_above: "auto_host"'s hysteresis, as active fractions of
     d_ff at >= 16384 tokens per call (scaled by sqrt(tokens / 16384) below): a dense layer goes

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import ffn_problem_without_gate_ties, rel_err
 from flax import nnx
 
 from sparse_jax.ops import pallas_backend
@@ -137,7 +137,8 @@ def test_sparse_mode_pallas_interpret_matches_dense(key, capacity, entry_capacit
   entries for ~1500): the XLA-only correction makes the call exact and says so, and the
   per-neuron counts stay exact."""
   k1, k2 = jax.random.split(key)
-  p = make_ffn_problem(k1, 128, 256, 256, active_per_token=12, distribution="skewed")
+  p = ffn_problem_without_gate_ties(k1, 128, 256, 256, active_per_token=12,
+                                    distribution="skewed")
   cot = jax.random.normal(k2, p.x.shape, F32)
   cfg = ops.SparseFFNConfig(mode="sparse", twell_capacity=capacity, overflow_capacity=128,
                             entry_capacity=entry_capacity)
@@ -282,7 +283,7 @@ def test_dispatcher_decides_only_every_n_steps_and_caches_steps():
   assert fixed.code() == "SS" and not fixed.after_step(3, ema(0.9, 0.9))
 
 
-def test_dispatch_settings_are_validated():
+def test_dispatch_settings_are_validated(monkeypatch):
   with pytest.raises(ValueError, match="train.dispatch"):
     _tiny("train.dispatch=host")
   with pytest.raises(ValueError, match="dispatch_sparse_below"):
@@ -297,12 +298,19 @@ def test_dispatch_settings_are_validated():
   gd_hc, state_hc = init_state(hot_cold)
   with pytest.raises(ValueError, match="tokens_per_step"):
     Dispatcher(hot_cold, gd_hc, state_hc.params, lambda gd: None, tokens_per_call=16384)
-  # The default "auto": auto_host for a sparse FFN (the loop's Dispatcher starts dense), device
-  # for a dense one (nothing to decide); a single compiled step takes the on-device dispatcher.
+  # The default "auto": auto_host for a sparse FFN on the Hopper kernels (the loop's Dispatcher
+  # starts dense), device for a dense FFN, the XLA reference op or no Hopper GPU (nothing to
+  # decide); a single compiled step takes the on-device dispatcher.
+  from pallas_kernels import common
   from sparse_jax.train.dispatch import resolve_kind
-  assert _tiny().train.dispatch == "auto" and resolve_kind(_tiny()) == "auto_host"
+  assert _tiny().train.dispatch == "auto"
+  monkeypatch.setattr(common, "hopper_available", lambda: False)
+  assert resolve_kind(_tiny()) == "device"
+  monkeypatch.setattr(common, "hopper_available", lambda: True)
+  assert resolve_kind(_tiny()) == "auto_host"
   assert resolve_kind(_tiny(), single_step=True) == "device"
   assert resolve_kind(_tiny("model.ffn=silu_dense")) == "device"
+  assert resolve_kind(_tiny("model.ffn_impl=xla")) == "device"
   cfg = _tiny()
   graphdef, state = init_state(cfg)
   disp = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)
@@ -311,6 +319,7 @@ def test_dispatch_settings_are_validated():
   gd_dense, state_dense = init_state(dense_cfg)
   assert Dispatcher(dense_cfg, gd_dense, state_dense.params, lambda gd: None,
                     tokens_per_call=16384).kind == "device"
+  monkeypatch.undo()
   # Fixed kinds for scripts that compile one step (benchmarks): device (and auto) = unchanged.
   assert static_graphdef(cfg, graphdef, state.params) is graphdef
   for kind in ("sparse", "dense"):

@@ -147,3 +147,41 @@ def test_cta_bounds_balance_skewed_work(key):
   work = t[:, 1] - t[:, 0] + np.where((t[:, 2] >= 0) | (t[:, 3] >= 0), overhead, 0)
   per_cta = [work[b[c]:b[c + 1]].sum() for c in range(n_ctas)]
   assert max(per_cta) <= work.sum() / n_ctas + work.max()
+
+
+def test_loop_free_glue_equals_the_searchsorted_definitions(key):
+  """The entry lists' segment starts, the task table's neuron per task and the CTA bounds are
+  computed without searchsorted loops (a scatter-add + cumsum, a scatter + running max, one fused
+  comparison); each equals its searchsorted definition, on skewed activity with split neurons
+  and neurons that never fire."""
+  _, tw, _, keep, _ = _problem(key, active=30, dist="skewed")
+  lists = twell_wgrad.entry_lists(tw, keep, capacity=8192)
+  n = int(lists.n_entries)
+  rows, slots = np.asarray(lists.rows)[:n], np.asarray(lists.slots)[:n]
+  n_tiles, cap = tw.values_MxTxC.shape[1:]
+  idx = np.asarray(tw.indices_MxTxC).reshape(-1)[slots]
+  neuron = (slots // cap % n_tiles) * tw.tile + idx
+  assert np.all(np.diff(neuron) >= 0)  # sorted by neuron
+  seg = np.asarray(lists.seg_start)
+  np.testing.assert_array_equal(seg, np.searchsorted(neuron, np.arange(tw.n_cols + 1), "left"))
+  assert (np.diff(seg) == 0).any() and np.diff(seg).max() > 2  # dead and split neurons occur
+  tasks, _ = twell_wgrad.task_table(lists.seg_start, piece=2, partial_rows=256)
+  t = np.asarray(tasks)
+  live = t[:, 2] + t[:, 3] > -2
+  # each live task's entries belong to one neuron: the one whose segment holds its start
+  owner = np.searchsorted(seg, t[live, 0], "right") - 1
+  held = (t[live, 1] > t[live, 0])
+  out = t[live, 2]
+  np.testing.assert_array_equal(out[held & (out >= 0)], owner[held & (out >= 0)])
+  assert (t[live, 3] >= 0).any()  # some neuron was split into pieces
+  assert np.all(seg[owner[held]] <= t[live, 0][held])
+  assert np.all(t[live, 1][held] <= seg[owner[held] + 1])
+  overhead = twell_wgrad.DEFAULT_CONFIG.task_overhead
+  work = t[:, 1] - t[:, 0] + np.where((t[:, 2] >= 0) | (t[:, 3] >= 0), overhead, 0)
+  cum = np.cumsum(work).astype(np.float32)
+  for n_ctas in (1, 7, 132):
+    goal = np.arange(n_ctas + 1, dtype=np.float32) * np.float32(cum[-1] / np.float32(n_ctas))
+    want = np.searchsorted(cum, goal, "left")
+    want[0], want[-1] = 0, len(t)
+    np.testing.assert_array_equal(np.asarray(twell_wgrad.cta_bounds(tasks, n_ctas, overhead)),
+                                  want)

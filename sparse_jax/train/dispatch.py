@@ -4,7 +4,8 @@ The Pallas backend can decide per call on device (``SparseFFNConfig.mode="auto"`
 a ``lax.cond``, forward and backward), but kernels inside XLA conditionals run outside the step's
 command buffer, and the dense branch must recompute in chunks to keep the conditional's memory
 bounded (its dense branch measured 0.6-0.8x of a dense model's FFN). Here the training loop
-decides instead (``train.dispatch=auto_host``, which the default ``auto`` is for a sparse FFN),
+decides instead (``train.dispatch=auto_host``, which the default ``auto`` is for a sparse FFN on
+the kernels; ``resolve_kind``),
 from the sparsity tracker's EMA of active neurons per layer (``train/sparsity.py``), with
 hysteresis, every ``train.dispatch_every`` steps:
 
@@ -202,14 +203,19 @@ def step_lowering(compiled_cfg, mesh) -> Callable:
 
 
 def resolve_kind(cfg, *, single_step: bool = False) -> str:
-  """The ``train.dispatch`` kind that runs: "auto" is "auto_host" for a sparse ``model.ffn`` and
-  "device" otherwise (a dense FFN has nothing to decide); ``single_step`` (scripts that compile
-  one step without the loop, which cannot change its pattern): "auto" is "device" there."""
+  """The ``train.dispatch`` kind that runs. "auto" is "auto_host" where the sparse kernels run (a
+  sparse ``model.ffn`` whose ``model.ffn_impl`` is not "xla", on a Hopper GPU) and "device"
+  elsewhere: a dense FFN has nothing to decide, and the XLA reference op computes the dense
+  product either way, so per-layer patterns would only add compiles. ``single_step`` (scripts
+  that compile one step without the loop, which cannot change its pattern): "device" there."""
+  from pallas_kernels import common
   from sparse_jax.nn.ffn import SPARSE_KINDS
   kind = cfg.train.dispatch
   if kind != "auto":
     return kind
-  return "auto_host" if cfg.model.ffn in SPARSE_KINDS and not single_step else "device"
+  kernels = cfg.model.ffn_impl != "xla" and common.hopper_available()
+  return ("auto_host" if cfg.model.ffn in SPARSE_KINDS and kernels and not single_step
+          else "device")
 
 
 def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.GraphDef:
