@@ -20,7 +20,7 @@ Also: ``speedup_sparse``, ``speedup_mode_dense``, ``speedup_device``;
 not counted), measured after all wall clocks of the run; peak memory: XLA's buffer assignment of
 each compiled step (arguments + outputs + temporaries - aliasing), ``peak_ratio`` host pick /
 dense; ``grad_rel_err``: the largest relative error of the four gradients of the sparse step vs
-the float32 step; ``overflow_rows`` and ``dense_fallback`` from the sparse step's statistics.
+the float32 step (each in ``grad_rel_errs``); ``overflow_rows`` and ``dense_fallback`` from the sparse step's statistics.
 
     python3 experiments/bench_ffn_train.py --quick --out $OUT/bench_ffn_train.json  # H200 ~4 min
     python3 experiments/bench_ffn_train.py --cpu-smoke --out /tmp/bench_ffn_train.json
@@ -50,6 +50,7 @@ L1_COEFF = 1e-2
 TIMED = ("dense", "sparse", "mode_dense", "device")
 MODES = dict(sparse="sparse", mode_dense="dense", device="auto")   # candidate: SparseFFNConfig.mode
 GRADS = (0, 1, 2, 3)
+GRAD_NAMES = ("dx", "dw_gate", "dw_up", "dw_down")
 
 
 def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
@@ -112,8 +113,9 @@ def wall_case(case, steps, settings, args) -> dict:
                                    calls_per_round=settings["calls_per_round"], baseline="dense")
   ref = steps["reference"](*(v.astype(jnp.float32) for v in a))
   got, st = steps["stats"](*a)
-  err = max(float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
-            for g, r in zip(got, ref))
+  errs = {name: float(jnp.linalg.norm(g.astype(jnp.float32) - r) / jnp.linalg.norm(r))
+          for name, g, r in zip(GRAD_NAMES, got, ref)}
+  err = max(errs.values())
   peaks = {k: benchmarking.compiled_memory(steps[k])["peak_bytes"] for k in TIMED}
   ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED}
   fallback = float(st.dense_fallback)
@@ -129,6 +131,7 @@ def wall_case(case, steps, settings, args) -> dict:
       **{f"{k}_peak_bytes": peaks[k] for k in TIMED},
       peak_ratio=ratio(peaks[pick], peaks["dense"]),
       peak_ratio_sparse=ratio(peaks["sparse"], peaks["dense"]), grad_rel_err=err,
+      grad_rel_errs=errs,
       op_active_per_token=float(st.l0), overflow_rows=int(st.overflow_rows),
       dense_fallback=fallback, peak="XLA buffer assignment of the compiled fwd+bwd step")
 

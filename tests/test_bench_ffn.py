@@ -35,6 +35,8 @@ def test_cpu_smoke_writes_the_table_json(script, tmp_path):
       headline = wall["sparse" if r["host_mode"] == "sparse" else "mode_dense"]
       assert r["host_ms"] == headline["median_ms"]
       assert r.get("kernel_speedup_sparse") is None
+      assert set(r["grad_rel_errs"]) == {"dx", "dw_gate", "dw_up", "dw_down"}
+      assert r["grad_rel_err"] == max(r["grad_rel_errs"].values())
     assert r["speedup"] == pytest.approx(wall["dense"]["median_ms"] / headline["median_ms"])
     assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["wall"]["rounds"] == 2
     assert r["dense_fallback"] in (0.0, 1.0) and r["overflow_rows"] >= 0
