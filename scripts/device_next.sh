@@ -4,7 +4,9 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session8 (~10 min): glue_check (~2 min: GPU tests of the training path), train_host, generation05.
+# grad_errors (~9 min): NEXT. Per-gradient errors of the ~11 grid rows, the static-modes GPU tests,
+#   then generation05.
+# session8 (~10 min, ran 2026-12-02 in parts): glue_check (~2 min: GPU tests of the training path), train_host, generation05.
 # train_host (~5 min): bench_ffn_train's grid with auto_host's pick as the headline.
 # ffn_grid (~4 min): bench_ffn's inference grid on the wall clock.
 # train (~8 min): the training hot/cold split at FFN level, the 2b step with plain auto_host.
@@ -75,6 +77,14 @@ generation05() {
       --batches 1,8,64 --new-tokens 128 --long-batches "" --rounds 3 \
       --out "$OUT/bench_decode_05b_defaults_h200.json"
 }
+grad_errors() {  # next: the Zipf ~11 gradient error (1.7e-2) per gradient, and the static-modes GPU
+  # test that failed once on dx (2.2e-2), repeated over fresh seeds; then the 0.5b generation
+  run 120 bench_ffn_train_zipf11 python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --dist zipf heavy_tail uniform --active 11 --out "$OUT/bench_ffn_train_errors_h200.json"
+  run 200 gpu_tests_static_modes python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "static_modes or training_gradients"
+  generation05
+}
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
   run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
@@ -107,6 +117,7 @@ case "${1:-all}" in
   train) train ;;
   train_host) train_host ;;
   glue_check) glue_check ;;
+  grad_errors) grad_errors ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;
