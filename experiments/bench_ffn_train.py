@@ -20,7 +20,8 @@ Also: ``speedup_sparse``, ``speedup_mode_dense``, ``speedup_device``;
 not counted), measured after all wall clocks of the run; peak memory: XLA's buffer assignment of
 each compiled step (arguments + outputs + temporaries - aliasing), ``peak_ratio`` host pick /
 dense; ``grad_rel_err``: the largest relative error of the four gradients of the sparse step vs
-the float32 step (each in ``grad_rel_errs``); ``overflow_rows`` and ``dense_fallback`` from the sparse step's statistics.
+the float32 step (each in ``grad_rel_errs``); ``overflow_rows`` and ``dense_fallback`` from the
+sparse step's statistics.
 
     python3 experiments/bench_ffn_train.py --quick --out $OUT/bench_ffn_train.json  # H200 ~4 min
     python3 experiments/bench_ffn_train.py --cpu-smoke --out /tmp/bench_ffn_train.json

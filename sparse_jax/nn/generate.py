@@ -35,8 +35,9 @@ and the dense FFN above (kernels measured 1.18x / 1.00x / 0.95x of dense generat
 1 / 2 / 4, 0.96x at 8: with separate weights they only pay while few 64-neuron tiles are live),
 and at every batch size with scanned layers; the prefill runs the dense FFN up to
 ``PREFILL_DENSE_MAX_TOKENS`` (8192) tokens, where the batched sparse path measured slower (11.9 vs
-8.2 ms at 128 tokens, 20.8 vs 15.4 ms at 1024, 52.5 vs 46.0 ms at 2048; even at 8192). The paths are static configuration
-in the blocks' graphdefs: one set per path, picked by the batch size of each call.
+8.2 ms at 128 tokens, 20.8 vs 15.4 ms at 1024, 52.5 vs 46.0 ms at 2048; even at 8192). The paths
+are static configuration in the blocks' graphdefs: one set per path, picked by the batch size of
+each call.
 
 **Sampling.** ``temperature=0`` is greedy (argmax). Otherwise the logits are divided by the
 temperature and restricted to the ``top_k`` most likely tokens (0: no limit) and to the smallest

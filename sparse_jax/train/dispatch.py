@@ -5,9 +5,8 @@ a ``lax.cond``, forward and backward), but kernels inside XLA conditionals run o
 command buffer, and the dense branch must recompute in chunks to keep the conditional's memory
 bounded (its dense branch measured 0.6-0.8x of a dense model's FFN). Here the training loop
 decides instead (``train.dispatch=auto_host``, which the default ``auto`` is for a sparse FFN on
-the kernels; ``resolve_kind``),
-from the sparsity tracker's EMA of active neurons per layer (``train/sparsity.py``), with
-hysteresis, every ``train.dispatch_every`` steps:
+the kernels; ``resolve_kind``), from the sparsity tracker's EMA of active neurons per layer
+(``train/sparsity.py``), with hysteresis, every ``train.dispatch_every`` steps:
 
 * a sparse layer goes dense when its active fraction rises above ``train.dispatch_dense_above``;
 * a dense layer goes sparse when it falls below ``train.dispatch_sparse_below`` (lower, so a
@@ -248,8 +247,6 @@ class Dispatcher:
     if tcfg.dispatch not in KINDS:
       raise ValueError(f"train.dispatch must be one of {KINDS}, got {tcfg.dispatch!r}")
     self.kind = resolve_kind(cfg)
-    if self.kind not in KINDS:
-      raise ValueError(f"train.dispatch must be one of {KINDS}, got {self.kind!r}")
     if self.kind != "device" and cfg.model.ffn not in SPARSE_KINDS:
       raise ValueError(f"train.dispatch={self.kind!r} needs a sparse model.ffn "
                        f"{SPARSE_KINDS}, got {cfg.model.ffn!r} (use train.dispatch=device)")
