@@ -4,7 +4,8 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# grad_errors (~9 min): NEXT. Per-gradient errors of the ~11 grid rows, the static-modes GPU tests,
+# session9 (~9 min): NEXT. Tie-free gradient checks, backward entries per step, training errors.
+# grad_errors (~9 min, ran 2026-12-02 ninth session). Per-gradient errors of the ~11 grid rows, the static-modes GPU tests,
 #   then generation05.
 # session8 (~10 min, ran 2026-12-02 in parts): glue_check (~2 min: GPU tests of the training path), train_host, generation05.
 # train_host (~5 min): bench_ffn_train's grid with auto_host's pick as the headline.
@@ -85,6 +86,18 @@ grad_errors() {  # next: the Zipf ~11 gradient error (1.7e-2) per gradient, and 
       -k "static_modes or training_gradients"
   generation05
 }
+session9() {  # the gradient checks with ReLU-tie rows' cotangent zeroed (synthetic.GATE_TIE_TOL),
+  # the backward kernel with 1/4 entries per step (equal to 2? faster?), the training errors
+  run 220 gpu_tests_ties python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "static_modes or training_gradients or entries_per_step"
+  run 200 bench_ffn_train_errors python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --dist zipf heavy_tail uniform skewed --active 11 28 \
+      --out "$OUT/bench_ffn_train_tie_free_errors_h200.json"
+  for n in 2 4; do
+    run 120 train_parts_bwd$n python3 experiments/bench_train_parts.py --active 28 \
+        --dist uniform skewed --bwd-steps $n --out "$OUT/train_parts_bwd${n}_h200.json"
+  done
+}
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
   run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
@@ -118,6 +131,7 @@ case "${1:-all}" in
   train_host) train_host ;;
   glue_check) glue_check ;;
   grad_errors) grad_errors ;;
+  session9) session9 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

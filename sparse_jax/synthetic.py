@@ -210,3 +210,39 @@ def make_ffn_problem(key: jax.Array, m: int, d_model: int, d_ff: int, *,
   scale = 1.0 / np.sqrt(max(active_per_token, 1.0))
   w_down = (jax.random.normal(k_d, (d_ff, d_model), jnp.float32) * scale).astype(dtype)
   return FFNProblem(x=x, w_gate=w_gate, w_up=w_up, w_down=w_down)
+
+
+# Gate pre-activations within this share of |x| . |w_g| of zero are ReLU ties for gradient checks:
+# a bf16 tensor-core GEMM accumulates in an order (and, on Hopper's wgmma, with an alignment) that
+# differs from the float32 reference by up to ~1e-6 of |x| . |w_g| (measured on an H200: a Zipf
+# ~11 problem at M = 16384 has 48 entries under 1e-6 and its dx error was 1.7e-2, the size that
+# ~50 flipped neurons predict; the XLA op on the CPU, whose mask agrees, gave 3.4e-3). A flipped
+# neuron moves its token's gate gradient by a whole term (dh * u * w_g, independent of how small
+# the pre-activation was), so such entries say nothing about a kernel's accuracy.
+GATE_TIE_TOL = 1e-5
+
+
+def gate_tie_rows(x_MxD: jax.Array, w_gate_FxD: jax.Array, tol: float = GATE_TIE_TOL,
+                  chunk: int = 4096) -> jax.Array:
+  """bool [M]: rows of x with a gate pre-activation ``|x_i . w_j| < tol * |x_i| . |w_j|`` (in
+  float32 at full precision, ``chunk`` rows at a time)."""
+  w = w_gate_FxD.astype(jnp.float32)
+
+  @jax.jit
+  def rows(xc):
+    xc = xc.astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+      pre = xc @ w.T
+      scale = jnp.abs(xc) @ jnp.abs(w).T
+    return jnp.any(jnp.abs(pre) < tol * scale, axis=1)
+
+  return jnp.concatenate([rows(x_MxD[i:i + chunk]) for i in range(0, x_MxD.shape[0], chunk)])
+
+
+def tie_free_cotangent(cot_MxD: jax.Array, x_MxD: jax.Array, w_gate_FxD: jax.Array,
+                       tol: float = GATE_TIE_TOL) -> tuple[jax.Array, int]:
+  """The cotangent with the rows of ``gate_tie_rows`` set to zero (those tokens then add nothing
+  to any gradient but the L1 term's), and how many rows that was. Gradient checks against a
+  float32 reference use it: every other row is compared in full."""
+  tied = gate_tie_rows(x_MxD, w_gate_FxD, tol)
+  return jnp.where(tied[:, None], 0, cot_MxD).astype(cot_MxD.dtype), int(jnp.sum(tied))

@@ -15,8 +15,9 @@ from sparse_jax.ops.dense import dense_grads_neuron_chunked, ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_backward_kernel_interpret_matches_entry_math(pallas_interpret, key, gated):
+@pytest.mark.parametrize("gated,entries_per_step", [(True, 2), (False, 2), (True, 4)])
+def test_backward_kernel_interpret_matches_entry_math(pallas_interpret, key, gated,
+                                                      entries_per_step):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 256, 256, 512, active_per_token=12, distribution="skewed")
   dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
@@ -30,7 +31,9 @@ def test_backward_kernel_interpret_matches_entry_math(pallas_interpret, key, gat
   r = jnp.take_along_axis(u, cols, axis=1).reshape(tw.values_MxTxC.shape)
   coeff = jnp.float32(0.013)
   dx, du, dr = twell_backward.backward_kernel(p.x, dy, p.w_gate, p.w_up if gated else None,
-                                              p.w_down, tw, r if gated else None, coeff)
+                                              p.w_down, tw, r if gated else None, coeff,
+                                              config=twell_backward.BackwardConfig(
+                                                  entries_per_step=entries_per_step))
   # Reference: dense math on the pattern.
   f32 = lambda a: a.astype(jnp.float32)
   pf = f32(g)

@@ -78,3 +78,25 @@ def test_bad_arguments_are_named():
     synthetic.firing_probabilities(np.random.default_rng(0), 256, 8, "clustered", tile=128)
   with pytest.raises(ValueError, match="too low"):
     _problem("dense_starts", 0.5, seq_len=8)
+
+
+def test_gate_tie_rows_and_tie_free_cotangent(key):
+  """The tie rows are exactly those with |x w_g| < tol |x| |w_g| somewhere (float64 check), and
+  the tie-free cotangent zeroes those rows only; at the default tolerance few rows are ties."""
+  import jax.numpy as jnp
+  k1, k2 = jax.random.split(key)
+  p = synthetic.make_ffn_problem(k1, 300, 64, 256, active_per_token=20, distribution="skewed")
+  x, wg = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (p.x, p.w_gate))
+  ratio = np.abs(x @ wg.T) / (np.abs(x) @ np.abs(wg).T)
+  mins = np.sort(ratio.min(axis=1))
+  gap = np.argmax(np.diff(mins[60:120])) + 60  # ~30% of rows are "ties", tol far from any row
+  tol = float(0.5 * (mins[gap] + mins[gap + 1]))
+  want = (ratio < tol).any(axis=1)
+  got = np.asarray(synthetic.gate_tie_rows(p.x, p.w_gate, tol, chunk=128))
+  assert 0 < want.sum() < len(want) and np.array_equal(got, want)
+  cot = jax.random.normal(k2, p.x.shape, jnp.float32)
+  free, n = synthetic.tie_free_cotangent(cot, p.x, p.w_gate, tol)
+  assert n == want.sum()
+  np.testing.assert_array_equal(np.asarray(free)[want], 0)
+  np.testing.assert_array_equal(np.asarray(free)[~want], np.asarray(cot)[~want])
+  assert int(np.sum(np.asarray(synthetic.gate_tie_rows(p.x, p.w_gate)))) < 30
