@@ -7,7 +7,12 @@ weights and inputs so that the real op sees that activity pattern):
   (``sparse_jax.benchmarking.side_by_side``: alternating in this process on the same inputs,
   median over rounds of back-to-back calls), ``dense_ms / sparse_ms``. ``sparse`` is the public
   op with its dispatcher (``gated_sparse_ffn``, ``SparseFFNConfig`` defaults but
-  ``--capacity``); ``sparse_forced`` always takes the sparse kernels (``max_active_fraction=None``).
+  ``--capacity``); ``sparse_forced`` always takes the sparse kernels (``max_active_fraction=None``);
+  ``mode_dense`` is the op with ``mode="dense"`` (the plain dense FFN, no probe).
+* ``speedup_host``: the same dispatch rule decided outside the compiled function, as a prepared
+  checkpoint's measured statistics or a caller's ``mode`` do (``host_mode``: sparse when the
+  dispatcher's estimate on this batch, ``estimate_active_fraction``, is under its threshold, so
+  ``sparse_forced``; dense otherwise, so ``mode_dense``): no probe, no ``lax.cond``.
 * ``kernel_speedup``: the breakdown, CUPTI kernel sums (launch gaps excluded) of dense over
   sparse_forced, when the dispatcher chose sparse (its dense branch runs inside a device-side
   conditional that CUPTI does not see); ``kernel_speedup_forced`` always. CUPTI runs after every
@@ -36,9 +41,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sparse_jax import benchmarking, ops  # noqa: E402
 from sparse_jax.benchmarking import ffn_cases  # noqa: E402
 from sparse_jax.benchmarking.results import command_line, fmt  # noqa: E402
+from sparse_jax.ops import pallas_backend  # noqa: E402
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1  # noqa: E402
 
-TIMED = ("dense", "sparse", "sparse_forced")
+TIMED = ("dense", "sparse", "sparse_forced", "mode_dense")
 
 
 def compile_fns(args4, impl: str, cfg: ops.SparseFFNConfig) -> tuple[dict, float]:
@@ -48,6 +54,7 @@ def compile_fns(args4, impl: str, cfg: ops.SparseFFNConfig) -> tuple[dict, float
   fns = dict(dense=lambda *a: bf16_gated_ffn_with_l1(*a)[0],  # the dense model in bf16
              # Timed functions return y only, as inference does (unused statistics are dropped).
              sparse=lambda *a: op(cfg)(*a)[0], sparse_forced=lambda *a: op(forced)(*a)[0],
+             mode_dense=lambda *a: op(dataclasses.replace(cfg, mode="dense"))(*a)[0],
              stats=op(cfg), stats_forced=op(forced))
   t0 = time.perf_counter()
   out = {k: jax.jit(f).lower(*args4).compile() for k, f in fns.items()}
@@ -62,10 +69,15 @@ def wall_case(case, fns, settings, args) -> dict:
   (y, st), (y_f, st_f) = fns["stats"](*a), fns["stats_forced"](*a)
   rows = ffn_cases.error_rows(case.m, settings["err_rows"])
   ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED}
+  estimate = float(pallas_backend.estimate_active_fraction(p.x, p.w_gate, args.cfg))
+  mode = "sparse" if estimate <= pallas_backend.dispatch_threshold(args.cfg, case.m) else "dense"
   return dict(
       case.fields(), **ffn_cases.activity_fields(p), speedup=wall["speedup"]["sparse"],
-      speedup_forced=wall["speedup"]["sparse_forced"], dense_ms=ms["dense"],
-      sparse_ms=ms["sparse"], sparse_forced_ms=ms["sparse_forced"], wall=wall,
+      speedup_forced=wall["speedup"]["sparse_forced"],
+      speedup_mode_dense=wall["speedup"]["mode_dense"], host_mode=mode,
+      speedup_host=wall["speedup"]["sparse_forced" if mode == "sparse" else "mode_dense"],
+      dispatch_estimate=estimate, dense_ms=ms["dense"], sparse_ms=ms["sparse"],
+      sparse_forced_ms=ms["sparse_forced"], mode_dense_ms=ms["mode_dense"], wall=wall,
       op_active_per_token=float(st_f.l0), rel_err=ffn_cases.rel_err_f32(y, p, rows),
       rel_err_forced=ffn_cases.rel_err_f32(y_f, p, rows), overflow_rows=int(st.overflow_rows),
       overflow_rows_forced=int(st_f.overflow_rows),
@@ -89,14 +101,15 @@ def cupti_case(case, rec, fns, settings, args) -> None:
 
 
 HEAD = ("M", "shape", "dist", "act/tok", "p99", "dense ms", "sparse ms", "speedup", "forced ms",
-        "x forced", "kernel x", "rel err", "ovf rows", "path")
+        "x forced", "x mode dense", "host", "x host", "kernel x", "rel err", "ovf rows", "path")
 
 
 def row(r: dict) -> tuple:
   return (str(r["M"]), f"{r['d_model']}x{r['d_ff']}", r["distribution"],
           f"{r['active_per_token']:.1f}", f"{r['active_p99']:.0f}", f"{r['dense_ms']:.3f}",
           f"{r['sparse_ms']:.3f}", f"{r['speedup']:.2f}", f"{r['sparse_forced_ms']:.3f}",
-          f"{r['speedup_forced']:.2f}", fmt(r.get("kernel_speedup_forced"), ".2f"),
+          f"{r['speedup_forced']:.2f}", f"{r['speedup_mode_dense']:.2f}", r["host_mode"],
+          f"{r['speedup_host']:.2f}", fmt(r.get("kernel_speedup_forced"), ".2f"),
           f"{r['rel_err']:.1e}", str(r["overflow_rows_forced"]),
           "dense" if r["dense_fallback"] else "sparse")
 
@@ -105,9 +118,11 @@ def summary(records: list[dict]) -> dict:
   if not records:
     return {}
   worst = min(records, key=lambda r: r["speedup"])
-  return dict(cases=len(records), min_speedup=worst["speedup"],
-              min_speedup_case=f"{worst['distribution']} {worst['target_active']:g}/token "
-                               f"M={worst['M']} {worst['d_model']}x{worst['d_ff']}",
+  worst_host = min(records, key=lambda r: r["speedup_host"])
+  name = lambda r: (f"{r['distribution']} {r['target_active']:g}/token "  # noqa: E731
+                    f"M={r['M']} {r['d_model']}x{r['d_ff']}")
+  return dict(cases=len(records), min_speedup=worst["speedup"], min_speedup_case=name(worst),
+              min_speedup_host=worst_host["speedup_host"], min_speedup_host_case=name(worst_host),
               dense_fallback_share=float(np.mean([r["dense_fallback"] for r in records])),
               max_rel_err=max(r["rel_err"] for r in records))
 
@@ -129,8 +144,8 @@ def main(argv=None):
   ffn_cases.require_platform(args, "bench_ffn.py")
   impl = ffn_cases.sparse_implementation(args.impl, args.cpu_smoke)
   use_cupti = not (args.no_cupti or args.cpu_smoke)
-  cfg = ops.SparseFFNConfig(twell_capacity=args.capacity,
-                            max_active_fraction=args.max_active_fraction)
+  cfg = args.cfg = ops.SparseFFNConfig(twell_capacity=args.capacity,
+                                       max_active_fraction=args.max_active_fraction)
   command = command_line("experiments/bench_ffn.py", argv)
   header = dict(benchmarking.run_header(command), implementation=impl, settings=settings,
                 config=dataclasses.asdict(cfg), cupti=use_cupti)
@@ -147,7 +162,8 @@ def main(argv=None):
       extra=dict(twell_capacity=cfg.twell_capacity, implementation=impl))
   print(benchmarking.format_table(HEAD, [row(r) for r in records]))
   s = summary(records)
-  print(f"min speedup {s['min_speedup']:.2f} ({s['min_speedup_case']}); dispatcher ran dense in "
+  print(f"min speedup {s['min_speedup']:.2f} ({s['min_speedup_case']}); decided on the host "
+        f"{s['min_speedup_host']:.2f} ({s['min_speedup_host_case']}); dispatcher ran dense in "
         f"{100 * s['dense_fallback_share']:.0f}% of cases; max rel err {s['max_rel_err']:.1e}")
   print(f"wrote {args.out}")
   return dict(header=header, records=records, summary=s)

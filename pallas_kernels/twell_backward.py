@@ -38,7 +38,7 @@ class BackwardConfig:
   rows are loaded before the first reduction (more is more bytes in flight, more registers);
   interpret_ctas: the grid of the interpretable path (tokens are split over its warpgroups)."""
   warpgroups: int = 2
-  entries_per_step: int = 2
+  entries_per_step: int = 4  # 2: 3-6% slower (H200, NOTES_train.md 2026-12-02 ninth session)
   interpret_ctas: int = 2
 
 

@@ -98,6 +98,13 @@ session9() {  # the gradient checks with ReLU-tie rows' cotangent zeroed (synthe
         --dist uniform skewed --bwd-steps $n --out "$OUT/train_parts_bwd${n}_h200.json"
   done
 }
+session9b() {  # the backward kernel's new default (4 entries per step) through the training-path
+  # GPU tests, then issue 14's inference grid with mode dense and the host-decided pick beside it
+  run 200 gpu_tests_bwd4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "static_modes or training_gradients or entries_per_step"
+  run 390 bench_ffn_grid python3 experiments/bench_ffn.py --quick --no-cupti \
+      --out "$OUT/bench_ffn_wall_grid_h200.json"
+}
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
   run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
@@ -132,6 +139,7 @@ case "${1:-all}" in
   glue_check) glue_check ;;
   grad_errors) grad_errors ;;
   session9) session9 ;;
+  session9b) session9b ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -117,9 +117,9 @@ def test_weight_gradient_kernel_paper_shape(key, dist, piece, out_dtype):
     assert rel_err(o, ref) < (1e-5 if out_dtype == jnp.float32 else 8e-3)
 
 
-@pytest.mark.parametrize("entries_per_step", [1, 4])
+@pytest.mark.parametrize("entries_per_step", [1, 2])
 def test_backward_kernel_entries_per_step_agree_at_paper_shape(key, entries_per_step):
-  """The backward kernel with 1 or 4 entries' Wd rows in flight per step equals the default (2):
+  """The backward kernel with 1 or 2 entries' Wd rows in flight per step equals the default (4):
   dX, dU and dR from the same TwELL pattern and residuals (within f32 summation order; dX is
   rounded to bf16)."""
   from pallas_kernels import twell_backward
@@ -135,8 +135,11 @@ def test_backward_kernel_entries_per_step_agree_at_paper_shape(key, entries_per_
       *a, config=twell_backward.BackwardConfig(entries_per_step=n)))(
           p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r, jnp.float32(1e-3))
   want, got = run(twell_backward.DEFAULT_CONFIG.entries_per_step), run(entries_per_step)
-  for name, a, b, tol in zip(("dx", "du", "dr"), got, want, (2e-3, 1e-5, 1e-5)):  # dx: bf16
-    assert rel_err(a, b) < tol, (name, rel_err(a, b))
+  ok = ~tw.row_overflow()  # rows with an overflowed tile belong to the dense row path
+  valid = tw.valid_mask() & ok[:, None, None]  # slots past a tile's count are never written
+  assert rel_err(got[0][ok], want[0][ok]) < 2e-3  # dx: rounded to bf16
+  for name, a, b in zip(("du", "dr"), got[1:], want[1:]):
+    assert rel_err(a[valid], b[valid]) < 1e-5, (name, rel_err(a[valid], b[valid]))
 
 
 @pytest.mark.parametrize("dist", ["uniform", "skewed"])
@@ -146,7 +149,7 @@ def test_training_gradients_paper_shape_against_float32(key, dist):
   # Rows with a gate pre-activation at a ReLU tie (within the tensor cores' accumulation noise)
   # take a zero cotangent: there either side of the ReLU is right (synthetic.GATE_TIE_TOL).
   cot, tied = tie_free_cotangent(jax.random.normal(k2, p.x.shape, jnp.float32), p.x, p.w_gate)
-  assert tied < p.x.shape[0] // 10, tied
+  assert tied < p.x.shape[0] // 4, tied  # ~3-10% of rows at these sizes
   cfg = ops.SparseFFNConfig(max_active_fraction=None)
 
   def loss(x, wg, wu, wd):
@@ -179,7 +182,7 @@ def test_static_modes_paper_shape_against_float32(key, mode, entry_capacity):
   # Rows with a gate pre-activation at a ReLU tie (within the tensor cores' accumulation noise)
   # take a zero cotangent: there either side of the ReLU is right (synthetic.GATE_TIE_TOL).
   cot, tied = tie_free_cotangent(jax.random.normal(k2, p.x.shape, jnp.float32), p.x, p.w_gate)
-  assert tied < p.x.shape[0] // 10, tied
+  assert tied < p.x.shape[0] // 4, tied  # ~3-10% of rows at these sizes
   cfg = ops.SparseFFNConfig(mode=mode, entry_capacity=entry_capacity)
 
   def loss(x, wg, wu, wd):

@@ -15,7 +15,7 @@ from sparse_jax.ops.dense import dense_grads_neuron_chunked, ffn_with_l1
 from sparse_jax.synthetic import make_ffn_problem
 
 
-@pytest.mark.parametrize("gated,entries_per_step", [(True, 2), (False, 2), (True, 4)])
+@pytest.mark.parametrize("gated,entries_per_step", [(True, 4), (False, 4), (True, 2)])
 def test_backward_kernel_interpret_matches_entry_math(pallas_interpret, key, gated,
                                                       entries_per_step):
   k1, k2 = jax.random.split(key)
