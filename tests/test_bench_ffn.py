@@ -26,17 +26,24 @@ def test_cpu_smoke_writes_the_table_json(script, tmp_path):
     # The headline is the side-by-side wall clock; its ratio is the medians' ratio.
     wall = r["wall"]["candidates"]
     if script is bench_ffn:
-      assert set(wall) == {"dense", "sparse", "sparse_forced"}
+      assert set(wall) == {"dense", "sparse", "sparse_forced", "mode_dense"}
       headline = wall["sparse"]
       assert r.get("kernel_speedup_forced") is None  # no CUPTI on the CPU
+      # decided outside the compiled function: the forced kernels or the plain dense mode
+      host = wall["sparse_forced" if r["host_mode"] == "sparse" else "mode_dense"]
+      assert r["speedup_host"] == pytest.approx(wall["dense"]["median_ms"] / host["median_ms"])
+      assert (r["host_mode"] == "dense") == (r["dispatch_estimate"] > 0.0105 * (512 / 16384)**0.5)
     else:  # training: the headline is the mode auto_host settles on for this batch
       assert set(wall) == {"dense", "sparse", "mode_dense", "device"}
       assert r["host_mode"] in ("sparse", "dense")
       headline = wall["sparse" if r["host_mode"] == "sparse" else "mode_dense"]
       assert r["host_ms"] == headline["median_ms"]
       assert r.get("kernel_speedup_sparse") is None
-      assert set(r["grad_rel_errs"]) == {"dx", "dw_gate", "dw_up", "dw_down"}
+      for k in ("grad_rel_errs", "grad_rel_errs_raw", "dense_grad_rel_errs",
+                "dense_grad_rel_errs_raw"):
+        assert set(r[k]) == {"dx", "dw_gate", "dw_up", "dw_down"}, k
       assert r["grad_rel_err"] == max(r["grad_rel_errs"].values())
+      assert 0 <= r["tie_rows"] < 512
     assert r["speedup"] == pytest.approx(wall["dense"]["median_ms"] / headline["median_ms"])
     assert r["dense_ms"] > 0 and r["sparse_ms"] > 0 and r["wall"]["rounds"] == 2
     assert r["dense_fallback"] in (0.0, 1.0) and r["overflow_rows"] >= 0
