@@ -100,10 +100,13 @@ session9() {  # the gradient checks with ReLU-tie rows' cotangent zeroed (synthe
 }
 session9b() {  # the backward kernel's new default (4 entries per step) through the training-path
   # GPU tests, then issue 14's inference grid with mode dense and the host-decided pick beside it
-  run 200 gpu_tests_bwd4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+  run 180 gpu_tests_bwd4 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
       -k "static_modes or training_gradients or entries_per_step"
-  run 390 bench_ffn_grid python3 experiments/bench_ffn.py --quick --no-cupti \
+  run 290 bench_ffn_grid python3 experiments/bench_ffn.py --quick --no-cupti \
       --out "$OUT/bench_ffn_wall_grid_h200.json"
+  run 115 bench_ffn_shapes python3 experiments/bench_ffn.py --quick --no-cupti \
+      --shape 4096x14336 4096x11008 1024x8192 --dist clustered skewed zipf --active 28 560 \
+      --out "$OUT/bench_ffn_wall_shapes_h200.json"
 }
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path

@@ -50,3 +50,18 @@ def test_layers_of_one_shape_share_their_kernels(key, mode):
   # (each lowering numbers its modules afresh, so hashes compare only within one program; under
   # jax.grad one kernel may sit in two wrapper functions, with the same hash: compiled once)
   assert len(set(six)) == len(set(three)), "more layers lowered more distinct kernels"
+
+
+@pytest.mark.parametrize("d_model,d_ff", [(1024, 8192), (4096, 11008), (4096, 14336)])
+def test_other_model_families_lower_for_cuda(d_model, d_ff):
+  """The FFN shapes of other model families (issue 14: Llama-2-7B 4096/11008, Mistral-7B
+  4096/14336, a 1024/8192 FFN; 11008 is not a multiple of the 256-column tile) lower through the
+  Mosaic GPU kernels, inference and training, without a GPU."""
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
+          for s in [(512, d_model), (d_ff, d_model), (d_ff, d_model), (d_ff, d_model)]]
+  cfg = ops.SparseFFNConfig()
+  op = lambda *a: pallas_backend.gated_ffn(*a, cfg)
+  kernels = lambda f: len(kernel_hashes(f, *args))  # noqa: E731
+  assert kernels(lambda *a: op(*a)[0]) >= 2  # gate + fused up/down
+  loss = lambda *a: jnp.sum(op(*a)[0].astype(jnp.float32)) + op(*a)[1].l1
+  assert kernels(jax.grad(loss, argnums=(0, 1, 2, 3))) >= 4  # + backward, weight gradients
