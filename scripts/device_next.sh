@@ -108,6 +108,14 @@ session9b() {  # the backward kernel's new default (4 entries per step) through 
       --shape 4096x14336 4096x11008 1024x8192 --dist clustered skewed zipf --active 28 560 \
       --out "$OUT/bench_ffn_wall_shapes_h200.json"
 }
+session9c() {  # the dispatcher's new line (0.009: ~56 active of 5632 dense) and the static dense
+  # FFN of wider models (d_model > 2048: auto_runs_dense), with two more model families
+  run 120 bench_ffn_line56 python3 experiments/bench_ffn.py --quick --no-cupti \
+      --dist skewed zipf uniform --active 56 --out "$OUT/bench_ffn_line56_h200.json"
+  run 240 bench_ffn_shapes2 python3 experiments/bench_ffn.py --quick --no-cupti \
+      --shape 1024x8192 4096x11008 --dist skewed clustered --active 11 28 \
+      --out "$OUT/bench_ffn_wall_shapes2_h200.json"
+}
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
   run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
@@ -143,6 +151,7 @@ case "${1:-all}" in
   grad_errors) grad_errors ;;
   session9) session9 ;;
   session9b) session9b ;;
+  session9c) session9c ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -311,6 +311,8 @@ def test_dispatch_settings_are_validated(monkeypatch):
   assert resolve_kind(_tiny(), single_step=True) == "device"
   assert resolve_kind(_tiny("model.ffn=silu_dense")) == "device"
   assert resolve_kind(_tiny("model.ffn_impl=xla")) == "device"
+  # wider than the fused kernel pays for: the op's auto mode is the plain dense FFN already
+  assert resolve_kind(_tiny("model.d_model=4096", "model.n_heads=32")) == "device"
   cfg = _tiny()
   graphdef, state = init_state(cfg)
   disp = Dispatcher(cfg, graphdef, state.params, lambda gd: None, tokens_per_call=16384)

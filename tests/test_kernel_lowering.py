@@ -53,15 +53,26 @@ def test_layers_of_one_shape_share_their_kernels(key, mode):
 
 
 @pytest.mark.parametrize("d_model,d_ff", [(1024, 8192), (4096, 11008), (4096, 14336)])
-def test_other_model_families_lower_for_cuda(d_model, d_ff):
+def test_other_model_families_lower_for_cuda(d_model, d_ff, monkeypatch):
   """The FFN shapes of other model families (issue 14: Llama-2-7B 4096/11008, Mistral-7B
   4096/14336, a 1024/8192 FFN; 11008 is not a multiple of the 256-column tile) lower through the
-  Mosaic GPU kernels, inference and training, without a GPU."""
+  Mosaic GPU kernels, inference and training, without a GPU. Through the public op in mode
+  "auto", widths above ``PAYING_MAX_D_MODEL`` (where the fused kernel spills) hold no kernel and
+  no conditional: the plain dense FFN."""
   args = [jax.ShapeDtypeStruct(s, jnp.bfloat16)
           for s in [(512, d_model), (d_ff, d_model), (d_ff, d_model), (d_ff, d_model)]]
-  cfg = ops.SparseFFNConfig()
-  op = lambda *a: pallas_backend.gated_ffn(*a, cfg)
+  forced = ops.SparseFFNConfig(max_active_fraction=None)
+  op = lambda *a: pallas_backend.gated_ffn(*a, forced)
   kernels = lambda f: len(kernel_hashes(f, *args))  # noqa: E731
   assert kernels(lambda *a: op(*a)[0]) >= 2  # gate + fused up/down
   loss = lambda *a: jnp.sum(op(*a)[0].astype(jnp.float32)) + op(*a)[1].l1
   assert kernels(jax.grad(loss, argnums=(0, 1, 2, 3))) >= 4  # + backward, weight gradients
+  from pallas_kernels import common
+  monkeypatch.setattr(common, "hopper_available", lambda: True)  # as on the GPU
+  public = lambda *a: ops.gated_sparse_ffn(*a, implementation="pallas")
+  loss = lambda *a: jnp.sum(public(*a)[0].astype(jnp.float32)) + public(*a)[1].l1
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=("cuda",)).as_text()
+  runs_dense = d_model > pallas_backend.PAYING_MAX_D_MODEL
+  assert ("mosaic_gpu" not in text) == runs_dense
+  assert ("stablehlo.case" not in text and "stablehlo.if" not in text) or not runs_dense

@@ -4,7 +4,10 @@
 that implements the op, with three functions of 2-D ``x [M, d_model]`` and checked weights:
 ``supports(x_MxD, weights, config) -> str | None`` (None: it can run these arguments here; else
 the reason), ``gated_ffn(x_MxD, w_gate, w_up, w_down, config)`` and
-``relu_ffn(x_MxD, w_up, w_down, config)``, both returning ``(y, FFNStats)`` and differentiable.
+``relu_ffn(x_MxD, w_up, w_down, config)``, both returning ``(y, FFNStats)`` and differentiable;
+optionally ``auto_runs_dense(d_model, config) -> bool``: in ``mode="auto"`` the backend knows from
+the shape alone that its sparse path does not pay, and the op runs ``mode="dense"`` instead
+(static: no probe, no conditional).
 A module is imported on first use, so importing ``sparse_jax.ops`` does not import the kernels.
 Adding a backend: its module, a row here, a test subclass of ``tests/ffn_checks.py``.
 
@@ -71,6 +74,11 @@ def _resolve(implementation: Implementation, x_MxD, weights, cfg) -> ModuleType:
   return _module(name)
 
 
+def _auto_runs_dense(backend: ModuleType, d_model: int, cfg: SparseFFNConfig) -> bool:
+  rule = getattr(backend, "auto_runs_dense", None)
+  return cfg.mode == "auto" and rule is not None and rule(d_model, cfg)
+
+
 def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
                      implementation: Implementation = None,
                      config: SparseFFNConfig | None = None) -> tuple[jax.Array, FFNStats]:
@@ -97,7 +105,10 @@ def gated_sparse_ffn(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: j
     y, stats = decode.gated_ffn_decode(x_MxD, w_gate, w_up, w_down, cfg)  # few tokens: generation
     return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_gate, w_up, w_down), cfg)
-  y, stats = backend.gated_ffn(x_MxD, w_gate, w_up, w_down, cfg)
+  if _auto_runs_dense(backend, d_model, cfg):
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_gate, w_up, w_down, cfg.gate_threshold)
+  else:
+    y, stats = backend.gated_ffn(x_MxD, w_gate, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats
 
 
@@ -116,5 +127,8 @@ def sparse_ffn(x: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
     y, stats = decode.relu_ffn_decode(x_MxD, w_up, w_down, cfg)  # few tokens: generation
     return y.reshape(*lead, d_model), stats
   backend = _resolve(implementation, x_MxD, (w_up, w_down), cfg)
-  y, stats = backend.relu_ffn(x_MxD, w_up, w_down, cfg)
+  if _auto_runs_dense(backend, d_model, cfg):
+    y, stats = modes.dense_ffn_with_stats(x_MxD, w_up, None, w_down, cfg.gate_threshold)
+  else:
+    y, stats = backend.relu_ffn(x_MxD, w_up, w_down, cfg)
   return y.reshape(*lead, d_model), stats

@@ -36,7 +36,10 @@ class SparseFFNConfig:
     at least 16). The Pallas kernels need no such budget: they recompute overflowed tiles in place.
   ell_width, tail_capacity: Hybrid (training) ELL width per row and dense-tail rows (default M / 8).
   max_active_fraction: the Pallas backend's dispatcher runs the dense FFN when the estimated
-    fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark.
+    fraction of active gate neurons exceeds this (None: always sparse). Set from the FFN benchmark
+    (H200, paper shape: ~56 of 5632 active per token, 0.0100-0.0104, ran 0.93-1.03x of dense
+    sparse, so the line is at ~51), for d_model <= 2048; wider models run dense in mode "auto"
+    (``pallas_backend.auto_runs_dense``).
   max_active_fraction_train: the same line for a training call (forward + backward under
     ``jax.grad``), where the sparse path stops paying earlier; None uses ``max_active_fraction``.
     With ``max_active_fraction=None`` both are off (always sparse).
@@ -88,7 +91,7 @@ class SparseFFNConfig:
   overflow_capacity: int | None = None
   ell_width: int = hybrid.DEFAULT_WIDTH
   tail_capacity: int | None = None
-  max_active_fraction: float | None = 0.0105
+  max_active_fraction: float | None = 0.009
   max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
   mode: str = "auto"

@@ -94,6 +94,20 @@ def estimate_active_fraction(x_MxD, w_gate, cfg: SparseFFNConfig | None = None) 
                            dispatch.ProbeConfig(tile=cfg.tile, capacity=cfg.twell_capacity))
 
 
+# The fused kernel holds a token's x row (bf16) and its f32 output row in one warp's registers,
+# d_model / 32 elements of each per lane, next to the weight rows in flight. Above d_model 2048
+# that spills: on an H200 at d_model 4096 / d_ff 14336, ~28 active per token (0.2%), the forced
+# sparse op ran 0.89-0.93x of the dense FFN (bench_ffn_wall_shapes_h200.json). There the
+# dispatcher (mode "auto") runs the dense FFN from the shape alone; mode "sparse" or
+# max_active_fraction=None still run the kernels.
+PAYING_MAX_D_MODEL = 2048
+
+
+def auto_runs_dense(d_model: int, cfg: SparseFFNConfig) -> bool:
+  """Whether mode "auto" runs the dense FFN for every call of this width (``ops.api``)."""
+  return cfg.max_active_fraction is not None and d_model > PAYING_MAX_D_MODEL
+
+
 def dispatch_threshold(cfg: SparseFFNConfig, m: int, training: bool = False) -> float:
   """Active fraction above which the dense FFN is faster. ``max_active_fraction`` holds for
   M >= 16384 tokens; fewer tokens leave the fused kernel's CTAs fewer tokens to balance, and the
