@@ -11,7 +11,8 @@ weights and inputs so that the real op sees that activity pattern):
   ``mode_dense`` is the op with ``mode="dense"`` (the plain dense FFN, no probe).
 * ``speedup_host``: the same dispatch rule decided outside the compiled function, as a prepared
   checkpoint's measured statistics or a caller's ``mode`` do (``host_mode``: sparse when the
-  dispatcher's estimate on this batch, ``estimate_active_fraction``, is under its threshold, so
+  dispatcher's estimate on this batch, ``estimate_active_fraction``, is under its threshold and
+  the width is one where the kernels pay (``pallas_backend.auto_runs_dense``), so
   ``sparse_forced``; dense otherwise, so ``mode_dense``): no probe, no ``lax.cond``.
 * ``kernel_speedup``: the breakdown, CUPTI kernel sums (launch gaps excluded) of dense over
   sparse_forced, when the dispatcher chose sparse (its dense branch runs inside a device-side
@@ -70,7 +71,8 @@ def wall_case(case, fns, settings, args) -> dict:
   rows = ffn_cases.error_rows(case.m, settings["err_rows"])
   ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED}
   estimate = float(pallas_backend.estimate_active_fraction(p.x, p.w_gate, args.cfg))
-  mode = "sparse" if estimate <= pallas_backend.dispatch_threshold(args.cfg, case.m) else "dense"
+  mode = ("dense" if pallas_backend.auto_runs_dense(case.d_model, args.cfg)
+          or estimate > pallas_backend.dispatch_threshold(args.cfg, case.m) else "sparse")
   return dict(
       case.fields(), **ffn_cases.activity_fields(p), speedup=wall["speedup"]["sparse"],
       speedup_forced=wall["speedup"]["sparse_forced"],
