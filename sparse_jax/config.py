@@ -386,8 +386,8 @@ class TrainConfig:
     _positive_ints(self, "train", ("dispatch_every", "hot_cold_round_to"))
     _require(not self.hot_cold or self.dispatch in ("auto", "auto_host"), "train.hot_cold",
              self.hot_cold,
-             f"needs train.dispatch=auto_host (the loop decides the split), got "
-             f"train.dispatch={self.dispatch}")
+             f"needs train.dispatch=auto (the default) or auto_host (the loop decides the "
+             f"split), got train.dispatch={self.dispatch}")
     _require(0 < self.dispatch_sparse_below < self.dispatch_dense_above <= 1,
              "train.dispatch_sparse_below", self.dispatch_sparse_below,
              f"must be in (0, dispatch_dense_above={self.dispatch_dense_above}) (hysteresis), "
