@@ -4,7 +4,10 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session9 (~9 min): NEXT. Tie-free gradient checks, backward entries per step, training errors.
+# session10 (~10 min): NEXT. Command buffers with CONDITIONAL/WHILE vs the default (inference
+#   dispatcher, training step gaps), then the training grid (train_host) with the 4-entry backward.
+# session9, session9b, session9c (ran 2026-12-02, ninth session): tie-free gradient checks,
+#   backward entries per step, the inference grid and other model families, the dispatch line.
 # grad_errors (~9 min, ran 2026-12-02 ninth session). Per-gradient errors of the ~11 grid rows, the static-modes GPU tests,
 #   then generation05.
 # session8 (~10 min, ran 2026-12-02 in parts): glue_check (~2 min: GPU tests of the training path), train_host, generation05.
@@ -116,6 +119,20 @@ session9c() {  # the dispatcher's new line (0.009: ~56 active of 5632 dense) and
       --shape 1024x8192 4096x11008 --dist skewed clustered --active 11 28 \
       --out "$OUT/bench_ffn_wall_shapes2_h200.json"
 }
+session10() {  # NEXT. Where the wall clock goes beyond the kernels: the on-device dispatcher lost
+  # 0.27 ms to the forced op at 1024/8192 skewed ~28 (1.10x vs 1.43x) and the sparse training step
+  # is 0.4-0.6 ms above its CUPTI sum; XLA's default command buffers do not list CONDITIONAL or
+  # WHILE (a ConditionalThunk outside one copies its predicate and blocks the host). Same runs with
+  # them enabled; then the training grid with the 4-entry backward and the 2b forward (issue 14).
+  local cb="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE"
+  run 100 bench_ffn_cb_default python3 experiments/bench_ffn.py --quick --no-cupti \
+      --shape 1024x8192 2048x5632 --dist skewed --active 28 168 --out "$OUT/bench_ffn_cb_default_h200.json"
+  XLA_FLAGS="$cb" run 100 bench_ffn_cb_cond python3 experiments/bench_ffn.py --quick --no-cupti \
+      --shape 1024x8192 2048x5632 --dist skewed --active 28 168 --out "$OUT/bench_ffn_cb_cond_h200.json"
+  XLA_FLAGS="$cb" run 120 train_parts_cb_cond python3 experiments/bench_train_parts.py --active 28 \
+      --dist uniform skewed --out "$OUT/train_parts_cb_cond_h200.json"
+  train_host
+}
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
   run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
@@ -152,6 +169,7 @@ case "${1:-all}" in
   session9) session9 ;;
   session9b) session9b ;;
   session9c) session9c ;;
+  session10) session10 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;
