@@ -10,4 +10,4 @@ workers="${SPARSE_JAX_TEST_WORKERS:-2}"
 if [ "$workers" = "0" ]; then
   exec "$py" -m pytest -q "$@"
 fi
-exec "$py" -m pytest -q -n "$workers" --dist loadfile "$@"
+exec "$py" -m pytest -q -n "$workers" --dist loadfile --durations=15 "$@"
