@@ -222,21 +222,21 @@ def make_ffn_problem(key: jax.Array, m: int, d_model: int, d_ff: int, *,
 GATE_TIE_TOL = 1e-5
 
 
+@jax.jit
+def _tie_rows_chunk(x_CxD, w_FxD, tol):
+  x, w = x_CxD.astype(jnp.float32), w_FxD.astype(jnp.float32)
+  with jax.default_matmul_precision("highest"):
+    pre = x @ w.T
+    scale = jnp.abs(x) @ jnp.abs(w).T
+  return jnp.any(jnp.abs(pre) < tol * scale, axis=1)
+
+
 def gate_tie_rows(x_MxD: jax.Array, w_gate_FxD: jax.Array, tol: float = GATE_TIE_TOL,
                   chunk: int = 4096) -> jax.Array:
   """bool [M]: rows of x with a gate pre-activation ``|x_i . w_j| < tol * |x_i| . |w_j|`` (in
   float32 at full precision, ``chunk`` rows at a time)."""
-  w = w_gate_FxD.astype(jnp.float32)
-
-  @jax.jit
-  def rows(xc):
-    xc = xc.astype(jnp.float32)
-    with jax.default_matmul_precision("highest"):
-      pre = xc @ w.T
-      scale = jnp.abs(xc) @ jnp.abs(w).T
-    return jnp.any(jnp.abs(pre) < tol * scale, axis=1)
-
-  return jnp.concatenate([rows(x_MxD[i:i + chunk]) for i in range(0, x_MxD.shape[0], chunk)])
+  return jnp.concatenate([_tie_rows_chunk(x_MxD[i:i + chunk], w_gate_FxD, tol)
+                          for i in range(0, x_MxD.shape[0], chunk)])
 
 
 def tie_free_cotangent(cot_MxD: jax.Array, x_MxD: jax.Array, w_gate_FxD: jax.Array,

@@ -117,6 +117,14 @@ def test_weight_gradient_kernel_paper_shape(key, dist, piece, out_dtype):
     assert rel_err(o, ref) < (1e-5 if out_dtype == jnp.float32 else 8e-3)
 
 
+def _tie_free_cotangent(key, p):
+  """A random cotangent, zero on rows with a gate pre-activation at a ReLU tie (within the tensor
+  cores' accumulation noise): there either side of the ReLU is right (synthetic.GATE_TIE_TOL)."""
+  cot, tied = tie_free_cotangent(jax.random.normal(key, p.x.shape, jnp.float32), p.x, p.w_gate)
+  assert tied < p.x.shape[0] // 4, tied  # ~3-10% of rows at these sizes
+  return cot
+
+
 @pytest.mark.parametrize("entries_per_step", [1, 2])
 def test_backward_kernel_entries_per_step_agree_at_paper_shape(key, entries_per_step):
   """The backward kernel with 1 or 2 entries' Wd rows in flight per step equals the default (4):
@@ -146,10 +154,7 @@ def test_backward_kernel_entries_per_step_agree_at_paper_shape(key, entries_per_
 def test_training_gradients_paper_shape_against_float32(key, dist):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution=dist)
-  # Rows with a gate pre-activation at a ReLU tie (within the tensor cores' accumulation noise)
-  # take a zero cotangent: there either side of the ReLU is right (synthetic.GATE_TIE_TOL).
-  cot, tied = tie_free_cotangent(jax.random.normal(k2, p.x.shape, jnp.float32), p.x, p.w_gate)
-  assert tied < p.x.shape[0] // 4, tied  # ~3-10% of rows at these sizes
+  cot = _tie_free_cotangent(k2, p)
   cfg = ops.SparseFFNConfig(max_active_fraction=None)
 
   def loss(x, wg, wu, wd):
@@ -179,10 +184,7 @@ def test_static_modes_paper_shape_against_float32(key, mode, entry_capacity):
   from sparse_jax.ops.dense import ffn_with_l1
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution="skewed")
-  # Rows with a gate pre-activation at a ReLU tie (within the tensor cores' accumulation noise)
-  # take a zero cotangent: there either side of the ReLU is right (synthetic.GATE_TIE_TOL).
-  cot, tied = tie_free_cotangent(jax.random.normal(k2, p.x.shape, jnp.float32), p.x, p.w_gate)
-  assert tied < p.x.shape[0] // 4, tied  # ~3-10% of rows at these sizes
+  cot = _tie_free_cotangent(k2, p)
   cfg = ops.SparseFFNConfig(mode=mode, entry_capacity=entry_capacity)
 
   def loss(x, wg, wu, wd):

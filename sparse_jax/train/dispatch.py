@@ -203,20 +203,20 @@ def step_lowering(compiled_cfg, mesh) -> Callable:
 
 def resolve_kind(cfg, *, single_step: bool = False) -> str:
   """The ``train.dispatch`` kind that runs. "auto" is "auto_host" where the sparse kernels run (a
-  sparse ``model.ffn`` whose ``model.ffn_impl`` is not "xla", on a Hopper GPU, d_model at most
-  ``PAYING_MAX_D_MODEL``) and "device" elsewhere: a dense FFN has nothing to decide, and the XLA reference op computes the dense
-  product either way, so per-layer patterns would only add compiles. ``single_step`` (scripts
-  that compile one step without the loop, which cannot change its pattern): "device" there."""
+  sparse ``model.ffn`` whose ``model.ffn_impl`` is not "xla", on a Hopper GPU, at a width where
+  the op's "auto" mode does not run dense from the shape alone, ``pallas_backend.auto_runs_dense``)
+  and "device" elsewhere: a dense FFN has nothing to decide, and the XLA reference op computes the
+  dense product either way, so per-layer patterns would only add compiles. ``single_step``
+  (scripts that compile one step without the loop, which cannot change its pattern): "device"
+  there."""
   from pallas_kernels import common
   from sparse_jax.nn.ffn import SPARSE_KINDS
-  from sparse_jax.ops.pallas_backend import PAYING_MAX_D_MODEL
+  from sparse_jax.ops.pallas_backend import auto_runs_dense
   kind = cfg.train.dispatch
   if kind != "auto":
     return kind
-  # Wider models: the op's "auto" mode runs the plain dense FFN statically (the fused kernel
-  # spills there, pallas_backend.auto_runs_dense), so per-layer patterns would decide nothing.
   kernels = (cfg.model.ffn_impl != "xla" and common.hopper_available()
-             and cfg.model.d_model <= PAYING_MAX_D_MODEL)
+             and not auto_runs_dense(cfg.model.d_model, cfg.model.sparse))
   return ("auto_host" if cfg.model.ffn in SPARSE_KINDS and kernels and not single_step
           else "device")
 
