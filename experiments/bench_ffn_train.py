@@ -1,13 +1,17 @@
-"""FFN training benchmark: forward + backward (all four gradients of ``sum(y * cotangent) +
-L1_COEFF * l1``) of the sparse FFN op vs ``jax.grad`` of the bf16 dense FFN, on a Hopper GPU.
+"""FFN training benchmark: forward + backward (the loss ``sum(y * cotangent) + L1_COEFF * l1`` and
+its four gradients, ``jax.value_and_grad`` as a training step computes them) of the sparse FFN
+op vs the bf16 dense FFN, on a Hopper GPU.
 
 Same cases as ``bench_ffn.py`` (shapes x M x distributions x densities, ``sparse_jax.synthetic``).
 Per case, timed side by side (``sparse_jax.benchmarking.side_by_side``: wall clock, alternating
 in one process on the same inputs, median of rounds):
 
-* ``dense``: ``jax.grad`` of the bf16 dense FFN (the dense model; the baseline of every ratio);
+* ``dense``: ``jax.value_and_grad`` of the bf16 dense FFN (the dense model; the baseline of
+  every ratio);
 * ``sparse``: ``mode="sparse"``, the sparse kernels with no conditional around them (what
   ``train.dispatch=auto_host`` runs in a sparse layer);
+* ``defer``: ``mode="sparse"`` with ``overflow_fallback="defer"``: no conditional at all (a
+  call that needed the dense backward is flagged and redone by the training loop);
 * ``mode_dense``: ``mode="dense"``, the op's plain XLA path (what auto_host runs in a dense layer);
 * ``device``: ``mode="auto"``, the on-device dispatcher (gate probe + ``lax.cond``, forward and
   backward; ``train.dispatch=device``).
@@ -53,8 +57,10 @@ from sparse_jax.ops.dense import bf16_gated_ffn_with_l1, ffn_with_l1  # noqa: E4
 from sparse_jax.synthetic import tie_free_cotangent  # noqa: E402
 
 L1_COEFF = 1e-2
-TIMED = ("dense", "sparse", "mode_dense", "device")
-MODES = dict(sparse="sparse", mode_dense="dense", device="auto")   # candidate: SparseFFNConfig.mode
+TIMED = ("dense", "sparse", "defer", "mode_dense", "device")
+# candidate: (SparseFFNConfig.mode, SparseFFNConfig.overflow_fallback)
+MODES = dict(sparse=("sparse", "cond"), defer=("sparse", "defer"), mode_dense=("dense", "cond"),
+             device=("auto", "cond"))
 GRADS = (0, 1, 2, 3)
 GRAD_NAMES = ("dx", "dw_gate", "dw_up", "dw_down")
 
@@ -70,8 +76,8 @@ def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
     y, l1 = ffn_with_l1(x, wg, wu, wd)
     return jnp.sum(y * cot) + L1_COEFF * l1
 
-  def op(mode):
-    c = dataclasses.replace(cfg, mode=mode)
+  def op(mode, fallback="cond"):
+    c = dataclasses.replace(cfg, mode=mode, overflow_fallback=fallback)
 
     def loss(x, wg, wu, wd, cot):
       y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation=impl, config=c)
@@ -79,7 +85,7 @@ def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
     return loss
 
   drop = lambda f: (lambda *a: f(*a)[0])  # noqa: E731
-  out = {name: drop(op(mode)) for name, mode in MODES.items()}
+  out = {name: drop(op(*mode)) for name, mode in MODES.items()}
   return dict(out, dense=dense, reference=reference, sparse_stats=op("sparse"))
 
 
@@ -87,7 +93,10 @@ def compile_steps(args5, impl, cfg) -> tuple[dict, float]:
   """Each candidate's gradient step compiled once for these shapes (+ the float32 reference and
   a statistics step, untimed)."""
   fs = losses(impl, cfg)
-  steps = {k: jax.grad(fs[k], argnums=GRADS) for k in (*TIMED, "reference")}
+  # Timed steps return the loss and the gradients, as a training step does (with jax.grad
+  # alone the forward output is dead code, and XLA drops the forward's conditionals with it).
+  steps = {k: jax.value_and_grad(fs[k], argnums=GRADS) for k in TIMED}
+  steps["reference"] = jax.grad(fs["reference"], argnums=GRADS)
   steps["stats"] = jax.grad(fs["sparse_stats"], argnums=GRADS, has_aux=True)
   t0 = time.perf_counter()
   f32 = tuple(a.astype(jnp.float32) for a in args5)
@@ -116,7 +125,7 @@ def gradient_errors(steps, a) -> tuple[dict, dict, object]:
   float32 step on the arguments ``a`` (x, weights, cotangent), and the sparse step's stats."""
   ref = steps["reference"](*(v.astype(jnp.float32) for v in a))
   got, st = steps["stats"](*a)
-  dense = steps["dense"](*a)
+  dense = steps["dense"](*a)[1]
   rel = lambda gs: {name: float(jnp.linalg.norm(g.astype(jnp.float32) - r)  # noqa: E731
                                 / jnp.linalg.norm(r)) for name, g, r in zip(GRAD_NAMES, gs, ref)}
   return rel(got), rel(dense), st
@@ -142,6 +151,7 @@ def wall_case(case, steps, settings, args) -> dict:
       case.fields(), **ffn_cases.activity_fields(p), host_mode=mode,
       speedup=wall["speedup"][pick], speedup_sparse=wall["speedup"]["sparse"],
       speedup_mode_dense=wall["speedup"]["mode_dense"], speedup_device=wall["speedup"]["device"],
+      speedup_defer=wall["speedup"]["defer"], defer_ms=ms["defer"],
       dense_ms=ms["dense"], host_ms=ms[pick], sparse_ms=ms["sparse"],
       mode_dense_ms=ms["mode_dense"], device_ms=ms["device"], wall=wall,
       **{f"{k}_peak_bytes": peaks[k] for k in TIMED},
@@ -164,7 +174,7 @@ def cupti_case(case, rec, steps, settings, args) -> None:
 
 
 HEAD = ("M", "shape", "dist", "act/tok", "dense ms", "host", "speedup", "sparse ms", "x sparse",
-        "x mode dense", "x device", "kernel x", "peak D GiB", "peak ratio", "grad err",
+        "x defer", "x mode dense", "x device", "kernel x", "peak D GiB", "peak ratio", "grad err",
         "raw err S/D", "ovf", "fallback")
 
 
@@ -173,6 +183,7 @@ def row(r: dict) -> tuple:
   return (str(r["M"]), f"{r['d_model']}x{r['d_ff']}", r["distribution"],
           f"{r['active_per_token']:.1f}", f"{r['dense_ms']:.3f}", r["host_mode"],
           f"{r['speedup']:.2f}", f"{r['sparse_ms']:.3f}", f"{r['speedup_sparse']:.2f}",
+          f"{r['speedup_defer']:.2f}",
           f"{r['speedup_mode_dense']:.2f}", f"{r['speedup_device']:.2f}",
           fmt(r.get("kernel_speedup_sparse"), ".2f"), gib(r["dense_peak_bytes"]),
           fmt(r["peak_ratio"], ".2f"), f"{r['grad_rel_err']:.1e}",

@@ -4,8 +4,8 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session10 (~10 min): NEXT. Command buffers with CONDITIONAL/WHILE vs the default (inference
-#   dispatcher, training step gaps), then the training grid (train_host) with the 4-entry backward.
+# session10 (~7 min): NEXT. Command buffers with CONDITIONAL/WHILE vs the default (inference
+#   dispatcher, training step gaps); then train_host (the training grid with the 4-entry backward).
 # session9, session9b, session9c (ran 2026-12-02, ninth session): tie-free gradient checks,
 #   backward entries per step, the inference grid and other model families, the dispatch line.
 # grad_errors (~9 min, ran 2026-12-02 ninth session). Per-gradient errors of the ~11 grid rows, the static-modes GPU tests,
@@ -129,9 +129,17 @@ session10() {  # NEXT. Where the wall clock goes beyond the kernels: the on-devi
       --shape 1024x8192 2048x5632 --dist skewed --active 28 168 --out "$OUT/bench_ffn_cb_default_h200.json"
   XLA_FLAGS="$cb" run 100 bench_ffn_cb_cond python3 experiments/bench_ffn.py --quick --no-cupti \
       --shape 1024x8192 2048x5632 --dist skewed --active 28 168 --out "$OUT/bench_ffn_cb_cond_h200.json"
+  run 120 train_parts_cb_default python3 experiments/bench_train_parts.py --active 28 \
+      --dist uniform skewed --out "$OUT/train_parts_cb_default_h200.json"
   XLA_FLAGS="$cb" run 120 train_parts_cb_cond python3 experiments/bench_train_parts.py --active 28 \
       --dist uniform skewed --out "$OUT/train_parts_cb_cond_h200.json"
-  train_host
+}
+session11() {  # the conditional-free training call (overflow_fallback="defer") on the timeline and
+  # on the training grid (value_and_grad steps: the forward's conditionals stay live)
+  run 150 trace_train_step python3 experiments/trace_train_step.py \
+      --out "$OUT/trace_train_step_defer_h200.json"
+  run 420 bench_ffn_train_defer python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --out "$OUT/bench_ffn_train_defer_h200.json"
 }
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
@@ -170,6 +178,7 @@ case "${1:-all}" in
   session9b) session9b ;;
   session9c) session9c ;;
   session10) session10 ;;
+  session11) session11 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -137,3 +137,59 @@ def test_dense_branch_neuron_chunks_match_dense_float32(key, gated):
   for a, b in zip(g, ref):
     assert a.shape == b.shape
     assert rel_err(a, b) < 1e-2, rel_err(a, b)
+
+
+def _grads_and_stats(cfg, p, cot):
+  def loss(x, wg, wu, wd):
+    y, st = pallas_backend.gated_ffn(x, wg, wu, wd, cfg)
+    return jnp.sum(y.astype(jnp.float32) * cot) + 0.7 * st.l1, (st, y)
+  return jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(p.x, p.w_gate, p.w_up, p.w_down)
+
+
+@pytest.mark.parametrize("budget", [256, 1])
+def test_deferred_overflow_matches_cond_or_flags_the_call(pallas_interpret, key, budget):
+  """overflow_fallback="defer" (mode sparse): overflowed rows within the row budget are corrected
+  with no conditional, as exactly as with "cond"; over the budget the call's gradients are
+  inexact and FFNStats.dense_fallback says so (the training loop then redoes the step)."""
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 128, 256, 512, active_per_token=12, distribution="skewed")
+  cot = jax.random.normal(k2, p.x.shape, jnp.float32)
+  base = dict(twell_capacity=8, max_active_fraction=None, overflow_capacity=budget, mode="sparse")
+  g_cond, (st_cond, y_cond) = _grads_and_stats(
+      ops.SparseFFNConfig(**base, overflow_fallback="cond"), p, cot)
+  g_def, (st_def, y_def) = _grads_and_stats(
+      ops.SparseFFNConfig(**base, overflow_fallback="defer"), p, cot)
+  assert int(st_def.overflow_rows) == int(st_cond.overflow_rows) > 1
+  np.testing.assert_allclose(np.asarray(y_def, np.float32), np.asarray(y_cond, np.float32),
+                             rtol=1e-6, atol=0)  # the forward is exact either way
+  errs = [rel_err(a, b) for a, b in zip(g_def, g_cond)]
+  if budget == 256:
+    assert not bool(st_def.dense_fallback)
+    assert max(errs) < 1e-5, errs
+    np.testing.assert_array_equal(st_def.active_per_neuron, st_cond.active_per_neuron)
+  else:
+    assert bool(st_def.dense_fallback) and bool(st_cond.dense_fallback)
+    assert max(errs) > 1e-2, errs  # the dense backward was needed and not taken
+
+
+def test_deferred_overflow_training_call_holds_no_conditional(key):
+  """Cross-lowered for the GPU, value and gradients (so no output is dead code): mode sparse
+  with overflow_fallback="defer" has no conditional and no loop (the host never waits for the
+  device inside the step); with "cond" the rare-overflow conditionals are there."""
+  p = make_ffn_problem(key, 300, 512, 768, active_per_token=12)
+
+  def lowered(fallback):
+    cfg = ops.SparseFFNConfig(mode="sparse", overflow_fallback=fallback)
+
+    def loss(*a):
+      y, st = pallas_backend.gated_ffn(*a, cfg)
+      return jnp.sum(y.astype(jnp.float32)) + st.l1 + jnp.sum(st.active_per_neuron)
+    f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
+    return f.trace(p.x, p.w_gate, p.w_up, p.w_down).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+  control = ("stablehlo.case", "stablehlo.if", "stablehlo.while")
+  deferred, cond = lowered("defer"), lowered("cond")
+  assert "mosaic_gpu" in deferred
+  assert not any(c in deferred for c in control), [c for c in control if c in deferred]
+  assert any(c in cond for c in control)

@@ -21,6 +21,7 @@ from sparse_jax.formats import hybrid, twell
 F32 = jnp.float32
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
+OVERFLOW_FALLBACKS = ("cond", "defer")   # SparseFFNConfig.overflow_fallback
 DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
 
 
@@ -55,6 +56,18 @@ class SparseFFNConfig:
     "dense": the plain XLA dense FFN and its ``jax.grad`` (what a dense model runs), with the
       L1 term and the statistics; any backend, no custom VJP.
     A training loop sets it per layer from its own measurements (``sparse_jax.train.dispatch``).
+  overflow_fallback: what a training call in mode "sparse" does on the rare overflow that needs
+    the dense backward (more overflowed rows than the row budget, or more entries than the
+    weight gradients' lists hold):
+    "cond" (default): takes it, under a ``lax.cond``; exact on every call. A conditional makes
+      the host wait for the device (XLA copies its predicate to the host), so the host cannot
+      queue work ahead: measured ~0.3 ms per training call on an H200
+      (experiments/trace_train_step.py).
+    "defer": no conditional anywhere in the call (overflowed rows within the budget are always
+      corrected on a fixed-size dense row path); a call that needed the dense backward returns
+      inexact gradients and says so in ``FFNStats.dense_fallback``. The caller redoes such a
+      step with "cond": the training loop does (``sparse_jax.train.loop``, one host read of
+      the flag per step). Other modes ignore it.
   decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) are in
     the decode regime, where the batched kernels (128-row tiles, a warp per token) do not pay;
     there ``decode_path`` decides. 0 turns the regime off (every call goes to the backend).
@@ -95,6 +108,7 @@ class SparseFFNConfig:
   max_active_fraction_train: float | None = 0.0085
   entry_capacity: int | None = None
   mode: str = "auto"
+  overflow_fallback: str = "cond"
   decode_max_tokens: int = 256
   decode_path: str = "dense"
   decode_density: float = 0.01
@@ -132,8 +146,17 @@ class SparseFFNConfig:
                        f"{self.gate_threshold!r}")
     if self.mode not in MODES:
       raise ValueError(f"SparseFFNConfig.mode must be one of {MODES}, got {self.mode!r}")
+    if self.overflow_fallback not in OVERFLOW_FALLBACKS:
+      raise ValueError(f"SparseFFNConfig.overflow_fallback must be one of {OVERFLOW_FALLBACKS}, "
+                       f"got {self.overflow_fallback!r}")
     if self.twell_capacity > self.tile:
       raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
+
+  @property
+  def defers_overflow(self) -> bool:
+    """A training call holds no conditional and flags the rare overflow instead of taking the
+    dense backward (``overflow_fallback="defer"`` in mode "sparse")."""
+    return self.mode == "sparse" and self.overflow_fallback == "defer"
 
   def overflow_rows_for(self, m: int) -> int:
     return min(m, self.overflow_capacity or max(16, -(-m // 256)))
@@ -154,7 +177,9 @@ class FFNStats:
   overflow_rows: rows (tokens) whose sparse encoding overflowed its capacity in this call; they
     were computed on an exact fallback path, never dropped.
   dense_fallback: the whole call ran on the dense path (too many overflowed rows for the row
-    fallback, or the dispatcher judged the activations too dense for the sparse kernels). Under a
+    fallback, or the dispatcher judged the activations too dense for the sparse kernels). With
+    ``SparseFFNConfig.defers_overflow`` it means the call needed the dense backward and did not
+    take it: its gradients are inexact and the step must be redone with "cond". Under a
     device mesh (``sparse_jax.parallel``) each device decides for itself and the model reports
     the float share of devices that ran dense.
   active_per_neuron: [d_ff] int32, tokens of this call on which each hidden neuron was active

@@ -27,6 +27,7 @@ rules and the numbers behind the thresholds.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -37,15 +38,16 @@ from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_
 from sparse_jax.formats import twell
 from sparse_jax.ops import decode, dispatch
 from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
-from sparse_jax.ops.dense import (ROW_CHUNK, _row_chunks, dense_forward_chunked,
+from sparse_jax.ops.dense import (NEURON_CHUNK, ROW_CHUNK, _row_chunks, dense_forward_chunked,
                                   dense_grads_neuron_chunked, dense_with_stats, ffn_as_model,
                                   matmul_nt)
-from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
+from sparse_jax.ops.nonfinite import nonfinite_rows, with_dense_nonfinite_rows
 
 ROW_BLOCK = 128           # the gate kernel's CTA rows: x is padded to a multiple of it
 ENTRY_HEADROOM = 1.25     # entry capacity over the dispatcher's threshold density
 FORCED_FRACTION = 0.05    # density the entry capacity assumes when the dispatcher is off
 MAX_TWELL_CAPACITY = 128  # the paper's largest (compression factor 2); the kernels' checked range
+ROW_PATH_ONE_CHUNK = 1 << 22  # the backward's row path takes d_ff in one chunk up to budget x d_ff
 # Profiling only (experiments/bench_train_parts.py): the backward skips its dense/sparse lax.cond
 # so CUPTI sees every kernel (it cannot see kernels inside XLA's device-side conditionals).
 # Inexact when the dense branch would have been taken; never set it for training.
@@ -146,7 +148,7 @@ def _active_per_neuron(tw: twell.TwELL) -> jax.Array:
 
 
 def _fused_with_dense_rows(xp, wg, wu, wd, tw: twell.TwELL, w_gate, w_up, w_down, budget: int,
-                           return_r: bool = False):
+                           return_r: bool = False, conditional: bool = True):
   """``twell_ffn.fused_up_down`` with the overflowed rows (up to ``budget``) on a dense row path.
   Same outputs: (y, per-row sum|h|[, r]).
 
@@ -158,7 +160,8 @@ def _fused_with_dense_rows(xp, wg, wu, wd, tw: twell.TwELL, w_gate, w_up, w_down
   them with count 0 (a zero row, no work); flagged rows past the budget keep their counts and the
   kernel's exact recomputation. The dense rows are computed and written under a ``lax.cond`` that
   holds XLA ops only and is skipped when no row overflowed (the common case costs one elementwise
-  pass over the [M, tiles] counts)."""
+  pass over the [M, tiles] counts). ``conditional=False``: the dense rows are always computed
+  and written (a fixed-size row FFN, no conditional: ``SparseFFNConfig.defers_overflow``)."""
   mp = xp.shape[0]
   flagged = tw.row_overflow()
   (rows,) = jnp.nonzero(flagged, size=budget, fill_value=mp)
@@ -175,7 +178,11 @@ def _fused_with_dense_rows(xp, wg, wu, wd, tw: twell.TwELL, w_gate, w_up, w_down
     return (y.at[rows].set(y_rows.astype(y.dtype), mode="drop"),
             l1_rows.at[rows].set(jnp.sum(jnp.abs(h_rows.astype(F32)), axis=1), mode="drop"))
 
-  y, l1_rows = lax.cond(jnp.any(taken), write_dense_rows, lambda y_l1: y_l1, (outs[0], outs[1]))
+  if conditional:
+    y, l1_rows = lax.cond(jnp.any(taken), write_dense_rows, lambda y_l1: y_l1,
+                          (outs[0], outs[1]))
+  else:
+    y, l1_rows = write_dense_rows((outs[0], outs[1]))
   return (y, l1_rows) + tuple(outs[2:])
 
 
@@ -229,6 +236,7 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
 
   e_cap = entry_capacity(cfg, mp, n_pad, cap)
   budget = cfg.overflow_rows_for(m)
+  defer = cfg.defers_overflow
 
   def sparse():
     xp = common.pad_rows(x_MxD, ROW_BLOCK)
@@ -236,7 +244,7 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     # Overflowed rows: dense in the forward (up to the budget; the backward's row path takes the
     # same rows), so no warp recomputes a whole busy row inside the fused kernel.
     outs = _fused_with_dense_rows(xp, wg, wu, wd, tw, w_gate, w_up, w_down, budget,
-                                  return_r=w_up is not None)
+                                  return_r=w_up is not None, conditional=not defer)
     r = outs[2] if w_up is not None else jnp.zeros((mp, nt, cap), F32)
     flagged_p = tw.row_overflow()
     flagged = flagged_p[:m]
@@ -245,11 +253,16 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     n_flagged = jnp.sum(flagged, dtype=jnp.int32)
     # Overflowed lists hold only their first entries: then count from the gate on every row (XLA,
     # row chunks), so the per-neuron counts (dead-neuron tracking) are never short.
-    active = lax.cond(
-        lists.overflowed(),
-        lambda: _flagged_active_counts(x_MxD, w_gate, jnp.ones((m,), bool), jnp.int32(m), budget),
-        lambda: lists.active_per_neuron()[:n] + _flagged_active_counts(
-            x_MxD, w_gate, flagged, n_flagged, budget))
+    if defer:  # the flagged rows within the budget, always (short only on a flagged call)
+      active = lists.active_per_neuron()[:n] + _budget_rows_active_counts(x_MxD, w_gate,
+                                                                          flagged, budget)
+    else:
+      active = lax.cond(
+          lists.overflowed(),
+          lambda: _flagged_active_counts(x_MxD, w_gate, jnp.ones((m,), bool), jnp.int32(m),
+                                         budget),
+          lambda: lists.active_per_neuron()[:n] + _flagged_active_counts(
+              x_MxD, w_gate, flagged, n_flagged, budget))
     stats = make_stats(l0=jnp.sum(tw.counts_MxT[:m]) / m, l1=jnp.sum(outs[1][:m]) / (m * n),
                        overflow_rows=n_flagged,
                        dense_fallback=(n_flagged > budget) | lists.overflowed(),
@@ -276,6 +289,16 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
                too_dense)
 
 
+def _budget_rows_active_counts(x_MxD, w_gate, flagged, budget):
+  """[d_ff] active counts of the gate on the first ``budget`` flagged rows (a gate matmul on the
+  gathered rows; fill rows count nothing)."""
+  m = x_MxD.shape[0]
+  (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
+  xo = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
+  act = jnp.logical_not(matmul_nt(xo, w_gate) <= 0) & (rows < m)[:, None]
+  return jnp.sum(act, axis=0, dtype=jnp.int32)
+
+
 def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_CHUNK):
   """[d_ff] active counts of the gate on the flagged rows (their entries are not in the lists):
   a gate matmul on the gathered rows (at most ``budget``), or, with more, over all rows in
@@ -284,10 +307,7 @@ def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_
   n = w_gate.shape[0]
 
   def few():
-    (rows,) = jnp.nonzero(flagged, size=budget, fill_value=m)
-    xo = jnp.take(x_MxD, rows, axis=0, mode="fill", fill_value=0)
-    act = jnp.logical_not(matmul_nt(xo, w_gate) <= 0) & (rows < m)[:, None]
-    return jnp.sum(act, axis=0, dtype=jnp.int32)
+    return _budget_rows_active_counts(x_MxD, w_gate, flagged, budget)
 
   def many():
     def body(inp):
@@ -320,7 +340,7 @@ def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
   n_flagged = jnp.sum(flagged, dtype=jnp.int32)
   dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]
 
-  def sparse():
+  def sparse(conditional_rows: bool = True):
     dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff)
     # Weight gradients from the forward's entry lists: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut
     # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
@@ -339,12 +359,17 @@ def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
       x_o = jnp.take(x, rows, axis=0, mode="fill", fill_value=0)
       dy_o = jnp.take(d_y.astype(x.dtype), rows, axis=0, mode="fill", fill_value=0)
       # Fill rows are zero in x and dOut, so they contribute nothing; their dx rows are dropped.
-      g = dense_grads_neuron_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff)
+      # One d_ff chunk while the [budget, d_ff] temporaries are small: no loop in the step.
+      chunk = n_pad if budget * n_pad <= ROW_PATH_ONE_CHUNK else NEURON_CHUNK
+      g = dense_grads_neuron_chunked(x_o, dy_o, w_gate, w_up, w_down, coeff, max_chunk=chunk)
       dx = grads[0].at[rows].set(g[0].astype(grads[0].dtype), mode="drop")  # kernel left 0 there
       return (dx,) + tuple((dw.astype(F32) + gw).astype(dw.dtype)
                            for dw, gw in zip(grads[1:], g[1:]))
 
-    grads = lax.cond(n_flagged > 0, add_flagged_rows, lambda g: g, grads)
+    if conditional_rows:
+      grads = lax.cond(n_flagged > 0, add_flagged_rows, lambda g: g, grads)
+    else:  # a fixed-size correction (zero rows when none is flagged), no conditional
+      grads = add_flagged_rows(grads)
     return tuple(a.astype(dt) for a, dt in zip(grads, dtypes))
 
   def dense():
@@ -353,6 +378,11 @@ def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
 
   if PROFILE_WITHOUT_DISPATCH:
     return sparse()
+  if cfg.defers_overflow:
+    # No conditional: the host never waits for the device inside the step. A call that needed
+    # the dense backward (FFNStats.dense_fallback) returns these inexact gradients; the caller
+    # redoes it with overflow_fallback="cond" (sparse_jax.train.loop does).
+    return sparse(conditional_rows=False)
   if cfg.mode == "sparse":
     # The kernels run unconditionally, inside XLA's command buffer. The rare call with more
     # overflowed rows than the row path's budget, or more entries than the lists hold, is
@@ -382,6 +412,12 @@ def _exact_rows(x_MxD, w_gate, w_up, w_down, out):
 
 def _train_forward(x_MxD, w_gate, w_up, w_down, cfg):
   out, res = training_forward(x_MxD, w_gate, w_up, w_down, cfg)
+  if cfg.defers_overflow:
+    # No conditional: a non-finite row of x is flagged like an overflow (the caller redoes the
+    # call with "cond", where that row takes the dense FFN's output).
+    y, stats = out
+    bad = jnp.any(nonfinite_rows(x_MxD))
+    return (y, dataclasses.replace(stats, dense_fallback=stats.dense_fallback | bad)), res
   return _exact_rows(x_MxD, w_gate, w_up, w_down, out), res
 
 

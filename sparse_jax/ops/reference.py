@@ -144,7 +144,10 @@ def _weight_grad(tr: hybrid.EllTranspose, hy: hybrid.Hybrid, v_ell, v_tail, b_Mx
   return g + matmul_tn(v_tail.astype(dt), b_tail)
 
 
-def hybrid_backward(residuals, cotangents, threshold: float = 0.0):
+def hybrid_backward(residuals, cotangents, threshold: float = 0.0, defer: bool = False):
+  """Gradients on the Hybrid pattern; an overflowed call takes the dense backward, or with
+  ``defer`` (``SparseFFNConfig.defers_overflow``) keeps the capped pattern's inexact gradients
+  (the call's ``FFNStats.dense_fallback`` says so)."""
   # P > 0 is the gate's derivative for ReLU and for FATReLU (P is non-zero iff pre > threshold).
   x, w_gate, w_up, w_down, hy, r_ell, r_tail = residuals
   d_y, d_stats = cotangents
@@ -186,7 +189,10 @@ def hybrid_backward(residuals, cotangents, threshold: float = 0.0):
                      w_down)
     return _f32(vjp((d_y, g_l1)))
 
-  d_x, d_wg, d_wu, d_wd = jax.lax.cond(hy.overflow(), dense, lambda: _f32(sparse()))
+  if defer:
+    d_x, d_wg, d_wu, d_wd = _f32(sparse())
+  else:
+    d_x, d_wg, d_wu, d_wd = jax.lax.cond(hy.overflow(), dense, lambda: _f32(sparse()))
   grads = (d_x.astype(x.dtype), d_wg.astype(w_gate.dtype))
   if w_up is not None:
     grads += (d_wu.astype(w_up.dtype),)
@@ -222,7 +228,7 @@ def _gated_fwd(x_MxD, w_gate, w_up, w_down, cfg):
 
 
 def _gated_bwd(cfg, residuals, cotangents):
-  return hybrid_backward(residuals, cotangents, cfg.gate_threshold)
+  return hybrid_backward(residuals, cotangents, cfg.gate_threshold, cfg.defers_overflow)
 
 
 gated_ffn.defvjp(_gated_fwd, _gated_bwd)
@@ -240,7 +246,7 @@ def _relu_fwd(x_MxD, w_up, w_down, cfg):
 
 
 def _relu_bwd(cfg, residuals, cotangents):
-  return hybrid_backward(residuals, cotangents, cfg.gate_threshold)
+  return hybrid_backward(residuals, cotangents, cfg.gate_threshold, cfg.defers_overflow)
 
 
 relu_ffn.defvjp(_relu_fwd, _relu_bwd)
