@@ -141,6 +141,17 @@ session11() {  # the conditional-free training call (overflow_fallback="defer") 
   run 420 bench_ffn_train_defer python3 experiments/bench_ffn_train.py --quick --no-cupti \
       --out "$OUT/bench_ffn_train_defer_h200.json"
 }
+session11b() {  # GPU tests of the deferred overflow; the 0.5b training step, every layer sparse, with
+  # overflow_fallback cond vs defer (each side by side with the dense model in its own process)
+  run 150 gpu_tests_defer python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "deferred or static_modes"
+  for fb in cond defer; do
+    run 200 bench_model_05b_sparse_$fb python3 experiments/bench_model.py --configs 0.5b \
+        --modes train --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 \
+        --max-minutes 2.8 --set train.dispatch=sparse model.sparse.overflow_fallback=$fb \
+        --out "$OUT/bench_model_05b_train_sparse_${fb}_h200.json"
+  done
+}
 glue_check() {  # the loop-free glue of the weight gradients (segment starts, task neurons, CTA
   # bounds without searchsorted loops) through the GPU tests of the training path
   run 150 gpu_tests_glue python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
@@ -179,6 +190,7 @@ case "${1:-all}" in
   session9c) session9c ;;
   session10) session10 ;;
   session11) session11 ;;
+  session11b) session11b ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -24,7 +24,7 @@ import types
 import typing
 from typing import Any
 
-from sparse_jax.ops.base import SparseFFNConfig
+from sparse_jax.ops.base import OVERFLOW_FALLBACKS, SparseFFNConfig
 
 FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense", "relu_dense_bf16")
 FFN_IMPLS = ("auto", "xla", "pallas")
@@ -320,6 +320,14 @@ class TrainConfig:
   hot_cold_round_to: the split's granularity (n_hot is a multiple of it, or all of d_ff).
   nonfinite: a step with a non-finite loss or gradient never changes the weights; "stop" ends the
     run with an error there, "skip" goes on and counts the skipped steps.
+  overflow_fallback: the layers "auto_host" (or "sparse") runs sparse take
+    ``SparseFFNConfig.overflow_fallback`` from here. "defer" (default): no conditional in the
+    step (a conditional makes the host wait for the device; measured 0.3 ms per FFN training
+    call on an H200, and a conditional reserves memory for its dense branch); a step in which a
+    layer needed the dense backward leaves the state unchanged and the loop redoes it at once
+    with "cond" (exact: the run is the same as with "cond"). The loop reads that flag after each
+    step (one host wait per step; it reads the next batch first, while the device works; the cost
+    of that wait at model scale is not measured yet). "cond": the conditionals in every step.
   """
 
   steps: int = 600
@@ -354,6 +362,7 @@ class TrainConfig:
   hot_cold: bool = False
   hot_cold_round_to: int = 128
   nonfinite: str = "stop"
+  overflow_fallback: str = "defer"
   tensorboard: bool = True
   wandb: bool = False
   wandb_project: str | None = None
@@ -380,6 +389,7 @@ class TrainConfig:
                "must be non-negative")
     _choice(self, "train", "l1_norm", L1_NORMS)
     _choice(self, "train", "nonfinite", ("stop", "skip"))
+    _choice(self, "train", "overflow_fallback", OVERFLOW_FALLBACKS)
     _require(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes",
              self.max_minutes, "must be positive or none")
     _choice(self, "train", "dispatch", DISPATCH_KINDS)

@@ -1,5 +1,6 @@
 """sparse_jax.benchmarking: the side-by-side timer, timed windows, memory analysis, result files."""
 import json
+import os
 import time
 
 import jax
@@ -56,6 +57,7 @@ def test_timed_windows_memory_and_results(tmp_path):
   assert meter.stop()["energy_mj"] is None  # no NVML on the CPU, and it says so
   header = benchmarking.run_header()
   assert header["device"].startswith("cpu") and header["command"]
+  assert header["xla_flags"] == os.environ.get("XLA_FLAGS", "")
   path = str(tmp_path / "r" / "out.json")
   benchmarking.write_results(path, header, [dict(a=1)], note="x")
   data = json.load(open(path))

@@ -3,6 +3,7 @@ patterns in the model, and exact resume of the dispatch state."""
 import dataclasses
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -578,3 +579,51 @@ def test_hot_cold_training_resumes_bit_identically(tmp_path):
   restore = lambda run: Checkpointer(os.path.join(run, "checkpoints"), keep=2).restore(
       init_state(cfg_r)[1])[0]
   assert_trees_identical(restore(straight), restore(stopped))
+
+
+# --------------------------------------------------------------------------- deferred overflow
+
+
+@pytest.mark.parametrize("ell_width,redone", [(2, True), (512, False)])
+def test_deferred_overflow_run_equals_the_conditional_run(tmp_path, ell_width, redone):
+  """train.overflow_fallback=defer (no conditional in the step) ends where "cond" does: a step
+  whose sparse backward overflowed (an ELL width of 2 overflows the Hybrid format on every step
+  of a fresh model) leaves the state unchanged and is redone on the exact path (bit-identical to
+  the "cond" run); without overflow nothing is redone, and the run matches to float rounding
+  (XLA fuses the backward differently outside a conditional)."""
+  seed = fresh_seed()
+  runs = {}
+  for fallback in ("defer", "cond"):
+    cfg = short_run_config("train.steps=3", "train.log_every=1", "train.dispatch=sparse",
+                           "model.ffn_impl=xla", f"model.sparse.ell_width={ell_width}",
+                           "model.sparse.tail_capacity=1", f"train.overflow_fallback={fallback}",
+                           "train.ckpt_every=1",
+                           seed=seed)
+    out = str(tmp_path / fallback)
+    runs[fallback] = (train(cfg, out, progress=False), out, cfg)
+  summary, out, cfg = runs["defer"]
+  assert (summary["steps_redone_exactly"] > 0) == redone
+  assert runs["cond"][0]["steps_redone_exactly"] == 0
+  logged = [r["redone"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl")))
+            if r["split"] == "train"]
+  assert sum(logged) == summary["steps_redone_exactly"]
+  cfg_r, _ = resolve_config(cfg)
+  restore = lambda run: Checkpointer(os.path.join(run, "checkpoints"), keep=2).restore(
+      init_state(cfg_r)[1])[0]
+  deferred, conditional = restore(out), restore(runs["cond"][1])
+  # The loop reads the next batch ahead while a deferring step runs; a checkpoint saved then
+  # (step 2 of 3, batch 3 already read) holds the position of the batches trained: resumed from
+  # it, the run trains batch 3 and ends where the straight run did.
+  steps = sorted(int(n) for n in os.listdir(os.path.join(out, "checkpoints")) if n.isdigit())
+  assert steps[-2:] == [2, 3], steps
+  shutil.copytree(out, str(tmp_path / "resumed"))
+  resumed = str(tmp_path / "resumed")
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "3"))
+  assert train(cfg, resumed, progress=False)["steps_redone_exactly"] == (1 if redone else 0)
+  assert_trees_identical(deferred, restore(resumed))
+  if redone:
+    assert_trees_identical(deferred, conditional)
+  else:
+    assert int(deferred.step) == int(conditional.step) == 3
+    for a, b in zip(jax.tree.leaves(deferred.params), jax.tree.leaves(conditional.params)):
+      assert rel_err(a, b) < 1e-5, rel_err(a, b)

@@ -202,3 +202,39 @@ def test_static_modes_paper_shape_against_float32(key, mode, entry_capacity):
   assert bool(st.dense_fallback) == (mode == "dense" or entry_capacity is not None)
   for name, g, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], grads, ref):
     assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
+
+
+@pytest.mark.parametrize("dist,capacity", [("dense_starts", 32), ("skewed", 8)])
+def test_deferred_overflow_paper_shape_matches_cond(key, dist, capacity):
+  """overflow_fallback="defer" on the GPU (no conditional in the call): rows with an overflowed
+  tile (sequence starts; capacity 8 overflows many) are corrected on the fixed-size row path, and
+  the gradients match the "cond" path's and float32; a call over the row budget flags itself."""
+  from sparse_jax.ops.dense import ffn_with_l1
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=11, distribution=dist)
+  cot = _tie_free_cotangent(k2, p)
+  args = (p.x, p.w_gate, p.w_up, p.w_down)
+
+  def run(fallback):
+    cfg = ops.SparseFFNConfig(mode="sparse", overflow_fallback=fallback, twell_capacity=capacity)
+
+    def loss(x, wg, wu, wd):
+      y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation="pallas", config=cfg)
+      return jnp.sum(y.astype(jnp.float32) * cot) + 0.5 * st.l1, st
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(*args)
+
+  def loss_ref(x, wg, wu, wd):
+    y, l1 = ffn_with_l1(x, wg, wu, wd)
+    return jnp.sum(y * cot) + 0.5 * l1
+
+  (v_def, st_def), g_def = run("defer")
+  (v_cond, st_cond), g_cond = run("cond")
+  with jax.default_matmul_precision("highest"):
+    ref = jax.jit(jax.grad(loss_ref, argnums=(0, 1, 2, 3)))(*(a.astype(jnp.float32) for a in args))
+  assert int(st_def.overflow_rows) == int(st_cond.overflow_rows) > 0
+  assert bool(st_def.dense_fallback) == bool(st_cond.dense_fallback)
+  np.testing.assert_allclose(float(v_def), float(v_cond), rtol=1e-6)
+  if not bool(st_def.dense_fallback):
+    for name, a, b, r in zip(["dx", "dw_gate", "dw_up", "dw_down"], g_def, g_cond, ref):
+      assert rel_err(a, b) < 1e-3, (name, rel_err(a, b))
+      assert rel_err(a, r) < 1e-2, (name, rel_err(a, r))

@@ -16,7 +16,8 @@ from sparse_jax.nn import Transformer
 # One valid non-default value per field (all of them: a new field must be added here).
 NEW_VALUES = {"tile": 128, "twell_capacity": 64, "overflow_capacity": 48, "ell_width": 24,
               "tail_capacity": 9, "max_active_fraction": 0.02, "max_active_fraction_train": 0.01,
-              "entry_capacity": 4096, "mode": "sparse", "decode_max_tokens": 64, "decode_path": "union",
+              "entry_capacity": 4096, "mode": "sparse", "overflow_fallback": "defer",
+              "decode_max_tokens": 64, "decode_path": "union",
               "decode_density": 0.02, "decode_union_capacity": 512,
               "decode_max_union_fraction": 0.3, "decode_gate_split": 4, "gate_threshold": 0.05}
 
@@ -42,6 +43,7 @@ def test_cli_print_config_shows_the_field(capsys):
 @pytest.mark.parametrize("override,message", [
     ("model.sparse.twell_capacity=0", "twell_capacity must be a positive int"),
     ("model.sparse.max_active_fraction=2", "max_active_fraction must be None or in"),
+    ("model.sparse.overflow_fallback=later", "overflow_fallback must be one of"),
     ("model.sparse.tiel=3", "model.sparse has no field 'tiel'"),
     ("model.sparse.tile=abc", "model.sparse.tile='abc': expected int"),
     ("model.n_layers.x=1", "model.n_layers is a value, not a section"),

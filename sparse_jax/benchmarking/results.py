@@ -28,10 +28,12 @@ def command_line(script: str | None = None, argv: list[str] | None = None) -> st
 
 
 def run_header(command: str | None = None) -> dict:
-  """device, jax version, command and UTC date of this run."""
+  """device, jax version, command, UTC date and ``XLA_FLAGS`` (they change what is measured) of
+  this run."""
   import jax
   return dict(device=device_name(), jax=jax.__version__, command=command or command_line(),
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def load_json(path: str):

@@ -231,7 +231,7 @@ def dense_grads_neuron_chunked(x, d_y, w_gate, w_up, w_down, coeff, max_chunk=NE
     dws.append(matmul_tn(h.astype(dt), d_y).astype(wd.dtype))
     return dx + dxc, dws
 
-  if n_chunks == 1:  # no loop (a loop in a step makes the host wait on its trip test)
+  if n_chunks == 1:  # no loop: one chunk needs no scan
     dx, dws = body(jnp.zeros((m, d), F32), [c[0] for c in chunks])
     return (dx,) + tuple(g[:n] for g in dws)
   dx, dws = lax.scan(body, jnp.zeros((m, d), F32), chunks)

@@ -164,9 +164,10 @@ def settled_mode(active_fraction: float, fallback: float, *, sparse_below: float
   return modes[0]
 
 
-def apply_op(ffn: nnx.Module, op: LayerOp) -> None:
-  """Sets ``op`` in one FFN module's static op config (in place, before ``nnx.split``): the mode
-  and, for ``n_hot > 0``, the hot/cold split (``FFN.hot_neurons``)."""
+def apply_op(ffn: nnx.Module, op: LayerOp, overflow_fallback: str | None = None) -> None:
+  """Sets ``op`` in one FFN module's static op config (in place, before ``nnx.split``): the mode,
+  ``SparseFFNConfig.overflow_fallback`` if given, and, for ``n_hot > 0``, the hot/cold split
+  (``FFN.hot_neurons``)."""
   from sparse_jax.nn.ffn import SPARSE_KINDS
   if op.n_hot and op.mode == "dense":
     raise ValueError(f"{op}: a dense layer has no hot/cold split")
@@ -175,18 +176,22 @@ def apply_op(ffn: nnx.Module, op: LayerOp) -> None:
                      f"{ffn.kind!r}")
   # Under a mesh the same module runs its computation per device (FFN.compute inside shard_map),
   # so the one config reaches every device.
-  ffn.sparse_config = dataclasses.replace(ffn.sparse_config, mode=op.mode)
+  fallback = overflow_fallback or ffn.sparse_config.overflow_fallback
+  ffn.sparse_config = dataclasses.replace(ffn.sparse_config, mode=op.mode,
+                                          overflow_fallback=fallback)
   ffn.hot_neurons = op.n_hot or None
 
 
-def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern) -> nnx.GraphDef:
-  """``graphdef`` with layer i's FFN running ``pattern[i]`` (params: the model's, values unused)."""
+def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern,
+                 overflow_fallback: str | None = None) -> nnx.GraphDef:
+  """``graphdef`` with layer i's FFN running ``pattern[i]`` (params: the model's, values unused)
+  and, if given, every FFN's ``SparseFFNConfig.overflow_fallback``."""
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
   model = nnx.merge(graphdef, abstract)
   if len(pattern) != len(model.blocks):
     raise ValueError(f"pattern has {len(pattern)} layers, the model {len(model.blocks)}")
   for block, op in zip(model.blocks, pattern):
-    apply_op(block.ffn, op)
+    apply_op(block.ffn, op, overflow_fallback)
   new, _ = nnx.split(model, nnx.Param)
   return new
 
@@ -272,8 +277,14 @@ class Dispatcher:
     self._params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
     self._make_step = make_step
     self._steps: dict[Pattern, Callable] = {}
+    # train.overflow_fallback for the layers this dispatcher runs in mode "sparse"; a step that
+    # a deferring layer flagged is redone by ``exact_step`` (the same pattern with "cond").
+    self.overflow_fallback = tcfg.overflow_fallback
+    self.defers = self.kind in ("auto_host", "sparse") and self.overflow_fallback == "defer"
+    self._exact_steps: dict[Pattern, Callable] = {}
+    self.redone_steps = 0
     self._lower = lower
-    self._graphdefs: dict[Pattern, nnx.GraphDef] = {}
+    self._graphdefs: dict[tuple[Pattern, bool], nnx.GraphDef] = {}   # (pattern, exact)
     self._specs = None            # (state, batch) ShapeDtypeStructs, from the first call
     self.ahead: dict[Pattern, threading.Thread] = {}
     self.ahead_errors: dict[Pattern, BaseException] = {}
@@ -302,12 +313,22 @@ class Dispatcher:
     """The graphdef that runs ``pattern`` (default: the current one)."""
     return self._graphdef_of(self.pattern if pattern is None else pattern)
 
-  def _graphdef_of(self, pattern: Pattern) -> nnx.GraphDef:
+  def _graphdef_of(self, pattern: Pattern, exact: bool = False) -> nnx.GraphDef:
     if self.kind == "device":
       return self._graphdef
-    if pattern not in self._graphdefs:
-      self._graphdefs[pattern] = graphdef_for(self._graphdef, self._params, pattern)
-    return self._graphdefs[pattern]
+    key = (pattern, exact)
+    if key not in self._graphdefs:
+      self._graphdefs[key] = graphdef_for(self._graphdef, self._params, pattern,
+                                          "cond" if exact else self.overflow_fallback)
+    return self._graphdefs[key]
+
+  def exact_step(self, state, batch):
+    """The current pattern's step with ``overflow_fallback="cond"`` (compiled on first use): the
+    loop's redo of a step that a deferring layer flagged (``metrics["redone"]``)."""
+    if self.pattern not in self._exact_steps:
+      self._exact_steps[self.pattern] = self._make_step(self._graphdef_of(self.pattern, True))
+    self.redone_steps += 1
+    return self._exact_steps[self.pattern](state, batch)
 
   def __call__(self, state, batch):
     if self._specs is None and self._lower is not None:

@@ -219,9 +219,12 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     if bad:
       raise guard.DivergenceError(f"step {step}: the weights {', '.join(bad[:3])} hold "
                                   "non-finite values; not saved over the finite checkpoints")
-    ckpt.save(step, state, batches.state, cfg.to_dict(), train_step.state_dict())
+    ckpt.save(step, state, data_state, cfg.to_dict(), train_step.state_dict())
 
   diverged = False
+  # The data position after the last batch trained (what a checkpoint saves); with deferring
+  # layers the next batch is read ahead, while the device runs the step, and is not counted.
+  data_state, upcoming = batches.state, None
   try:
     while step < target:
       if signals.received is not None:
@@ -230,9 +233,24 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
       if deadline is not None and time.perf_counter() > deadline:
         stop_reason = "time budget"
         break
-      batch = next_batch(batches, tcfg.grad_accum,
-                         None if mesh is None else parallel.batch_sharding(mesh, 3, 1))
+      sharding = None if mesh is None else parallel.batch_sharding(mesh, 3, 1)
+      batch = next_batch(batches, tcfg.grad_accum, sharding) if upcoming is None else upcoming
       state, metrics = train_step(state, batch)
+      data_state, upcoming = batches.state, None
+      if train_step.defers:
+        # A deferring layer that needed the dense backward left the state as it was: the step is
+        # redone exactly (train.overflow_fallback). Reading the flag waits for the step, so the
+        # next batch is read first, while the device works.
+        if step + 1 < target:
+          upcoming = next_batch(batches, tcfg.grad_accum, sharding)
+        redone = bool(metrics["redone"])
+      if train_step.defers and redone:
+        state, metrics = train_step.exact_step(state, batch)
+        metrics = dict(metrics, redone=jnp.ones((), jnp.int32))
+        if train_step.redone_steps == 1:
+          say(f"step {step + 1}: a layer's sparse backward overflowed its capacity; the step was "
+              "redone on the exact path (train.overflow_fallback=defer; the log's 'redone' "
+              "counts such steps)")
       # The per-neuron counts of train.hot_cold are for the dispatcher only, not for the log.
       step_metrics = metrics
       metrics = {k: v for k, v in metrics.items() if k != HOT_COLD_COUNTS}
@@ -299,6 +317,7 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   summary = _summary(cfg, state, records, last_val, steady, paths, stop_reason,
                      time.perf_counter() - t0, mesh)
   summary["nonfinite_steps_skipped"] = watch.skipped
+  summary["steps_redone_exactly"] = train_step.redone_steps  # train.overflow_fallback=defer
   with open(paths.summary, "w") as f:
     json.dump(summary, f, indent=2)
   return summary

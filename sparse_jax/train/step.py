@@ -149,7 +149,25 @@ def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphD
                                   opt_state=opt_state, tracker=tracker)
   # A non-finite step leaves the weights as they were (train.nonfinite says what the loop does).
   new_state, metrics["nonfinite"] = guard.keep_finite(state, new_state, loss, grads, updates)
+  # A layer with overflow_fallback="defer" that needed the dense backward has inexact gradients:
+  # the whole state stays as it was (step counter included) and the loop redoes the step with
+  # "cond" (train.overflow_fallback).
+  redo = _needs_redo(graphdef, state.params, stats.dense_fallback)
+  new_state = jax.tree.map(lambda old, new: jnp.where(redo, old, new), state, new_state)
+  metrics["redone"] = redo.astype(jnp.int32)
   return new_state, metrics
+
+
+def _needs_redo(graphdef, params, dense_fallback_L) -> jax.Array:
+  """bool: some FFN layer that defers its rare overflow (``SparseFFNConfig.defers_overflow``, a
+  static property of the graphdef) flagged this step (``FFNStats.dense_fallback``: per layer, a
+  mean over micro-batches and devices)."""
+  defer_L = np.asarray([bool(getattr(b.ffn, "sparse_config", None) is not None
+                             and b.ffn.sparse_config.defers_overflow)
+                        for b in nnx.merge(graphdef, params).blocks])
+  if not defer_L.any():
+    return jnp.zeros((), bool)
+  return jnp.any(jnp.where(defer_L, jnp.asarray(dense_fallback_L) > 0, False))
 
 
 def _eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from sparse_jax.config import TrainConfig
 
-SUMMED = frozenset({"reinit_neurons", "nonfinite"})
+SUMMED = frozenset({"reinit_neurons", "nonfinite", "redone"})
 LAST = frozenset({"lr", "l1_coeff", "l0_ema_L", "dead_fraction_L"})
 
 
