@@ -13,8 +13,12 @@ in one process on the same inputs, median of rounds):
 * ``defer``: ``mode="sparse"`` with ``overflow_fallback="defer"``: no conditional at all (a
   call that needed the dense backward is flagged and redone by the training loop);
 * ``defer_read``: ``defer`` followed by the host read of that flag after every call, as the
-  training loop reads ``metrics["redone"]`` after each step (the device idles from the end of
-  one call to the first launch of the next: one FFN per step is the worst case of that cost);
+  training loop read ``metrics["redone"]`` after each step before it lagged the read (the device
+  idles from the end of one call to the first launch of the next: one FFN per step is the worst
+  case of that cost);
+* ``defer_lagged``: ``defer`` with the host read of the *previous* call's flag once this call is
+  queued, as the training loop reads a light step's flag (``train/loop.py``: the device never
+  waits for the host);
 * ``mode_dense``: ``mode="dense"``, the op's plain XLA path (what auto_host runs in a dense layer);
 * ``device``: ``mode="auto"``, the on-device dispatcher (gate probe + ``lax.cond``, forward and
   backward; ``train.dispatch=device``).
@@ -22,8 +26,8 @@ in one process on the same inputs, median of rounds):
 ``speedup`` (the headline) is dense over the mode ``train.dispatch=auto_host`` settles on for a
 layer with this batch's statistics (``host_mode``: ``sparse_jax.train.dispatch.settled_mode`` of
 the sparse step's active fraction and ``dense_fallback``, with the default thresholds scaled to M)
-and runs it (``train.overflow_fallback=defer``): a sparse layer runs ``defer_read`` (``defer`` in
-runs made before it existed), plus the ``sparse``
+and runs it (``train.overflow_fallback=defer``): a sparse layer runs ``defer_lagged``
+(``defer_read`` or ``defer`` in runs made before they existed: ``host_timed``), plus the ``sparse``
 step when the call flagged itself (the loop's exact redo: ``host`` "defer+redo"); a dense layer
 runs ``mode_dense``. Also: ``speedup_sparse``, ``speedup_defer``, ``speedup_mode_dense``,
 ``speedup_device``;
@@ -66,6 +70,8 @@ from sparse_jax.synthetic import tie_free_cotangent  # noqa: E402
 L1_COEFF = 1e-2
 TIMED = ("dense", "sparse", "defer", "mode_dense", "device")
 READ = "defer_read"  # the defer step and the host read of its flag (timed; peak = defer's)
+LAG = "defer_lagged"  # the defer step and the read of the previous call's flag (the loop's)
+READS = (READ, LAG)
 # candidate: (SparseFFNConfig.mode, SparseFFNConfig.overflow_fallback)
 MODES = dict(sparse=("sparse", "cond"), defer=("sparse", "defer"), mode_dense=("dense", "cond"),
              device=("auto", "cond"))
@@ -146,10 +152,10 @@ def host_pick(mode: str, fallback: float, ms: dict, peaks: dict) -> dict:
   """The headline fields for what the training loop runs for this batch: a sparse layer runs the
   ``defer`` step, plus the exact ``sparse`` step when the call flagged itself (the loop's redo);
   a dense layer runs ``mode_dense``."""
-  sparse = READ if READ in ms else "defer"
+  sparse = LAG if LAG in ms else READ if READ in ms else "defer"
   pick = sparse if mode == "sparse" else "mode_dense"
   host_ms = ms[pick] + (ms["sparse"] if pick == sparse and fallback else 0.0)
-  peaks = dict(peaks, **{READ: peaks["defer"]})
+  peaks = dict(peaks, **{k: peaks["defer"] for k in READS})
   peak = max(peaks[pick], peaks["sparse"]) if pick == sparse and fallback else peaks[pick]
   return dict(host_mode=("defer+redo" if fallback else "defer") if mode == "sparse" else "dense",
               host_timed=pick, speedup=ms["dense"] / host_ms, host_ms=host_ms,
@@ -162,7 +168,7 @@ def rederive(path: str, command: str) -> dict:
   run = load_json(path)
   for r in run["records"]:
     mode = host_mode(r["op_active_per_token"], r["d_ff"], r["dense_fallback"], r["M"])
-    ms = {k: r[f"{k}_ms"] for k in TIMED + (READ,) if f"{k}_ms" in r}
+    ms = {k: r[f"{k}_ms"] for k in TIMED + READS if f"{k}_ms" in r}
     peaks = {k: r[f"{k}_peak_bytes"] for k in TIMED}
     r.update(host_pick(mode, r["dense_fallback"], ms, peaks))
   run["header"]["rederived"] = dict(command=command, source=path, note=rederive.__doc__.strip())
@@ -174,11 +180,19 @@ def wall_case(case, steps, settings, args) -> dict:
   p = case.problem(args.seq_len)
   cot = jax.random.normal(jax.random.key(case.seed + 1), p.x.shape, jnp.float32)
   a = (p.x, p.w_gate, p.w_up, p.w_down, cot)
-  def read_flag(*a):  # the training loop's read of the step's flag, after each call
+  def read_flag(*a):  # a read of the step's flag after each call
     (loss, flag), grads = steps[READ](*a)
     bool(flag)
     return loss, grads
-  wall = benchmarking.side_by_side({**{k: steps[k] for k in TIMED}, READ: read_flag}, a,
+  unread = []
+  def read_previous_flag(*a):  # the loop's read: the previous call's flag, this call queued
+    (loss, flag), grads = steps[READ](*a)
+    if unread:
+      bool(unread.pop())
+    unread.append(flag)
+    return loss, grads
+  wall = benchmarking.side_by_side({**{k: steps[k] for k in TIMED}, READ: read_flag,
+                                    LAG: read_previous_flag}, a,
                                    rounds=settings["rounds"],
                                    calls_per_round=settings["calls_per_round"], baseline="dense")
   errs_raw, dense_errs_raw, st = gradient_errors(steps, a)
@@ -186,7 +200,7 @@ def wall_case(case, steps, settings, args) -> dict:
   errs, dense_errs, _ = gradient_errors(steps, a[:4] + (cot_tie_free,))
   err = max(errs.values())
   peaks = {k: benchmarking.compiled_memory(steps[k])["peak_bytes"] for k in TIMED}
-  ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED + (READ,)}
+  ms = {k: wall["candidates"][k]["median_ms"] for k in TIMED + READS}
   fallback = float(st.dense_fallback)
   mode = host_mode(float(st.l0), p.w_gate.shape[0], fallback, p.x.shape[0])
   ratio = lambda a, b: a / b if a and b else None  # noqa: E731
@@ -196,6 +210,7 @@ def wall_case(case, steps, settings, args) -> dict:
       speedup_mode_dense=wall["speedup"]["mode_dense"], speedup_device=wall["speedup"]["device"],
       speedup_defer=wall["speedup"]["defer"], defer_ms=ms["defer"],
       speedup_defer_read=wall["speedup"][READ], defer_read_ms=ms[READ],
+      speedup_defer_lagged=wall["speedup"][LAG], defer_lagged_ms=ms[LAG],
       dense_ms=ms["dense"], sparse_ms=ms["sparse"],
       mode_dense_ms=ms["mode_dense"], device_ms=ms["device"], wall=wall,
       **{f"{k}_peak_bytes": peaks[k] for k in TIMED},
@@ -217,7 +232,7 @@ def cupti_case(case, rec, steps, settings, args) -> None:
 
 
 HEAD = ("M", "shape", "dist", "act/tok", "dense ms", "host", "speedup", "sparse ms", "x sparse",
-        "x defer", "x read", "x mode dense", "x device", "kernel x", "peak D GiB", "peak ratio", "grad err",
+        "x defer", "x read", "x lagged", "x mode dense", "x device", "kernel x", "peak D GiB", "peak ratio", "grad err",
         "raw err S/D", "ovf", "fallback")
 
 
@@ -227,6 +242,7 @@ def row(r: dict) -> tuple:
           f"{r['active_per_token']:.1f}", f"{r['dense_ms']:.3f}", r["host_mode"],
           f"{r['speedup']:.2f}", f"{r['sparse_ms']:.3f}", f"{r['speedup_sparse']:.2f}",
           f"{r['speedup_defer']:.2f}", fmt(r.get("speedup_defer_read"), ".2f"),
+          fmt(r.get("speedup_defer_lagged"), ".2f"),
           f"{r['speedup_mode_dense']:.2f}", f"{r['speedup_device']:.2f}",
           fmt(r.get("kernel_speedup_sparse"), ".2f"), gib(r["dense_peak_bytes"]),
           fmt(r["peak_ratio"], ".2f"), f"{r['grad_rel_err']:.1e}",

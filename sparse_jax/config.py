@@ -324,10 +324,12 @@ class TrainConfig:
     ``SparseFFNConfig.overflow_fallback`` from here. "defer" (default): no conditional in the
     step (a conditional makes the host wait for the device; measured 0.3 ms per FFN training
     call on an H200, and a conditional reserves memory for its dense branch); a step in which a
-    layer needed the dense backward leaves the state unchanged and the loop redoes it at once
-    with "cond" (exact: the run is the same as with "cond"). The loop reads that flag after each
-    step (one host wait per step; it reads the next batch first, while the device works; the cost
-    of that wait at model scale is not measured yet). "cond": the conditionals in every step.
+    layer needed the dense backward leaves the state unchanged and the loop redoes it with
+    "cond" (exact: the run is the same as with "cond"). The loop reads that flag one step late,
+    once the next step is queued (which gets the unread flag and keeps the state too if it is
+    set; the loop then redoes the flagged step and reruns the next one), so the device never
+    waits for the read; steps that log, decide, evaluate or checkpoint have it read at once.
+    "cond": the conditionals in every step.
   """
 
   steps: int = 600

@@ -198,12 +198,16 @@ def graphdef_for(graphdef: nnx.GraphDef, params: nnx.State, pattern: Pattern,
 
 def step_lowering(compiled_cfg, mesh) -> Callable:
   """``lower(graphdef, state_spec, batch_spec)`` of the loop's train step (``train/step.py``)
-  for ``Dispatcher``'s compile-ahead: the same jit objects the loop calls, so the compiled
-  executable lands in their cache."""
+  for ``Dispatcher``'s compile-ahead: the same jit objects the loop calls, with a ``hold`` placed
+  as ``step.no_hold`` places it, so the compiled executable lands in their cache."""
   from sparse_jax.train import step as train_step_module
+  hold = train_step_module.no_hold(mesh)
+  hold_spec = jax.ShapeDtypeStruct(hold.shape, hold.dtype, sharding=hold.sharding)
   if mesh is None:
-    return lambda gd, s, b: train_step_module.train_step.lower(s, b, graphdef=gd, cfg=compiled_cfg)
-  return lambda gd, s, b: train_step_module.sharded_steps(gd, compiled_cfg, mesh)[0].lower(s, b)
+    return lambda gd, s, b: train_step_module.train_step.lower(s, b, hold_spec, graphdef=gd,
+                                                               cfg=compiled_cfg)
+  return lambda gd, s, b: train_step_module.sharded_steps(gd, compiled_cfg, mesh)[0].lower(
+      s, b, hold_spec)
 
 
 def resolve_kind(cfg, *, single_step: bool = False) -> str:
@@ -242,8 +246,9 @@ def static_graphdef(cfg, graphdef: nnx.GraphDef, params: nnx.State) -> nnx.Graph
 class Dispatcher:
   """The run's current pattern, its hysteresis decisions and the compiled step of each pattern.
 
-  ``make_step(graphdef)`` returns the step function ``(state, batch) -> (state, metrics)`` for a
-  graphdef (the loop's ``step_functions(...)[0]``); it is called once per pattern.
+  ``make_step(graphdef)`` returns the step function ``(state, batch, hold=None) -> (state,
+  metrics)`` for a graphdef (the loop's ``step_functions(...)[0]``); it is called once per
+  pattern.
   ``lower(graphdef, state_spec, batch_spec)``, if given, lowers that step for abstract arguments
   (``jit(...).lower``): the likely next pattern is then compiled ahead in a background thread.
   """
@@ -330,14 +335,16 @@ class Dispatcher:
     self.redone_steps += 1
     return self._exact_steps[self.pattern](state, batch)
 
-  def __call__(self, state, batch):
+  def __call__(self, state, batch, hold=None):
+    """The current pattern's step; ``hold`` (the previous step's unread ``metrics["redone"]``,
+    None: none) keeps the state if non-zero (``train/step.py``)."""
     if self._specs is None and self._lower is not None:
       # Only committed arrays carry their sharding into jit's cache key.
       spec = lambda a: jax.ShapeDtypeStruct(
           np.shape(a), jax.dtypes.canonicalize_dtype(a.dtype),
           sharding=a.sharding if getattr(a, "committed", False) else None)
       self._specs = (jax.tree.map(spec, state), spec(batch))
-    return self.step_fn()(state, batch)
+    return self.step_fn()(state, batch, hold)
 
   def compile_ahead(self, pattern: Pattern) -> threading.Thread | None:
     """Starts compiling ``pattern``'s step in a background thread (None: nothing to do). The

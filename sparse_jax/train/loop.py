@@ -222,62 +222,102 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     ckpt.save(step, state, data_state, cfg.to_dict(), train_step.state_dict())
 
   diverged = False
-  # The data position after the last batch trained (what a checkpoint saves); with deferring
-  # layers the next batch is read ahead, while the device runs the step, and is not counted.
-  data_state, upcoming = batches.state, None
+  sharding = None if mesh is None else parallel.batch_sharding(mesh, 3, 1)
+
+  def redo(state, batch, metrics, number):
+    """(state, metrics) of a step whose 'redone' flag is read: a deferring layer that needed the
+    dense backward left the state as it was, and the step is redone exactly
+    (train.overflow_fallback=defer)."""
+    if not bool(metrics["redone"]):
+      return state, metrics
+    state, metrics = train_step.exact_step(state, batch)
+    if train_step.redone_steps == 1:
+      say(f"step {number}: a layer's sparse backward overflowed its capacity; the step was "
+          "redone on the exact path (train.overflow_fallback=defer; the log's 'redone' counts "
+          "such steps)")
+    return state, dict(metrics, redone=jnp.ones((), jnp.int32))
+
+  def finish(metrics, data_after):
+    """The host's part of a step done: log, dispatch decision, evaluation, checkpoint."""
+    nonlocal step, data_state, last_t, last_step, last_val, state
+    data_state = data_after
+    # The per-neuron counts of train.hot_cold are for the dispatcher only, not for the log.
+    step_metrics = metrics
+    metrics = {k: v for k, v in metrics.items() if k != HOT_COLD_COUNTS}
+    interval.add(metrics)
+    step += 1
+    bar.update(step)
+    watch.after_step(step, metrics)
+    # The dispatcher reads this step's own metrics (the log records hold interval averages).
+    if step % tcfg.log_every == 0 or step == target:
+      metrics = interval.take()
+      now = time.perf_counter()
+      dt, n_tok = now - last_t, (step - last_step) * tokens_per_step
+      if last_step != start_step:
+        steady.append((n_tok, dt))
+      rec = dict(split="train", step=step, tokens=step * tokens_per_step,
+                 tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, ffn_modes=train_step.code(),
+                 **metrics)
+      log.write(rec)
+      tracker.write(rec)
+      bar.set_postfix(_postfix(rec, d_ff))
+      last_t, last_step = time.perf_counter(), step
+    train_step.after_step(step, step_metrics)
+    state = train_step.refresh(state)  # train.hot_cold's neuron reorderings, if any
+    if step % tcfg.eval_every == 0:
+      last_val = run_eval(step)
+    if step % tcfg.ckpt_every == 0:
+      save()
+
+  def light(n):
+    """Whether step ``n`` (1-based) needs nothing of the host before step n + 1 runs: its flag
+    can then be read once step n + 1 is queued (no log, decision, evaluation or checkpoint)."""
+    return (train_step.defers and n < target and not train_step.due(n)
+            and all(n % every for every in (tcfg.log_every, tcfg.eval_every, tcfg.ckpt_every)))
+
+  # With deferring layers (train.overflow_fallback=defer) a step's 'redone' flag is read on the
+  # host only once the next step is queued, so the device never idles on the read: the next step
+  # gets the unread flag as its ``hold`` and keeps the state too if it is set, and the loop then
+  # redoes the flagged step exactly and reruns the one after. ``lagged`` is such a step (its batch,
+  # metrics and the data position after it). A step the host must finish first (``light``) has
+  # its flag read at once, after the next batch is read ahead (``upcoming``). ``data_state`` is
+  # the position after the last batch finished: what a checkpoint saves.
+  data_state, upcoming, lagged = batches.state, None, None
   try:
-    while step < target:
+    while step + (lagged is not None) < target:
       if signals.received is not None:
         stop_reason = f"signal {signals.name}"
         break
       if deadline is not None and time.perf_counter() > deadline:
         stop_reason = "time budget"
         break
-      sharding = None if mesh is None else parallel.batch_sharding(mesh, 3, 1)
+      n = step + (lagged is not None) + 1  # steps done once this one is
       batch = next_batch(batches, tcfg.grad_accum, sharding) if upcoming is None else upcoming
-      state, metrics = train_step(state, batch)
-      data_state, upcoming = batches.state, None
-      if train_step.defers:
-        # A deferring layer that needed the dense backward left the state as it was: the step is
-        # redone exactly (train.overflow_fallback). Reading the flag waits for the step, so the
-        # next batch is read first, while the device works.
-        if step + 1 < target:
-          upcoming = next_batch(batches, tcfg.grad_accum, sharding)
-        redone = bool(metrics["redone"])
-      if train_step.defers and redone:
-        state, metrics = train_step.exact_step(state, batch)
-        metrics = dict(metrics, redone=jnp.ones((), jnp.int32))
-        if train_step.redone_steps == 1:
-          say(f"step {step + 1}: a layer's sparse backward overflowed its capacity; the step was "
-              "redone on the exact path (train.overflow_fallback=defer; the log's 'redone' "
-              "counts such steps)")
-      # The per-neuron counts of train.hot_cold are for the dispatcher only, not for the log.
-      step_metrics = metrics
-      metrics = {k: v for k, v in metrics.items() if k != HOT_COLD_COUNTS}
-      interval.add(metrics)
-      step += 1
-      bar.update(step)
-      watch.after_step(step, metrics)
-      # The dispatcher reads this step's own metrics (the log records hold interval averages).
-      if step % tcfg.log_every == 0 or step == target:
-        metrics = interval.take()
-        now = time.perf_counter()
-        dt, n_tok = now - last_t, (step - last_step) * tokens_per_step
-        if last_step != start_step:
-          steady.append((n_tok, dt))
-        rec = dict(split="train", step=step, tokens=step * tokens_per_step,
-                   tokens_per_s=n_tok / dt, elapsed_s=now - t_loop, ffn_modes=train_step.code(),
-                   **metrics)
-        log.write(rec)
-        tracker.write(rec)
-        bar.set_postfix(_postfix(rec, d_ff))
-        last_t, last_step = time.perf_counter(), step
-      train_step.after_step(step, step_metrics)
-      state = train_step.refresh(state)  # train.hot_cold's neuron reorderings, if any
-      if step % tcfg.eval_every == 0:
-        last_val = run_eval(step)
-      if step % tcfg.ckpt_every == 0:
-        save()
+      data_after, upcoming = batches.state, None
+      state, metrics = train_step(state, batch, None if lagged is None else lagged[1]["redone"])
+      done = []
+      if lagged is not None:
+        l_batch, l_metrics, l_data = lagged
+        lagged = None
+        if bool(l_metrics["redone"]):  # waits for the lagged step only: this one is queued
+          # This step kept the state it got, the lagged step's input: redo that one, rerun this.
+          state, l_metrics = redo(state, l_batch, l_metrics, n - 1)
+          state, metrics = train_step(state, batch)
+        done.append((l_metrics, l_data))
+      if light(n):
+        lagged = (batch, metrics, data_after)
+      else:
+        if train_step.defers:
+          if n < target:  # read while the device runs this step, before its flag is read
+            upcoming = next_batch(batches, tcfg.grad_accum, sharding)
+          state, metrics = redo(state, batch, metrics, n)
+        done.append((metrics, data_after))
+      for metrics, data_after in done:
+        finish(metrics, data_after)
+    if lagged is not None:  # stopped early (signal, time budget) behind a lagged step
+      (l_batch, l_metrics, l_data), lagged = lagged, None
+      state, l_metrics = redo(state, l_batch, l_metrics, step + 1)
+      finish(l_metrics, l_data)
     watch.flush()
   except guard.StopNow:
     raise
@@ -293,14 +333,18 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
     tracker.flush()
   if stop_reason == "steps" and step < tcfg.steps:
     stop_reason = "stop_at"
-  # However the loop ended, the state it reached is saved (unless that step already is).
-  if step > 0 and ckpt.latest_step() != step:
+  # However the loop ended, the state it reached is saved (unless that step already is). An
+  # interrupt raised inside a step (not a signal: those stop between steps) can leave a state that
+  # is not the one of the steps finished; it is then not saved.
+  if (step > 0 and ckpt.latest_step() != step
+      and (stop_reason != "interrupted" or _state_is_at(state, step))):
     save()
+  saved = ckpt.latest_step()
   ckpt.close()
   if stop_reason == "interrupted" or signals.received is not None:
     tracker.close()  # the records so far stay in the event files / the W&B run
-    where = (f"the checkpoint of step {step} is saved in {paths.checkpoints}, rerun the same "
-             "command to resume" if step > 0 else "nothing was trained or saved yet")
+    where = (f"the checkpoint of step {saved} is saved in {paths.checkpoints}, rerun the same "
+             "command to resume" if saved else "nothing was trained or saved yet")
     message = f"stopped by {signals.name or 'an interrupt'} at step {step}; {where}"
     if signals.received is not None:
       raise guard.StoppedBySignal(message, signals.received)
@@ -321,6 +365,14 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
   with open(paths.summary, "w") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+def _state_is_at(state, step: int) -> bool:
+  """Whether ``state`` is readable and has taken ``step`` optimiser steps."""
+  try:
+    return int(jax.device_get(state.step)) == step
+  except RuntimeError:  # its arrays were donated to a step that did not return
+    return False
 
 
 def _summary(cfg, state, records, last_val, steady, paths, stop_reason, wall_s, mesh) -> dict:

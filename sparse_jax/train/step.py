@@ -123,8 +123,14 @@ def _reinit_dead(params, graphdef, dead_LxF, key):
 HOT_COLD_COUNTS = "active_per_neuron_LxF"
 
 
-def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
-  """One optimiser step on a [grad_accum, micro_batch, seq_len + 1] int32 batch."""
+def _train_step(state: TrainState, batch_AxBxL1: jax.Array, hold: jax.Array | None = None, *,
+                graphdef: nnx.GraphDef, cfg: Config):
+  """One optimiser step on a [grad_accum, micro_batch, seq_len + 1] int32 batch.
+
+  ``hold`` (int32 scalar, or None): with deferring layers (train.overflow_fallback=defer), a
+  non-zero value keeps the state as it was, as the step's own flag does: the loop passes the
+  previous step's ``metrics["redone"]`` without reading it, so a step queued behind a flagged one
+  gives that step's input state back for the exact redo (``train/loop.py``)."""
   tcfg = cfg.train
   coeff = l1_coeff_at(state.step, tcfg)
   grads, loss, ce, l1, stats = _accumulate(state.params, graphdef, batch_AxBxL1, coeff, cfg)
@@ -152,22 +158,24 @@ def _train_step(state: TrainState, batch_AxBxL1: jax.Array, graphdef: nnx.GraphD
   # A layer with overflow_fallback="defer" that needed the dense backward has inexact gradients:
   # the whole state stays as it was (step counter included) and the loop redoes the step with
   # "cond" (train.overflow_fallback).
-  redo = _needs_redo(graphdef, state.params, stats.dense_fallback)
+  redo = _needs_redo(graphdef, state, stats.dense_fallback, hold)
   new_state = jax.tree.map(lambda old, new: jnp.where(redo, old, new), state, new_state)
   metrics["redone"] = redo.astype(jnp.int32)
   return new_state, metrics
 
 
-def _needs_redo(graphdef, params, dense_fallback_L) -> jax.Array:
+def _needs_redo(graphdef, state: TrainState, dense_fallback_L, hold=None) -> jax.Array:
   """bool: some FFN layer that defers its rare overflow (``SparseFFNConfig.defers_overflow``, a
   static property of the graphdef) flagged this step (``FFNStats.dense_fallback``: per layer, a
-  mean over micro-batches and devices)."""
+  mean over micro-batches and devices), or ``hold`` is non-zero (only where a layer defers: a
+  graphdef without one is never held)."""
   defer_L = np.asarray([bool(getattr(b.ffn, "sparse_config", None) is not None
                              and b.ffn.sparse_config.defers_overflow)
-                        for b in nnx.merge(graphdef, params).blocks])
+                        for b in nnx.merge(graphdef, state.params).blocks])
   if not defer_L.any():
     return jnp.zeros((), bool)
-  return jnp.any(jnp.where(defer_L, jnp.asarray(dense_fallback_L) > 0, False))
+  own = jnp.any(jnp.where(defer_L, jnp.asarray(dense_fallback_L) > 0, False))
+  return own if hold is None else own | (hold != 0)
 
 
 def _eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
@@ -186,13 +194,15 @@ eval_step = jax.jit(_eval_step, static_argnames=("graphdef", "cfg"))
 
 @functools.lru_cache(maxsize=8)
 def sharded_steps(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh):
-  """(train_step(state, batch), eval_step(params, batch)) compiled for ``mesh``: the state in
-  its ``state_shardings`` in and out (donated), batches split over every device along their
-  sequence axis, metrics replicated. Cached, so runs of the same settings compile once."""
+  """(train_step(state, batch, hold), eval_step(params, batch)) compiled for ``mesh``: the state
+  in its ``state_shardings`` in and out (donated), batches split over every device along their
+  sequence axis, ``hold`` and the metrics replicated. Cached, so runs of the same settings compile
+  once."""
   shardings = state_shardings(cfg, mesh)
   replicated = NamedSharding(mesh, P())
   train = jax.jit(functools.partial(_train_step, graphdef=graphdef, cfg=cfg),
-                  in_shardings=(shardings, parallel.batch_sharding(mesh, ndim=3, axis=1)),
+                  in_shardings=(shardings, parallel.batch_sharding(mesh, ndim=3, axis=1),
+                                replicated),
                   out_shardings=(shardings, replicated), donate_argnums=0)
   evaluate = jax.jit(functools.partial(_eval_step, graphdef=graphdef, cfg=cfg),
                      in_shardings=(shardings.params, parallel.batch_sharding(mesh, ndim=2, axis=0)),
@@ -200,15 +210,27 @@ def sharded_steps(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh):
   return train, evaluate
 
 
-def step_functions(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None = None):
-  """(train(state, batch), evaluate(params, batch)) taking host (numpy) batches: the jitted
-  single-device steps, or on ``mesh`` the ``sharded_steps`` with each batch placed split over the
-  devices (each process places only its own devices' part)."""
+@functools.lru_cache(maxsize=8)
+def no_hold(mesh: Mesh | None = None) -> jax.Array:
+  """The ``hold`` of a step queued behind none (a committed int32 zero: on the first device, or
+  replicated on ``mesh``), so that every call of a step hits one compiled executable."""
   if mesh is None:
-    return (functools.partial(train_step, graphdef=graphdef, cfg=cfg),
-            functools.partial(eval_step, graphdef=graphdef, cfg=cfg))
+    return jax.device_put(np.zeros((), np.int32), jax.devices()[0])
+  return parallel.put(np.zeros((), np.int32), NamedSharding(mesh, P()))
+
+
+def step_functions(graphdef: nnx.GraphDef, cfg: Config, mesh: Mesh | None = None):
+  """(train(state, batch, hold=None), evaluate(params, batch)) taking host (numpy) batches: the
+  jitted single-device steps, or on ``mesh`` the ``sharded_steps`` with each batch placed split
+  over the devices (each process places only its own devices' part). ``hold`` None is
+  ``no_hold(mesh)``."""
+  if mesh is None:
+    train = lambda state, batch, hold=None: train_step(
+        state, batch, no_hold() if hold is None else hold, graphdef=graphdef, cfg=cfg)
+    return train, functools.partial(eval_step, graphdef=graphdef, cfg=cfg)
   train, evaluate = sharded_steps(graphdef, cfg, mesh)
   train_in = parallel.batch_sharding(mesh, ndim=3, axis=1)
   eval_in = parallel.batch_sharding(mesh, ndim=2, axis=0)
-  return (lambda state, batch: train(state, parallel.put(np.asarray(batch), train_in)),
+  return (lambda state, batch, hold=None: train(state, parallel.put(np.asarray(batch), train_in),
+                                                no_hold(mesh) if hold is None else hold),
           lambda params, batch: evaluate(params, parallel.put(np.asarray(batch), eval_in)))
