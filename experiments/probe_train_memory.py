@@ -57,7 +57,8 @@ def main(argv=None):
       ffn = "relu_dense_bf16" if kind == "dense" else "relu_sparse"
       cfg = apply_overrides(get_config(args.config), [
           f"model.n_layers={n_layers}", f"model.ffn={ffn}", "model.vocab_size=49152",
-          f"train.batch_size={args.batch}", f"data.seq_len={args.seq}", *args.overrides])
+          f"train.batch_size={args.batch}", "train.grad_accum=1", f"data.seq_len={args.seq}",
+          *args.overrides])
       scfg = step_config(cfg)
       graphdef, params = nnx.split(nnx.eval_shape(
           lambda: Transformer(cfg.model, rngs=nnx.Rngs(params=0))), nnx.Param)
