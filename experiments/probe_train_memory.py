@@ -27,6 +27,7 @@ def main(argv=None):
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="2b")
   ap.add_argument("--layers", type=int, nargs="+", default=[4, 12])
+  ap.add_argument("--models", nargs="+", default=["dense", "sparse"], choices=("dense", "sparse"))
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--set", dest="overrides", nargs="+", default=[],
@@ -53,7 +54,7 @@ def main(argv=None):
 
   records = []
   for n_layers in args.layers:
-    for kind in ("dense", "sparse"):
+    for kind in args.models:
       ffn = "relu_dense_bf16" if kind == "dense" else "relu_sparse"
       cfg = apply_overrides(get_config(args.config), [
           f"model.n_layers={n_layers}", f"model.ffn={ffn}", "model.vocab_size=49152",
@@ -78,7 +79,7 @@ def main(argv=None):
             f"{mem['memory_analysis']['argument'] / 1e9:.2f}) compiled in {rec['compile_s']:.0f} s",
             flush=True)
   by = {(r["layers"], r["model"]): r for r in records}
-  for n in args.layers:
+  for n in args.layers if len(args.models) == 2 else []:
     d, s = by[(n, "dense")], by[(n, "sparse")]
     print(f"{n:3d} layers: sparse - dense temp "
           f"{(s['memory_analysis']['temp'] - d['memory_analysis']['temp']) / 1e9:+.2f} GB")
