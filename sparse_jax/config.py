@@ -328,7 +328,8 @@ class TrainConfig:
     "cond" (exact: the run is the same as with "cond"). The loop reads that flag one step late,
     once the next step is queued (which gets the unread flag and keeps the state too if it is
     set; the loop then redoes the flagged step and reruns the next one), so the device never
-    waits for the read; steps that log, decide, evaluate or checkpoint have it read at once.
+    waits for the read (a log record of such a step is written then); steps that decide,
+    evaluate or checkpoint have it read at once.
     "cond": the conditionals in every step.
   """
 

@@ -594,12 +594,13 @@ def test_deferred_overflow_run_equals_the_conditional_run(tmp_path, ell_width, r
   whose sparse backward overflowed (an ELL width of 2 overflows the Hybrid format on every step
   of a fresh model) leaves the state unchanged and is redone on the exact path (bit-identical to
   the "cond" run); without overflow nothing is redone, and the run matches to float rounding
-  (XLA fuses the backward differently outside a conditional). ``lagged``: steps with no log,
+  (XLA fuses the backward differently outside a conditional). ``lagged``: steps with no
   evaluation or checkpoint have their flag read after the next step is queued, which then holds
-  the state (here steps 1-3 and 5: a chain of held steps, each redone and the next rerun)."""
+  the state (here steps 1-3 and 5, logged at once in the eager cadence and one step late here:
+  a chain of held steps, each redone and the next rerun)."""
   seed = fresh_seed()
   runs = {}
-  cadence = (["train.steps=6", "train.log_every=6", "train.ckpt_every=4"] if lagged else
+  cadence = (["train.steps=6", "train.log_every=1", "train.ckpt_every=4"] if lagged else
              ["train.steps=3", "train.log_every=1", "train.ckpt_every=1"])
   for fallback in ("defer", "cond"):
     cfg = short_run_config(*cadence, "train.dispatch=sparse",
@@ -682,7 +683,7 @@ def test_lagged_flag_reads_train_as_eager_ones(tmp_path, monkeypatch):
   base = ("train.steps=6", "train.dispatch=sparse", "model.ffn_impl=xla",
           "model.sparse.ell_width=512", "train.overflow_fallback=defer")
   eager = short_run_config(*base, "train.log_every=1", "train.ckpt_every=1", seed=seed)
-  lagged = short_run_config(*base, "train.log_every=6", "train.ckpt_every=4", seed=seed)
+  lagged = short_run_config(*base, "train.log_every=2", "train.ckpt_every=4", seed=seed)
   cfg_r, tokenizer = resolve_config(lagged)
   tcfg = cfg_r.train
   batches = Batches(load_splits(cfg_r.data, tokenizer, progress=False)[0], cfg_r.data.seq_len,
@@ -708,6 +709,10 @@ def test_lagged_flag_reads_train_as_eager_ones(tmp_path, monkeypatch):
   result = restore(outs["lagged"])
   assert int(result.step) == 6
   assert_trees_identical(result, restore(outs["eager"]))
+  # Log records of lagged steps (2 and 6; 4 is a checkpoint step) count the redone steps too.
+  logged = {r["step"]: r["redone"] for r in map(json.loads,
+            open(os.path.join(outs["lagged"], "metrics.jsonl"))) if r["split"] == "train"}
+  assert logged == {2: 1, 4: 1, 6: 0}, logged
   resumed = str(tmp_path / "resumed")
   shutil.copytree(outs["lagged"], resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))

@@ -271,16 +271,17 @@ def _train_locked(cfg: Config, out: str, *, resume: bool, fresh: bool, stop_at: 
 
   def light(n):
     """Whether step ``n`` (1-based) needs nothing of the host before step n + 1 runs: its flag
-    can then be read once step n + 1 is queued (no log, decision, evaluation or checkpoint)."""
+    can then be read once step n + 1 is queued (no dispatch decision, evaluation or checkpoint;
+    a log record only reads the step's metrics, so it is written then)."""
     return (train_step.defers and n < target and not train_step.due(n)
-            and all(n % every for every in (tcfg.log_every, tcfg.eval_every, tcfg.ckpt_every)))
+            and all(n % every for every in (tcfg.eval_every, tcfg.ckpt_every)))
 
   # With deferring layers (train.overflow_fallback=defer) a step's 'redone' flag is read on the
   # host only once the next step is queued, so the device never idles on the read: the next step
   # gets the unread flag as its ``hold`` and keeps the state too if it is set, and the loop then
   # redoes the flagged step exactly and reruns the one after. ``lagged`` is such a step (its batch,
-  # metrics and the data position after it). A step the host must finish first (``light``) has
-  # its flag read at once, after the next batch is read ahead (``upcoming``). ``data_state`` is
+  # metrics and the data position after it). A step the host must finish first (not ``light``)
+  # has its flag read at once, after the next batch is read ahead (``upcoming``). ``data_state`` is
   # the position after the last batch finished: what a checkpoint saves.
   data_state, upcoming, lagged = batches.state, None, None
   try:
