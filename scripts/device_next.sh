@@ -4,7 +4,8 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session10 (~7 min): NEXT. Command buffers with CONDITIONAL/WHILE vs the default (inference
+# session12 (~9 min): NEXT. The 2b sparse step's compiled peak after entry_lists' fill change.
+# session10 (~7 min, ran): Command buffers with CONDITIONAL/WHILE vs the default (inference
 #   dispatcher, training step gaps); then train_host (the training grid with the 4-entry backward).
 # session9, session9b, session9c (ran 2026-12-02, ninth session): tie-free gradient checks,
 #   backward entries per step, the inference grid and other model families, the dispatch line.
@@ -173,6 +174,14 @@ train() {
       --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 --max-minutes 5.3 \
       --set train.dispatch=auto_host --out "$OUT/bench_model_2b_train_auto_host_h200.json"
 }
+session12() {  # NEXT (~9 min): the 2b sparse step's peak with remat after entry_lists' fill
+  # change (the 0.31 GB of hoisted copies should be gone), then the allocator's view at 2b.
+  run 200 probe_train_memory_2b_38 python3 experiments/probe_train_memory.py --config 2b \
+      --layers 38 --models sparse --out "$OUT/probe_train_memory_2b_38_fill_h200.json"
+  run 330 bench_model_2b_train_fill python3 experiments/bench_model.py --configs 2b --modes train \
+      --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 --max-minutes 5 \
+      --out "$OUT/bench_model_2b_train_fill_h200.json"
+}
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
@@ -191,6 +200,7 @@ case "${1:-all}" in
   session10) session10 ;;
   session11) session11 ;;
   session11b) session11b ;;
+  session12) session12 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;
