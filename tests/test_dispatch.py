@@ -587,9 +587,9 @@ def test_hot_cold_training_resumes_bit_identically(tmp_path):
 # --------------------------------------------------------------------------- deferred overflow
 
 
-# (lagged steps without a flag: test_lagged_flag_reads_train_as_eager_ones)
-@pytest.mark.parametrize("ell_width,redone,lagged", [(2, True, False), (512, False, False),
-                                                    (2, True, True)])
+# Overflow on every step is run with the lagged cadence, whose checkpoint and last steps read
+# their flag at once (both paths); lagged steps without a flag: the lagged-flag test below.
+@pytest.mark.parametrize("ell_width,redone,lagged", [(512, False, False), (2, True, True)])
 def test_deferred_overflow_run_equals_the_conditional_run(tmp_path, ell_width, redone, lagged):
   """train.overflow_fallback=defer (no conditional in the step) ends where "cond" does: a step
   whose sparse backward overflowed (an ELL width of 2 overflows the Hybrid format on every step
