@@ -232,8 +232,8 @@ def cupti_case(case, rec, steps, settings, args) -> None:
 
 
 HEAD = ("M", "shape", "dist", "act/tok", "dense ms", "host", "speedup", "sparse ms", "x sparse",
-        "x defer", "x read", "x lagged", "x mode dense", "x device", "kernel x", "peak D GiB", "peak ratio", "grad err",
-        "raw err S/D", "ovf", "fallback")
+        "x defer", "x read", "x lagged", "x mode dense", "x device", "kernel x", "peak D GiB",
+        "peak ratio", "grad err", "raw err S/D", "ovf", "fallback")
 
 
 def row(r: dict) -> tuple:

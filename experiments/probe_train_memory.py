@@ -13,8 +13,6 @@ compiles the same step at several depths to see whether the difference grows per
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 import sys
 import time

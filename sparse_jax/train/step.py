@@ -158,20 +158,20 @@ def _train_step(state: TrainState, batch_AxBxL1: jax.Array, hold: jax.Array | No
   # A layer with overflow_fallback="defer" that needed the dense backward has inexact gradients:
   # the whole state stays as it was (step counter included) and the loop redoes the step with
   # "cond" (train.overflow_fallback).
-  redo = _needs_redo(graphdef, state, stats.dense_fallback, hold)
+  redo = _needs_redo(graphdef, state.params, stats.dense_fallback, hold)
   new_state = jax.tree.map(lambda old, new: jnp.where(redo, old, new), state, new_state)
   metrics["redone"] = redo.astype(jnp.int32)
   return new_state, metrics
 
 
-def _needs_redo(graphdef, state: TrainState, dense_fallback_L, hold=None) -> jax.Array:
+def _needs_redo(graphdef, params, dense_fallback_L, hold=None) -> jax.Array:
   """bool: some FFN layer that defers its rare overflow (``SparseFFNConfig.defers_overflow``, a
   static property of the graphdef) flagged this step (``FFNStats.dense_fallback``: per layer, a
   mean over micro-batches and devices), or ``hold`` is non-zero (only where a layer defers: a
   graphdef without one is never held)."""
   defer_L = np.asarray([bool(getattr(b.ffn, "sparse_config", None) is not None
                              and b.ffn.sparse_config.defers_overflow)
-                        for b in nnx.merge(graphdef, state.params).blocks])
+                        for b in nnx.merge(graphdef, params).blocks])
   if not defer_L.any():
     return jnp.zeros((), bool)
   own = jnp.any(jnp.where(defer_L, jnp.asarray(dense_fallback_L) > 0, False))
