@@ -12,6 +12,11 @@ and dU, dR are stored at the entry's TwELL slot; the weight gradients are built 
 values by ``twell_wgrad``. Rows with an overflowed TwELL tile are skipped (dx row 0): the op's
 exact dense row path owns them.
 
+``dx_kernel`` is the token-major half of the neuron-major backward (``SparseFFNConfig.
+train_backward="neuron_major"``): dU and dR come in at the slots (formed per entry from the
+neuron-major pass's a = dOut_i . Wd[j], ``twell_wgrad.neuron_major_pass``), so a token gathers
+only the Wu and Wg rows of its entries.
+
 Interpret mode (``common.pallas_interpret()``) cannot run ``inline_mgpu``: the interpretable path
 (``_backward_jnp``) computes the same per-entry math with array ops in the same kernel skeleton.
 """
@@ -199,3 +204,136 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
       [r_MxTxC] if gated else []) + [jnp.reshape(coeff, (1,)).astype(F32)]
   outs = f(*args)
   return outs[0], outs[1], (outs[2] if gated else None)
+
+
+# --------------------------------------------------------------------------- dx from given slots
+
+
+def _dx_mgpu(wg_ref, wu_ref, cnt_ref, idx_ref, val_ref, g_ref, dx_ref, ej_ref, ev_ref, es_ref,
+             ctr_ref, *, entries_per_step: int, tile_width: int):
+  """Per-warp dx_i = sum_j dR_ij Wu[j] + dU_ij Wg[j] with dU, dR read at the slots
+  (``g_ref[i, tile, s, 0 / 1]``). Non-gated: ``wu_ref`` is None, ``wg_ref`` the up weights."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref
+  import jax.experimental.mosaic.gpu as mgpu
+  from pallas_kernels.warp_mgpu import WarpKernel
+
+  gated = wu_ref is not None
+  m, d_model = ir.MemRefType(dx_ref.type).shape
+  _, n_tiles, capacity = ir.MemRefType(idx_ref.type).shape
+  w = WarpKernel(d_model)
+  c, cf, nch = w.c, w.cf, w.chunks
+
+  def process_token(t):
+    total, masks = w.build_entry_list(t, cnt_ref, idx_ref, val_ref, ej_ref, ev_ref, es_ref,
+                                      tile_width=tile_width)
+    flagged = arith.cmpi(arith.CmpIPredicate.ne, functools.reduce(arith.ori, masks), c(0))
+    total = arith.select(flagged, c(0), total)  # the dense row path owns flagged rows
+    n_steps = arith.divui(arith.addi(total, c(entries_per_step - 1)), c(entries_per_step))
+
+    @mgpu.fori(n_steps, [w.zero] * nch)
+    def _entries(step, acc):
+      picks = w.pick_entries(step, entries_per_step, total, ej_ref, ev_ref)
+      loaded = []
+      for row, _, valid, e_safe in picks:
+        slot = memref.load(es_ref, [w.idx(w.warp), e_safe])
+        at = [w.idx(t), w.idx(arith.divui(slot, c(capacity))),
+              w.idx(arith.remui(slot, c(capacity)))]
+        d_u = arith.select(valid, memref.load(g_ref, at + [w.idx(c(0))]), cf(0.0))
+        d_r = (arith.select(valid, memref.load(g_ref, at + [w.idx(c(1))]), cf(0.0))
+               if gated else None)
+        loaded.append((d_u, d_r, w.load_row(wg_ref, row),
+                       w.load_row(wu_ref, row) if gated else None))
+      acc = list(acc)
+      for d_u, d_r, vg, vu in loaded:
+        if gated:
+          acc = w.axpy(d_r, vu, acc)
+        acc = w.axpy(d_u, vg, acc)
+      return acc
+
+    w.store_row(dx_ref, t, list(_entries.results))
+    mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
+
+  w.for_each_token(m, ctr_ref, process_token, dynamic=True)
+
+
+def _dx_jnp(wg_ref, wu_ref, cnt_ref, idx_ref, g_ref, dx_ref, *, rows, tile_width):
+  """Interpretable path: the same sums with array ops for a block of tokens."""
+  capacity = idx_ref.shape[2]
+  cnt = cnt_ref[rows]
+  flagged = jnp.any(cnt > capacity, axis=1)
+  valid = ((lax.broadcasted_iota(jnp.int32, idx_ref[rows].shape, 2) < cnt[:, :, None])
+           & ~flagged[:, None, None])
+  col = (idx_ref[rows].astype(jnp.int32)
+         + lax.broadcasted_iota(jnp.int32, valid.shape, 1) * tile_width).reshape(valid.shape[0], -1)
+  g = jnp.where(valid[..., None], g_ref[rows], 0.0)
+  n_rows = valid.shape[0]
+  scatter = lambda v: jnp.zeros((n_rows, wg_ref.shape[0]), F32).at[
+      jnp.arange(n_rows)[:, None], col].add(v.reshape(col.shape))
+  dx = jnp.dot(scatter(g[..., 0]), wg_ref[...].astype(F32))
+  if wu_ref is not None:
+    dx = dx + jnp.dot(scatter(g[..., 1]), wu_ref[...].astype(F32))
+  dx_ref[rows] = dx.astype(dx_ref.dtype)
+
+
+@common.shared_lowering(static_argnames=("out_dtype", "config"))
+def dx_kernel(w_gate, w_up, tw: twell.TwELL, grads_MxTxCxK, *, out_dtype,
+              config: BackwardConfig | None = None):
+  """dx [M, D] (``out_dtype``) = sum over each row's TwELL entries of dR Wu[j] + dU Wg[j], with
+  ``grads_MxTxCxK[..., 0]`` = dU and ``[..., 1]`` = dR at the slots (K = 1, non-gated: dU only,
+  and ``w_gate`` holds the up weights). Rows with an overflowed tile: dx 0 (the dense row path
+  owns them). Only the slots of entries are read."""
+  cfg = config or DEFAULT_CONFIG
+  interpret = common.pallas_interpret()
+  m = tw.values_MxTxC.shape[0]
+  d = w_gate.shape[1]
+  common.check_row_span(d, "dx kernel")
+  gated = w_up is not None
+  if grads_MxTxCxK.shape != tw.values_MxTxC.shape + (2 if gated else 1,):
+    raise ValueError(f"slot gradients of shape {grads_MxTxCxK.shape}, expected "
+                     f"{tw.values_MxTxC.shape + (2 if gated else 1,)}")
+  warpgroups = cfg.warpgroups
+  list_len = tw.n_tiles * tw.capacity
+  n_warps = warpgroups * common.WARPS_PER_WARPGROUP
+  if interpret:
+    grid, scratch = (cfg.interpret_ctas,), []
+    if m % (grid[0] * warpgroups):
+      raise NotImplementedError("the interpretable path needs M divisible by its token blocks")
+  else:
+    common.check_entry_lists(n_warps, list_len, "dx kernel")
+    grid = (common.num_sms(),)
+    scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
+               plgpu.SMEM((n_warps, list_len), jnp.float32),
+               plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
+  rows_per_wg = m // (grid[0] * warpgroups)
+  ins = [w_gate] + ([w_up] if gated else []) + [tw.counts_MxT, tw.indices_MxTxC,
+                                                 tw.values_MxTxC, grads_MxTxCxK]
+
+  def body(*refs):
+    wg_ref = refs[0]
+    wu_ref = refs[1] if gated else None
+    cnt_ref, idx_ref, val_ref, g_ref, dx_ref = refs[1 + gated:6 + gated]
+    scr = refs[6 + gated:]
+    if interpret:
+      wg = lax.axis_index("sm") * warpgroups + lax.axis_index("wg")
+      _dx_jnp(wg_ref, wu_ref, cnt_ref, idx_ref, g_ref, dx_ref,
+              rows=pl.ds(wg * rows_per_wg, rows_per_wg), tile_width=tw.tile)
+      return
+    present = list(refs)
+
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in present))
+    def _(ctx, *r):
+      del ctx
+      it = iter(r)
+      wg_r = next(it)
+      wu_r = next(it) if gated else None
+      _dx_mgpu(wg_r, wu_r, *it, entries_per_step=cfg.entries_per_step, tile_width=tw.tile)
+
+    _(*present)
+
+  f = plgpu.kernel(
+      body, out_type=jax.ShapeDtypeStruct((m, d), out_dtype), scratch_types=scratch, grid=grid,
+      grid_names=("sm",), num_threads=warpgroups, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      interpret=common.interpret_params())
+  return f(*ins)

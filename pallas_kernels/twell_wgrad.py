@@ -149,8 +149,9 @@ def entry_lists(tw: twell.TwELL, keep_rows: jax.Array, capacity: int) -> EntryLi
 
 def task_table(seg_start: jax.Array, *, piece: int = DEFAULT_CONFIG.piece,
                partial_rows: int = DEFAULT_CONFIG.partial_rows):
-  """(tasks [N_pad + partial_rows, 4] int32 = (start, end, out_row, partial_row), partial_neuron
-  [partial_rows] int32 (N_pad where unused)). out_row / partial_row are -1 where not written."""
+  """(tasks [N_pad + partial_rows, 5] int32 = (start, end, out_row, partial_row, neuron),
+  partial_neuron [partial_rows] int32 (N_pad where unused)). out_row / partial_row are -1 where
+  not written; neuron is the task's neuron (0 on unused tasks, which hold no entries)."""
   n_pad = seg_start.shape[0] - 1
   count = jnp.diff(seg_start)
   n_entries = seg_start[-1]
@@ -183,7 +184,8 @@ def task_table(seg_start: jax.Array, *, piece: int = DEFAULT_CONFIG.piece,
   part_row = jnp.where(live & multi[j], pfirst[j] + q, -1)
   partial_neuron = jnp.full((partial_rows,), n_pad, jnp.int32).at[
       jnp.where(part_row >= 0, part_row, partial_rows)].set(j, mode="drop")
-  tasks = jnp.stack([start, end, out_row, part_row], axis=1).astype(jnp.int32)
+  tasks = jnp.stack([start, end, out_row, part_row, jnp.where(live, j, 0)],
+                    axis=1).astype(jnp.int32)
   return tasks, partial_neuron
 
 
@@ -209,8 +211,12 @@ def slice_width(d_model: int, cfg: WgradConfig) -> int:
 
 
 def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_refs, part_ref,
-                ctr_ref, *, n_x: int, unroll: int, width: int):
-  """Per-warp CUDA-core code: tickets (slice, task); lanes over 8-column groups of the slice."""
+                wdot_ref, a_ref, ctr_ref, *, n_x: int, n_dy: int, unroll: int,
+                width: int):
+  """Per-warp CUDA-core code: tickets (slice, task); lanes over 8-column groups of the slice.
+  Products: ``n_x`` coefficient rows times x, then ``n_dy`` (0 or 1) times dOut. With
+  ``wdot_ref`` (the neuron-major pass) each entry's dOut slice is also dotted with the task
+  neuron's row of ``wdot_ref`` and the partial sum stored at ``a_ref[slice, entry]``."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, memref, vector
   from jax._src.lib.mlir.dialects import math as mlir_math
@@ -219,7 +225,8 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
 
   _, d_model = ir.MemRefType(x_ref.type).shape
   n_slices, chunks = d_model // width, width // common.WARP_ROW_SPAN
-  n_prod = n_x + 1
+  n_prod = n_x + n_dy
+  dots = wdot_ref is not None
   w = WarpKernel(d_model)
   c, cf = w.c, w.cf
   out_dtype = ir.MemRefType(out_refs[0].type).element_type
@@ -240,6 +247,9 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
     base = arith.muli(sl, c(width))
     cols = [w.idx(arith.addi(base, arith.muli(arith.addi(w.lane, c(32 * ch)), c(8))))
             for ch in range(chunks)]
+    if dots:  # the task's neuron row (this slice), held in registers for all its entries
+      neuron = w.idx(memref.load(task_ref, [k, w.idx(c(4))]))
+      wrow = [arith.extf(w.v8f, vector.load(w.v8bf, wdot_ref, [neuron, col])) for col in cols]
     n_steps = arith.divui(arith.addi(arith.subi(end, start), c(unroll - 1)), c(unroll))
     init = [w.zero] * (n_prod * chunks)
 
@@ -254,11 +264,19 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
         row = w.idx(memref.load(rows_ref, [e_safe]))
         coefs = [arith.select(valid, memref.load(coef_ref, [w.idx(c(p)), e_safe]), cf(0.0))
                  for p in range(n_prod)]
-        xs = [vector.load(w.v8bf, x_ref, [row, col]) for col in cols]
-        dys = [vector.load(w.v8bf, dy_ref, [row, col]) for col in cols]
-        loaded.append((coefs, xs, dys))
+        xs = [vector.load(w.v8bf, x_ref, [row, col]) for col in cols] if n_x else None
+        dys = ([vector.load(w.v8bf, dy_ref, [row, col]) for col in cols]
+               if n_dy or dots else None)
+        loaded.append((coefs, xs, dys, valid, e_safe))
       acc = list(acc)
-      for coefs, xs, dys in loaded:
+      for coefs, xs, dys, valid, e_safe in loaded:
+        if dots:
+          part = w.zero
+          for ch in range(chunks):
+            part = mlir_math.fma(arith.extf(w.v8f, dys[ch]), wrow[ch], part)
+          a = w.warp_sum(vector.reduction(w.f32, vector.CombiningKind.ADD, part))
+          with mgpu.when(arith.andi(valid, w.eq(w.lane, c(0)))):
+            memref.store(a, a_ref, [w.idx(sl), e_safe])
         for p in range(n_prod):
           cv = vector.broadcast(w.v8f, coefs[p])
           src = xs if p < n_x else dys
@@ -282,8 +300,10 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
   w.for_each_ticket(arith.muli(span, c(n_slices)), ctr_ref, process)
 
 
-def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, *, n_x: int):
-  """Interpretable path: every task's sums with array ops, written where the kernel writes them."""
+def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, wdot_ref, a_ref,
+               *, n_x: int, n_dy: int, width: int):
+  """Interpretable path: every task's sums (and the neuron-major pass's partial dot products)
+  with array ops, written where the kernel writes them."""
   tasks = task_ref[...]
   rows, coefs = rows_ref[...], coef_ref[...]
   n_pad = out_refs[0].shape[0]
@@ -295,7 +315,7 @@ def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, 
   owner = jnp.where(e < end[-1], owner, tasks.shape[0])
   x, dy = x_ref[...].astype(F32), dy_ref[...].astype(F32)
   sums = []
-  for p in range(n_x + 1):
+  for p in range(n_x + n_dy):
     b = (x if p < n_x else dy)[rows] * coefs[p][:, None]
     sums.append(jax.ops.segment_sum(b, owner, num_segments=tasks.shape[0]))
   orow = jnp.where(out_row >= 0, out_row, n_pad)
@@ -304,12 +324,22 @@ def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, 
     ref[...] = jnp.zeros(ref.shape, ref.dtype).at[orow].set(sums[p].astype(ref.dtype), mode="drop")
   part = jnp.stack(sums, axis=1)
   part_ref[...] = jnp.zeros(part_ref.shape, F32).at[prow].set(part, mode="drop")
+  if wdot_ref is not None:
+    live = owner < tasks.shape[0]
+    neuron = tasks[jnp.where(live, owner, 0), 4]
+    prod = dy[rows] * wdot_ref[...].astype(F32)[neuron]
+    n_slices = prod.shape[1] // width
+    partial = prod.reshape(prod.shape[0], n_slices, width).sum(-1).T
+    a_ref[...] = jnp.where(live[None, :], partial, 0.0)
 
 
-@common.shared_lowering(static_argnames=("n_x", "out_dtype", "config"))
-def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: int, out_dtype,
-                        config: WgradConfig | None = None):
-  """(outputs [n_x + 1] x [N_pad, D] out_dtype, partials [partial_rows, n_x + 1, D] f32)."""
+@common.shared_lowering(static_argnames=("n_x", "n_dy", "out_dtype", "config"))
+def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, wdot=None, *, n_x: int,
+                        n_dy: int = 1, out_dtype, config: WgradConfig | None = None):
+  """(outputs [n_x + n_dy] x [N_pad, D] out_dtype, partials [partial_rows, n_x + n_dy, D] f32,
+  a [D / slice width, E] f32 or None). With ``wdot`` ([N_pad, D], the neuron-major pass), ``a``
+  holds each entry's dOut row dotted with its neuron's ``wdot`` row, one partial sum per d_model
+  slice (0 on entries past the tasks)."""
   cfg = config or DEFAULT_CONFIG
   interpret = common.pallas_interpret()
   _, d = x_MxD.shape
@@ -317,39 +347,59 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, *, n_x: 
   if cfg.slice_width % common.WARP_ROW_SPAN:
     raise NotImplementedError(f"WgradConfig.slice_width={cfg.slice_width} must be a multiple of "
                               f"{common.WARP_ROW_SPAN}")
+  if n_dy not in (0, 1) or n_x < 0 or n_x + n_dy < 1:
+    raise ValueError(f"n_x={n_x}, n_dy={n_dy}: need n_dy in (0, 1) and at least one product")
+  if coefs.shape[0] != n_x + n_dy:
+    raise ValueError(f"{coefs.shape[0]} coefficient rows for n_x + n_dy = {n_x + n_dy} products")
   width = slice_width(d, cfg)
   partial_rows = cfg.partial_rows
   n_pad = lists.seg_start.shape[0] - 1
-  n_prod = n_x + 1
+  n_prod = n_x + n_dy
+  dots = wdot is not None
+  if dots and wdot.shape != (n_pad, d):
+    raise ValueError(f"wdot of shape {wdot.shape}, expected {(n_pad, d)} (padded neurons)")
   out_type = tuple(jax.ShapeDtypeStruct((n_pad, d), out_dtype) for _ in range(n_prod)) + (
-      jax.ShapeDtypeStruct((partial_rows, n_prod, d), F32),)
+      jax.ShapeDtypeStruct((partial_rows, n_prod, d), F32),) + (
+      (jax.ShapeDtypeStruct((d // width, lists.capacity), F32),) if dots else ())
   if interpret:
     grid, scratch, threads = (1,), [], 1
   else:
     grid, scratch, threads = (common.num_sms(),), [plgpu.SMEM((1,), jnp.int32)], cfg.warpgroups
+  n_in = 7 if dots else 6
 
-  def body(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *rest):
-    out_refs, part_ref, scr = rest[:n_prod], rest[n_prod], rest[n_prod + 1:]
+  def body(*refs):
+    x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref = refs[:6]
+    wdot_ref = refs[6] if dots else None
+    out_refs, part_ref = refs[n_in:n_in + n_prod], refs[n_in + n_prod]
+    a_ref = refs[n_in + n_prod + 1] if dots else None
+    scr = refs[n_in + n_prod + 1 + dots:]
     if interpret:
-      _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, n_x=n_x)
+      _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, wdot_ref,
+                 a_ref, n_x=n_x, n_dy=n_dy, width=width)
       return
-    refs = (x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *out_refs, part_ref, *scr)
+    named = [x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *out_refs, part_ref,
+             wdot_ref, a_ref, *scr]
+    present = [r for r in named if r is not None]
 
-    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in present))
     def _(ctx, *r):
       del ctx
-      _wgrad_mgpu(*r[:6], r[6:6 + n_prod], r[6 + n_prod], r[7 + n_prod], n_x=n_x,
-                  unroll=cfg.unroll, width=width)
+      it = iter(r)
+      args = [None if q is None else next(it) for q in named]
+      _wgrad_mgpu(*args[:6], args[6:6 + n_prod], args[6 + n_prod], args[7 + n_prod],
+                  args[8 + n_prod], args[9 + n_prod], n_x=n_x, n_dy=n_dy, unroll=cfg.unroll,
+                  width=width)
 
-    _(*refs)
+    _(*present)
 
   f = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
       num_threads=threads, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=common.interpret_params())
-  outs = f(x_MxD, dy_MxD, lists.rows, coefs, tasks, cta_bounds(tasks, grid[0], cfg.task_overhead))
-  return list(outs[:n_prod]), outs[n_prod]
+  args = [x_MxD, dy_MxD, lists.rows, coefs, tasks, cta_bounds(tasks, grid[0], cfg.task_overhead)]
+  outs = f(*args, *([wdot] if dots else []))
+  return list(outs[:n_prod]), outs[n_prod], (outs[n_prod + 1] if dots else None)
 
 
 def reduce_partials(outs, partials, partial_neuron):
@@ -368,13 +418,32 @@ def reduce_partials(outs, partials, partial_neuron):
           for p, o in enumerate(outs)]
 
 
-def sparse_weight_gradients(lists: EntryLists, coefs, x_MxD, dy_MxD, *, n_x: int, out_dtype,
-                            config: WgradConfig | None = None):
+def sparse_weight_gradients(lists: EntryLists, coefs, x_MxD, dy_MxD, *, n_x: int, n_dy: int = 1,
+                            out_dtype, config: WgradConfig | None = None, tasks=None):
   """dW_p = S_p^T B_p, [N_pad, D] each, for the sparse S_p with values ``coefs[p]`` ([K, E] f32,
-  K = n_x + 1) on the entries of ``lists``; B_p is x for p < n_x and dy for the last."""
+  K = n_x + n_dy) on the entries of ``lists``; B_p is x for p < n_x and dy for the last (n_dy 1).
+  ``tasks``: ``task_table(lists.seg_start, ...)`` for ``config`` when the caller has it."""
   cfg = config or DEFAULT_CONFIG
-  tasks, partial_neuron = task_table(lists.seg_start, piece=cfg.piece,
-                                     partial_rows=cfg.partial_rows)
-  outs, partials = weight_grads_kernel(x_MxD, dy_MxD, lists, coefs, tasks, n_x=n_x,
-                                       out_dtype=out_dtype, config=cfg)
+  if tasks is None:
+    tasks = task_table(lists.seg_start, piece=cfg.piece, partial_rows=cfg.partial_rows)
+  tasks, partial_neuron = tasks
+  outs, partials, _ = weight_grads_kernel(x_MxD, dy_MxD, lists, coefs, tasks, n_x=n_x, n_dy=n_dy,
+                                          out_dtype=out_dtype, config=cfg)
   return reduce_partials(outs, partials, partial_neuron)
+
+
+def neuron_major_pass(lists: EntryLists, t_coef, dy_MxD, w_down, *, out_dtype,
+                      config: WgradConfig | None = None, tasks=None):
+  """(dWd [N_pad, D] = T^T dOut over the entries, a [E] f32 = dOut_i . Wd[j] per entry) in one
+  pass over the entries sorted by neuron: each dOut row an entry needs is read once for both, and
+  the neuron's Wd row is held by the warp (the token-major backward then gathers no Wd rows).
+  ``t_coef``: [E] f32, T at each entry; ``w_down``: [N_pad, D]. a is 0 past ``n_entries``."""
+  cfg = config or DEFAULT_CONFIG
+  if tasks is None:
+    tasks = task_table(lists.seg_start, piece=cfg.piece, partial_rows=cfg.partial_rows)
+  tasks, partial_neuron = tasks
+  outs, partials, a_SxE = weight_grads_kernel(dy_MxD, dy_MxD, lists, t_coef[None], tasks, w_down,
+                                              n_x=0, n_dy=1, out_dtype=out_dtype, config=cfg)
+  (dwd,) = reduce_partials(outs, partials, partial_neuron)
+  valid = jnp.arange(lists.capacity) < lists.n_entries
+  return dwd, jnp.where(valid, a_SxE.sum(axis=0), 0.0)

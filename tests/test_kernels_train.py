@@ -54,25 +54,56 @@ def test_backward_kernel_interpret_matches_entry_math(pallas_interpret, key, gat
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("dist,capacity,budget", [("uniform", 32, None), ("skewed", 8, 256),
-                                                  ("skewed", 8, 1)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_dx_kernel_interpret_matches_slot_sums(pallas_interpret, key, gated):
+  """dx_kernel (the neuron-major backward's token pass): dx_i = sum_j dR_ij Wu[j] + dU_ij Wg[j]
+  over each row's TwELL entries with random slot values; flagged rows stay 0."""
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 256, 256, 512, active_per_token=12, distribution="skewed")
+  g = jnp.maximum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32), 0)
+  tw = twell.encode(g.astype(jnp.bfloat16), capacity=8)
+  flagged = np.asarray(tw.row_overflow())
+  assert flagged.any() and not flagged.all()
+  k = 2 if gated else 1
+  slots = jax.random.normal(k2, tw.values_MxTxC.shape + (k,), jnp.float32)
+  dx = twell_backward.dx_kernel(p.w_gate, p.w_up if gated else None, tw, slots,
+                                out_dtype=jnp.float32)
+  ok = ~flagged
+  dense = lambda v: twell.densify(tw, v, keep_rows=jnp.asarray(ok)).astype(jnp.float32)
+  f32 = lambda a: a.astype(jnp.float32)
+  ref = dense(slots[..., 0]) @ f32(p.w_gate)
+  if gated:
+    ref = ref + dense(slots[..., 1]) @ f32(p.w_up)
+  assert rel_err(dx[ok], ref[ok]) < 1e-5, rel_err(dx[ok], ref[ok])
+  assert float(jnp.abs(dx[flagged]).max()) == 0.0
+  with pytest.raises(ValueError, match="slot gradients of shape"):
+    twell_backward.dx_kernel(p.w_gate, p.w_up if gated else None, tw, slots[..., :1] if gated
+                             else jnp.concatenate([slots, slots], -1), out_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("dist,capacity,budget,order", [
+    ("uniform", 32, None, "token_major"), ("skewed", 8, 256, "token_major"),
+    ("skewed", 8, 1, "token_major"), ("uniform", 32, None, "neuron_major"),
+    ("skewed", 8, 256, "neuron_major")])
 def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist, capacity,
-                                                    budget):
+                                                    budget, order):
   """capacity 8 makes rows overflow: with room in the row path they are exact there; with a
   budget of 1 row the whole backward runs dense. Both must match jax.grad of the dense FFN."""
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 128, 256, 512, active_per_token=12, distribution=dist)
   cot = jax.random.normal(k2, p.x.shape, jnp.float32)
   cfg = ops.SparseFFNConfig(twell_capacity=capacity, max_active_fraction=None,
-                            overflow_capacity=budget)
+                            overflow_capacity=budget, train_backward=order)
 
   def loss(x, wg, wu, wd):
     y, st = pallas_backend.gated_ffn(x, wg, wu, wd, cfg)
-    return jnp.sum(y.astype(jnp.float32) * cot) + 0.7 * st.l1, st
+    # L1 weight 7000: ~0.1 per entry after the 1 / (M d_ff) mean, of the size of dOut . Wd[j],
+    # so a wrong L1 term fails the check.
+    return jnp.sum(y.astype(jnp.float32) * cot) + 7000.0 * st.l1, st
 
   def loss_ref(x, wg, wu, wd):
     y, l1 = ffn_with_l1(x, wg, wu, wd)
-    return jnp.sum(y * cot) + 0.7 * l1
+    return jnp.sum(y * cot) + 7000.0 * l1
 
   grads, st = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(p.x, p.w_gate, p.w_up, p.w_down)
   ref = jax.grad(loss_ref, argnums=(0, 1, 2, 3))(
@@ -83,6 +114,34 @@ def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist
     assert int(st.overflow_rows) > 0
   # The sparse path (entry lists, sparse weight gradients) ran unless the row budget was exceeded.
   assert bool(st.dense_fallback) == (budget == 1)
+
+
+@pytest.mark.parametrize("order", ["token_major", "neuron_major"])
+def test_relu_training_path_gradients_match_dense_float32(pallas_interpret, key, order):
+  """The non-gated FFN (P = relu(x Wu^T) itself, dWu = dU^T X, dWd = P^T dOut) with rows that
+  overflow their tiles (capacity 8), both backward orders against jax.grad in float32."""
+  k1, k2 = jax.random.split(key)
+  p = ffn_problem_without_gate_ties(k1, 128, 256, 512, active_per_token=12, distribution="skewed")
+  cot = jax.random.normal(k2, p.x.shape, jnp.float32)
+  cfg = ops.SparseFFNConfig(twell_capacity=8, max_active_fraction=None, overflow_capacity=256,
+                            train_backward=order)
+
+  def loss(x, wu, wd):
+    y, st = pallas_backend.relu_ffn(x, wu, wd, cfg)
+    # L1 weight 7000: ~0.1 per entry after the 1 / (M d_ff) mean, of the size of dOut . Wd[j],
+    # so a wrong L1 term fails the check.
+    return jnp.sum(y.astype(jnp.float32) * cot) + 7000.0 * st.l1, st
+
+  def loss_ref(x, wu, wd):
+    y, l1 = ffn_with_l1(x, wu, None, wd)
+    return jnp.sum(y * cot) + 7000.0 * l1
+
+  grads, st = jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(p.x, p.w_gate, p.w_down)
+  ref = jax.grad(loss_ref, argnums=(0, 1, 2))(
+      *(a.astype(jnp.float32) for a in (p.x, p.w_gate, p.w_down)))
+  assert int(st.overflow_rows) > 0 and not bool(st.dense_fallback)
+  for name, g, r in zip(["dx", "dw_up", "dw_down"], grads, ref):
+    assert rel_err(g, r) < 1e-2, (name, rel_err(g, r))
 
 
 def test_training_dispatcher_takes_dense_branch(pallas_interpret, key):
@@ -99,10 +158,11 @@ def test_training_dispatcher_takes_dense_branch(pallas_interpret, key):
   assert all(rel_err(a, b) < 1e-2 for a, b in zip(g, r))
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_training_path_cross_lowers(key, gated):
+@pytest.mark.parametrize("gated,order", [(True, "token_major"), (False, "token_major"),
+                                         (True, "neuron_major"), (False, "neuron_major")])
+def test_training_path_cross_lowers(key, gated, order):
   p = make_ffn_problem(key, 300, 512, 768, active_per_token=12)
-  cfg = ops.SparseFFNConfig()
+  cfg = ops.SparseFFNConfig(train_backward=order)
   if gated:
     f = lambda *a: pallas_backend.gated_ffn(*a, cfg)
     args = (p.x, p.w_gate, p.w_up, p.w_down)

@@ -23,6 +23,7 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
 OVERFLOW_FALLBACKS = ("cond", "defer")   # SparseFFNConfig.overflow_fallback
 DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
+TRAIN_BACKWARDS = ("token_major", "neuron_major")  # SparseFFNConfig.train_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,16 @@ class SparseFFNConfig:
       inexact gradients and says so in ``FFNStats.dense_fallback``. The caller redoes such a
       step with "cond": the training loop does (``sparse_jax.train.loop``, one host read of
       the flag per step). Other modes ignore it.
+  train_backward: how the Pallas training path's sparse backward walks the entries (same
+    gradients, different kernels; ``pallas_kernels/NOTES_train.md``):
+    "token_major" (default): one kernel per token forms a = dOut_i . Wd[j], dU and dR for each
+      entry and accumulates dx (three weight rows gathered per entry); then the weight
+      gradients (x and dOut rows gathered per entry, by neuron).
+    "neuron_major": a pass by neuron (``twell_wgrad.neuron_major_pass``) forms a and dWd from
+      one dOut row per entry with the neuron's Wd row held in registers; dU and dR per entry are
+      scattered to the slots; the per-token kernel then gathers only Wu and Wg rows
+      (``twell_backward.dx_kernel``) and the dWg / dWu pass reads only x rows. 4 KB less per
+      entry; not yet the default (measure it: ``experiments/bench_ffn_train.py``).
   decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) are in
     the decode regime, where the batched kernels (128-row tiles, a warp per token) do not pay;
     there ``decode_path`` decides. 0 turns the regime off (every call goes to the backend).
@@ -116,6 +127,7 @@ class SparseFFNConfig:
   decode_max_union_fraction: float = 0.25
   decode_gate_split: int | None = None
   gate_threshold: float = 0.0
+  train_backward: str = "token_major"
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
@@ -149,6 +161,9 @@ class SparseFFNConfig:
     if self.overflow_fallback not in OVERFLOW_FALLBACKS:
       raise ValueError(f"SparseFFNConfig.overflow_fallback must be one of {OVERFLOW_FALLBACKS}, "
                        f"got {self.overflow_fallback!r}")
+    if self.train_backward not in TRAIN_BACKWARDS:
+      raise ValueError(f"SparseFFNConfig.train_backward must be one of {TRAIN_BACKWARDS}, got "
+                       f"{self.train_backward!r}")
     if self.twell_capacity > self.tile:
       raise ValueError(f"twell_capacity ({self.twell_capacity}) cannot exceed tile ({self.tile})")
 
