@@ -22,6 +22,10 @@ in one process on the same inputs, median of rounds):
 * ``mode_dense``: ``mode="dense"``, the op's plain XLA path (what auto_host runs in a dense layer);
 * ``device``: ``mode="auto"``, the on-device dispatcher (gate probe + ``lax.cond``, forward and
   backward; ``train.dispatch=device``).
+* ``defer_alt`` (with ``--compare-backward``): ``defer`` with the other
+  ``SparseFFNConfig.train_backward`` (token- vs neuron-major), timed in the same rounds:
+  ``speedup_defer_alt``, ``alt_over_defer`` (>1: the other order is faster), and its gradient
+  errors (``alt_grad_rel_err``, tie-free, as ``grad_rel_err``).
 
 ``speedup`` (the headline) is dense over the mode ``train.dispatch=auto_host`` settles on for a
 layer with this batch's statistics (``host_mode``: ``sparse_jax.train.dispatch.settled_mode`` of
@@ -72,6 +76,7 @@ TIMED = ("dense", "sparse", "defer", "mode_dense", "device")
 READ = "defer_read"  # the defer step and the host read of its flag (timed; peak = defer's)
 LAG = "defer_lagged"  # the defer step and the read of the previous call's flag (the loop's)
 READS = (READ, LAG)
+ALT = "defer_alt"  # defer with the other SparseFFNConfig.train_backward (--compare-backward)
 # candidate: (SparseFFNConfig.mode, SparseFFNConfig.overflow_fallback)
 MODES = dict(sparse=("sparse", "cond"), defer=("sparse", "defer"), mode_dense=("dense", "cond"),
              device=("auto", "cond"))
@@ -79,9 +84,13 @@ GRADS = (0, 1, 2, 3)
 GRAD_NAMES = ("dx", "dw_gate", "dw_up", "dw_down")
 
 
+def other_backward(train_backward: str) -> str:
+  return next(b for b in ops.base.TRAIN_BACKWARDS if b != train_backward)
+
+
 def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
   """loss(x, wg, wu, wd, cot) of each candidate; ``sparse_stats`` also returns the op's
-  FFNStats (of mode sparse)."""
+  FFNStats (of mode sparse); ``alt_stats``: the same for ``defer`` with the other backward."""
   def dense(x, wg, wu, wd, cot):  # the dense model as it trains in bf16
     y, l1 = bf16_gated_ffn_with_l1(x, wg, wu, wd)
     return jnp.sum(y.astype(jnp.float32) * cot) + L1_COEFF * l1
@@ -90,8 +99,8 @@ def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
     y, l1 = ffn_with_l1(x, wg, wu, wd)
     return jnp.sum(y * cot) + L1_COEFF * l1
 
-  def op(mode, fallback="cond"):
-    c = dataclasses.replace(cfg, mode=mode, overflow_fallback=fallback)
+  def op(mode, fallback="cond", **extra):
+    c = dataclasses.replace(cfg, mode=mode, overflow_fallback=fallback, **extra)
 
     def loss(x, wg, wu, wd, cot):
       y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation=impl, config=c)
@@ -102,16 +111,21 @@ def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
   out = {name: drop(op(*mode)) for name, mode in MODES.items()}
   flagged = op("sparse", "defer")
   read = lambda *a: (lambda r: (r[0], r[1].dense_fallback))(flagged(*a))  # noqa: E731
-  return dict(out, dense=dense, reference=reference, sparse_stats=op("sparse"), defer_read=read)
+  alt = op("sparse", "defer", train_backward=other_backward(cfg.train_backward))
+  return dict(out, dense=dense, reference=reference, sparse_stats=op("sparse"), defer_read=read,
+              defer_alt=drop(alt), alt_stats=alt)
 
 
-def compile_steps(args5, impl, cfg) -> tuple[dict, float]:
+def compile_steps(args5, impl, cfg, compare_backward: bool = False) -> tuple[dict, float]:
   """Each candidate's gradient step compiled once for these shapes (+ the float32 reference and
   a statistics step, untimed)."""
   fs = losses(impl, cfg)
   # Timed steps return the loss and the gradients, as a training step does (with jax.grad
   # alone the forward output is dead code, and XLA drops the forward's conditionals with it).
   steps = {k: jax.value_and_grad(fs[k], argnums=GRADS) for k in TIMED}
+  if compare_backward:
+    steps[ALT] = jax.value_and_grad(fs[ALT], argnums=GRADS)
+    steps["alt_stats"] = jax.grad(fs["alt_stats"], argnums=GRADS, has_aux=True)
   steps["reference"] = jax.grad(fs["reference"], argnums=GRADS)
   steps["stats"] = jax.grad(fs["sparse_stats"], argnums=GRADS, has_aux=True)
   steps[READ] = jax.value_and_grad(fs[READ], argnums=GRADS, has_aux=True)
@@ -137,11 +151,12 @@ def host_mode(active_per_token: float, d_ff: int, fallback: float, m: int) -> st
       dense_above=dispatch.scaled_threshold(t.dispatch_dense_above, m))
 
 
-def gradient_errors(steps, a) -> tuple[dict, dict, object]:
-  """Relative errors of the four gradients of the sparse step and of the dense bf16 step vs the
-  float32 step on the arguments ``a`` (x, weights, cotangent), and the sparse step's stats."""
+def gradient_errors(steps, a, stats="stats") -> tuple[dict, dict, object]:
+  """Relative errors of the four gradients of the sparse step (``stats``: that of another
+  candidate) and of the dense bf16 step vs the float32 step on the arguments ``a`` (x, weights,
+  cotangent), and the sparse step's stats."""
   ref = steps["reference"](*(v.astype(jnp.float32) for v in a))
-  got, st = steps["stats"](*a)
+  got, st = steps[stats](*a)
   dense = steps["dense"](*a)[1]
   rel = lambda gs: {name: float(jnp.linalg.norm(g.astype(jnp.float32) - r)  # noqa: E731
                                 / jnp.linalg.norm(r)) for name, g, r in zip(GRAD_NAMES, gs, ref)}
@@ -191,8 +206,9 @@ def wall_case(case, steps, settings, args) -> dict:
       bool(unread.pop())
     unread.append(flag)
     return loss, grads
+  alt = {ALT: steps[ALT]} if ALT in steps else {}
   wall = benchmarking.side_by_side({**{k: steps[k] for k in TIMED}, READ: read_flag,
-                                    LAG: read_previous_flag}, a,
+                                    LAG: read_previous_flag, **alt}, a,
                                    rounds=settings["rounds"],
                                    calls_per_round=settings["calls_per_round"], baseline="dense")
   errs_raw, dense_errs_raw, st = gradient_errors(steps, a)
@@ -204,6 +220,14 @@ def wall_case(case, steps, settings, args) -> dict:
   fallback = float(st.dense_fallback)
   mode = host_mode(float(st.l0), p.w_gate.shape[0], fallback, p.x.shape[0])
   ratio = lambda a, b: a / b if a and b else None  # noqa: E731
+  extra = {}
+  if alt:
+    alt_errs, _, _ = gradient_errors(steps, a[:4] + (cot_tie_free,), stats="alt_stats")
+    alt_ms = wall["candidates"][ALT]["median_ms"]
+    extra = dict(alt_backward=other_backward(args.train_backward), defer_alt_ms=alt_ms,
+                 speedup_defer_alt=wall["speedup"][ALT], alt_over_defer=ms["defer"] / alt_ms,
+                 alt_grad_rel_err=max(alt_errs.values()), alt_grad_rel_errs=alt_errs,
+                 defer_alt_peak_bytes=benchmarking.compiled_memory(steps[ALT])["peak_bytes"])
   return dict(
       case.fields(), **ffn_cases.activity_fields(p),
       **host_pick(mode, fallback, ms, peaks), speedup_sparse=wall["speedup"]["sparse"],
@@ -218,7 +242,7 @@ def wall_case(case, steps, settings, args) -> dict:
       grad_rel_errs=errs, dense_grad_rel_errs=dense_errs, grad_rel_errs_raw=errs_raw,
       dense_grad_rel_errs_raw=dense_errs_raw, tie_rows=tie_rows,
       op_active_per_token=float(st.l0), overflow_rows=int(st.overflow_rows),
-      dense_fallback=fallback, peak="XLA buffer assignment of the compiled fwd+bwd step")
+      dense_fallback=fallback, peak="XLA buffer assignment of the compiled fwd+bwd step", **extra)
 
 
 def cupti_case(case, rec, steps, settings, args) -> None:
@@ -273,6 +297,11 @@ def main(argv=None):
   ffn_cases.add_grid_args(ap)
   ap.add_argument("--capacity", type=int, default=32, help="SparseFFNConfig.twell_capacity")
   ap.add_argument("--impl", help="the op's implementation (default: the accelerated one)")
+  ap.add_argument("--train-backward", choices=ops.base.TRAIN_BACKWARDS,
+                  default=ops.SparseFFNConfig.train_backward,
+                  help="SparseFFNConfig.train_backward of every sparse candidate")
+  ap.add_argument("--compare-backward", action="store_true",
+                  help="also time defer with the other train_backward (candidate defer_alt)")
   ap.add_argument("--no-cupti", action="store_true", help="wall clock only")
   ap.add_argument("--out", default="experiments/results/bench_ffn_train.json")
   ap.add_argument("--rederive", metavar="JSON",
@@ -291,14 +320,15 @@ def main(argv=None):
   ffn_cases.require_platform(args, "bench_ffn_train.py")
   impl = ffn_cases.sparse_implementation(args.impl, args.cpu_smoke)
   use_cupti = not (args.no_cupti or args.cpu_smoke)
-  cfg = ops.SparseFFNConfig(twell_capacity=args.capacity)
+  cfg = ops.SparseFFNConfig(twell_capacity=args.capacity, train_backward=args.train_backward)
   header = dict(benchmarking.run_header(command), implementation=impl, settings=settings,
                 config=dataclasses.asdict(cfg), l1_coeff=L1_COEFF, cupti=use_cupti)
   print(f"device {header['device']}  jax {header['jax']}  implementation {impl}  {settings}")
   def compile_case(case):
     p = case.problem(args.seq_len)
     cot = jnp.zeros(p.x.shape, jnp.float32)  # shapes only: nothing is computed on it
-    return compile_steps((p.x, p.w_gate, p.w_up, p.w_down, cot), impl, cfg)
+    return compile_steps((p.x, p.w_gate, p.w_up, p.w_down, cot), impl, cfg,
+                         compare_backward=args.compare_backward)
 
   records = ffn_cases.run_grid(
       args, settings, header, compile_fns=compile_case,
@@ -315,6 +345,13 @@ def main(argv=None):
         f"{100 * s['dense_fallback_share']:.0f}%; max grad rel err {s['max_grad_rel_err']:.1e} "
         f"(ReLU-tie rows' cotangent zeroed; with them: sparse "
         f"{s['max_grad_rel_err_raw']:.1e}, dense bf16 {s['max_dense_grad_rel_err_raw']:.1e})")
+  if args.compare_backward:
+    print(benchmarking.format_table(
+        ("dist", "act/tok", f"x defer ({args.train_backward})", f"x defer_alt "
+         f"({other_backward(args.train_backward)})", "alt over defer", "alt grad err"),
+        [(r["distribution"], f"{r['active_per_token']:.1f}", f"{r['speedup_defer']:.2f}",
+          f"{r['speedup_defer_alt']:.2f}", f"{r['alt_over_defer']:.3f}",
+          f"{r['alt_grad_rel_err']:.1e}") for r in records]))
   print(f"wrote {args.out}")
   return dict(header=header, records=records, summary=s)
 

@@ -4,7 +4,9 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session12 (~9 min): NEXT. The 2b sparse step's compiled peak after entry_lists' fill change.
+# session13 (~8 min): NEXT. GPU tests of the neuron-major backward (issue 15 item 4), then
+#   bench_ffn_train with --compare-backward (token- vs neuron-major side by side) at ~28 and ~11.
+# session12 (~9 min): next after session13. The 2b sparse step's compiled peak after entry_lists' fill change.
 # session10 (~7 min, ran): Command buffers with CONDITIONAL/WHILE vs the default (inference
 #   dispatcher, training step gaps); then train_host (the training grid with the 4-entry backward).
 # session9, session9b, session9c (ran 2026-12-02, ninth session): tie-free gradient checks,
@@ -182,6 +184,13 @@ session12() {  # NEXT (~9 min): the 2b sparse step's peak with remat after entry
       --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 --max-minutes 5 \
       --out "$OUT/bench_model_2b_train_fill_h200.json"
 }
+session13() {  # NEXT (~8 min): is the neuron-major backward right on the GPU, and faster?
+  run 240 gpu_tests_neuron_major python3 -m pytest -q -x -p no:cacheprovider \
+      tests/test_gpu_kernels.py -k "neuron_major or dx_kernel or training_gradients"
+  run 300 bench_ffn_train_neuron python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --dist uniform skewed heavy_tail --active 28 --compare-backward \
+      --out "$OUT/bench_ffn_train_neuron_major_h200.json"
+}
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
@@ -201,6 +210,7 @@ case "${1:-all}" in
   session11) session11 ;;
   session11b) session11b ;;
   session12) session12 ;;
+  session13) session13 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

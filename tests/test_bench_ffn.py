@@ -14,7 +14,8 @@ SMOKE = ["--cpu-smoke", "--dist", "uniform", "clustered", "dense_starts", "--act
 @pytest.mark.parametrize("script", [bench_ffn, bench_ffn_train], ids=["inference", "training"])
 def test_cpu_smoke_writes_the_table_json(script, tmp_path):
   out = str(tmp_path / "bench.json")
-  res = script.main([*SMOKE, "--out", out])
+  extra = ["--compare-backward"] if script is bench_ffn_train else []
+  res = script.main([*SMOKE, *extra, "--out", out])
   data = json.load(open(out))
   assert data["header"]["device"].startswith("cpu") and data["header"]["implementation"] == "xla"
   assert "--cpu-smoke" in data["header"]["command"]
@@ -37,7 +38,11 @@ def test_cpu_smoke_writes_the_table_json(script, tmp_path):
       assert (r["host_mode"] == "dense") == (r["dispatch_estimate"] > line)
     else:  # training: the headline is the mode auto_host settles on for this batch
       assert set(wall) == {"dense", "sparse", "defer", "defer_read", "defer_lagged", "mode_dense",
-                           "device"}
+                           "device", "defer_alt"}
+      assert r["alt_backward"] == "neuron_major"  # the other SparseFFNConfig.train_backward
+      assert r["alt_over_defer"] == pytest.approx(wall["defer"]["median_ms"]
+                                                  / wall["defer_alt"]["median_ms"])
+      assert 0 < r["alt_grad_rel_err"] < 2e-2
       assert r["host_mode"] in ("defer", "defer+redo", "dense")
       # a sparse layer: the defer step with the loop's host read of the previous call's flag
       assert r["host_timed"] == ("mode_dense" if r["host_mode"] == "dense" else "defer_lagged")

@@ -117,6 +117,63 @@ def test_weight_gradient_kernel_paper_shape(key, dist, piece, out_dtype):
     assert rel_err(o, ref) < (1e-5 if out_dtype == jnp.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("dist,slice_width", [("uniform", 512), ("skewed", 2048)])
+def test_neuron_major_pass_paper_shape(key, dist, slice_width):
+  """dWd = T^T dOut and a = dOut_i . Wd[j] per entry from the pass by neuron (d_model slices of
+  512, or whole rows) against float32 products; hot neurons split into pieces (piece 16)."""
+  from pallas_kernels import twell_wgrad
+  k1, k2, k3 = jax.random.split(key, 3)
+  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution=dist)
+  g = jnp.maximum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32), 0)
+  tw = twell.encode(g.astype(jnp.bfloat16), capacity=32)
+  t = jax.random.normal(k2, tw.values_MxTxC.shape, jnp.float32)
+  dy = jax.random.normal(k3, p.x.shape, jnp.bfloat16)
+  keep = jnp.ones((4096,), bool).at[7].set(False)
+  wcfg = twell_wgrad.WgradConfig(piece=16, slice_width=slice_width)
+
+  @jax.jit
+  def run(tw, t, dy, wd):
+    lists = twell_wgrad.entry_lists(tw, keep, 262144)
+    (tc,) = lists.gather([t])
+    return twell_wgrad.neuron_major_pass(lists, tc, dy, wd, out_dtype=jnp.float32,
+                                         config=wcfg), lists
+
+  (dwd, a), lists = run(tw, t, dy, p.w_down)
+  assert not bool(lists.overflowed())
+  ok = keep & ~tw.row_overflow()
+  with jax.default_matmul_precision("highest"):
+    ref = twell.densify(tw, t, keep_rows=ok).astype(jnp.float32).T @ dy.astype(jnp.float32)
+    n = int(lists.n_entries)
+    rows, slots = lists.rows[:n], lists.slots[:n]
+    neuron = tw.global_indices().reshape(-1)[slots]
+    a_ref = jnp.sum(dy[rows].astype(jnp.float32) * p.w_down[neuron].astype(jnp.float32), axis=1)
+  assert rel_err(dwd[:5632], ref[:5632]) < 1e-5
+  assert rel_err(a[:n], a_ref) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_dx_kernel_paper_shape(key, gated):
+  """dx_i = sum_j dR_ij Wu[j] + dU_ij Wg[j] over the TwELL entries, slot values random, against
+  float32 products; rows with an overflowed tile stay 0."""
+  from pallas_kernels import twell_backward
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution="skewed")
+  g = jnp.maximum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32), 0)
+  tw = twell.encode(g.astype(jnp.bfloat16), capacity=32)
+  slots = jax.random.normal(k2, tw.values_MxTxC.shape + (2 if gated else 1,), jnp.float32)
+  wu = p.w_up if gated else None
+  dx = jax.jit(lambda *a: twell_backward.dx_kernel(*a, out_dtype=jnp.float32))(
+      p.w_gate, wu, tw, slots)
+  ok = ~tw.row_overflow()
+  with jax.default_matmul_precision("highest"):
+    dense = lambda v: twell.densify(tw, v, keep_rows=ok).astype(jnp.float32)
+    ref = dense(slots[..., 0]) @ p.w_gate.astype(jnp.float32)
+    if gated:
+      ref = ref + dense(slots[..., 1]) @ p.w_up.astype(jnp.float32)
+  assert rel_err(dx[ok], ref[ok]) < 1e-5
+  assert float(jnp.abs(dx[~ok]).max(initial=0.0)) == 0.0
+
+
 def _tie_free_cotangent(key, p):
   """A random cotangent, zero on rows with a gate pre-activation at a ReLU tie (within the tensor
   cores' accumulation noise): there either side of the ReLU is right (synthetic.GATE_TIE_TOL)."""
@@ -150,12 +207,13 @@ def test_backward_kernel_entries_per_step_agree_at_paper_shape(key, entries_per_
     assert rel_err(a[valid], b[valid]) < 1e-5, (name, rel_err(a[valid], b[valid]))
 
 
-@pytest.mark.parametrize("dist", ["uniform", "skewed"])
-def test_training_gradients_paper_shape_against_float32(key, dist):
+@pytest.mark.parametrize("dist,order", [("uniform", "token_major"), ("skewed", "token_major"),
+                                        ("uniform", "neuron_major"), ("skewed", "neuron_major")])
+def test_training_gradients_paper_shape_against_float32(key, dist, order):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution=dist)
   cot = _tie_free_cotangent(k2, p)
-  cfg = ops.SparseFFNConfig(max_active_fraction=None)
+  cfg = ops.SparseFFNConfig(max_active_fraction=None, train_backward=order)
 
   def loss(x, wg, wu, wd):
     y, st = ops.gated_sparse_ffn(x, wg, wu, wd, implementation="pallas", config=cfg)
