@@ -23,7 +23,7 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
 OVERFLOW_FALLBACKS = ("cond", "defer")   # SparseFFNConfig.overflow_fallback
 DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
-TRAIN_BACKWARDS = ("token_major", "neuron_major")  # SparseFFNConfig.train_backward
+TRAIN_BACKWARDS = ("neuron_major", "token_major")  # SparseFFNConfig.train_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,14 +71,17 @@ class SparseFFNConfig:
       the flag per step). Other modes ignore it.
   train_backward: how the Pallas training path's sparse backward walks the entries (same
     gradients, different kernels; ``pallas_kernels/NOTES_train.md``):
-    "token_major" (default): one kernel per token forms a = dOut_i . Wd[j], dU and dR for each
-      entry and accumulates dx (three weight rows gathered per entry); then the weight
-      gradients (x and dOut rows gathered per entry, by neuron).
-    "neuron_major": a pass by neuron (``twell_wgrad.neuron_major_pass``) forms a and dWd from
-      one dOut row per entry with the neuron's Wd row held in registers; dU and dR per entry are
-      scattered to the slots; the per-token kernel then gathers only Wu and Wg rows
-      (``twell_backward.dx_kernel``) and the dWg / dWu pass reads only x rows. 4 KB less per
-      entry; not yet the default (measure it: ``experiments/bench_ffn_train.py``).
+    "neuron_major" (default): a pass by neuron (``twell_wgrad.neuron_major_pass``) forms
+      a = dOut_i . Wd[j] and dWd from one dOut row per entry, the neuron's Wd row held in
+      registers; dU and dR per entry are scattered to the slots; the per-token kernel then
+      gathers only the Wu and Wg rows (``twell_backward.dx_kernel``) and the dWg / dWu pass
+      reads only x rows: 4 KB less per entry. H200, paper FFN at M = 16384, side by side:
+      1.05-1.06x of token_major at ~28 active/token (uniform, heavy tail), 0.99-1.02x at ~11
+      and on skewed ~28 (noise), peak 0.94x, gradient errors equal or lower
+      (``experiments/results/bench_ffn_train_neuron_major*_h200.json``).
+    "token_major": one kernel per token forms a, dU and dR for each entry and accumulates dx
+      (three weight rows gathered per entry); then the weight gradients (x and dOut rows
+      gathered per entry, by neuron). The previous default.
   decode_max_tokens: calls of at most this many tokens (generation: batch x new tokens) are in
     the decode regime, where the batched kernels (128-row tiles, a warp per token) do not pay;
     there ``decode_path`` decides. 0 turns the regime off (every call goes to the backend).
@@ -127,7 +130,7 @@ class SparseFFNConfig:
   decode_max_union_fraction: float = 0.25
   decode_gate_split: int | None = None
   gate_threshold: float = 0.0
-  train_backward: str = "token_major"
+  train_backward: str = "neuron_major"
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):
