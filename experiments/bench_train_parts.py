@@ -4,7 +4,11 @@ inside XLA's device-side conditionals), next to the bf16 dense FFN's forward + b
 
 Stages: forward (gate kernel -> TwELL, fused up/down storing R), entry lists (compaction and
 sort by neuron), backward kernel (dX, dU, dR), weight gradients (gather of slot values, sparse
-weight-gradient kernel, partial-row reduction).
+weight-gradient kernel, partial-row reduction): the token-major backward. ``neuron_major``: the
+whole neuron-major backward (``pallas_backend.sparse_backward``: the pass by neuron, the per-entry
+glue and slot scatter, dx_kernel, the x-only weight-gradient pass), with its per-kernel breakdown
+(``neuron_major_kernels``); ``token_major`` is the same function in the other order, for the
+side-by-side sum. The whole step (``step_*``) runs ``SparseFFNConfig``'s default order.
 
     PYTHONPATH=$PWD python3 experiments/bench_train_parts.py --out experiments/results/train_parts.json
 """
@@ -54,6 +58,13 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
     return twell_wgrad.sparse_weight_gradients(lists, coefs, x, dy, n_x=2,
                                                out_dtype=jnp.bfloat16, config=wgrad_cfg)
 
+  def backward_fn(order):
+    @jax.jit
+    def run(x, dy, wg, wu, wd, tw, r, lists):
+      return pallas_backend.sparse_backward(order, x, dy, wg, wu, wd, tw, r, lists,
+                                            jnp.float32(1e-6), jnp.bfloat16)
+    return run
+
   @jax.jit
   def dense(x, wg, wu, wd, dy):
     def loss(x, wg, wu, wd):
@@ -74,6 +85,10 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   out["wgrad_kernels"] = benchmarking.cupti_breakdown(wgrad, lists, du, dr, tw, r, p.x, dy)
   out["sparse_total"] = sum(out[k] for k in ("forward", "entry_lists", "backward_kernel",
                                               "weight_grads"))
+  bargs = (p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r, lists)
+  for order in ("token_major", "neuron_major"):
+    out[order] = benchmarking.cupti_ms(backward_fn(order), *bargs)[0]
+  out["neuron_major_kernels"] = benchmarking.cupti_breakdown(backward_fn("neuron_major"), *bargs)
   out["dense_fwd_bwd"] = benchmarking.cupti_ms(dense, *a, dy)[0]
   out["speedup"] = out["dense_fwd_bwd"] / out["sparse_total"]
   # The whole sparse step as jax.grad runs it (dispatch conds bypassed so CUPTI sees every kernel).
@@ -115,8 +130,9 @@ def main(argv=None):
     raise SystemExit("bench_train_parts.py needs a GPU")
   header = benchmarking.run_header()
   print(f"device {header['device']}  jax {header['jax']}")
-  cols = ("forward", "entry_lists", "backward_kernel", "weight_grads", "sparse_total",
-          "dense_fwd_bwd", "speedup", "step_cupti", "step_wall", "dense_wall")
+  cols = ("forward", "entry_lists", "backward_kernel", "weight_grads", "token_major",
+          "neuron_major", "sparse_total", "dense_fwd_bwd", "speedup", "step_cupti", "step_wall",
+          "dense_wall")
   print(f"{'dist':8} {'act':>5} " + " ".join(f"{c[:12]:>12}" for c in cols))
   records = []
   key = jax.random.key(0)
@@ -136,7 +152,8 @@ def main(argv=None):
       records.append(rec)
       print(f"{dist:8} {rec['active_per_token']:5.1f} " +
             " ".join(f"{r[c]:12.3f}" for c in cols), flush=True)
-      for part in ("wgrad_kernels", "entry_lists_kernels", "step_kernels"):
+      for part in ("wgrad_kernels", "entry_lists_kernels", "neuron_major_kernels",
+                   "step_kernels"):
         top = sorted(r[part], key=lambda nt: -nt[1])[:12 if part == "step_kernels" else 6]
         print(f"   {part} ({len(r[part])} kernels, {sum(t for _, t in r[part]):.3f} ms): "
             + ", ".join(f"{n[:32]} {t:.3f}" for n, t in top))

@@ -253,3 +253,30 @@ def test_deferred_overflow_training_call_holds_no_conditional(key):
   assert "mosaic_gpu" in deferred
   assert not any(c in deferred for c in control), [c for c in control if c in deferred]
   assert any(c in cond for c in control)
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_backward_orders_agree(pallas_interpret, key, gated):
+  """pallas_backend.sparse_backward in both orders (SparseFFNConfig.train_backward) from the
+  same forward residuals: dx and the weight gradients agree to float32 summation order (dx
+  within one bf16 rounding)."""
+  from pallas_kernels import twell_ffn, twell_gate, twell_wgrad
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 256, 256, 512, active_per_token=12, distribution="skewed")
+  dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
+  wu = p.w_up if gated else None
+  tw = twell_gate.gate_twell(p.x, p.w_gate if gated else p.w_up, capacity=8)
+  assert bool(tw.row_overflow().any())  # overflowed rows: both orders leave them to the row path
+  r = twell_ffn.fused_up_down(p.x, p.w_gate, p.w_up, p.w_down, tw, return_r=True)[2] if gated \
+      else None
+  lists = twell_wgrad.entry_lists(tw, jnp.ones((256,), bool), 256 * 64)
+  wg = p.w_gate if gated else p.w_up
+  run = lambda order: pallas_backend.sparse_backward(order, p.x, dy, wg, wu, p.w_down, tw, r,
+                                                     lists, jnp.float32(0.05), jnp.float32)
+  (dx_t, dw_t), (dx_n, dw_n) = run("token_major"), run("neuron_major")
+  assert len(dw_t) == len(dw_n) == (3 if gated else 2)
+  assert rel_err(dx_n, dx_t) < 4e-3
+  for a, b in zip(dw_n, dw_t):
+    assert rel_err(a, b) < 1e-5, rel_err(a, b)
+  with pytest.raises(ValueError, match="unknown train_backward"):
+    run("by_column")

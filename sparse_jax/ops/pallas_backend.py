@@ -324,6 +324,45 @@ def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_
 # --------------------------------------------------------------------------- training backward
 
 
+def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, coeff, w_dtype):
+  """(dx [M_pad, D] in x's dtype, [dWg, dWu, dWd] (non-gated [dWu, dWd]) [N_pad, D] in
+  ``w_dtype``) of the sparse backward on the rows without an overflowed tile, in the order of
+  ``SparseFFNConfig.train_backward``. Inputs padded (rows of x and dOut, neurons of the
+  weights); ``lists``: the forward's entry lists; ``coeff``: the L1 cotangent over M d_ff."""
+  gated = wu is not None
+  if order == "token_major":
+    dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff)
+    # Weight gradients from the forward's entry lists: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut
+    # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
+    if gated:
+      c = lists.gather([du, dr, tw.values_MxTxC, r])
+      coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
+    else:
+      coefs = lists.gather([du, tw.values_MxTxC])
+    return dx, twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
+                                                   out_dtype=w_dtype)
+  if order != "neuron_major":
+    raise ValueError(f"unknown train_backward {order!r}")
+  # The same per-entry math as the token-major kernel (twell_backward's docstring), with
+  # a = dOut_i . Wd[j] from the pass by neuron, which also gives dWd.
+  wcfg = twell_wgrad.DEFAULT_CONFIG
+  tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece, partial_rows=wcfg.partial_rows)
+  p_e, *r_e = lists.gather([tw.values_MxTxC] + ([r] if gated else []))
+  t_e = (p_e * r_e[0]).astype(jnp.bfloat16).astype(F32) if gated else p_e
+  dwd, a_e = twell_wgrad.neuron_major_pass(lists, t_e, dyp, wd, out_dtype=w_dtype, tasks=tasks)
+  d_t = a_e + coeff * jnp.where(t_e >= 0, 1.0, -1.0)
+  d_u = jnp.where(p_e > 0, d_t * r_e[0] if gated else d_t, 0.0)
+  g_KxE = jnp.stack([d_u, d_t * p_e] if gated else [d_u])
+  n_slots = tw.values_MxTxC.size
+  at = jnp.where(lists.slots >= 0, lists.slots, n_slots)
+  g_slots = jnp.zeros((n_slots, g_KxE.shape[0]), F32).at[at].set(g_KxE.T, mode="drop")
+  dx = twell_backward.dx_kernel(wg, wu, tw, g_slots.reshape(tw.values_MxTxC.shape + (-1,)),
+                                out_dtype=xp.dtype)
+  dws = twell_wgrad.sparse_weight_gradients(lists, g_KxE, xp, dyp, n_x=g_KxE.shape[0], n_dy=0,
+                                            out_dtype=w_dtype, tasks=tasks)
+  return dx, dws + [dwd]
+
+
 def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
   x, w_gate, w_up, w_down, tw, r, lists, too_dense = residuals
   d_y, d_stats = cotangents
@@ -340,42 +379,9 @@ def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
   n_flagged = jnp.sum(flagged, dtype=jnp.int32)
   dtypes = [x.dtype, w_gate.dtype] + ([w_up.dtype] if gated else []) + [w_down.dtype]
 
-  def token_major():
-    dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff)
-    # Weight gradients from the forward's entry lists: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut
-    # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
-    if gated:
-      c = lists.gather([du, dr, tw.values_MxTxC, r])
-      coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
-    else:
-      coefs = lists.gather([du, tw.values_MxTxC])
-    return dx, twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
-                                                   out_dtype=w_gate.dtype)
-
-  def neuron_major():
-    # The same per-entry math as the token-major kernel (twell_backward's docstring), with
-    # a = dOut_i . Wd[j] from the pass by neuron, which also gives dWd.
-    wcfg = twell_wgrad.DEFAULT_CONFIG
-    tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece,
-                                   partial_rows=wcfg.partial_rows)
-    p_e, *r_e = lists.gather([tw.values_MxTxC] + ([r] if gated else []))
-    t_e = (p_e * r_e[0]).astype(jnp.bfloat16).astype(F32) if gated else p_e
-    dwd, a_e = twell_wgrad.neuron_major_pass(lists, t_e, dyp, wd, out_dtype=w_gate.dtype,
-                                             tasks=tasks)
-    d_t = a_e + coeff * jnp.where(t_e >= 0, 1.0, -1.0)
-    d_u = jnp.where(p_e > 0, d_t * r_e[0] if gated else d_t, 0.0)
-    g_KxE = jnp.stack([d_u, d_t * p_e] if gated else [d_u])
-    n_slots = tw.values_MxTxC.size
-    at = jnp.where(lists.slots >= 0, lists.slots, n_slots)
-    g_slots = jnp.zeros((n_slots, g_KxE.shape[0]), F32).at[at].set(g_KxE.T, mode="drop")
-    dx = twell_backward.dx_kernel(wg, wu, tw, g_slots.reshape(tw.values_MxTxC.shape + (-1,)),
-                                  out_dtype=x.dtype)
-    dws = twell_wgrad.sparse_weight_gradients(lists, g_KxE, xp, dyp, n_x=g_KxE.shape[0], n_dy=0,
-                                              out_dtype=w_gate.dtype, tasks=tasks)
-    return dx, dws + [dwd]
-
   def sparse(conditional_rows: bool = True):
-    dx, dws = neuron_major() if cfg.train_backward == "neuron_major" else token_major()
+    dx, dws = sparse_backward(cfg.train_backward, xp, dyp, wg, wu, wd, tw, r, lists, coeff,
+                              w_gate.dtype)
     grads = (dx[:m],) + tuple(dw[:n] for dw in dws)
 
     def add_flagged_rows(grads):
