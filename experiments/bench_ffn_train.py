@@ -22,10 +22,10 @@ in one process on the same inputs, median of rounds):
 * ``mode_dense``: ``mode="dense"``, the op's plain XLA path (what auto_host runs in a dense layer);
 * ``device``: ``mode="auto"``, the on-device dispatcher (gate probe + ``lax.cond``, forward and
   backward; ``train.dispatch=device``).
-* ``defer_alt`` (with ``--compare-backward``): ``defer`` with the other
-  ``SparseFFNConfig.train_backward`` (token- vs neuron-major), timed in the same rounds:
-  ``speedup_defer_alt``, ``alt_over_defer`` (>1: the other order is faster), and its gradient
-  errors (``alt_grad_rel_err``, tie-free, as ``grad_rel_err``).
+* ``defer_alt`` (with ``--compare-backward [ORDER]``): ``defer`` with another
+  ``SparseFFNConfig.train_backward`` (default: the first other than ``--train-backward``),
+  timed in the same rounds: ``speedup_defer_alt``, ``alt_over_defer`` (>1: the other order is
+  faster), and its gradient errors (``alt_grad_rel_err``, tie-free, as ``grad_rel_err``).
 
 ``speedup`` (the headline) is dense over the mode ``train.dispatch=auto_host`` settles on for a
 layer with this batch's statistics (``host_mode``: ``sparse_jax.train.dispatch.settled_mode`` of
@@ -84,11 +84,14 @@ GRADS = (0, 1, 2, 3)
 GRAD_NAMES = ("dx", "dw_gate", "dw_up", "dw_down")
 
 
-def other_backward(train_backward: str) -> str:
+def other_backward(train_backward: str, wanted: str | None = "other") -> str:
+  """The order ``defer_alt`` runs: ``wanted``, or the first other than ``train_backward``."""
+  if wanted not in (None, "other"):
+    return wanted
   return next(b for b in ops.base.TRAIN_BACKWARDS if b != train_backward)
 
 
-def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
+def losses(impl: str, cfg: ops.SparseFFNConfig, alt_backward: str | None = None) -> dict:
   """loss(x, wg, wu, wd, cot) of each candidate; ``sparse_stats`` also returns the op's
   FFNStats (of mode sparse); ``alt_stats``: the same for ``defer`` with the other backward."""
   def dense(x, wg, wu, wd, cot):  # the dense model as it trains in bf16
@@ -111,15 +114,15 @@ def losses(impl: str, cfg: ops.SparseFFNConfig) -> dict:
   out = {name: drop(op(*mode)) for name, mode in MODES.items()}
   flagged = op("sparse", "defer")
   read = lambda *a: (lambda r: (r[0], r[1].dense_fallback))(flagged(*a))  # noqa: E731
-  alt = op("sparse", "defer", train_backward=other_backward(cfg.train_backward))
+  alt = op("sparse", "defer", train_backward=other_backward(cfg.train_backward, alt_backward))
   return dict(out, dense=dense, reference=reference, sparse_stats=op("sparse"), defer_read=read,
               defer_alt=drop(alt), alt_stats=alt)
 
 
-def compile_steps(args5, impl, cfg, compare_backward: bool = False) -> tuple[dict, float]:
+def compile_steps(args5, impl, cfg, compare_backward: str | None = None) -> tuple[dict, float]:
   """Each candidate's gradient step compiled once for these shapes (+ the float32 reference and
-  a statistics step, untimed)."""
-  fs = losses(impl, cfg)
+  a statistics step, untimed); ``compare_backward``: also ``defer_alt`` with that order."""
+  fs = losses(impl, cfg, compare_backward)
   # Timed steps return the loss and the gradients, as a training step does (with jax.grad
   # alone the forward output is dead code, and XLA drops the forward's conditionals with it).
   steps = {k: jax.value_and_grad(fs[k], argnums=GRADS) for k in TIMED}
@@ -224,7 +227,8 @@ def wall_case(case, steps, settings, args) -> dict:
   if alt:
     alt_errs, _, _ = gradient_errors(steps, a[:4] + (cot_tie_free,), stats="alt_stats")
     alt_ms = wall["candidates"][ALT]["median_ms"]
-    extra = dict(alt_backward=other_backward(args.train_backward), defer_alt_ms=alt_ms,
+    extra = dict(alt_backward=other_backward(args.train_backward, args.compare_backward),
+                 defer_alt_ms=alt_ms,
                  speedup_defer_alt=wall["speedup"][ALT], alt_over_defer=ms["defer"] / alt_ms,
                  alt_grad_rel_err=max(alt_errs.values()), alt_grad_rel_errs=alt_errs,
                  defer_alt_peak_bytes=benchmarking.compiled_memory(steps[ALT])["peak_bytes"])
@@ -300,8 +304,10 @@ def main(argv=None):
   ap.add_argument("--train-backward", choices=ops.base.TRAIN_BACKWARDS,
                   default=ops.SparseFFNConfig.train_backward,
                   help="SparseFFNConfig.train_backward of every sparse candidate")
-  ap.add_argument("--compare-backward", action="store_true",
-                  help="also time defer with the other train_backward (candidate defer_alt)")
+  ap.add_argument("--compare-backward", nargs="?", const="other", default=None,
+                  choices=("other",) + ops.base.TRAIN_BACKWARDS,
+                  help="also time defer with another train_backward (candidate defer_alt; "
+                       "without a value: the first other than --train-backward)")
   ap.add_argument("--no-cupti", action="store_true", help="wall clock only")
   ap.add_argument("--out", default="experiments/results/bench_ffn_train.json")
   ap.add_argument("--rederive", metavar="JSON",
@@ -348,7 +354,8 @@ def main(argv=None):
   if args.compare_backward:
     print(benchmarking.format_table(
         ("dist", "act/tok", f"x defer ({args.train_backward})", f"x defer_alt "
-         f"({other_backward(args.train_backward)})", "alt over defer", "alt grad err"),
+         f"({other_backward(args.train_backward, args.compare_backward)})", "alt over defer",
+         "alt grad err"),
         [(r["distribution"], f"{r['active_per_token']:.1f}", f"{r['speedup_defer']:.2f}",
           f"{r['speedup_defer_alt']:.2f}", f"{r['alt_over_defer']:.3f}",
           f"{r['alt_grad_rel_err']:.1e}") for r in records]))

@@ -210,30 +210,41 @@ def slice_width(d_model: int, cfg: WgradConfig) -> int:
   return cfg.slice_width if d_model % cfg.slice_width == 0 else common.WARP_ROW_SPAN
 
 
-def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_refs, part_ref,
-                wdot_ref, a_ref, ctr_ref, *, n_x: int, n_dy: int, unroll: int,
-                width: int):
+# Refs of the kernel, in order (None where absent): inputs, outputs, scratch.
+_IN = ("x", "dy", "rows", "coef", "task", "bounds", "wdot", "slots", "val", "r", "coeff")
+_OUT_TAIL = ("part", "a", "g", "ge")
+
+
+def _wgrad_mgpu(refs: dict, out_refs, *, n_x: int, n_dy: int, unroll: int, width: int):
   """Per-warp CUDA-core code: tickets (slice, task); lanes over 8-column groups of the slice.
-  Products: ``n_x`` coefficient rows times x, then ``n_dy`` (0 or 1) times dOut. With
-  ``wdot_ref`` (the neuron-major pass) each entry's dOut slice is also dotted with the task
-  neuron's row of ``wdot_ref`` and the partial sum stored at ``a_ref[slice, entry]``."""
+  Products: ``n_x`` coefficient rows times x, then ``n_dy`` (0 or 1) times dOut. With ``wdot``
+  (the neuron-major pass) each entry's dOut slice is also dotted with the task neuron's row of
+  ``wdot``: stored as a partial sum at ``a[slice, entry]``, or, with ``slots`` (the fused
+  finish, one slice of all d_model), turned into the entry's dU, dR right here: T, P and R
+  read at the entry's slot (``val``, ``r``: flat TwELL arrays), T the dOut product's
+  coefficient, and (dU, dR) stored at ``g[slot * K + k]`` and ``ge[k, entry]``."""
   from jax._src.lib.mlir import ir
   from jax._src.lib.mlir.dialects import arith, memref, vector
   from jax._src.lib.mlir.dialects import math as mlir_math
   import jax.experimental.mosaic.gpu as mgpu
   from pallas_kernels.warp_mgpu import WarpKernel
 
+  x_ref, dy_ref, rows_ref, task_ref = refs["x"], refs["dy"], refs["rows"], refs["task"]
   _, d_model = ir.MemRefType(x_ref.type).shape
   n_slices, chunks = d_model // width, width // common.WARP_ROW_SPAN
   n_prod = n_x + n_dy
-  dots = wdot_ref is not None
+  dots, fused = refs["wdot"] is not None, refs["slots"] is not None
+  gated = refs["r"] is not None
+  k_out = 2 if gated else 1
   w = WarpKernel(d_model)
   c, cf = w.c, w.cf
   out_dtype = ir.MemRefType(out_refs[0].type).element_type
   v8out = ir.VectorType.get((8,), out_dtype)
+  coeff = memref.load(refs["coeff"], [w.idx(c(0))]) if fused else None
 
-  lo = memref.load(bounds_ref, [w.idx(w.cta)])
-  hi = arith.maxsi(lo, memref.load(bounds_ref, [w.idx(arith.addi(w.cta, c(1)))]))
+  bounds = refs["bounds"]
+  lo = memref.load(bounds, [w.idx(w.cta)])
+  hi = arith.maxsi(lo, memref.load(bounds, [w.idx(arith.addi(w.cta, c(1)))]))
   span = arith.subi(hi, lo)
   safe_span = arith.maxui(span, c(1))
 
@@ -249,7 +260,8 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
             for ch in range(chunks)]
     if dots:  # the task's neuron row (this slice), held in registers for all its entries
       neuron = w.idx(memref.load(task_ref, [k, w.idx(c(4))]))
-      wrow = [arith.extf(w.v8f, vector.load(w.v8bf, wdot_ref, [neuron, col])) for col in cols]
+      wrow = [arith.extf(w.v8f, vector.load(w.v8bf, refs["wdot"], [neuron, col]))
+              for col in cols]
     n_steps = arith.divui(arith.addi(arith.subi(end, start), c(unroll - 1)), c(unroll))
     init = [w.zero] * (n_prod * chunks)
 
@@ -262,84 +274,138 @@ def _wgrad_mgpu(x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, out_ref
         valid = w.lt(e, end)
         e_safe = w.idx(arith.select(valid, e, e0))
         row = w.idx(memref.load(rows_ref, [e_safe]))
-        coefs = [arith.select(valid, memref.load(coef_ref, [w.idx(c(p)), e_safe]), cf(0.0))
-                 for p in range(n_prod)]
+        extra = None
+        if fused:  # the entry's slot values; T is the dOut product's coefficient
+          slot = w.idx(memref.load(refs["slots"], [e_safe]))
+          pv = arith.extf(w.f32, memref.load(refs["val"], [slot]))
+          rv = memref.load(refs["r"], [slot]) if gated else None
+          tv = w.round_bf16(arith.mulf(pv, rv)) if gated else pv
+          coefs = [arith.select(valid, tv, cf(0.0))]
+          extra = (slot, pv, rv, tv)
+        else:
+          coefs = [arith.select(valid, memref.load(refs["coef"], [w.idx(c(q)), e_safe]),
+                                cf(0.0)) for q in range(n_prod)]
         xs = [vector.load(w.v8bf, x_ref, [row, col]) for col in cols] if n_x else None
         dys = ([vector.load(w.v8bf, dy_ref, [row, col]) for col in cols]
                if n_dy or dots else None)
-        loaded.append((coefs, xs, dys, valid, e_safe))
+        loaded.append((coefs, xs, dys, valid, e_safe, extra))
       acc = list(acc)
-      for coefs, xs, dys, valid, e_safe in loaded:
+      for coefs, xs, dys, valid, e_safe, extra in loaded:
         if dots:
           part = w.zero
           for ch in range(chunks):
             part = mlir_math.fma(arith.extf(w.v8f, dys[ch]), wrow[ch], part)
           a = w.warp_sum(vector.reduction(w.f32, vector.CombiningKind.ADD, part))
-          with mgpu.when(arith.andi(valid, w.eq(w.lane, c(0)))):
-            memref.store(a, a_ref, [w.idx(sl), e_safe])
-        for p in range(n_prod):
-          cv = vector.broadcast(w.v8f, coefs[p])
-          src = xs if p < n_x else dys
+          store = arith.andi(valid, w.eq(w.lane, c(0)))
+          if fused:  # twell_backward's per-entry math, with this a
+            slot, pv, rv, tv = extra
+            sign = arith.select(arith.cmpf(arith.CmpFPredicate.OGE, tv, cf(0.0)), cf(1.0),
+                                cf(-1.0))
+            d_t = arith.addf(a, arith.mulf(coeff, sign))
+            p_pos = arith.cmpf(arith.CmpFPredicate.OGT, pv, cf(0.0))
+            grads = [arith.select(p_pos, arith.mulf(d_t, rv) if gated else d_t, cf(0.0))]
+            if gated:
+              grads.append(arith.mulf(d_t, pv))
+            with mgpu.when(store):
+              at = arith.muli(slot, mgpu.c(k_out, w.index))
+              for q, g in enumerate(grads):
+                memref.store(g, refs["g"], [arith.addi(at, mgpu.c(q, w.index))])
+                memref.store(g, refs["ge"], [w.idx(c(q)), e_safe])
+          else:
+            with mgpu.when(store):
+              memref.store(a, refs["a"], [w.idx(sl), e_safe])
+        for q in range(n_prod):
+          cv = vector.broadcast(w.v8f, coefs[q])
+          src = xs if q < n_x else dys
           for ch in range(chunks):
-            i = p * chunks + ch
+            i = q * chunks + ch
             acc[i] = mlir_math.fma(cv, arith.extf(w.v8f, src[ch]), acc[i])
       return acc
 
     acc = list(_steps.results)
     with mgpu.when(arith.cmpi(arith.CmpIPredicate.sge, out_row, c(0))):
-      for p in range(n_prod):
+      for q in range(n_prod):
         for ch in range(chunks):
-          v = acc[p * chunks + ch]
+          v = acc[q * chunks + ch]
           v = v if out_dtype == w.f32 else arith.truncf(v8out, v)
-          vector.store(v, out_refs[p], [w.idx(out_row), cols[ch]])
+          vector.store(v, out_refs[q], [w.idx(out_row), cols[ch]])
     with mgpu.when(arith.cmpi(arith.CmpIPredicate.sge, part_row, c(0))):
-      for p in range(n_prod):
+      for q in range(n_prod):
         for ch in range(chunks):
-          vector.store(acc[p * chunks + ch], part_ref, [w.idx(part_row), w.idx(c(p)), cols[ch]])
+          vector.store(acc[q * chunks + ch], refs["part"],
+                       [w.idx(part_row), w.idx(c(q)), cols[ch]])
 
-  w.for_each_ticket(arith.muli(span, c(n_slices)), ctr_ref, process)
+  w.for_each_ticket(arith.muli(span, c(n_slices)), refs["ctr"], process)
 
 
-def _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, wdot_ref, a_ref,
-               *, n_x: int, n_dy: int, width: int):
-  """Interpretable path: every task's sums (and the neuron-major pass's partial dot products)
-  with array ops, written where the kernel writes them."""
-  tasks = task_ref[...]
-  rows, coefs = rows_ref[...], coef_ref[...]
+def _wgrad_jnp(refs: dict, out_refs, *, n_x: int, n_dy: int, width: int):
+  """Interpretable path: every task's sums (and the neuron-major pass's dot products, partial
+  or finished into dU, dR) with array ops, written where the kernel writes them."""
+  tasks = refs["task"][...]
+  rows = refs["rows"][...]
   n_pad = out_refs[0].shape[0]
+  part_ref = refs["part"]
   p_cap = part_ref.shape[0]
   end, out_row, part_row = tasks[:, 1], tasks[:, 2], tasks[:, 3]
   e = jnp.arange(rows.shape[0], dtype=jnp.int32)
   # Tasks are ordered and contiguous: entry e belongs to the first task whose end exceeds it.
   owner = jnp.searchsorted(end, e, side="right").astype(jnp.int32)
   owner = jnp.where(e < end[-1], owner, tasks.shape[0])
-  x, dy = x_ref[...].astype(F32), dy_ref[...].astype(F32)
+  live = owner < tasks.shape[0]
+  x, dy = refs["x"][...].astype(F32), refs["dy"][...].astype(F32)
+  fused = refs["slots"] is not None
+  if fused:
+    slot = jnp.where(live, refs["slots"][...], 0)
+    p = refs["val"][...][slot].astype(F32)
+    r = refs["r"][...][slot] if refs["r"] is not None else None
+    t = (p * r).astype(jnp.bfloat16).astype(F32) if r is not None else p
+    coefs = jnp.where(live, t, 0.0)[None]
+  else:
+    coefs = refs["coef"][...]
   sums = []
-  for p in range(n_x + n_dy):
-    b = (x if p < n_x else dy)[rows] * coefs[p][:, None]
+  for q in range(n_x + n_dy):
+    b = (x if q < n_x else dy)[rows] * coefs[q][:, None]
     sums.append(jax.ops.segment_sum(b, owner, num_segments=tasks.shape[0]))
   orow = jnp.where(out_row >= 0, out_row, n_pad)
   prow = jnp.where(part_row >= 0, part_row, p_cap)
-  for p, ref in enumerate(out_refs):
-    ref[...] = jnp.zeros(ref.shape, ref.dtype).at[orow].set(sums[p].astype(ref.dtype), mode="drop")
-  part = jnp.stack(sums, axis=1)
-  part_ref[...] = jnp.zeros(part_ref.shape, F32).at[prow].set(part, mode="drop")
-  if wdot_ref is not None:
-    live = owner < tasks.shape[0]
-    neuron = tasks[jnp.where(live, owner, 0), 4]
-    prod = dy[rows] * wdot_ref[...].astype(F32)[neuron]
+  for q, ref in enumerate(out_refs):
+    ref[...] = jnp.zeros(ref.shape, ref.dtype).at[orow].set(sums[q].astype(ref.dtype), mode="drop")
+  part_ref[...] = jnp.zeros(part_ref.shape, F32).at[prow].set(jnp.stack(sums, axis=1), mode="drop")
+  if refs["wdot"] is None:
+    return
+  neuron = tasks[jnp.where(live, owner, 0), 4]
+  prod = dy[rows] * refs["wdot"][...].astype(F32)[neuron]
+  if not fused:
     n_slices = prod.shape[1] // width
     partial = prod.reshape(prod.shape[0], n_slices, width).sum(-1).T
-    a_ref[...] = jnp.where(live[None, :], partial, 0.0)
+    refs["a"][...] = jnp.where(live[None, :], partial, 0.0)
+    return
+  d_t = prod.sum(-1) + refs["coeff"][0] * jnp.where(t >= 0, 1.0, -1.0)
+  grads = [jnp.where(p > 0, d_t * r if r is not None else d_t, 0.0)]
+  if r is not None:
+    grads.append(d_t * p)
+  g = jnp.where(live[None, :], jnp.stack(grads), 0.0)
+  k_out = len(grads)
+  at = (jnp.where(live, refs["slots"][...], refs["val"].shape[0])[:, None] * k_out
+        + jnp.arange(k_out)[None, :])
+  # Only the entries' slots are defined (the kernel writes nothing elsewhere).
+  refs["g"][...] = jnp.zeros(refs["g"].shape, F32).at[at.reshape(-1)].set(
+      g.T.reshape(-1), mode="drop")
+  refs["ge"][...] = g
 
 
 @common.shared_lowering(static_argnames=("n_x", "n_dy", "out_dtype", "config"))
-def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, wdot=None, *, n_x: int,
-                        n_dy: int = 1, out_dtype, config: WgradConfig | None = None):
+def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, wdot=None,
+                        finish=None, *, n_x: int, n_dy: int = 1, out_dtype,
+                        config: WgradConfig | None = None):
   """(outputs [n_x + n_dy] x [N_pad, D] out_dtype, partials [partial_rows, n_x + n_dy, D] f32,
-  a [D / slice width, E] f32 or None). With ``wdot`` ([N_pad, D], the neuron-major pass), ``a``
-  holds each entry's dOut row dotted with its neuron's ``wdot`` row, one partial sum per d_model
-  slice (0 on entries past the tasks)."""
+  extras). With ``wdot`` ([N_pad, D], the neuron-major pass; n_x 0, n_dy 1), each entry's dOut
+  row is dotted with its neuron's ``wdot`` row: extras is ``a`` [D / slice width, E] f32, one
+  partial sum per d_model slice (0 on entries past the tasks). With ``finish`` = (TwELL values
+  flat [S] bf16, R flat [S] f32 or None (non-gated), coeff [1] f32) as well, the kernel also
+  forms T (the dOut product's coefficient; ``coefs`` unused) and each entry's dU, dR from the
+  whole dot: extras is (g [S * K] f32, dU / dR at ``slot * K + k``, other slots undefined;
+  ge [K, E] f32 by entry), K = 2 (gated) or 1. Needs one slice of all d_model."""
   cfg = config or DEFAULT_CONFIG
   interpret = common.pallas_interpret()
   _, d = x_MxD.shape
@@ -349,57 +415,72 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, wdot=Non
                               f"{common.WARP_ROW_SPAN}")
   if n_dy not in (0, 1) or n_x < 0 or n_x + n_dy < 1:
     raise ValueError(f"n_x={n_x}, n_dy={n_dy}: need n_dy in (0, 1) and at least one product")
-  if coefs.shape[0] != n_x + n_dy:
-    raise ValueError(f"{coefs.shape[0]} coefficient rows for n_x + n_dy = {n_x + n_dy} products")
   width = slice_width(d, cfg)
   partial_rows = cfg.partial_rows
   n_pad = lists.seg_start.shape[0] - 1
   n_prod = n_x + n_dy
-  dots = wdot is not None
+  dots, fused = wdot is not None, finish is not None
   if dots and wdot.shape != (n_pad, d):
     raise ValueError(f"wdot of shape {wdot.shape}, expected {(n_pad, d)} (padded neurons)")
+  if fused:
+    if not dots or (n_x, n_dy) != (0, 1):
+      raise ValueError("finish is the neuron-major pass's: it needs wdot, n_x=0, n_dy=1")
+    if width != d:
+      raise ValueError(f"finish needs the whole d_model ({d}) in one slice, got slices of "
+                       f"{width} (WgradConfig.slice_width)")
+    val, r, coeff = finish
+    k_out = 1 if r is None else 2
+  elif coefs.shape[0] != n_prod:
+    raise ValueError(f"{coefs.shape[0]} coefficient rows for n_x + n_dy = {n_prod} products")
+  e_cap = lists.capacity
+  extras = ((jax.ShapeDtypeStruct((val.size * k_out,), F32),
+             jax.ShapeDtypeStruct((k_out, e_cap), F32)) if fused else
+            (jax.ShapeDtypeStruct((d // width, e_cap), F32),) if dots else ())
   out_type = tuple(jax.ShapeDtypeStruct((n_pad, d), out_dtype) for _ in range(n_prod)) + (
-      jax.ShapeDtypeStruct((partial_rows, n_prod, d), F32),) + (
-      (jax.ShapeDtypeStruct((d // width, lists.capacity), F32),) if dots else ())
+      jax.ShapeDtypeStruct((partial_rows, n_prod, d), F32),) + extras
   if interpret:
     grid, scratch, threads = (1,), [], 1
   else:
     grid, scratch, threads = (common.num_sms(),), [plgpu.SMEM((1,), jnp.int32)], cfg.warpgroups
-  n_in = 7 if dots else 6
+  inputs = dict(x=x_MxD, dy=dy_MxD, rows=lists.rows, coef=None if fused else coefs, task=tasks,
+                bounds=cta_bounds(tasks, grid[0], cfg.task_overhead), wdot=wdot,
+                slots=lists.slots if fused else None, val=val.reshape(-1) if fused else None,
+                r=r.reshape(-1) if fused and r is not None else None,
+                coeff=jnp.reshape(coeff, (1,)).astype(F32) if fused else None)
+  in_names = [k for k in _IN if inputs[k] is not None]
+  tail = ["part"] + (["g", "ge"] if fused else ["a"] if dots else [])
 
   def body(*refs):
-    x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref = refs[:6]
-    wdot_ref = refs[6] if dots else None
-    out_refs, part_ref = refs[n_in:n_in + n_prod], refs[n_in + n_prod]
-    a_ref = refs[n_in + n_prod + 1] if dots else None
-    scr = refs[n_in + n_prod + 1 + dots:]
+    named = dict(zip(in_names, refs))
+    outs = refs[len(in_names):len(in_names) + n_prod]
+    named.update(zip(tail, refs[len(in_names) + n_prod:]))
+    scr = refs[len(in_names) + n_prod + len(tail):]
+    full = {k: named.get(k) for k in _IN + _OUT_TAIL}
     if interpret:
-      _wgrad_jnp(x_ref, dy_ref, rows_ref, coef_ref, task_ref, out_refs, part_ref, wdot_ref,
-                 a_ref, n_x=n_x, n_dy=n_dy, width=width)
+      _wgrad_jnp(full, outs, n_x=n_x, n_dy=n_dy, width=width)
       return
-    named = [x_ref, dy_ref, rows_ref, coef_ref, task_ref, bounds_ref, *out_refs, part_ref,
-             wdot_ref, a_ref, *scr]
-    present = [r for r in named if r is not None]
+    full["ctr"] = scr[0]
 
-    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in present))
+    @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
     def _(ctx, *r):
       del ctx
-      it = iter(r)
-      args = [None if q is None else next(it) for q in named]
-      _wgrad_mgpu(*args[:6], args[6:6 + n_prod], args[6 + n_prod], args[7 + n_prod],
-                  args[8 + n_prod], args[9 + n_prod], n_x=n_x, n_dy=n_dy, unroll=cfg.unroll,
-                  width=width)
+      got = dict(zip(in_names, r))
+      got.update(zip(tail, r[len(in_names) + n_prod:]))
+      got = {k: got.get(k) for k in _IN + _OUT_TAIL}
+      got["ctr"] = r[-1]
+      _wgrad_mgpu(got, r[len(in_names):len(in_names) + n_prod], n_x=n_x, n_dy=n_dy,
+                  unroll=cfg.unroll, width=width)
 
-    _(*present)
+    _(*refs)
 
   f = plgpu.kernel(
       body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=("sm",),
       num_threads=threads, thread_name="wg",
       compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
       interpret=common.interpret_params())
-  args = [x_MxD, dy_MxD, lists.rows, coefs, tasks, cta_bounds(tasks, grid[0], cfg.task_overhead)]
-  outs = f(*args, *([wdot] if dots else []))
-  return list(outs[:n_prod]), outs[n_prod], (outs[n_prod + 1] if dots else None)
+  outs = f(*[inputs[k] for k in in_names])
+  rest = outs[n_prod + 1:]
+  return list(outs[:n_prod]), outs[n_prod], (tuple(rest) if fused else rest[0] if dots else None)
 
 
 def reduce_partials(outs, partials, partial_neuron):
@@ -447,3 +528,22 @@ def neuron_major_pass(lists: EntryLists, t_coef, dy_MxD, w_down, *, out_dtype,
   (dwd,) = reduce_partials(outs, partials, partial_neuron)
   valid = jnp.arange(lists.capacity) < lists.n_entries
   return dwd, jnp.where(valid, a_SxE.sum(axis=0), 0.0)
+
+
+def neuron_major_pass_fused(lists: EntryLists, values_MxTxC, r_MxTxC, coeff, dy_MxD, w_down, *,
+                            out_dtype, config: WgradConfig | None = None, tasks=None):
+  """``neuron_major_pass`` with the per-entry backward math in the kernel (one d_model slice:
+  the whole dot is there): (dWd [N_pad, D], g [M, T, C, K] f32 with (dU, dR) at each entry's
+  slot (other slots undefined), g_KxE [K, E] f32 the same by entry, 0 past ``n_entries``).
+  K = 2 (gated, R given) or 1 (non-gated, ``r_MxTxC`` None: T = P). ``coeff``: the L1 cotangent
+  over M d_ff. No XLA glue between the pass and ``twell_backward.dx_kernel``."""
+  cfg = dataclasses.replace(config or DEFAULT_CONFIG, slice_width=dy_MxD.shape[1])
+  if tasks is None:
+    tasks = task_table(lists.seg_start, piece=cfg.piece, partial_rows=cfg.partial_rows)
+  tasks, partial_neuron = tasks
+  outs, partials, (g, ge) = weight_grads_kernel(
+      dy_MxD, dy_MxD, lists, None, tasks, w_down, (values_MxTxC, r_MxTxC, coeff), n_x=0,
+      n_dy=1, out_dtype=out_dtype, config=cfg)
+  (dwd,) = reduce_partials(outs, partials, partial_neuron)
+  valid = jnp.arange(lists.capacity) < lists.n_entries
+  return dwd, g.reshape(values_MxTxC.shape + (-1,)), jnp.where(valid[None], ge, 0.0)

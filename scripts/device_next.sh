@@ -4,9 +4,12 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session13 (~8 min): NEXT. GPU tests of the neuron-major backward (issue 15 item 4), then
-#   bench_ffn_train with --compare-backward (token- vs neuron-major side by side) at ~28 and ~11.
-# session12 (~9 min): next after session13. The 2b sparse step's compiled peak after entry_lists' fill change.
+# session14 (~9.2 min, one call): NEXT. GPU tests of the fused neuron-major pass (train_backward=
+#   neuron_major_fused: the per-entry math in the pass, no XLA glue), bench_ffn_train comparing it
+#   with neuron_major at ~28 and ~11, and bench_train_parts' per-kernel breakdown of both orders.
+# session13 (~8 min, ran 2026-12-03 thirteenth session): GPU tests of the neuron-major backward,
+#   bench_ffn_train --compare-backward (token- vs neuron-major side by side) at ~28.
+# session12 (~9 min, ran in part 2026-12-03: the probe; the 2b step ran with neuron_major). The 2b sparse step's compiled peak after entry_lists' fill change.
 # session10 (~7 min, ran): Command buffers with CONDITIONAL/WHILE vs the default (inference
 #   dispatcher, training step gaps); then train_host (the training grid with the 4-entry backward).
 # session9, session9b, session9c (ran 2026-12-02, ninth session): tie-free gradient checks,
@@ -191,6 +194,15 @@ session13() {  # NEXT (~8 min): is the neuron-major backward right on the GPU, a
       --dist uniform skewed heavy_tail --active 28 --compare-backward \
       --out "$OUT/bench_ffn_train_neuron_major_h200.json"
 }
+session14() {  # NEXT (~9 min): the fused neuron-major pass: right on the GPU, and faster?
+  run 180 gpu_tests_fused python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "fused or training_gradients"
+  run 170 bench_ffn_train_fused python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --dist uniform skewed heavy_tail --active 28 --compare-backward neuron_major_fused \
+      --out "$OUT/bench_ffn_train_fused_h200.json"
+  run 200 train_parts python3 experiments/bench_train_parts.py --active 28 --dist uniform skewed \
+      --out "$OUT/train_parts_neuron_major_h200.json"
+}
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
@@ -211,6 +223,7 @@ case "${1:-all}" in
   session11b) session11b ;;
   session12) session12 ;;
   session13) session13 ;;
+  session14) session14 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -152,6 +152,42 @@ def test_neuron_major_pass_paper_shape(key, dist, slice_width):
 
 
 @pytest.mark.parametrize("gated", [True, False])
+def test_fused_neuron_major_pass_paper_shape(key, gated):
+  """neuron_major_pass_fused (whole rows, the per-entry math in the kernel) equals the sliced
+  pass plus the XLA math (pallas_backend's neuron_major glue): dWd, and dU / dR by entry and at
+  the slots."""
+  from pallas_kernels import twell_wgrad
+  from sparse_jax.ops import pallas_backend
+  k1, k2, k3 = jax.random.split(key, 3)
+  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution="skewed")
+  g = jnp.maximum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32), 0)
+  tw = twell.encode(g.astype(jnp.bfloat16), capacity=32)
+  r = jax.random.normal(k2, tw.values_MxTxC.shape, jnp.float32) if gated else None
+  dy = jax.random.normal(k3, p.x.shape, jnp.bfloat16)
+  keep = jnp.ones((4096,), bool).at[7].set(False)
+  coeff = jnp.float32(0.02)
+
+  @jax.jit
+  def run(tw, r, dy, wd):
+    lists = twell_wgrad.entry_lists(tw, keep, 262144)
+    wcfg = twell_wgrad.DEFAULT_CONFIG
+    tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece,
+                                   partial_rows=wcfg.partial_rows)
+    fused = twell_wgrad.neuron_major_pass_fused(lists, tw.values_MxTxC, r, coeff, dy, wd,
+                                                out_dtype=jnp.float32, tasks=tasks)
+    glue = pallas_backend._neuron_major_glue(lists, tw, r, coeff, dy, wd, jnp.float32, tasks)
+    return fused, glue, lists
+
+  (dwd, g_f, ge_f), (g_s, ge_s, dwd_s), lists = run(tw, r, dy, p.w_down)
+  n = int(lists.n_entries)
+  assert rel_err(dwd, dwd_s) < 1e-5
+  assert rel_err(ge_f[:, :n], ge_s[:, :n]) < 1e-5
+  slots = lists.slots[:n]
+  k = g_f.shape[-1]
+  assert rel_err(g_f.reshape(-1, k)[slots], g_s.reshape(-1, k)[slots]) < 1e-5
+
+
+@pytest.mark.parametrize("gated", [True, False])
 def test_dx_kernel_paper_shape(key, gated):
   """dx_i = sum_j dR_ij Wu[j] + dU_ij Wg[j] over the TwELL entries, slot values random, against
   float32 products; rows with an overflowed tile stay 0."""
@@ -208,7 +244,9 @@ def test_backward_kernel_entries_per_step_agree_at_paper_shape(key, entries_per_
 
 
 @pytest.mark.parametrize("dist,order", [("uniform", "token_major"), ("skewed", "token_major"),
-                                        ("uniform", "neuron_major"), ("skewed", "neuron_major")])
+                                        ("uniform", "neuron_major"), ("skewed", "neuron_major"),
+                                        ("uniform", "neuron_major_fused"),
+                                        ("skewed", "neuron_major_fused")])
 def test_training_gradients_paper_shape_against_float32(key, dist, order):
   k1, k2 = jax.random.split(key)
   p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution=dist)

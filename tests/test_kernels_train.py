@@ -84,7 +84,7 @@ def test_dx_kernel_interpret_matches_slot_sums(pallas_interpret, key, gated):
 @pytest.mark.parametrize("dist,capacity,budget,order", [
     ("uniform", 32, None, "token_major"), ("skewed", 8, 256, "token_major"),
     ("skewed", 8, 1, "token_major"), ("uniform", 32, None, "neuron_major"),
-    ("skewed", 8, 256, "neuron_major")])
+    ("skewed", 8, 256, "neuron_major"), ("skewed", 8, 256, "neuron_major_fused")])
 def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist, capacity,
                                                     budget, order):
   """capacity 8 makes rows overflow: with room in the row path they are exact there; with a
@@ -116,7 +116,7 @@ def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist
   assert bool(st.dense_fallback) == (budget == 1)
 
 
-@pytest.mark.parametrize("order", ["token_major", "neuron_major"])
+@pytest.mark.parametrize("order", ["token_major", "neuron_major", "neuron_major_fused"])
 def test_relu_training_path_gradients_match_dense_float32(pallas_interpret, key, order):
   """The non-gated FFN (P = relu(x Wu^T) itself, dWu = dU^T X, dWd = P^T dOut) with rows that
   overflow their tiles (capacity 8), both backward orders against jax.grad in float32."""
@@ -159,7 +159,9 @@ def test_training_dispatcher_takes_dense_branch(pallas_interpret, key):
 
 
 @pytest.mark.parametrize("gated,order", [(True, "token_major"), (False, "token_major"),
-                                         (True, "neuron_major"), (False, "neuron_major")])
+                                         (True, "neuron_major"), (False, "neuron_major"),
+                                         (True, "neuron_major_fused"),
+                                         (False, "neuron_major_fused")])
 def test_training_path_cross_lowers(key, gated, order):
   p = make_ffn_problem(key, 300, 512, 768, active_per_token=12)
   cfg = ops.SparseFFNConfig(train_backward=order)
@@ -257,7 +259,7 @@ def test_deferred_overflow_training_call_holds_no_conditional(key):
 
 @pytest.mark.parametrize("gated", [True, False])
 def test_backward_orders_agree(pallas_interpret, key, gated):
-  """pallas_backend.sparse_backward in both orders (SparseFFNConfig.train_backward) from the
+  """pallas_backend.sparse_backward in each order (SparseFFNConfig.train_backward) from the
   same forward residuals: dx and the weight gradients agree to float32 summation order (dx
   within one bf16 rounding)."""
   from pallas_kernels import twell_ffn, twell_gate, twell_wgrad
@@ -273,10 +275,12 @@ def test_backward_orders_agree(pallas_interpret, key, gated):
   wg = p.w_gate if gated else p.w_up
   run = lambda order: pallas_backend.sparse_backward(order, p.x, dy, wg, wu, p.w_down, tw, r,
                                                      lists, jnp.float32(0.05), jnp.float32)
-  (dx_t, dw_t), (dx_n, dw_n) = run("token_major"), run("neuron_major")
-  assert len(dw_t) == len(dw_n) == (3 if gated else 2)
-  assert rel_err(dx_n, dx_t) < 4e-3
-  for a, b in zip(dw_n, dw_t):
-    assert rel_err(a, b) < 1e-5, rel_err(a, b)
+  dx_t, dw_t = run("token_major")
+  for order in ("neuron_major", "neuron_major_fused"):
+    dx_n, dw_n = run(order)
+    assert len(dw_t) == len(dw_n) == (3 if gated else 2)
+    assert rel_err(dx_n, dx_t) < 4e-3, order
+    for a, b in zip(dw_n, dw_t):
+      assert rel_err(a, b) < 1e-5, (order, rel_err(a, b))
   with pytest.raises(ValueError, match="unknown train_backward"):
     run("by_column")

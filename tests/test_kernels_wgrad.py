@@ -204,10 +204,51 @@ def test_neuron_major_pass_interpret_matches_dense(pallas_interpret, key, slice_
   assert rel_err(dwd, ref) < 1e-5, rel_err(dwd, ref)
   rows, slots = np.asarray(lists.rows)[:total], np.asarray(lists.slots)[:total]
   neuron = np.asarray(tw.global_indices()).reshape(-1)[slots]
-  a_ref = np.einsum("ed,ed->e", np.asarray(dy, np.float32)[rows], np.asarray(wd, np.float32)[neuron])
+  a_ref = np.einsum("ed,ed->e", np.asarray(dy, np.float32)[rows],
+                    np.asarray(wd, np.float32)[neuron])
   np.testing.assert_allclose(np.asarray(a)[:total], a_ref, rtol=1e-5, atol=1e-4)
   assert np.all(np.asarray(a)[total:] == 0)
   assert (np.diff(np.asarray(lists.seg_start)) > 4).any()  # split neurons were exercised
+
+
+@pytest.mark.parametrize("gated", [True, False])
+def test_fused_neuron_major_pass_interpret_matches_entry_math(pallas_interpret, key, gated):
+  """neuron_major_pass_fused: dWd = T^T dOut with T = bf16(P R) (non-gated: P) read at the
+  slots, and each entry's dU, dR (twell_backward's math) by entry and at its slot."""
+  p, tw, vals, keep, dy = _problem(key, active=20)
+  total = int(np.asarray(twell_wgrad.entry_counts(tw, keep)).sum())
+  lists = twell_wgrad.entry_lists(tw, keep, capacity=total + 64)
+  wd = jax.random.normal(key, (tw.n_cols, p.x.shape[1]), jnp.bfloat16)
+  r = vals[0] if gated else None
+  coeff = jnp.float32(0.3)
+  dwd, g, g_ke = twell_wgrad.neuron_major_pass_fused(
+      lists, tw.values_MxTxC, r, coeff, dy, wd, out_dtype=jnp.float32,
+      config=twell_wgrad.WgradConfig(piece=4, partial_rows=4096))
+  pf = tw.values_MxTxC.astype(jnp.float32)
+  t = (pf * r).astype(jnp.bfloat16).astype(jnp.float32) if gated else pf
+  (ref,) = _dense_reference(tw, [t], keep, [dy])
+  assert rel_err(dwd, ref) < 1e-5, rel_err(dwd, ref)
+  rows, slots = np.asarray(lists.rows)[:total], np.asarray(lists.slots)[:total]
+  neuron = np.asarray(tw.global_indices()).reshape(-1)[slots]
+  a = np.einsum("ed,ed->e", np.asarray(dy, np.float32)[rows], np.asarray(wd, np.float32)[neuron])
+  pe, te = np.asarray(pf).reshape(-1)[slots], np.asarray(t).reshape(-1)[slots]
+  d_t = a + 0.3 * np.where(te >= 0, 1.0, -1.0)
+  want = [np.where(pe > 0, d_t * (np.asarray(r).reshape(-1)[slots] if gated else 1.0), 0.0)]
+  if gated:
+    want.append(d_t * pe)
+  assert g_ke.shape == (len(want), lists.capacity)
+  assert g.shape == tw.values_MxTxC.shape + (len(want),)
+  for k, w in enumerate(want):
+    np.testing.assert_allclose(np.asarray(g_ke)[k, :total], w, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g)[..., k].reshape(-1)[slots], w, rtol=1e-5, atol=1e-4)
+  assert np.all(np.asarray(g_ke)[:, total:] == 0)
+  dy2, wd2 = jnp.concatenate([dy, dy], 1), jnp.concatenate([wd, wd], 1)  # d_model 512
+  with pytest.raises(ValueError, match="whole d_model"):
+    twell_wgrad.weight_grads_kernel(dy2, dy2, lists, None,
+                                    twell_wgrad.task_table(lists.seg_start)[0], wd2,
+                                    (tw.values_MxTxC, r, coeff), n_x=0, n_dy=1,
+                                    out_dtype=jnp.float32,
+                                    config=twell_wgrad.WgradConfig(slice_width=256))
 
 
 def test_weight_gradients_without_dout_product(pallas_interpret, key):
@@ -231,7 +272,12 @@ def test_neuron_major_pass_cross_lowers(key):
   wd = jnp.zeros((tw.n_cols, 512), jnp.bfloat16) + 0.5
   f = jax.jit(lambda dy, lists, t, wd: twell_wgrad.neuron_major_pass(
       lists, t, dy, wd, out_dtype=jnp.bfloat16))
-  assert "mosaic_gpu" in f.trace(dy, lists, t_coef, wd).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in f.trace(dy, lists, t_coef, wd).lower(
+      lowering_platforms=("cuda",)).as_text()
+  h = jax.jit(lambda dy, lists, v, r, wd: twell_wgrad.neuron_major_pass_fused(
+      lists, v, r, jnp.float32(0.1), dy, wd, out_dtype=jnp.bfloat16))
+  assert "mosaic_gpu" in h.trace(dy, lists, tw.values_MxTxC, vals[0], wd).lower(
+      lowering_platforms=("cuda",)).as_text()
   g = jax.jit(lambda x, dy, lists, c: twell_wgrad.sparse_weight_gradients(
       lists, c, x, dy, n_x=2, n_dy=0, out_dtype=jnp.bfloat16))
   assert "mosaic_gpu" in g.trace(p.x, dy, lists, lists.gather(vals[:2])).lower(

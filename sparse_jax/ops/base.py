@@ -23,7 +23,8 @@ FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
 OVERFLOW_FALLBACKS = ("cond", "defer")   # SparseFFNConfig.overflow_fallback
 DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
-TRAIN_BACKWARDS = ("neuron_major", "token_major")  # SparseFFNConfig.train_backward
+# SparseFFNConfig.train_backward
+TRAIN_BACKWARDS = ("neuron_major", "neuron_major_fused", "token_major")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +80,11 @@ class SparseFFNConfig:
       1.05-1.06x of token_major at ~28 active/token (uniform, heavy tail), 0.99-1.02x at ~11
       and on skewed ~28 (noise), peak 0.94x, gradient errors equal or lower
       (``experiments/results/bench_ffn_train_neuron_major*_h200.json``).
+    "neuron_major_fused": the same with the pass over whole d_model rows (no slices), so it
+      finishes each entry's dU and dR itself, reading P and R at the slot: no XLA glue (gathers,
+      per-entry math, the slot scatter and its zero fill) between the pass and the dx kernel,
+      but dOut is read whole-row (64 MB at M = 16384, d_model 2048: more than the L2). Not
+      yet measured.
     "token_major": one kernel per token forms a, dU and dR for each entry and accumulates dx
       (three weight rows gathered per entry); then the weight gradients (x and dOut rows
       gathered per entry, by neuron). The previous default.

@@ -341,12 +341,26 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
       coefs = lists.gather([du, tw.values_MxTxC])
     return dx, twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
                                                    out_dtype=w_dtype)
-  if order != "neuron_major":
+  if order not in ("neuron_major", "neuron_major_fused"):
     raise ValueError(f"unknown train_backward {order!r}")
-  # The same per-entry math as the token-major kernel (twell_backward's docstring), with
-  # a = dOut_i . Wd[j] from the pass by neuron, which also gives dWd.
   wcfg = twell_wgrad.DEFAULT_CONFIG
   tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece, partial_rows=wcfg.partial_rows)
+  if order == "neuron_major_fused":  # the per-entry math inside the pass (whole-row dots)
+    dwd, g_slots, g_KxE = twell_wgrad.neuron_major_pass_fused(
+        lists, tw.values_MxTxC, r, coeff, dyp, wd, out_dtype=w_dtype, tasks=tasks)
+  else:
+    g_slots, g_KxE, dwd = _neuron_major_glue(lists, tw, r, coeff, dyp, wd, w_dtype, tasks)
+  dx = twell_backward.dx_kernel(wg, wu, tw, g_slots, out_dtype=xp.dtype)
+  dws = twell_wgrad.sparse_weight_gradients(lists, g_KxE, xp, dyp, n_x=g_KxE.shape[0], n_dy=0,
+                                            out_dtype=w_dtype, tasks=tasks)
+  return dx, dws + [dwd]
+
+
+def _neuron_major_glue(lists, tw: twell.TwELL, r, coeff, dyp, wd, w_dtype, tasks):
+  """The neuron-major pass with d_model slices and the per-entry math in XLA: (g [M, T, C, K]
+  (dU, dR) at the slots, g_KxE [K, E] by entry, dWd). The same per-entry math as the
+  token-major kernel (twell_backward's docstring), with a = dOut_i . Wd[j] from the pass."""
+  gated = r is not None
   p_e, *r_e = lists.gather([tw.values_MxTxC] + ([r] if gated else []))
   t_e = (p_e * r_e[0]).astype(jnp.bfloat16).astype(F32) if gated else p_e
   dwd, a_e = twell_wgrad.neuron_major_pass(lists, t_e, dyp, wd, out_dtype=w_dtype, tasks=tasks)
@@ -356,11 +370,7 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
   n_slots = tw.values_MxTxC.size
   at = jnp.where(lists.slots >= 0, lists.slots, n_slots)
   g_slots = jnp.zeros((n_slots, g_KxE.shape[0]), F32).at[at].set(g_KxE.T, mode="drop")
-  dx = twell_backward.dx_kernel(wg, wu, tw, g_slots.reshape(tw.values_MxTxC.shape + (-1,)),
-                                out_dtype=xp.dtype)
-  dws = twell_wgrad.sparse_weight_gradients(lists, g_KxE, xp, dyp, n_x=g_KxE.shape[0], n_dy=0,
-                                            out_dtype=w_dtype, tasks=tasks)
-  return dx, dws + [dwd]
+  return g_slots.reshape(tw.values_MxTxC.shape + (-1,)), g_KxE, dwd
 
 
 def training_backward(residuals, cotangents, cfg: SparseFFNConfig):
