@@ -1,6 +1,8 @@
 """Sparse weight-gradient path on the CPU: entry lists (compaction + sort by neuron), the task
 table (split hot neurons, partial rows), the kernel in GPU interpret mode against dense float32
 products, and cross-lowering of the GPU path."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -282,3 +284,17 @@ def test_neuron_major_pass_cross_lowers(key):
       lists, c, x, dy, n_x=2, n_dy=0, out_dtype=jnp.bfloat16))
   assert "mosaic_gpu" in g.trace(p.x, dy, lists, lists.gather(vals[:2])).lower(
       lowering_platforms=("cuda",)).as_text()
+
+
+def test_entry_lists_sort_has_unsigned_keys(key):
+  """The sort by neuron reaches XLA with unsigned 16-bit keys and 32-bit values: XLA's GPU
+  SortRewriter gives a (key, value) sort to CUB's radix sort only for unsigned (or f32) keys, and
+  16 bits are two radix passes (a signed key falls back to XLA's own, slower sort kernels)."""
+  _, tw, _, keep, _ = _problem(key)
+  text = jax.jit(lambda tw, keep: twell_wgrad.entry_lists(tw, keep, 4096)).trace(tw, keep).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.sort") == 1
+  sig = "(tensor<4096xui16>, tensor<4096xui32>) -> (tensor<4096xui16>, tensor<4096xui32>)"
+  assert sig in text
+  # the comparator: a plain less-than on the key (the pattern the rewriter matches)
+  assert re.search(r"stablehlo.compare\s+LT, %arg\d+, %arg\d+, UNSIGNED : \(tensor<ui16>", text)
