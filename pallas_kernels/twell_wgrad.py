@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels import common
-from sparse_jax.formats import twell
+from sparse_jax.formats import sorting, twell
 
 F32 = jnp.float32
 
@@ -134,14 +134,8 @@ def entry_lists(tw: twell.TwELL, keep_rows: jax.Array, capacity: int) -> EntryLi
   slot = rt * cap + s
   neuron = (rt % n_tiles) * tw.tile + tw.indices_MxTxC.reshape(-1)[slot].astype(jnp.int32)
   key = jnp.where(valid, neuron, n_pad)
-  # Unsigned keys, 16-bit where the neurons fit: XLA hands a (key, value) sort to CUB's radix
-  # sort only for unsigned (or f32) keys (its SortRewriter; a signed key gets XLA's own sort
-  # kernels), and a 16-bit key is two radix passes instead of four. CUB's radix sort is stable.
-  key_dtype = jnp.uint16 if n_pad < 2**16 else jnp.uint32
-  key_sorted, perm = lax.sort((key.astype(key_dtype), e.astype(jnp.uint32)), num_keys=1,
-                              is_stable=True)
-  perm = perm.astype(jnp.int32)
-  valid_sorted = key_sorted.astype(jnp.int32) < n_pad
+  key_sorted, perm = sorting.argsort_small_keys(key, n_pad)  # CUB's radix sort on the GPU
+  valid_sorted = key_sorted < n_pad
   # Segment starts: the exclusive running count of entries per neuron (a scatter-add and a
   # cumsum; a searchsorted of the sorted keys would be a ~20-step loop of small kernels on the
   # GPU, each a launch of its own).

@@ -151,3 +151,19 @@ def test_hybrid_bad_arguments():
     hybrid.encode(jnp.zeros((2, 8)), width=0)
   with pytest.raises(ValueError, match="tail_capacity"):
     hybrid.encode(jnp.zeros((2, 8)), width=2, tail_capacity=0)
+
+
+@pytest.mark.parametrize("max_key", [7, 5632, 70000])
+def test_argsort_small_keys_is_a_stable_argsort(max_key):
+  """sorting.argsort_small_keys (unsigned 16- or 32-bit keys, CUB's radix sort on the GPU) equals
+  a stable argsort, with many equal keys."""
+  from sparse_jax.formats import sorting
+  rng = np.random.default_rng(max_key)
+  key = rng.integers(0, max_key + 1, size=3000).astype(np.int32)
+  got_key, perm = sorting.argsort_small_keys(jnp.asarray(key), max_key)
+  want = np.argsort(key, kind="stable")
+  np.testing.assert_array_equal(np.asarray(perm), want)
+  np.testing.assert_array_equal(np.asarray(got_key), key[want])
+  assert perm.dtype == jnp.int32 and got_key.dtype == jnp.int32
+  with pytest.raises(ValueError, match="1-D"):
+    sorting.argsort_small_keys(jnp.zeros((2, 2), jnp.int32), 3)

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax.formats import _packing
+from sparse_jax.formats import _packing, sorting
 
 DEFAULT_WIDTH = 128
 
@@ -189,7 +189,7 @@ def transpose_ell(hy: Hybrid) -> EllTranspose:
   m, w, n = hy.n_rows, hy.width, hy.n_cols
   valid = hy.ell_mask().reshape(-1)
   key = jnp.where(valid, hy.indices_MxW.reshape(-1), n)
-  order = jnp.argsort(key, stable=True).astype(jnp.int32)
+  _, order = sorting.argsort_small_keys(key, n)  # CUB's radix sort on the GPU
   nnz = jnp.sum(valid, dtype=jnp.int32)
   live = jnp.arange(m * w, dtype=jnp.int32) < nnz
   per_col = jnp.zeros((n,), jnp.int32).at[key].add(1, mode="drop")
