@@ -61,6 +61,10 @@ class WgradConfig:
 
 
 DEFAULT_CONFIG = WgradConfig()
+# The fused neuron-major pass holds whole rows (d_model 2048: 8 chunks a lane): its Wd row (32
+# registers as bf16), the dWd accumulator (64) and ``unroll`` dOut rows in flight (32 each), so
+# it keeps 2 in flight to stay clear of spills.
+FUSED_PASS_UNROLL = 2
 
 
 @jax.tree_util.register_dataclass
@@ -260,8 +264,9 @@ def _wgrad_mgpu(refs: dict, out_refs, *, n_x: int, n_dy: int, unroll: int, width
             for ch in range(chunks)]
     if dots:  # the task's neuron row (this slice), held in registers for all its entries
       neuron = w.idx(memref.load(task_ref, [k, w.idx(c(4))]))
-      wrow = [arith.extf(w.v8f, vector.load(w.v8bf, refs["wdot"], [neuron, col]))
-              for col in cols]
+      wrow = [vector.load(w.v8bf, refs["wdot"], [neuron, col]) for col in cols]
+      if chunks <= 2:  # a narrow slice: held as f32 (8 registers a chunk; bf16 below: 4)
+        wrow = [arith.extf(w.v8f, v) for v in wrow]
     n_steps = arith.divui(arith.addi(arith.subi(end, start), c(unroll - 1)), c(unroll))
     init = [w.zero] * (n_prod * chunks)
 
@@ -294,7 +299,7 @@ def _wgrad_mgpu(refs: dict, out_refs, *, n_x: int, n_dy: int, unroll: int, width
         if dots:
           part = w.zero
           for ch in range(chunks):
-            part = mlir_math.fma(arith.extf(w.v8f, dys[ch]), wrow[ch], part)
+            part = mlir_math.fma(arith.extf(w.v8f, dys[ch]), w.f32v(wrow[ch]), part)
           a = w.warp_sum(vector.reduction(w.f32, vector.CombiningKind.ADD, part))
           store = arith.andi(valid, w.eq(w.lane, c(0)))
           if fused:  # twell_backward's per-entry math, with this a
@@ -537,7 +542,8 @@ def neuron_major_pass_fused(lists: EntryLists, values_MxTxC, r_MxTxC, coeff, dy_
   slot (other slots undefined), g_KxE [K, E] f32 the same by entry, 0 past ``n_entries``).
   K = 2 (gated, R given) or 1 (non-gated, ``r_MxTxC`` None: T = P). ``coeff``: the L1 cotangent
   over M d_ff. No XLA glue between the pass and ``twell_backward.dx_kernel``."""
-  cfg = dataclasses.replace(config or DEFAULT_CONFIG, slice_width=dy_MxD.shape[1])
+  cfg = config or dataclasses.replace(DEFAULT_CONFIG, unroll=FUSED_PASS_UNROLL)
+  cfg = dataclasses.replace(cfg, slice_width=dy_MxD.shape[1])
   if tasks is None:
     tasks = task_table(lists.seg_start, piece=cfg.piece, partial_rows=cfg.partial_rows)
   tasks, partial_neuron = tasks
