@@ -15,9 +15,12 @@ Inference (the primal of the custom_vjp):
 Training (the custom_vjp's forward and backward): the gate kernel packs P = relu(x Wg^T) into
 TwELL; the fused kernel computes y and also stores the up projection R = x Wu^T at every TwELL
 slot. Residuals are x, the weights, TwELL(P), R and the neuron-sorted entry lists of the weight
-gradients (``twell_wgrad.entry_lists``): no dense M x d_ff activation is kept. The backward runs
-the per-token backward kernel (``twell_backward``: dx and the slot values dU, dR), then the
-sparse weight gradients dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut (``twell_wgrad``).
+gradients (``twell_wgrad.entry_lists``): no dense M x d_ff activation is kept. The backward
+(``sparse_backward``, in the order of ``SparseFFNConfig.train_backward``) by default runs a pass
+over the entries sorted by neuron (``twell_wgrad.neuron_major_pass``: a = dOut_i . Wd[j] and
+dWd = T^T dOut), forms each entry's dU, dR, then dx by token (``twell_backward.dx_kernel``) and
+dWg = dU^T X, dWu = dR^T X by neuron (``twell_wgrad``); "token_major" forms a, dU, dR and dx in
+one per-token kernel (``twell_backward.backward_kernel``) and all three weight gradients after.
 Rows with an overflowed TwELL tile are skipped by the kernels' sparse backward and computed
 exactly by a dense row path (at most ``overflow_capacity`` rows; beyond that, or with more active
 entries than ``entry_capacity``, or when the dispatcher chose dense, the backward runs dense under
