@@ -19,7 +19,8 @@ NEW_VALUES = {"tile": 128, "twell_capacity": 64, "overflow_capacity": 48, "ell_w
               "entry_capacity": 4096, "mode": "sparse", "overflow_fallback": "defer",
               "decode_max_tokens": 64, "decode_path": "union",
               "decode_density": 0.02, "decode_union_capacity": 512,
-              "decode_max_union_fraction": 0.3, "decode_gate_split": 4, "gate_threshold": 0.05}
+              "decode_max_union_fraction": 0.3, "decode_gate_split": 4, "gate_threshold": 0.05,
+              "train_backward": "token_major"}
 
 
 def test_every_field_is_settable_and_round_trips():
@@ -83,3 +84,8 @@ def test_a_run_records_the_field(tmp_path):
   saved = json.load(open(os.path.join(run, "config.json")))
   assert saved["model"]["sparse"]["twell_capacity"] == 64
   assert Config.from_dict(saved).model.sparse.twell_capacity == 64
+
+
+def test_bad_train_backward_names_the_choices():
+  with pytest.raises(ValueError, match="train_backward must be one of"):
+    apply_overrides(get_config("tiny"), ["model.sparse.train_backward=by_column"])
