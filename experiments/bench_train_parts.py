@@ -7,8 +7,8 @@ sort by neuron), backward kernel (dX, dU, dR), weight gradients (gather of slot 
 weight-gradient kernel, partial-row reduction): the token-major backward. ``neuron_major``: the
 whole neuron-major backward (``pallas_backend.sparse_backward``: the pass by neuron, the per-entry
 glue and slot scatter, dx_kernel, the x-only weight-gradient pass), with its per-kernel breakdown
-(``neuron_major_kernels``); ``token_major`` is the same function in the other order, for the
-side-by-side sum. The whole step (``step_*``) runs ``SparseFFNConfig``'s default order.
+(``neuron_major_kernels``); ``token_major`` and ``neuron_major_fused`` are the same function in
+the other orders, for the side-by-side sums. The whole step (``step_*``) runs ``SparseFFNConfig``'s default order.
 
     PYTHONPATH=$PWD python3 experiments/bench_train_parts.py --out experiments/results/train_parts.json
 """
@@ -62,7 +62,7 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
     @jax.jit
     def run(x, dy, wg, wu, wd, tw, r, lists):
       return pallas_backend.sparse_backward(order, x, dy, wg, wu, wd, tw, r, lists,
-                                            jnp.float32(1e-6), jnp.bfloat16)
+                                            jnp.float32(1e-6), jnp.bfloat16, bwd_config=bwd_cfg)
     return run
 
   @jax.jit
@@ -86,7 +86,7 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   out["sparse_total"] = sum(out[k] for k in ("forward", "entry_lists", "backward_kernel",
                                               "weight_grads"))
   bargs = (p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r, lists)
-  for order in ("token_major", "neuron_major"):
+  for order in ("token_major", "neuron_major", "neuron_major_fused"):
     out[order] = benchmarking.cupti_ms(backward_fn(order), *bargs)[0]
   out["neuron_major_kernels"] = benchmarking.cupti_breakdown(backward_fn("neuron_major"), *bargs)
   out["dense_fwd_bwd"] = benchmarking.cupti_ms(dense, *a, dy)[0]
@@ -123,7 +123,7 @@ def main(argv=None):
   ap.add_argument("--unroll", type=int, default=twell_wgrad.DEFAULT_CONFIG.unroll)
   ap.add_argument("--warpgroups", type=int, default=twell_wgrad.DEFAULT_CONFIG.warpgroups)
   ap.add_argument("--bwd-steps", type=int, default=twell_backward.DEFAULT_CONFIG.entries_per_step,
-                  help="entries per step of the backward kernel")
+                  help="entries per step of the per-token kernels (backward_kernel, dx_kernel)")
   ap.add_argument("--out", default="experiments/results/train_parts.json")
   args = ap.parse_args(argv)
   if jax.devices()[0].platform != "gpu":
@@ -131,9 +131,10 @@ def main(argv=None):
   header = benchmarking.run_header()
   print(f"device {header['device']}  jax {header['jax']}")
   cols = ("forward", "entry_lists", "backward_kernel", "weight_grads", "token_major",
-          "neuron_major", "sparse_total", "dense_fwd_bwd", "speedup", "step_cupti", "step_wall",
-          "dense_wall")
-  print(f"{'dist':8} {'act':>5} " + " ".join(f"{c[:12]:>12}" for c in cols))
+          "neuron_major", "neuron_major_fused", "sparse_total", "dense_fwd_bwd", "speedup",
+          "step_cupti", "step_wall", "dense_wall")
+  label = {"neuron_major_fused": "nm_fused", "neuron_major": "neuron_major"}
+  print(f"{'dist':8} {'act':>5} " + " ".join(f"{label.get(c, c)[:12]:>12}" for c in cols))
   records = []
   key = jax.random.key(0)
   for dist in args.dist:

@@ -7,6 +7,7 @@
 # session14 (~9.2 min, one call): NEXT. GPU tests of the fused neuron-major pass (train_backward=
 #   neuron_major_fused: the per-entry math in the pass, no XLA glue), bench_ffn_train comparing it
 #   with neuron_major at ~28 and ~11, and bench_train_parts' per-kernel breakdown of both orders.
+# session15 (~4 min): after session14: bench_train_parts with 2 entries per step in dx_kernel.
 # session13 (~8 min, ran 2026-12-03 thirteenth session): GPU tests of the neuron-major backward,
 #   bench_ffn_train --compare-backward (token- vs neuron-major side by side) at ~28.
 # session12 (~9 min, ran in part 2026-12-03: the probe; the 2b step ran with neuron_major). The 2b sparse step's compiled peak after entry_lists' fill change.
@@ -194,6 +195,11 @@ session13() {  # NEXT (~8 min): is the neuron-major backward right on the GPU, a
       --dist uniform skewed heavy_tail --active 28 --compare-backward \
       --out "$OUT/bench_ffn_train_neuron_major_h200.json"
 }
+session15() {  # after session14 (~4 min): the per-token kernels with 2 entries in flight (the dx
+  # kernel inherited the token-major kernel's 4 untuned), at ~28 and ~11
+  run 230 train_parts_bwd2 python3 experiments/bench_train_parts.py --active 11 28 \
+      --dist uniform skewed --bwd-steps 2 --out "$OUT/train_parts_bwd2_h200.json"
+}
 session14() {  # NEXT (~9 min): the fused neuron-major pass: right on the GPU, and faster?
   run 180 gpu_tests_fused python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
       -k "fused or training_gradients"
@@ -224,6 +230,7 @@ case "${1:-all}" in
   session12) session12 ;;
   session13) session13 ;;
   session14) session14 ;;
+  session15) session15 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -273,11 +273,13 @@ def test_backward_orders_agree(pallas_interpret, key, gated):
       else None
   lists = twell_wgrad.entry_lists(tw, jnp.ones((256,), bool), 256 * 64)
   wg = p.w_gate if gated else p.w_up
-  run = lambda order: pallas_backend.sparse_backward(order, p.x, dy, wg, wu, p.w_down, tw, r,
-                                                     lists, jnp.float32(0.05), jnp.float32)
+  run = lambda order, cfg=None: pallas_backend.sparse_backward(
+      order, p.x, dy, wg, wu, p.w_down, tw, r, lists, jnp.float32(0.05), jnp.float32,
+      bwd_config=cfg)
   dx_t, dw_t = run("token_major")
-  for order in ("neuron_major", "neuron_major_fused"):
-    dx_n, dw_n = run(order)
+  two = twell_backward.BackwardConfig(entries_per_step=2)
+  for order, cfg in (("neuron_major", None), ("neuron_major_fused", None), ("neuron_major", two)):
+    dx_n, dw_n = run(order, cfg)
     assert len(dw_t) == len(dw_n) == (3 if gated else 2)
     assert rel_err(dx_n, dx_t) < 4e-3, order
     for a, b in zip(dw_n, dw_t):

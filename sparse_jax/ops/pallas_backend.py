@@ -327,14 +327,17 @@ def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_
 # --------------------------------------------------------------------------- training backward
 
 
-def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, coeff, w_dtype):
+def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, coeff, w_dtype,
+                    bwd_config: twell_backward.BackwardConfig | None = None):
   """(dx [M_pad, D] in x's dtype, [dWg, dWu, dWd] (non-gated [dWu, dWd]) [N_pad, D] in
   ``w_dtype``) of the sparse backward on the rows without an overflowed tile, in the order of
   ``SparseFFNConfig.train_backward``. Inputs padded (rows of x and dOut, neurons of the
-  weights); ``lists``: the forward's entry lists; ``coeff``: the L1 cotangent over M d_ff."""
+  weights); ``lists``: the forward's entry lists; ``coeff``: the L1 cotangent over M d_ff;
+  ``bwd_config``: the per-token kernel's (``backward_kernel`` or ``dx_kernel``)."""
   gated = wu is not None
   if order == "token_major":
-    dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff)
+    dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff,
+                                                config=bwd_config)
     # Weight gradients from the forward's entry lists: dWg = dU^T X, dWu = dR^T X, dWd = T^T dOut
     # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
     if gated:
@@ -353,7 +356,7 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
         lists, tw.values_MxTxC, r, coeff, dyp, wd, out_dtype=w_dtype, tasks=tasks)
   else:
     g_slots, g_KxE, dwd = _neuron_major_glue(lists, tw, r, coeff, dyp, wd, w_dtype, tasks)
-  dx = twell_backward.dx_kernel(wg, wu, tw, g_slots, out_dtype=xp.dtype)
+  dx = twell_backward.dx_kernel(wg, wu, tw, g_slots, out_dtype=xp.dtype, config=bwd_config)
   dws = twell_wgrad.sparse_weight_gradients(lists, g_KxE, xp, dyp, n_x=g_KxE.shape[0], n_dy=0,
                                             out_dtype=w_dtype, tasks=tasks)
   return dx, dws + [dwd]
