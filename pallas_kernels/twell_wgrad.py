@@ -455,26 +455,23 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, wdot=Non
   in_names = [k for k in _IN if inputs[k] is not None]
   tail = ["part"] + (["g", "ge"] if fused else ["a"] if dots else [])
 
-  def body(*refs):
-    named = dict(zip(in_names, refs))
-    outs = refs[len(in_names):len(in_names) + n_prod]
-    named.update(zip(tail, refs[len(in_names) + n_prod:]))
-    scr = refs[len(in_names) + n_prod + len(tail):]
+  def by_name(rs):
+    """({name: ref or None} with the SMEM ticket counter as "ctr", the product outputs)."""
+    named = dict(zip(in_names, rs))
+    named.update(zip(tail, rs[len(in_names) + n_prod:]))
     full = {k: named.get(k) for k in _IN + _OUT_TAIL}
+    full["ctr"] = None if interpret else rs[-1]
+    return full, rs[len(in_names):len(in_names) + n_prod]
+
+  def body(*refs):
     if interpret:
-      _wgrad_jnp(full, outs, n_x=n_x, n_dy=n_dy, width=width)
+      _wgrad_jnp(*by_name(refs), n_x=n_x, n_dy=n_dy, width=width)
       return
-    full["ctr"] = scr[0]
 
     @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in refs))
     def _(ctx, *r):
       del ctx
-      got = dict(zip(in_names, r))
-      got.update(zip(tail, r[len(in_names) + n_prod:]))
-      got = {k: got.get(k) for k in _IN + _OUT_TAIL}
-      got["ctr"] = r[-1]
-      _wgrad_mgpu(got, r[len(in_names):len(in_names) + n_prod], n_x=n_x, n_dy=n_dy,
-                  unroll=cfg.unroll, width=width)
+      _wgrad_mgpu(*by_name(r), n_x=n_x, n_dy=n_dy, unroll=cfg.unroll, width=width)
 
     _(*refs)
 

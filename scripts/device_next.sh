@@ -4,10 +4,11 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session14 (~9.2 min, one call): NEXT. GPU tests of the fused neuron-major pass (train_backward=
-#   neuron_major_fused: the per-entry math in the pass, no XLA glue), bench_ffn_train comparing it
-#   with neuron_major at ~28 and ~11, and bench_train_parts' per-kernel breakdown of both orders.
-# session15 (~4 min): after session14: bench_train_parts with 2 entries per step in dx_kernel.
+# session14 (~8 min): NEXT. GPU tests of the weight-gradient / neuron-major kernels as refactored
+#   after the last GPU run and of the fused pass (train_backward=neuron_major_fused: the per-entry
+#   math in the pass, no XLA glue), then bench_ffn_train comparing it with neuron_major at ~28.
+# session15 (~7 min): after session14: bench_train_parts' per-kernel breakdown of the three orders
+#   (the entry lists' CUB sort), and with 2 entries per step in dx_kernel.
 # session13 (~8 min, ran 2026-12-03 thirteenth session): GPU tests of the neuron-major backward,
 #   bench_ffn_train --compare-backward (token- vs neuron-major side by side) at ~28.
 # session12 (~9 min, ran in part 2026-12-03: the probe; the 2b step ran with neuron_major). The 2b sparse step's compiled peak after entry_lists' fill change.
@@ -195,19 +196,22 @@ session13() {  # NEXT (~8 min): is the neuron-major backward right on the GPU, a
       --dist uniform skewed heavy_tail --active 28 --compare-backward \
       --out "$OUT/bench_ffn_train_neuron_major_h200.json"
 }
-session15() {  # after session14 (~4 min): the per-token kernels with 2 entries in flight (the dx
-  # kernel inherited the token-major kernel's 4 untuned), at ~28 and ~11
-  run 230 train_parts_bwd2 python3 experiments/bench_train_parts.py --active 11 28 \
-      --dist uniform skewed --bwd-steps 2 --out "$OUT/train_parts_bwd2_h200.json"
-}
-session14() {  # NEXT (~9 min): the fused neuron-major pass: right on the GPU, and faster?
-  run 180 gpu_tests_fused python3 -m pytest -q -x -p no:cacheprovider tests/test_gpu_kernels.py \
-      -k "fused or training_gradients"
+session14() {  # NEXT (~8 min): the kernels as refactored after the thirteenth session's GPU runs
+  # (refs by name; the default neuron-major path included), the fused pass, and whether it pays
+  run 270 gpu_tests_neuron_major python3 -m pytest -q -x -p no:cacheprovider \
+      tests/test_gpu_kernels.py \
+      -k "neuron_major or fused or dx_kernel or weight_gradient or training_gradients"
   run 170 bench_ffn_train_fused python3 experiments/bench_ffn_train.py --quick --no-cupti \
       --dist uniform skewed heavy_tail --active 28 --compare-backward neuron_major_fused \
       --out "$OUT/bench_ffn_train_fused_h200.json"
+}
+session15() {  # after session14 (~7 min): the per-kernel breakdown of the three orders (the entry
+  # lists' CUB sort shows in entry_lists_kernels), then the per-token kernels with 2 entries in
+  # flight (dx_kernel inherited the token-major kernel's 4, untuned)
   run 200 train_parts python3 experiments/bench_train_parts.py --active 28 --dist uniform skewed \
       --out "$OUT/train_parts_neuron_major_h200.json"
+  run 200 train_parts_bwd2 python3 experiments/bench_train_parts.py --active 28 \
+      --dist uniform skewed --bwd-steps 2 --out "$OUT/train_parts_bwd2_h200.json"
 }
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
