@@ -81,10 +81,12 @@ def test_dx_kernel_interpret_matches_slot_sums(pallas_interpret, key, gated):
                              else jnp.concatenate([slots, slots], -1), out_dtype=jnp.float32)
 
 
+# The default order on every case; the others where rows overflow (test_backward_orders_agree
+# compares the orders directly).
 @pytest.mark.parametrize("dist,capacity,budget,order", [
-    ("uniform", 32, None, "token_major"), ("skewed", 8, 256, "token_major"),
-    ("skewed", 8, 1, "token_major"), ("uniform", 32, None, "neuron_major"),
-    ("skewed", 8, 256, "neuron_major"), ("skewed", 8, 256, "neuron_major_fused")])
+    ("uniform", 32, None, "neuron_major"), ("skewed", 8, 256, "neuron_major"),
+    ("skewed", 8, 1, "neuron_major"), ("skewed", 8, 256, "token_major"),
+    ("skewed", 8, 256, "neuron_major_fused")])
 def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist, capacity,
                                                     budget, order):
   """capacity 8 makes rows overflow: with room in the row path they are exact there; with a
@@ -116,7 +118,7 @@ def test_training_path_gradients_match_dense_float32(pallas_interpret, key, dist
   assert bool(st.dense_fallback) == (budget == 1)
 
 
-@pytest.mark.parametrize("order", ["token_major", "neuron_major", "neuron_major_fused"])
+@pytest.mark.parametrize("order", ["neuron_major", "token_major"])
 def test_relu_training_path_gradients_match_dense_float32(pallas_interpret, key, order):
   """The non-gated FFN (P = relu(x Wu^T) itself, dWu = dU^T X, dWd = P^T dOut) with rows that
   overflow their tiles (capacity 8), both backward orders against jax.grad in float32."""
