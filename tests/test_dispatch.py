@@ -655,8 +655,10 @@ def test_deferred_overflow_run_equals_the_conditional_run(tmp_path, ell_width, r
     assert_trees_identical(deferred, conditional)
   else:
     assert int(deferred.step) == int(conditional.step) == last
+    # float rounding after 3 Adam steps: up to 1.1e-5 seen (run seed 5871205); a step that
+    # trained on other gradients differs by orders of magnitude more
     for a, b in zip(jax.tree.leaves(deferred.params), jax.tree.leaves(conditional.params)):
-      assert rel_err(a, b) < 1e-5, rel_err(a, b)
+      assert rel_err(a, b) < 5e-5, rel_err(a, b)
 
 
 def test_hold_keeps_the_state_of_a_deferring_step(key):
