@@ -144,6 +144,25 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
   dx_ref[rows] = dx.astype(dx_ref.dtype)
 
 
+def _token_grid(cfg: BackwardConfig, m: int, tw: twell.TwELL, interpret: bool, what: str):
+  """(grid, scratch, tokens per warpgroup of the interpretable path) of a warp-per-token kernel:
+  one persistent CTA per SM with each warp's SMEM entry lists (column, value, slot) and a ticket
+  counter; interpreted, ``cfg.interpret_ctas`` CTAs over equal token blocks."""
+  list_len = tw.n_tiles * tw.capacity
+  n_warps = cfg.warpgroups * common.WARPS_PER_WARPGROUP
+  if interpret:
+    grid, scratch = (cfg.interpret_ctas,), []
+    if m % (grid[0] * cfg.warpgroups):
+      raise NotImplementedError("the interpretable path needs M divisible by its token blocks")
+  else:
+    common.check_entry_lists(n_warps, list_len, what)
+    grid = (common.num_sms(),)
+    scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
+               plgpu.SMEM((n_warps, list_len), jnp.float32),
+               plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
+  return grid, scratch, m // (grid[0] * cfg.warpgroups)
+
+
 @common.shared_lowering(static_argnames=("config",))
 def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTxC, coeff, *,
                     config: BackwardConfig | None = None):
@@ -155,22 +174,10 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
   common.check_row_span(d, "backward kernel")
   gated = w_up is not None
   warpgroups = cfg.warpgroups
-  list_len = tw.n_tiles * tw.capacity
-  n_warps = warpgroups * common.WARPS_PER_WARPGROUP
   slots = jax.ShapeDtypeStruct(tw.values_MxTxC.shape, F32)
   # dx in x's dtype: accumulated in f32 registers, rounded once on the store.
   out_type = (jax.ShapeDtypeStruct((m, d), x_MxD.dtype), slots) + ((slots,) if gated else ())
-  if interpret:
-    grid, scratch = (cfg.interpret_ctas,), []
-    if m % (grid[0] * warpgroups):
-      raise NotImplementedError("the interpretable path needs M divisible by its token blocks")
-  else:
-    common.check_entry_lists(n_warps, list_len, "backward kernel")
-    grid = (common.num_sms(),)
-    scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
-               plgpu.SMEM((n_warps, list_len), jnp.float32),
-               plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
-  rows_per_wg = m // (grid[0] * warpgroups)
+  grid, scratch, rows_per_wg = _token_grid(cfg, m, tw, interpret, "backward kernel")
   names = ["x", "dy", "wg"] + (["wu"] if gated else []) + ["wd", "cnt", "idx", "val"] + (
       ["r"] if gated else []) + ["coeff", "dx", "du"] + (["dr"] if gated else [])
 
@@ -293,19 +300,7 @@ def dx_kernel(w_gate, w_up, tw: twell.TwELL, grads_MxTxCxK, *, out_dtype,
     raise ValueError(f"slot gradients of shape {grads_MxTxCxK.shape}, expected "
                      f"{tw.values_MxTxC.shape + (2 if gated else 1,)}")
   warpgroups = cfg.warpgroups
-  list_len = tw.n_tiles * tw.capacity
-  n_warps = warpgroups * common.WARPS_PER_WARPGROUP
-  if interpret:
-    grid, scratch = (cfg.interpret_ctas,), []
-    if m % (grid[0] * warpgroups):
-      raise NotImplementedError("the interpretable path needs M divisible by its token blocks")
-  else:
-    common.check_entry_lists(n_warps, list_len, "dx kernel")
-    grid = (common.num_sms(),)
-    scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
-               plgpu.SMEM((n_warps, list_len), jnp.float32),
-               plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
-  rows_per_wg = m // (grid[0] * warpgroups)
+  grid, scratch, rows_per_wg = _token_grid(cfg, m, tw, interpret, "dx kernel")
   ins = [w_gate] + ([w_up] if gated else []) + [tw.counts_MxT, tw.indices_MxTxC,
                                                  tw.values_MxTxC, grads_MxTxCxK]
 
