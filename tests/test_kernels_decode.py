@@ -6,19 +6,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import rel_err
+from conftest import ffn_problem_without_gate_ties, rel_err
 
 from pallas_kernels import twell_decode
 from sparse_jax.ops.dense import ffn_with_l1
-from sparse_jax.synthetic import make_ffn_problem
 
 SMALL = twell_decode.DecodeConfig(tile_k=64, max_concurrent_steps=2, down_tiles_per_cta=3)
 
 
 def problem(key, m, d=256, n=512, active=6.0, dist="skewed", silent_tiles=(2, 5)):
-  """A drawn problem whose gate rows of ``silent_tiles`` (64-neuron tiles) never fire."""
-  p = make_ffn_problem(key, m, d, n, active_per_token=active, distribution=dist,
-                       dtype=jnp.bfloat16)
+  """A drawn problem whose gate rows of ``silent_tiles`` (64-neuron tiles) never fire, with no
+  gate pre-activation at a ReLU tie (``conftest.ffn_problem_without_gate_ties``): there the
+  kernel's gate (split-K partial sums, another f32 summation order) and the XLA reference's may
+  fire differently, and the statistics' counts are compared exactly (seen: l0 24.0 vs 24.2 with
+  seed 359804879, a pre-activation within f32 noise of 0)."""
+  p = ffn_problem_without_gate_ties(key, m, d, n, active_per_token=active, distribution=dist,
+                                    dtype=jnp.bfloat16)
   for t in silent_tiles:
     rows = slice(t * twell_decode.NEURON_TILE, (t + 1) * twell_decode.NEURON_TILE)
     p = dataclasses.replace(p, w_gate=p.w_gate.at[rows].set(0))
