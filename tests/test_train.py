@@ -11,8 +11,8 @@ import pytest
 from sparse_jax.cli import main
 from sparse_jax.config import Config, apply_overrides, get_config
 from sparse_jax.nn import dense_stats
-from sparse_jax.train import (init_state, init_tracker, l1_coeff_at, l1_penalty, lm_loss,
-                              lr_schedule, resolve_config, train, update_tracker)
+from sparse_jax.train import (cross_entropy, init_state, init_tracker, l1_coeff_at, l1_penalty,
+                              lm_loss, lr_schedule, resolve_config, train, update_tracker)
 from sparse_jax.train.step import _accumulate
 
 # Short CPU runs: a few hundred stdlib files, no periodic evaluation or checkpoint in the loop.
@@ -57,7 +57,7 @@ def test_lm_loss_is_ce_plus_coeff_l1(key):
   logits = jax.random.normal(key, (2, 5, 11))
   targets = jax.random.randint(jax.random.fold_in(key, 1), (2, 5), 0, 11)
   l1_L = jnp.asarray([0.5, 1.5])
-  loss, (ce, l1) = lm_loss(logits, targets, l1_L, coeff=0.1, norm="mean", d_ff=8)
+  loss, (ce, l1) = lm_loss(cross_entropy(logits, targets), l1_L, coeff=0.1, norm="mean", d_ff=8)
   manual = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
   np.testing.assert_allclose(ce, manual, rtol=1e-6)
   np.testing.assert_allclose(loss, ce + 0.1 * 1.0, rtol=1e-6)

@@ -79,23 +79,28 @@ class Transformer(nnx.Module):
       self.lm_head_VxD = normal(rngs, (cfg.vocab_size, cfg.d_model), cfg.d_model ** -0.5,
                                 jnp.dtype(cfg.param_dtype))
 
-  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, *, logits: bool = True) -> jax.Array:
+    """Logits [B, L, V] fp32; with ``logits=False`` the final-normed hidden states [B, L, D] (in
+    the compute dtype) that the head multiplies, for a loss that forms the logits in chunks
+    (``sparse_jax.train.loss.head_cross_entropy`` with ``output_head()``)."""
     x_BxLxD = self._embed(tokens_BxL)
     # Rematerialisation recomputes each block's activations in the backward pass instead of
     # keeping them: less memory for deeper models, one extra forward of compute.
     call = nnx.remat(_call_block) if self.cfg.remat else _call_block
     for block in self.blocks:
       x_BxLxD = call(block, x_BxLxD)
-    return self._logits(x_BxLxD)
+    return self._logits(x_BxLxD) if logits else self.final_norm(x_BxLxD)
+
+  def output_head(self) -> jax.Array:
+    """The output head [V, D] in the parameter dtype: the embedding when tied, else lm_head."""
+    return (self.embed_VxD if self.cfg.tie_embeddings else self.lm_head_VxD)[...]
 
   def _embed(self, tokens_BxL: jax.Array) -> jax.Array:
     return jnp.take(self.embed_VxD[...].astype(self.compute_dtype), tokens_BxL, axis=0)
 
   def _logits(self, x_BxLxD: jax.Array) -> jax.Array:
-    head = self.embed_VxD if self.cfg.tie_embeddings else self.lm_head_VxD
-    head_VxD = head[...].astype(self.compute_dtype)
-    return jnp.einsum("bld,vd->blv", self.final_norm(x_BxLxD), head_VxD,
-                      preferred_element_type=F32)
+    return jnp.einsum("bld,vd->blv", self.final_norm(x_BxLxD),
+                      self.output_head().astype(self.compute_dtype), preferred_element_type=F32)
 
   def init_cache(self, batch: int, length: int) -> list[KVCache]:
     """Empty per-layer caches for ``length`` positions, in the compute dtype."""
@@ -117,14 +122,15 @@ class Transformer(nnx.Module):
     return self._logits(x_BxTxD), new_caches
 
 
-def forward_with_stats(model: Transformer, tokens_BxL: jax.Array):
-  """(logits [B, L, V] fp32, FFNStats with a leading [n_layers] axis on every field).
+def forward_with_stats(model: Transformer, tokens_BxL: jax.Array, *, logits: bool = True):
+  """(logits [B, L, V] fp32, FFNStats with a leading [n_layers] axis on every field); with
+  ``logits=False`` the final-normed hidden states [B, L, D] instead of the logits.
 
   The blocks sow their FFN statistics; nnx.capture collects them here, so no return value has to
   carry them through the model. ``stats.l1`` keeps its gradient (the L1 penalty trains on it).
   """
-  logits, inter = nnx.capture(model, nnx.Intermediate)(tokens_BxL)
-  return logits, sown_ffn_stats(model, inter)
+  out, inter = nnx.capture(model, nnx.Intermediate)(tokens_BxL, logits=logits)
+  return out, sown_ffn_stats(model, inter)
 
 
 def sown_ffn_stats(model: Transformer, intermediates: nnx.State):

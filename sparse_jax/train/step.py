@@ -25,7 +25,7 @@ from sparse_jax import parallel
 from sparse_jax.config import Config
 from sparse_jax.nn import Transformer, forward_with_stats
 from sparse_jax.train import guard
-from sparse_jax.train.loss import cross_entropy, l1_coeff_at, lm_loss
+from sparse_jax.train.loss import cross_entropy, head_cross_entropy, l1_coeff_at, lm_loss
 from sparse_jax.train.optimizer import lr_schedule, make_optimizer
 from sparse_jax.train.sparsity import SparsityTracker, init_tracker, update_tracker
 
@@ -80,11 +80,22 @@ def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
   return parallel.tree_shardings(abstract, mesh)
 
 
+def _ce_and_stats(model: Transformer, tokens_BxL1: jax.Array, cfg: Config):
+  """(mean next-token cross-entropy, FFNStats) of a [B, L + 1] batch: with train.loss_chunk the
+  logits formed that many positions at a time (``head_cross_entropy``), else all at once."""
+  targets_BxL = tokens_BxL1[:, 1:]
+  if not cfg.train.loss_chunk:
+    logits_BxLxV, stats = forward_with_stats(model, tokens_BxL1[:, :-1])
+    return cross_entropy(logits_BxLxV, targets_BxL), stats
+  x_BxLxD, stats = forward_with_stats(model, tokens_BxL1[:, :-1], logits=False)
+  return head_cross_entropy(x_BxLxD, model.output_head(), targets_BxL,
+                            chunk=cfg.train.loss_chunk, compute_dtype=model.compute_dtype), stats
+
+
 def _loss_fn(params, graphdef, tokens_BxL1, coeff, cfg: Config):
-  model = nnx.merge(graphdef, params)
-  logits_BxLxV, stats = forward_with_stats(model, tokens_BxL1[:, :-1])
-  loss, (ce, l1) = lm_loss(logits_BxLxV, tokens_BxL1[:, 1:], stats.l1, coeff=coeff,
-                           norm=cfg.train.l1_norm, d_ff=cfg.model.d_ff)
+  ce, stats = _ce_and_stats(nnx.merge(graphdef, params), tokens_BxL1, cfg)
+  loss, (ce, l1) = lm_loss(ce, stats.l1, coeff=coeff, norm=cfg.train.l1_norm,
+                           d_ff=cfg.model.d_ff)
   return loss, (ce, l1, stats)
 
 
@@ -180,9 +191,8 @@ def _needs_redo(graphdef, params, dense_fallback_L, hold=None) -> jax.Array:
 
 def _eval_step(params: nnx.State, batch_BxL1: jax.Array, graphdef: nnx.GraphDef, cfg: Config):
   """Validation metrics of one batch: inference path of the FFN op (no gradient)."""
-  model = nnx.merge(graphdef, params)
-  logits_BxLxV, stats = forward_with_stats(model, batch_BxL1[:, :-1])
-  return dict(ce=cross_entropy(logits_BxLxV, batch_BxL1[:, 1:]), l0_L=stats.l0, l1_L=stats.l1,
+  ce, stats = _ce_and_stats(nnx.merge(graphdef, params), batch_BxL1, cfg)
+  return dict(ce=ce, l0_L=stats.l0, l1_L=stats.l1,
               overflow_rows_L=stats.overflow_rows,
               dense_fallback_L=stats.dense_fallback.astype(F32),
               active_per_neuron_LxF=stats.active_per_neuron)
