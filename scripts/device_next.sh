@@ -4,7 +4,8 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session16 (~6 min): the chunked cross-entropy's memory (1b, no remat) and speed (2b step).
+# session16 (~8 min): the chunked cross-entropy alone (bench_loss), its memory (1b, no remat) and
+#   speed (2b step).
 # session14 (~8 min): NEXT. GPU tests of the weight-gradient / neuron-major kernels as refactored
 #   after the last GPU run and of the fused pass (train_backward=neuron_major_fused: the per-entry
 #   math in the pass, no XLA glue), then bench_ffn_train comparing it with neuron_major at ~28.
@@ -214,10 +215,12 @@ session15() {  # after session14 (~7 min): the per-kernel breakdown of the three
   run 200 train_parts_bwd2 python3 experiments/bench_train_parts.py --active 28 \
       --dist uniform skewed --bwd-steps 2 --out "$OUT/train_parts_bwd2_h200.json"
 }
-session16() {  # (~6 min, compile-heavy): the chunked cross-entropy (train.loss_chunk, written in
+session16() {  # (~8 min, compile-heavy): the chunked cross-entropy (train.loss_chunk, written in
   # the fourteenth session without a GPU): the 1b step's compiled peak without remat, dense and
   # sparse, chunked, against results/probe_train_memory_1b_noremat_h200.json (40.66 / 32.55 GB);
   # then the 2b training step with it (tokens/ms against 33.1 dense / 39.9 sparse unchunked)
+  run 150 bench_loss python3 experiments/bench_loss.py --chunks 128 256 512 1024 \
+      --out "$OUT/bench_loss_h200.json"
   run 240 probe_1b_loss_chunk python3 experiments/probe_train_memory.py --config 1b --layers 18 \
       --batch 8 --set model.remat=false train.loss_chunk=256 \
       --out "$OUT/probe_train_memory_1b_noremat_loss_chunk_h200.json"
