@@ -4,9 +4,10 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# session16 (~8 min): the chunked cross-entropy alone (bench_loss), its memory (1b, no remat) and
-#   speed (2b step).
-# session14 (~8 min): NEXT. GPU tests of the weight-gradient / neuron-major kernels as refactored
+# Next, in this order: session14, session16, session15.
+# session16 (~12 min): the remat policy's 2b step and peak; the chunked cross-entropy alone
+#   (bench_loss) and its memory (1b, no remat).
+# session14 (~8 min): FIRST. GPU tests of the weight-gradient / neuron-major kernels as refactored
 #   after the last GPU run and of the fused pass (train_backward=neuron_major_fused: the per-entry
 #   math in the pass, no XLA glue), then bench_ffn_train comparing it with neuron_major at ~28.
 # session15 (~7 min): after session14: bench_train_parts' per-kernel breakdown of the three orders
@@ -215,18 +216,25 @@ session15() {  # after session14 (~7 min): the per-kernel breakdown of the three
   run 200 train_parts_bwd2 python3 experiments/bench_train_parts.py --active 28 \
       --dist uniform skewed --bwd-steps 2 --out "$OUT/train_parts_bwd2_h200.json"
 }
-session16() {  # (~8 min, compile-heavy): the chunked cross-entropy (train.loss_chunk, written in
-  # the fourteenth session without a GPU): the 1b step's compiled peak without remat, dense and
-  # sparse, chunked, against results/probe_train_memory_1b_noremat_h200.json (40.66 / 32.55 GB);
-  # then the 2b training step with it (tokens/ms against 33.1 dense / 39.9 sparse unchunked)
+session16() {  # (~12 min, compile-heavy) the fourteenth session's CPU-only changes. First the
+  # remat policy (model.remat_policy=keep_sparse_ffn, now the default: a rematerialised block keeps
+  # the sparse op's residuals, ~0.1 GB per layer at 16384 tokens, instead of running the gate, fused
+  # and entry-list kernels again): the 2b step against +20.4% with everything recomputed
+  # (results/bench_model_2b_train_neuron_major_h200.json; dense is unchanged by the policy, so its
+  # tokens/ms is the control), and its compiled peak (44.36 GB before; ~48 GB predicted).
+  run 330 bench_model_2b_keep python3 experiments/bench_model.py --configs 2b --modes train \
+      --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 \
+      --out "$OUT/bench_model_2b_train_keep_sparse_ffn_h200.json"
+  run 200 probe_2b_keep python3 experiments/probe_train_memory.py --config 2b --layers 38 \
+      --models sparse --out "$OUT/probe_train_memory_2b_38_keep_sparse_ffn_h200.json"
+  # Then the chunked cross-entropy (train.loss_chunk): alone, and the 1b step's compiled peak
+  # without remat, dense and sparse, against probe_train_memory_1b_noremat_h200.json (40.66 /
+  # 32.55 GB).
   run 150 bench_loss python3 experiments/bench_loss.py --chunks 128 256 512 1024 \
       --out "$OUT/bench_loss_h200.json"
   run 240 probe_1b_loss_chunk python3 experiments/probe_train_memory.py --config 1b --layers 18 \
       --batch 8 --set model.remat=false train.loss_chunk=256 \
       --out "$OUT/probe_train_memory_1b_noremat_loss_chunk_h200.json"
-  run 330 bench_model_2b_loss_chunk python3 experiments/bench_model.py --configs 2b --modes train \
-      --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 \
-      --set train.loss_chunk=256 --out "$OUT/bench_model_2b_train_loss_chunk_h200.json"
 }
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in

@@ -28,6 +28,7 @@ from sparse_jax.ops.base import OVERFLOW_FALLBACKS, SparseFFNConfig
 
 FFN_KINDS = ("relu_sparse", "relu_nongated_sparse", "relu_dense", "silu_dense", "relu_dense_bf16")
 FFN_IMPLS = ("auto", "xla", "pallas")
+REMAT_POLICIES = ("keep_sparse_ffn", "recompute_all")   # ModelConfig.remat_policy
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_SCALINGS = ("none", "linear", "llama3", "yarn")
@@ -75,6 +76,11 @@ class ModelConfig:
   compute_dtype: dtype of activations and matmuls (parameters are cast to it at use).
   param_dtype: dtype of the stored (master) parameters.
   remat: recompute each block's activations in the backward pass (less memory, more compute).
+  remat_policy: what a rematerialised block keeps. "keep_sparse_ffn" (default): the sparse
+    FFN op's residuals (the packed gate, R and the weight gradients' entry lists, a few percent
+    of a dense FFN's activations), so the backward pass does not run the op's forward kernels a
+    second time; everything else is recomputed. "recompute_all": nothing is kept (the FFN's
+    forward runs twice, as a dense FFN's does under remat).
   vocab_size: None takes the tokenizer's vocabulary rounded up to a multiple of 128; an explicit
     value must be at least the tokenizer's.
   n_kv_heads: None means full multi-head attention; fewer (dividing n_heads) is grouped-query.
@@ -126,6 +132,7 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   param_dtype: str = "float32"
   remat: bool = False
+  remat_policy: str = "keep_sparse_ffn"
   sparse: SparseFFNConfig = SparseFFNConfig()
   # Issue 14: per layer, the first n neurons are computed densely and the rest sparsely
   # (sparse_jax.ops.hotcold); set by `sparse-jax prepare-inference`, whose checkpoint has its
@@ -161,6 +168,7 @@ class ModelConfig:
              "must be even (RoPE rotates pairs of features)")
     _choice(self, "model", "ffn", FFN_KINDS)
     _choice(self, "model", "ffn_impl", FFN_IMPLS)
+    _choice(self, "model", "remat_policy", REMAT_POLICIES)
     _choice(self, "model", "attention_impl", ATTENTION_IMPLS)
     _choice(self, "model", "compute_dtype", DTYPES)
     _choice(self, "model", "param_dtype", DTYPES)

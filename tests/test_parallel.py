@@ -1,5 +1,6 @@
 """Training on a device mesh, on the 8 simulated CPU devices: mesh specs, the FSDP rule, sharded
 steps that match one device, checkpoints resumed on other meshes, the scaling script's smoke run."""
+import dataclasses
 import json
 import os
 import socket
@@ -174,6 +175,23 @@ def test_sharded_gradients_match_one_device(f32_reference, spec):
             f"sharded vs one device {rel_err(d_sharded, d_ref):.2e}")
       assert np.linalg.norm(d_ref) > 0.1 * np.linalg.norm(g0), name
       assert rel_err(d_sharded, d_ref) < 1e-2, name
+
+
+def test_sharded_remat_keeping_sparse_residuals_matches_one_device(f32_reference):
+  """remat with the default policy (the sparse op's residuals kept, named inside the per-device
+  op's shard_map) on a 2 x 4 mesh: the one-device step's loss and gradients without remat."""
+  cfg, batch, _, accumulate, ref = f32_reference
+  remat = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=True))
+  assert remat.model.remat_policy == "keep_sparse_ffn"
+  mesh = parallel.make_mesh("data:2,fsdp:4")
+  graphdef, sharded = init_state(remat, mesh)
+  on_mesh = parallel.put(batch, parallel.batch_sharding(mesh, ndim=3, axis=1))
+  grads, loss, ce, l1, _ = jax.device_get(accumulate(sharded.params, graphdef, on_mesh, L1_COEFF,
+                                                     remat))
+  grads_1, loss_1, ce_1, l1_1, _ = ref[L1_COEFF]
+  np.testing.assert_allclose([loss, ce, l1], [loss_1, ce_1, l1_1], rtol=1e-5)
+  errors = {name: rel_err(g, g1) for name, (g, g1) in _named_pairs(grads, grads_1)}
+  assert max(errors.values()) < 5e-3, errors
 
 
 def _named_pairs(a, b):

@@ -15,6 +15,7 @@ from sparse_jax.config import ModelConfig
 from sparse_jax.nn.ffn import FFN, STATS_NAME
 from sparse_jax.nn.layers import F32, Attention, KVCache, RMSNorm, normal
 from sparse_jax.nn.rope import rope_inv_freq
+from sparse_jax.ops.base import SPARSE_RESIDUALS
 
 
 class Block(nnx.Module):
@@ -54,6 +55,15 @@ def _call_block(block: Block, x_BxLxD: jax.Array) -> jax.Array:
   return block(x_BxLxD)
 
 
+def remat_policy(cfg: ModelConfig):
+  """The ``jax.checkpoint`` policy of a rematerialised block (``cfg.remat_policy``):
+  "keep_sparse_ffn" saves the sparse FFN op's named residuals (``ops.base.SPARSE_RESIDUALS``) and
+  recomputes the rest; "recompute_all" saves nothing."""
+  if cfg.remat_policy == "keep_sparse_ffn":
+    return jax.checkpoint_policies.save_only_these_names(SPARSE_RESIDUALS)
+  return None
+
+
 class Transformer(nnx.Module):
   """tokens [B, L] int -> logits [B, L, vocab] fp32.
 
@@ -86,7 +96,7 @@ class Transformer(nnx.Module):
     x_BxLxD = self._embed(tokens_BxL)
     # Rematerialisation recomputes each block's activations in the backward pass instead of
     # keeping them: less memory for deeper models, one extra forward of compute.
-    call = nnx.remat(_call_block) if self.cfg.remat else _call_block
+    call = nnx.remat(_call_block, policy=remat_policy(self.cfg)) if self.cfg.remat else _call_block
     for block in self.blocks:
       x_BxLxD = call(block, x_BxLxD)
     return self._logits(x_BxLxD) if logits else self.final_norm(x_BxLxD)

@@ -25,6 +25,17 @@ OVERFLOW_FALLBACKS = ("cond", "defer")   # SparseFFNConfig.overflow_fallback
 DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
 # SparseFFNConfig.train_backward
 TRAIN_BACKWARDS = ("neuron_major", "neuron_major_fused", "token_major")
+# The checkpoint name of the sparse residuals of the op's training forward (the packed gate, R,
+# the weight gradients' entry lists): ``ModelConfig.remat_policy="keep_sparse_ffn"`` saves them,
+# so a rematerialised block's backward pass does not run the op's forward kernels again.
+SPARSE_RESIDUALS = "sparse_ffn_residuals"
+
+
+def named_sparse_residuals(tree):
+  """``tree`` with every array tagged ``SPARSE_RESIDUALS`` (``jax.ad_checkpoint.checkpoint_name``:
+  an identity outside a ``jax.checkpoint`` whose policy names it)."""
+  from jax.ad_checkpoint import checkpoint_name
+  return jax.tree.map(lambda a: checkpoint_name(a, SPARSE_RESIDUALS), tree)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ from jax import lax
 from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax.formats import twell
 from sparse_jax.ops import decode, dispatch
-from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats
+from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats, named_sparse_residuals
 from sparse_jax.ops.dense import (NEURON_CHUNK, ROW_CHUNK, _row_chunks, dense_forward_chunked,
                                   dense_grads_neuron_chunked, dense_with_stats, ffn_as_model,
                                   matmul_nt)
@@ -286,7 +286,10 @@ def training_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
     too_dense = (estimate_active_fraction(x_MxD, w_gate, cfg)
                  > dispatch_threshold(cfg, m, training=True))
     out, packed = lax.cond(too_dense, dense, sparse)
-  vals, idx, cnt, r, lists = packed
+  # Named: a rematerialised block keeps them (ModelConfig.remat_policy) instead of running the
+  # gate, fused and entry-list kernels again in its backward pass. x and the weights are not: the
+  # block recomputes them cheaply (a norm, casts).
+  vals, idx, cnt, r, lists, too_dense = named_sparse_residuals((*packed, too_dense))
   tw = twell.TwELL(vals, idx, cnt, n_cols=n_pad, tile=cfg.tile)
   return out, (x_MxD, w_gate, w_up, w_down, tw, r if w_up is not None else None, lists,
                too_dense)

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.formats import hybrid, twell
-from sparse_jax.ops.base import F32, FFNStats, SparseFFNConfig, make_stats
+from sparse_jax.ops.base import (F32, FFNStats, SparseFFNConfig, make_stats,
+                                 named_sparse_residuals)
 from sparse_jax.ops.dense import (ffn_with_l1, gate_activation, hidden, matmul_nn, matmul_nt,
                                   matmul_tn)
 from sparse_jax.ops.nonfinite import with_dense_nonfinite_rows
@@ -123,6 +124,7 @@ def hybrid_forward(x_MxD, w_gate, w_up, w_down, cfg: SparseFFNConfig):
 
   y, l1 = jax.lax.cond(overflow, dense, sparse)
   stats = _stats(hy.nnz() / m, l1, jnp.maximum(hy.n_tail - hy.tail_capacity, 0), overflow, p != 0)
+  hy, r_ell, r_tail = named_sparse_residuals((hy, r_ell, r_tail))
   return (y, stats), (x_MxD, w_gate, w_up, w_down, hy, r_ell, r_tail)
 
 
