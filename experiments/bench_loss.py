@@ -104,7 +104,8 @@ def main(argv=None) -> dict:
         f"vocab {args.vocab}, {device_name()}")
   print(format_table(("loss", "ms", "x unchunked", "peak GB", "temp GB", "dx err", "dhead err"),
                      rows))
-  header = dict(command=command_line(), device=device_name(), jax=jax.__version__,
+  command = command_line() if argv is None else command_line("experiments/bench_loss.py", argv)
+  header = dict(command=command, device=device_name(), jax=jax.__version__,
                 batch=args.batch, seq=args.seq, d_model=args.d_model, vocab=args.vocab,
                 rounds=args.rounds, calls_per_round=timing["calls_per_round"],
                 timer=timing["timer"], reference_loss=float(ref_loss),
