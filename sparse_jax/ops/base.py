@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from sparse_jax.formats import hybrid, twell
 
@@ -34,7 +35,6 @@ SPARSE_RESIDUALS = "sparse_ffn_residuals"
 def named_sparse_residuals(tree):
   """``tree`` with every array tagged ``SPARSE_RESIDUALS`` (``jax.ad_checkpoint.checkpoint_name``:
   an identity outside a ``jax.checkpoint`` whose policy names it)."""
-  from jax.ad_checkpoint import checkpoint_name
   return jax.tree.map(lambda a: checkpoint_name(a, SPARSE_RESIDUALS), tree)
 
 

@@ -25,7 +25,7 @@ from sparse_jax import parallel
 from sparse_jax.config import Config
 from sparse_jax.nn import Transformer, forward_with_stats
 from sparse_jax.train import guard
-from sparse_jax.train.loss import cross_entropy, head_cross_entropy, l1_coeff_at, lm_loss
+from sparse_jax.train.loss import head_cross_entropy, l1_coeff_at, lm_loss
 from sparse_jax.train.optimizer import lr_schedule, make_optimizer
 from sparse_jax.train.sparsity import SparsityTracker, init_tracker, update_tracker
 
@@ -81,14 +81,10 @@ def state_shardings(cfg: Config, mesh: Mesh) -> TrainState:
 
 
 def _ce_and_stats(model: Transformer, tokens_BxL1: jax.Array, cfg: Config):
-  """(mean next-token cross-entropy, FFNStats) of a [B, L + 1] batch: with train.loss_chunk the
-  logits formed that many positions at a time (``head_cross_entropy``), else all at once."""
-  targets_BxL = tokens_BxL1[:, 1:]
-  if not cfg.train.loss_chunk:
-    logits_BxLxV, stats = forward_with_stats(model, tokens_BxL1[:, :-1])
-    return cross_entropy(logits_BxLxV, targets_BxL), stats
+  """(mean next-token cross-entropy, FFNStats) of a [B, L + 1] batch: the head's logits formed
+  train.loss_chunk positions at a time (``head_cross_entropy``; 0: all at once)."""
   x_BxLxD, stats = forward_with_stats(model, tokens_BxL1[:, :-1], logits=False)
-  return head_cross_entropy(x_BxLxD, model.output_head(), targets_BxL,
+  return head_cross_entropy(x_BxLxD, model.output_head(), tokens_BxL1[:, 1:],
                             chunk=cfg.train.loss_chunk, compute_dtype=model.compute_dtype), stats
 
 
