@@ -88,7 +88,7 @@ def other_backward(train_backward: str, wanted: str | None = "other") -> str:
   """The order ``defer_alt`` runs: ``wanted``, or the first other than ``train_backward``."""
   if wanted not in (None, "other"):
     return wanted
-  return next(b for b in ops.base.TRAIN_BACKWARDS if b != train_backward)
+  return next(b for b in ops.base.TRAIN_BACKWARDS if b not in ("auto", train_backward))
 
 
 def losses(impl: str, cfg: ops.SparseFFNConfig, alt_backward: str | None = None) -> dict:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax import benchmarking
-from pallas_kernels import twell_backward, twell_ffn, twell_gate, twell_wgrad
+from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax import ops
 from sparse_jax.ops import pallas_backend
 from sparse_jax.ops.dense import bf16_gated_ffn_with_l1
@@ -54,7 +54,7 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   @jax.jit
   def wgrad(lists, du, dr, tw, r, x, dy):
     c = lists.gather([du, dr, tw.values_MxTxC, r])
-    coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
+    coefs = jnp.stack([c[0], c[1], common.round_bf16(c[2] * c[3])])
     return twell_wgrad.sparse_weight_gradients(lists, coefs, x, dy, n_x=2,
                                                out_dtype=jnp.bfloat16, config=wgrad_cfg)
 

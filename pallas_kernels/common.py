@@ -123,6 +123,14 @@ def cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
+def round_bf16(x: jax.Array) -> jax.Array:
+  """``x`` rounded to bfloat16 (nearest even), kept in its dtype: T = bf16(P R) as the forward
+  kernels round it. Not ``x.astype(bf16).astype(f32)``: XLA's GPU pipeline removes that pair
+  (``xla_allow_excess_precision``, on by default), so the XLA paths would keep P R unrounded while
+  the kernels round it (measured: dWd differed by 1.7e-3 between the two neuron-major passes)."""
+  return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+
+
 def check_row_span(d_model: int, kernel: str) -> None:
   """The per-warp kernels cover a row in passes of ``WARP_ROW_SPAN`` columns."""
   if d_model % WARP_ROW_SPAN:

@@ -129,7 +129,7 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
   dy = dy_ref[rows].astype(F32)
   a = jnp.take_along_axis(jnp.dot(dy, wd_ref[...].astype(F32).T), col, axis=1).reshape(p.shape)
   r = r_ref[rows] if gated else None
-  tval = (p * r).astype(jnp.bfloat16).astype(F32) if gated else p
+  tval = common.round_bf16(p * r) if gated else p
   d_t = a + coeff_ref[0] * jnp.where(tval >= 0, 1.0, -1.0)
   d_u = jnp.where(valid & (p > 0), d_t * r if gated else d_t, 0.0)
   n_rows = p.shape[0]

@@ -363,7 +363,7 @@ def _wgrad_jnp(refs: dict, out_refs, *, n_x: int, n_dy: int, width: int):
     slot = jnp.where(live, refs["slots"][...], 0)
     p = refs["val"][...][slot].astype(F32)
     r = refs["r"][...][slot] if refs["r"] is not None else None
-    t = (p * r).astype(jnp.bfloat16).astype(F32) if r is not None else p
+    t = common.round_bf16(p * r) if r is not None else p
     coefs = jnp.where(live, t, 0.0)[None]
   else:
     coefs = refs["coef"][...]

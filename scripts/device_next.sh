@@ -236,6 +236,22 @@ session16() {  # (~12 min, compile-heavy) the fourteenth session's CPU-only chan
       --batch 8 --set model.remat=false train.loss_chunk=256 \
       --out "$OUT/probe_train_memory_1b_noremat_loss_chunk_h200.json"
 }
+session17() {  # (~6 min) T = bf16(P R) through lax.reduce_precision in the XLA paths (XLA's GPU
+  # pipeline removed the astype pair, so the glue's dWd differed from the fused pass's by 1.7e-3):
+  # the GPU tests of every order (no -x), then the 2b step with the fused pass and the chunked
+  # loss (train.loss_chunk=256, now the default, in both models)
+  run 200 gpu_tests_round python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "neuron_major or fused or dx_kernel or weight_gradient or training_gradients"
+  run 330 bench_model_2b_fused python3 experiments/bench_model.py --configs 2b --modes train \
+      --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 \
+      --set model.sparse.train_backward=neuron_major_fused \
+      --out "$OUT/bench_model_2b_train_fused_loss_chunk_h200.json"
+}
+session17b() {  # (~4 min) the same 2b step with the default backward (neuron_major)
+  run 330 bench_model_2b_loss_chunk python3 experiments/bench_model.py --configs 2b --modes train \
+      --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 \
+      --out "$OUT/bench_model_2b_train_loss_chunk_h200.json"
+}
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
@@ -259,6 +275,8 @@ case "${1:-all}" in
   session14) session14 ;;
   session15) session15 ;;
   session16) session16 ;;
+  session17) session17 ;;
+  session17b) session17b ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import rel_err
 
-from pallas_kernels import twell_wgrad
+from pallas_kernels import common, twell_wgrad
 from sparse_jax.formats import twell
 from sparse_jax.synthetic import make_ffn_problem
 
@@ -227,7 +227,7 @@ def test_fused_neuron_major_pass_interpret_matches_entry_math(pallas_interpret, 
       lists, tw.values_MxTxC, r, coeff, dy, wd, out_dtype=jnp.float32,
       config=twell_wgrad.WgradConfig(piece=4, partial_rows=4096))
   pf = tw.values_MxTxC.astype(jnp.float32)
-  t = (pf * r).astype(jnp.bfloat16).astype(jnp.float32) if gated else pf
+  t = common.round_bf16(pf * r) if gated else pf
   (ref,) = _dense_reference(tw, [t], keep, [dy])
   assert rel_err(dwd, ref) < 1e-5, rel_err(dwd, ref)
   rows, slots = np.asarray(lists.rows)[:total], np.asarray(lists.slots)[:total]

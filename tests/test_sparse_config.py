@@ -89,3 +89,12 @@ def test_a_run_records_the_field(tmp_path):
 def test_bad_train_backward_names_the_choices():
   with pytest.raises(ValueError, match="train_backward must be one of"):
     apply_overrides(get_config("tiny"), ["model.sparse.train_backward=by_column"])
+
+
+def test_auto_train_backward_is_the_fused_pass_where_it_was_measured():
+  from sparse_jax.ops.base import FUSED_BACKWARD_MAX_D_MODEL, resolve_train_backward
+  assert resolve_train_backward("auto", 2048) == "neuron_major_fused"
+  assert resolve_train_backward("auto", FUSED_BACKWARD_MAX_D_MODEL + 256) == "neuron_major"
+  assert resolve_train_backward("token_major", 2048) == "token_major"
+  with pytest.raises(ValueError, match="unknown train_backward 'by_row'"):
+    resolve_train_backward("by_row", 2048)

@@ -25,7 +25,10 @@ MODES = ("auto", "sparse", "dense")   # SparseFFNConfig.mode
 OVERFLOW_FALLBACKS = ("cond", "defer")   # SparseFFNConfig.overflow_fallback
 DECODE_PATHS = ("dense", "kernel", "union")  # SparseFFNConfig.decode_path
 # SparseFFNConfig.train_backward
-TRAIN_BACKWARDS = ("neuron_major", "neuron_major_fused", "token_major")
+TRAIN_BACKWARDS = ("auto", "neuron_major", "neuron_major_fused", "token_major")
+# "auto" runs neuron_major_fused up to this d_model (where it was measured on an H200; its pass
+# holds a whole d_model row of Wd and of the accumulators per warp), neuron_major above.
+FUSED_BACKWARD_MAX_D_MODEL = 2048
 # The checkpoint name of the sparse residuals of the op's training forward (the packed gate, R,
 # the weight gradients' entry lists): ``ModelConfig.remat_policy="keep_sparse_ffn"`` saves them,
 # so a rematerialised block's backward pass does not run the op's forward kernels again.
@@ -37,6 +40,14 @@ def named_sparse_residuals(tree):
   an identity outside a ``jax.checkpoint`` whose policy names it)."""
   return jax.tree.map(lambda a: checkpoint_name(a, SPARSE_RESIDUALS), tree)
 
+
+def resolve_train_backward(order: str, d_model: int) -> str:
+  """The order ``SparseFFNConfig.train_backward`` runs at ``d_model`` ("auto" resolved)."""
+  if order not in TRAIN_BACKWARDS:
+    raise ValueError(f"unknown train_backward {order!r}: one of {TRAIN_BACKWARDS}")
+  if order != "auto":
+    return order
+  return "neuron_major_fused" if d_model <= FUSED_BACKWARD_MAX_D_MODEL else "neuron_major"
 
 @dataclasses.dataclass(frozen=True)
 class SparseFFNConfig:
@@ -83,7 +94,9 @@ class SparseFFNConfig:
       the flag per step). Other modes ignore it.
   train_backward: how the Pallas training path's sparse backward walks the entries (same
     gradients, different kernels; ``pallas_kernels/NOTES_train.md``):
-    "neuron_major" (default): a pass by neuron (``twell_wgrad.neuron_major_pass``) forms
+    "auto" (default): "neuron_major_fused" up to d_model 2048 (``FUSED_BACKWARD_MAX_D_MODEL``,
+      where it was measured), "neuron_major" above (``resolve_train_backward``).
+    "neuron_major": a pass by neuron (``twell_wgrad.neuron_major_pass``) forms
       a = dOut_i . Wd[j] and dWd from one dOut row per entry, the neuron's Wd row held in
       registers; dU and dR per entry are scattered to the slots; the per-token kernel then
       gathers only the Wu and Wg rows (``twell_backward.dx_kernel``) and the dWg / dWu pass
@@ -94,8 +107,11 @@ class SparseFFNConfig:
     "neuron_major_fused": the same with the pass over whole d_model rows (no slices), so it
       finishes each entry's dU and dR itself, reading P and R at the slot: no XLA glue (gathers,
       per-entry math, the slot scatter and its zero fill) between the pass and the dx kernel,
-      but dOut is read whole-row (64 MB at M = 16384, d_model 2048: more than the L2). Not
-      yet measured.
+      but dOut is read whole-row (64 MB at M = 16384, d_model 2048: more than the L2).
+      H200, paper FFN at M = 16384, side by side with neuron_major: 1.09x (uniform ~28),
+      1.00x (skewed), 1.02x (heavy tail); the 2b training step the same speed (+37.2% vs
+      +36.6% over dense) at 40.1 instead of 46.6 GB of peak (``experiments/results/
+      bench_ffn_train_fused_h200.json``, ``bench_model_2b_train_*loss_chunk_h200.json``).
     "token_major": one kernel per token forms a, dU and dR for each entry and accumulates dx
       (three weight rows gathered per entry); then the weight gradients (x and dOut rows
       gathered per entry, by neuron). The previous default.
@@ -147,7 +163,7 @@ class SparseFFNConfig:
   decode_max_union_fraction: float = 0.25
   decode_gate_split: int | None = None
   gate_threshold: float = 0.0
-  train_backward: str = "neuron_major"
+  train_backward: str = "auto"
 
   def __post_init__(self):
     for name in ("tile", "twell_capacity", "ell_width"):

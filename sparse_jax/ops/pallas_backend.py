@@ -40,7 +40,8 @@ from jax import lax
 from pallas_kernels import common, twell_backward, twell_ffn, twell_gate, twell_wgrad
 from sparse_jax.formats import twell
 from sparse_jax.ops import decode, dispatch
-from sparse_jax.ops.base import F32, SparseFFNConfig, make_stats, named_sparse_residuals
+from sparse_jax.ops.base import (F32, SparseFFNConfig, make_stats, named_sparse_residuals,
+                                  resolve_train_backward)
 from sparse_jax.ops.dense import (NEURON_CHUNK, ROW_CHUNK, _row_chunks, dense_forward_chunked,
                                   dense_grads_neuron_chunked, dense_with_stats, ffn_as_model,
                                   matmul_nt)
@@ -338,6 +339,7 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
   weights); ``lists``: the forward's entry lists; ``coeff``: the L1 cotangent over M d_ff;
   ``bwd_config``: the per-token kernel's (``backward_kernel`` or ``dx_kernel``)."""
   gated = wu is not None
+  order = resolve_train_backward(order, xp.shape[1])
   if order == "token_major":
     dx, du, dr = twell_backward.backward_kernel(xp, dyp, wg, wu, wd, tw, r, coeff,
                                                 config=bwd_config)
@@ -345,13 +347,11 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
     # with T = bf16(P R) as the forward rounded it (non-gated: T = P).
     if gated:
       c = lists.gather([du, dr, tw.values_MxTxC, r])
-      coefs = jnp.stack([c[0], c[1], (c[2] * c[3]).astype(jnp.bfloat16).astype(F32)])
+      coefs = jnp.stack([c[0], c[1], common.round_bf16(c[2] * c[3])])
     else:
       coefs = lists.gather([du, tw.values_MxTxC])
     return dx, twell_wgrad.sparse_weight_gradients(lists, coefs, xp, dyp, n_x=2 if gated else 1,
                                                    out_dtype=w_dtype)
-  if order not in ("neuron_major", "neuron_major_fused"):
-    raise ValueError(f"unknown train_backward {order!r}")
   wcfg = twell_wgrad.DEFAULT_CONFIG
   tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece, partial_rows=wcfg.partial_rows)
   if order == "neuron_major_fused":  # the per-entry math inside the pass (whole-row dots)
@@ -371,7 +371,7 @@ def _neuron_major_glue(lists, tw: twell.TwELL, r, coeff, dyp, wd, w_dtype, tasks
   token-major kernel (twell_backward's docstring), with a = dOut_i . Wd[j] from the pass."""
   gated = r is not None
   p_e, *r_e = lists.gather([tw.values_MxTxC] + ([r] if gated else []))
-  t_e = (p_e * r_e[0]).astype(jnp.bfloat16).astype(F32) if gated else p_e
+  t_e = common.round_bf16(p_e * r_e[0]) if gated else p_e
   dwd, a_e = twell_wgrad.neuron_major_pass(lists, t_e, dyp, wd, out_dtype=w_dtype, tasks=tasks)
   d_t = a_e + coeff * jnp.where(t_e >= 0, 1.0, -1.0)
   d_u = jnp.where(p_e > 0, d_t * r_e[0] if gated else d_t, 0.0)

@@ -76,8 +76,7 @@ def resolve_config(cfg: Config):
 def step_config(cfg: Config) -> Config:
   """``cfg`` reduced to what the compiled steps depend on (they take the config as a static
   argument): budgets, cadences, names and data settings do not change the step, so runs that differ
-  only in those share one compilation. (The sequence length stays: the batch's shape is it, and
-  train.loss_chunk is checked against it.)"""
+  only in those share one compilation. (The sequence length stays: the batch's shape is it.)"""
   train_cfg = dataclasses.replace(cfg.train, **{k: getattr(TrainConfig(), k)
                                                 for k in _RESUMABLE_TRAIN_CHANGES})
   return Config(name="", model=cfg.model, data=DataConfig(seq_len=cfg.data.seq_len),

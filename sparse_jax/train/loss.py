@@ -40,44 +40,59 @@ def head_cross_entropy(x_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax
   the head's gradient accumulates in fp32), kept as the residuals of a ``custom_vjp`` and scaled
   by the cotangent in the backward pass, so nothing is recomputed. The gradient's matmuls take
   the softmax gradient in ``compute_dtype`` (the unchunked path's take it in fp32). The sequence
-  axis is the one chunked: a batch split over devices keeps its split. ``chunk`` 0 (or the whole
-  sequence) is the plain path: ``cross_entropy`` of the full logits.
+  axis is the one chunked: a batch split over devices keeps its split. A sequence that ``chunk``
+  does not divide gets a shorter last chunk (padded, the padding masked out of the loss and its
+  gradients). ``chunk`` 0 (or the whole sequence) is the plain path: ``cross_entropy`` of the full
+  logits.
   """
   _, seq, _ = x_BxLxD.shape
-  if not isinstance(chunk, int) or chunk < 0:
+  if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
     raise ValueError(f"chunk must be a non-negative int (0: unchunked), got {chunk!r}")
+  if x_BxLxD.shape[:2] != targets_BxL.shape:
+    raise ValueError(f"hidden states {x_BxLxD.shape} and targets {targets_BxL.shape} disagree "
+                     "on [batch, sequence]")
   if chunk == 0 or chunk >= seq:
     logits = jnp.einsum("bld,vd->blv", x_BxLxD.astype(compute_dtype),
                         head_VxD.astype(compute_dtype), preferred_element_type=F32)
     return cross_entropy(logits, targets_BxL)
-  if seq % chunk:
-    raise ValueError(f"chunk={chunk} must divide the sequence length {seq}")
   return _chunked_ce(x_BxLxD, head_VxD, targets_BxL, chunk, jnp.dtype(compute_dtype))
 
 
 def _chunks(a, chunk):
-  """[B, L, ...] -> [L / chunk, B, chunk, ...] (the scan's leading axis)."""
+  """[B, L, ...] -> [ceil(L / chunk), B, chunk, ...] (the scan's leading axis); a sequence that
+  ``chunk`` does not divide is padded with zeros (``_valid`` masks those positions out)."""
   b, seq = a.shape[:2]
-  return jnp.swapaxes(a.reshape(b, seq // chunk, chunk, *a.shape[2:]), 0, 1)
+  pad = (-seq) % chunk
+  if pad:
+    a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+  return jnp.swapaxes(a.reshape(b, (seq + pad) // chunk, chunk, *a.shape[2:]), 0, 1)
 
 
-def _chunk_loss(x_BxCxD, w_VxD, t_BxC):
+def _valid(targets_BxL, chunk):
+  """[n_chunks, 1, chunk] f32: 1 on the sequence's positions, 0 on a last chunk's padding."""
+  seq = targets_BxL.shape[1]
+  return _chunks(jnp.ones((1, seq), F32), chunk)
+
+
+def _chunk_loss(x_BxCxD, w_VxD, t_BxC, valid_1xC):
   """(sum of the chunk's token losses, fp32 logits [B, C, V], logsumexp [B, C])."""
   logits = jnp.einsum("bld,vd->blv", x_BxCxD, w_VxD, preferred_element_type=F32)
   lse = jax.nn.logsumexp(logits, axis=-1)
   target = jnp.take_along_axis(logits, t_BxC[..., None], axis=-1)[..., 0]
-  return jnp.sum(lse - target), logits, lse
+  return jnp.sum((lse - target) * valid_1xC), logits, lse
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _chunked_ce(x_BxLxD, head_VxD, targets_BxL, chunk, dtype):
   w = head_VxD.astype(dtype)
 
-  def body(total, xt):
-    return total + _chunk_loss(xt[0].astype(dtype), w, xt[1])[0], None
+  def body(total, xtv):
+    x_c, t_c, v_c = xtv
+    return total + _chunk_loss(x_c.astype(dtype), w, t_c, v_c)[0], None
 
   total, _ = jax.lax.scan(body, jnp.zeros((), F32),
-                          (_chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk)))
+                          (_chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk),
+                           _valid(targets_BxL, chunk)))
   return total / targets_BxL.size
 
 
@@ -85,22 +100,22 @@ def _chunked_ce_fwd(x_BxLxD, head_VxD, targets_BxL, chunk, dtype):
   w = head_VxD.astype(dtype)
   inv_n = 1.0 / targets_BxL.size
 
-  def body(carry, xt):
+  def body(carry, xtv):
     total, dw_VxD = carry
-    x_c, t_c = xt[0].astype(dtype), xt[1]
-    loss, logits, lse = _chunk_loss(x_c, w, t_c)
-    # d(mean loss)/d logits = (softmax - onehot) / n
+    x_c, t_c, v_c = xtv[0].astype(dtype), xtv[1], xtv[2]
+    loss, logits, lse = _chunk_loss(x_c, w, t_c, v_c)
+    # d(mean loss)/d logits = (softmax - onehot) / n, 0 on padding
     g = jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(t_c, w.shape[0], dtype=F32)
-    g = (g * inv_n).astype(dtype)
+    g = (g * (v_c * inv_n)[..., None]).astype(dtype)
     dx_c = jnp.einsum("blv,vd->bld", g, w, preferred_element_type=F32).astype(x_BxLxD.dtype)
     dw_VxD = dw_VxD + jnp.einsum("blv,bld->vd", g, x_c, preferred_element_type=F32)
     return (total + loss, dw_VxD), dx_c
 
   (total, dw_VxD), dx = jax.lax.scan(
       body, (jnp.zeros((), F32), jnp.zeros(head_VxD.shape, F32)),
-      (_chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk)))
+      (_chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk), _valid(targets_BxL, chunk)))
   b, seq, d = x_BxLxD.shape
-  dx_BxLxD = jnp.swapaxes(dx, 0, 1).reshape(b, seq, d)
+  dx_BxLxD = jnp.swapaxes(dx, 0, 1).reshape(b, -1, d)[:, :seq]
   return total * inv_n, (dx_BxLxD, dw_VxD.astype(head_VxD.dtype))
 
 
