@@ -4,7 +4,7 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# Next, in this order: session14, session16, session15.
+# Next: session18 (session14-17b ran in the fifteenth session, 2026-12-03).
 # session16 (~12 min): the remat policy's 2b step and peak; the chunked cross-entropy alone
 #   (bench_loss) and its memory (1b, no remat).
 # session14 (~8 min): FIRST. GPU tests of the weight-gradient / neuron-major kernels as refactored
@@ -252,6 +252,18 @@ session17b() {  # (~4 min) the same 2b step with the default backward (neuron_ma
       --sparsity 0.995 --settle-steps 2 --windows 2 --min-seconds 3 --warmup 1 \
       --out "$OUT/bench_model_2b_train_loss_chunk_h200.json"
 }
+session18() {  # NEXT (~9.5 min): the fused pass (train_backward="auto", the default since the
+  # fifteenth session) at d_model 1024 / 2048 / 4096 (GPU tests: may "auto" go past 2048?), then the
+  # training grid with the new default (six distributions x five densities: still >= 0.95x of
+  # dense everywhere?), then the fused vs sliced pass at the wide shape
+  run 150 gpu_tests_fused_shapes python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "fused_neuron_major or training_gradients"
+  run 300 bench_ffn_train_auto python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --out "$OUT/bench_ffn_train_auto_fused_h200.json"
+  run 120 bench_ffn_train_fused_4096 python3 experiments/bench_ffn_train.py --quick --no-cupti \
+      --shape 4096x14336 --dist uniform skewed --active 28 --train-backward neuron_major \
+      --compare-backward neuron_major_fused --out "$OUT/bench_ffn_train_fused_4096_h200.json"
+}
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
@@ -277,6 +289,7 @@ case "${1:-all}" in
   session16) session16 ;;
   session17) session17 ;;
   session17b) session17b ;;
+  session18) session18 ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -152,14 +152,17 @@ def test_neuron_major_pass_paper_shape(key, dist, slice_width):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-def test_fused_neuron_major_pass_paper_shape(key, gated):
+@pytest.mark.parametrize("shape", [(2048, 5632), (1024, 8192), (4096, 14336)])
+def test_fused_neuron_major_pass_paper_shape(key, gated, shape):
   """neuron_major_pass_fused (whole rows, the per-entry math in the kernel) equals the sliced
   pass plus the XLA math (pallas_backend's neuron_major glue): dWd, and dU / dR by entry and at
-  the slots."""
+  the slots. The paper's shape and two wider or narrower d_model (train_backward="auto" runs the
+  fused pass up to ``FUSED_BACKWARD_MAX_D_MODEL``; 4096 checks it before that limit moves)."""
   from pallas_kernels import twell_wgrad
   from sparse_jax.ops import pallas_backend
   k1, k2, k3 = jax.random.split(key, 3)
-  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution="skewed")
+  d_model, d_ff = shape
+  p = make_ffn_problem(k1, 4096, d_model, d_ff, active_per_token=28, distribution="skewed")
   g = jnp.maximum(jnp.dot(p.x, p.w_gate.T, preferred_element_type=jnp.float32), 0)
   tw = twell.encode(g.astype(jnp.bfloat16), capacity=32)
   r = jax.random.normal(k2, tw.values_MxTxC.shape, jnp.float32) if gated else None
