@@ -212,6 +212,8 @@ def run_job(spec: dict) -> dict:
       t0 = time.perf_counter()
       model, cfg, calibration = _build(spec, variant, level)
       rec["build_calibrate_s"] = time.perf_counter() - t0
+      # every setting the step ran with, defaults included (they change between versions)
+      rec["resolved_config"] = {k: v for k, v in cfg.to_dict().items() if k in ("model", "train")}
       m = cfg.model
       rec.update(d_ff=m.d_ff, n_layers=m.n_layers, params=param_count(m),
                  model=dict(ffn=m.ffn, ffn_impl=m.ffn_impl, compute_dtype=m.compute_dtype,

@@ -45,6 +45,13 @@ def test_quick_mode_writes_rows(tmp_path):
     # both compute the same function.
     assert r["dense_baseline"] == "relu_dense_bf16" and r["final_loss_rel_diff"] < 1e-2
     assert r["overrides"] == overrides
+    # every setting each model ran with, defaults included
+    sparse_cfg, dense_cfg = r["resolved_config_sparse"], r["resolved_config_dense"]
+    assert sparse_cfg["train"]["dispatch"] == "auto_host" and sparse_cfg["train"]["hot_cold"]
+    assert sparse_cfg["model"]["sparse"]["train_backward"] == "auto"
+    assert (sparse_cfg["model"]["ffn"], dense_cfg["model"]["ffn"]) == ("relu_sparse",
+                                                                      "relu_dense_bf16")
+    assert dense_cfg["train"]["loss_chunk"] == sparse_cfg["train"]["loss_chunk"]
     if r["mode"] == "train":
       assert r["dispatch_hot_cold"] is True and len(r["dispatch_settling"]) == 2
       assert re.fullmatch(r"([SD]\d*){2}", r["dispatch_pattern"]), r["dispatch_pattern"]

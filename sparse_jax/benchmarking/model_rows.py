@@ -115,7 +115,8 @@ def _variant_fields(lv: dict, v: str) -> dict:
          f"peak_bytes_in_use_{v}": lv.get("peak_bytes_in_use"),
          f"compile_s_{v}": lv.get("compile_s"),
          f"build_calibrate_s_{v}": lv.get("build_calibrate_s"),
-         f"sparsity_measured_walk_{v}": lv.get("sparsity_measured_walk")}
+         f"sparsity_measured_walk_{v}": lv.get("sparsity_measured_walk"),
+         f"resolved_config_{v}": lv.get("resolved_config")}
   if "final_loss" in lv:
     out[f"final_loss_{v}"] = lv["final_loss"]
   if v == "dense":
