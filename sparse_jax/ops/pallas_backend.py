@@ -18,7 +18,8 @@ slot. Residuals are x, the weights, TwELL(P), R and the neuron-sorted entry list
 gradients (``twell_wgrad.entry_lists``): no dense M x d_ff activation is kept. The backward
 (``sparse_backward``, in the order of ``SparseFFNConfig.train_backward``) by default runs a pass
 over the entries sorted by neuron (``twell_wgrad.neuron_major_pass``: a = dOut_i . Wd[j] and
-dWd = T^T dOut), forms each entry's dU, dR, then dx by token (``twell_backward.dx_kernel``) and
+dWd = T^T dOut), forms each entry's dU, dR (in the pass itself up to d_model 2048:
+``neuron_major_pass_fused``, "auto"), then dx by token (``twell_backward.dx_kernel``) and
 dWg = dU^T X, dWu = dR^T X by neuron (``twell_wgrad``); "token_major" forms a, dU, dR and dx in
 one per-token kernel (``twell_backward.backward_kernel``) and all three weight gradients after.
 Rows with an overflowed TwELL tile are skipped by the kernels' sparse backward and computed
