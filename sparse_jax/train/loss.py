@@ -60,7 +60,7 @@ def head_cross_entropy(x_BxLxD: jax.Array, head_VxD: jax.Array, targets_BxL: jax
 
 def _chunks(a, chunk):
   """[B, L, ...] -> [ceil(L / chunk), B, chunk, ...] (the scan's leading axis); a sequence that
-  ``chunk`` does not divide is padded with zeros (``_valid`` masks those positions out)."""
+  ``chunk`` does not divide is padded with zeros (``_scan_inputs``'s mask drops them)."""
   b, seq = a.shape[:2]
   pad = (-seq) % chunk
   if pad:
@@ -68,10 +68,11 @@ def _chunks(a, chunk):
   return jnp.swapaxes(a.reshape(b, (seq + pad) // chunk, chunk, *a.shape[2:]), 0, 1)
 
 
-def _valid(targets_BxL, chunk):
-  """[n_chunks, 1, chunk] f32: 1 on the sequence's positions, 0 on a last chunk's padding."""
-  seq = targets_BxL.shape[1]
-  return _chunks(jnp.ones((1, seq), F32), chunk)
+def _scan_inputs(x_BxLxD, targets_BxL, chunk):
+  """The scan's per-chunk (hidden states, targets, valid [1, chunk] f32: 1 on the sequence's
+  positions, 0 on a last chunk's padding)."""
+  valid = _chunks(jnp.ones((1, targets_BxL.shape[1]), F32), chunk)
+  return _chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk), valid
 
 
 def _chunk_loss(x_BxCxD, w_VxD, t_BxC, valid_1xC):
@@ -90,9 +91,7 @@ def _chunked_ce(x_BxLxD, head_VxD, targets_BxL, chunk, dtype):
     x_c, t_c, v_c = xtv
     return total + _chunk_loss(x_c.astype(dtype), w, t_c, v_c)[0], None
 
-  total, _ = jax.lax.scan(body, jnp.zeros((), F32),
-                          (_chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk),
-                           _valid(targets_BxL, chunk)))
+  total, _ = jax.lax.scan(body, jnp.zeros((), F32), _scan_inputs(x_BxLxD, targets_BxL, chunk))
   return total / targets_BxL.size
 
 
@@ -113,7 +112,7 @@ def _chunked_ce_fwd(x_BxLxD, head_VxD, targets_BxL, chunk, dtype):
 
   (total, dw_VxD), dx = jax.lax.scan(
       body, (jnp.zeros((), F32), jnp.zeros(head_VxD.shape, F32)),
-      (_chunks(x_BxLxD, chunk), _chunks(targets_BxL, chunk), _valid(targets_BxL, chunk)))
+      _scan_inputs(x_BxLxD, targets_BxL, chunk))
   b, seq, d = x_BxLxD.shape
   dx_BxLxD = jnp.swapaxes(dx, 0, 1).reshape(b, -1, d)[:, :seq]
   return total * inv_n, (dx_BxLxD, dw_VxD.astype(head_VxD.dtype))
