@@ -9,7 +9,9 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -121,13 +123,47 @@ def _cfg(*overrides):
       *overrides]))[0]
 
 
+# A gate pre-activation (or, on an active neuron, an up projection) closer to zero than this can
+# change sign between two reduction orders of the same f32 sums (their differences are ~1e-7).
+TIE_MARGIN = 2e-6
+
+
+def _gate_margin(graphdef, params, tokens) -> float:
+  """The smallest |gate pre-activation| of any layer on ``tokens`` [..., L + 1], and |up
+  projection| where the gate is on (the L1 term's sign(h)): how far the batch is from a ReLU or
+  sign tie."""
+  model = nnx.merge(graphdef, params)
+  _, inter = nnx.capture(model, nnx.Intermediate, method_outputs=nnx.Intermediate)(
+      jnp.asarray(tokens[..., :-1]).reshape(-1, tokens.shape[-1] - 1), logits=False)
+  margin = np.inf
+  for i, block in enumerate(model.blocks):
+    x = np.asarray(inter["blocks"][i]["ffn_norm"]["__call__"][0], np.float64)
+    gate = x @ np.asarray(block.ffn.w_gate_FxD.value, np.float64).T
+    up = x @ np.asarray(block.ffn.w_up_FxD.value, np.float64).T
+    margin = min(margin, np.abs(gate).min(), np.abs(up[gate > 0]).min())
+  return float(margin)
+
+
 @pytest.fixture(scope="module")
 def f32_reference():
   """A float32 model whose sparse FFN takes the sparse path (an ELL as wide as d_ff never
-  overflows), a random batch, and one device's accumulated gradients with and without L1."""
+  overflows), a random batch, and one device's accumulated gradients with and without L1.
+
+  The batch is redrawn until no gate pre-activation lies within TIE_MARGIN of zero: a ReLU that
+  flips between the sharded and the one-device reduction order changes a whole gate-weight row of
+  the gradient, and everything upstream of it (seen: 8.9e-3 relative, seed 14085818), which is
+  not a sharding error."""
   cfg = _cfg("model.compute_dtype=float32", "model.sparse_ell_width=352")
-  batch = np.random.default_rng(fresh_seed()).integers(0, 259, (2, 8, 33), dtype=np.int32)
   graphdef, state = init_state(cfg)
+  rng = np.random.default_rng(fresh_seed())
+  for _ in range(30):
+    batch = rng.integers(0, 259, (2, 8, 33), dtype=np.int32)
+    margin = _gate_margin(graphdef, state.params, batch)
+    if margin > TIE_MARGIN:
+      break
+    print(f"batch redrawn: a gate or up pre-activation within {margin:.1e} of zero")
+  else:
+    raise AssertionError("30 batches in a row came within TIE_MARGIN of a ReLU tie")
   accumulate = jax.jit(_accumulate, static_argnames=("graphdef", "cfg"))
   ref = {coeff: jax.device_get(accumulate(state.params, graphdef, batch, coeff, cfg))
          for coeff in (0.0, L1_COEFF)}
@@ -139,10 +175,8 @@ def test_sharded_gradients_match_one_device(f32_reference, spec):
   """Loss, L1, statistics and gradients of a sharded step equal one device's to f32 rounding,
   with the L1 term's gradient (through the per-device op and the pmean) included.
 
-  Typical agreement is ~1e-6 relative. The tolerances leave room for what reduction order can do
-  besides: a gate pre-activation or an h within ~1e-7 of zero lands on the other side of the ReLU
-  or of sign(h) (the L1 gradient) on one layout (seen for ~1 batch in 50 at 1e-4 to 2e-3 of a
-  leaf's norm); a wrong reduction or L1 scaling is off by O(1)."""
+  Typical agreement is ~1e-6 relative (the batch keeps clear of ReLU and sign(h) ties: see
+  ``f32_reference``); a wrong reduction or L1 scaling is off by O(1)."""
   cfg, batch, state, accumulate, ref = f32_reference
   mesh = parallel.make_mesh(spec)
   graphdef, sharded = init_state(cfg, mesh)
@@ -161,7 +195,7 @@ def test_sharded_gradients_match_one_device(f32_reference, spec):
     errors = {name: rel_err(g, g1) for name, (g, g1) in _named_pairs(grads, grads_1)}
     print(f"  gradients: largest relative error {max(errors.values()):.1e} "
           f"({max(errors, key=errors.get)}), median {np.median(list(errors.values())):.1e}")
-    assert max(errors.values()) < 5e-3, errors
+    assert max(errors.values()) < 1e-4, errors
   # The L1 term's own gradient (what the penalty adds to the gate and up weights, through the
   # per-device op and the pmean) agrees too, and is not negligible.
   sharded_l1 = flatten_state(jax.device_get(
@@ -174,7 +208,7 @@ def test_sharded_gradients_match_one_device(f32_reference, spec):
       print(f"{name}: |L1 grad| / |CE grad| = {np.linalg.norm(d_ref) / np.linalg.norm(g0):.3f}, "
             f"sharded vs one device {rel_err(d_sharded, d_ref):.2e}")
       assert np.linalg.norm(d_ref) > 0.1 * np.linalg.norm(g0), name
-      assert rel_err(d_sharded, d_ref) < 1e-2, name
+      assert rel_err(d_sharded, d_ref) < 1e-4, name
 
 
 def test_sharded_remat_keeping_sparse_residuals_matches_one_device(f32_reference):
@@ -191,7 +225,7 @@ def test_sharded_remat_keeping_sparse_residuals_matches_one_device(f32_reference
   grads_1, loss_1, ce_1, l1_1, _ = ref[L1_COEFF]
   np.testing.assert_allclose([loss, ce, l1], [loss_1, ce_1, l1_1], rtol=1e-5)
   errors = {name: rel_err(g, g1) for name, (g, g1) in _named_pairs(grads, grads_1)}
-  assert max(errors.values()) < 5e-3, errors
+  assert max(errors.values()) < 1e-4, errors
 
 
 def _named_pairs(a, b):
