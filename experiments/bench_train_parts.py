@@ -8,7 +8,9 @@ weight-gradient kernel, partial-row reduction): the token-major backward. ``neur
 whole neuron-major backward (``pallas_backend.sparse_backward``: the pass by neuron, the per-entry
 glue and slot scatter, dx_kernel, the x-only weight-gradient pass), with its per-kernel breakdown
 (``neuron_major_kernels``); ``token_major`` and ``neuron_major_fused`` are the same function in
-the other orders, for the side-by-side sums. The whole step (``step_*``) runs ``SparseFFNConfig``'s default order.
+the other orders, for the side-by-side sums; ``fused_piece<P>`` the fused order with task pieces
+of P entries for its pass (``--fused-pieces``). The whole step (``step_*``) runs
+``SparseFFNConfig``'s default order.
 
     PYTHONPATH=$PWD python3 experiments/bench_train_parts.py --out experiments/results/train_parts.json
 """
@@ -31,7 +33,7 @@ F32 = jnp.float32
 
 
 def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
-           wgrad_cfg=twell_wgrad.DEFAULT_CONFIG):
+           wgrad_cfg=twell_wgrad.DEFAULT_CONFIG, fused_pieces=()):
   m = p.x.shape[0]
   n_pad = p.w_gate.shape[0]
   e_cap = pallas_backend.entry_capacity(ops.SparseFFNConfig(), m, n_pad, cfg_capacity)
@@ -58,11 +60,12 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
     return twell_wgrad.sparse_weight_gradients(lists, coefs, x, dy, n_x=2,
                                                out_dtype=jnp.bfloat16, config=wgrad_cfg)
 
-  def backward_fn(order):
+  def backward_fn(order, fused_cfg=None):
     @jax.jit
     def run(x, dy, wg, wu, wd, tw, r, lists):
       return pallas_backend.sparse_backward(order, x, dy, wg, wu, wd, tw, r, lists,
-                                            jnp.float32(1e-6), jnp.bfloat16, bwd_config=bwd_cfg)
+                                            jnp.float32(1e-6), jnp.bfloat16, bwd_config=bwd_cfg,
+                                            fused_config=fused_cfg)
     return run
 
   @jax.jit
@@ -89,6 +92,14 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   for order in ("token_major", "neuron_major", "neuron_major_fused"):
     out[order] = benchmarking.cupti_ms(backward_fn(order), *bargs)[0]
   out["neuron_major_kernels"] = benchmarking.cupti_breakdown(backward_fn("neuron_major"), *bargs)
+  # The fused order with other task pieces for its pass (whole-row tickets: see
+  # twell_wgrad.FUSED_PASS_FINE_CONFIG), each with its per-kernel breakdown.
+  for piece, partial_rows in fused_pieces:
+    fcfg = dataclasses.replace(twell_wgrad.FUSED_PASS_CONFIG, piece=piece,
+                               partial_rows=partial_rows)
+    fn = backward_fn("neuron_major_fused", fcfg)
+    out[f"fused_piece{piece}"] = benchmarking.cupti_ms(fn, *bargs)[0]
+    out[f"fused_piece{piece}_kernels"] = benchmarking.cupti_breakdown(fn, *bargs)
   out["dense_fwd_bwd"] = benchmarking.cupti_ms(dense, *a, dy)[0]
   out["speedup"] = out["dense_fwd_bwd"] / out["sparse_total"]
   # The whole sparse step as jax.grad runs it (dispatch conds bypassed so CUPTI sees every kernel).
@@ -124,8 +135,20 @@ def main(argv=None):
   ap.add_argument("--warpgroups", type=int, default=twell_wgrad.DEFAULT_CONFIG.warpgroups)
   ap.add_argument("--bwd-steps", type=int, default=twell_backward.DEFAULT_CONFIG.entries_per_step,
                   help="entries per step of the per-token kernels (backward_kernel, dx_kernel)")
+  ap.add_argument("--fused-pieces", nargs="*", default=["512:512", "128:4096"],
+                  metavar="PIECE:PARTIAL_ROWS",
+                  help="time the fused order's backward with these task pieces for its pass "
+                       "(default: the default config's and FUSED_PASS_FINE_CONFIG's)")
   ap.add_argument("--out", default="experiments/results/train_parts.json")
   args = ap.parse_args(argv)
+  try:
+    fused_pieces = [tuple(int(v) for v in spec.split(":")) for spec in args.fused_pieces]
+    if (any(len(fp) != 2 or min(fp) <= 0 for fp in fused_pieces)
+        or len({fp[0] for fp in fused_pieces}) < len(fused_pieces)):
+      raise ValueError
+  except ValueError:
+    ap.error(f"--fused-pieces takes PIECE:PARTIAL_ROWS pairs of positive integers, "
+             f"got {args.fused_pieces} (one pair per piece)")
   if jax.devices()[0].platform != "gpu":
     raise SystemExit("bench_train_parts.py needs a GPU")
   header = benchmarking.run_header()
@@ -146,14 +169,20 @@ def main(argv=None):
                  bwd_cfg=dataclasses.replace(twell_backward.DEFAULT_CONFIG,
                                              entries_per_step=args.bwd_steps),
                  wgrad_cfg=dataclasses.replace(twell_wgrad.DEFAULT_CONFIG, unroll=args.unroll,
-                                               warpgroups=args.warpgroups))
+                                               warpgroups=args.warpgroups),
+                 fused_pieces=fused_pieces)
       rec = dict(M=args.m, distribution=dist, active_per_token=p.active_per_token(),
                  unroll=args.unroll, warpgroups=args.warpgroups, bwd_steps=args.bwd_steps,
                  timer="CUPTI median of 20", **r)
       records.append(rec)
       print(f"{dist:8} {rec['active_per_token']:5.1f} " +
             " ".join(f"{r[c]:12.3f}" for c in cols), flush=True)
+      if fused_pieces:
+        print("   fused order by pass piece: " + ", ".join(
+            f"piece {piece} ({rows} partial rows) {r[f'fused_piece{piece}']:.3f} ms"
+            for piece, rows in fused_pieces))
       for part in ("wgrad_kernels", "entry_lists_kernels", "neuron_major_kernels",
+                   *(f"fused_piece{piece}_kernels" for piece, _ in fused_pieces),
                    "step_kernels"):
         top = sorted(r[part], key=lambda nt: -nt[1])[:12 if part == "step_kernels" else 6]
         print(f"   {part} ({len(r[part])} kernels, {sum(t for _, t in r[part]):.3f} ms): "

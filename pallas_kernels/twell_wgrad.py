@@ -65,6 +65,17 @@ DEFAULT_CONFIG = WgradConfig()
 # registers as bf16), the dWd accumulator (64) and ``unroll`` dOut rows in flight (32 each), so
 # it keeps 2 in flight to stay clear of spills.
 FUSED_PASS_UNROLL = 2
+FUSED_PASS_CONFIG = WgradConfig(unroll=FUSED_PASS_UNROLL)
+# Its tickets are whole rows, so a task of ``piece`` entries is as much work as 4 tickets of the
+# sliced passes (512-column slices at d_model 2048). With their piece (512), the hot neurons of
+# skewed activity are tasks of 260-512 entries against ~435 entries per warp on average (460k
+# entries at ~28 active/token over 132 SMs x 8 warps), so the last tasks may run alone: on an H200
+# the fused order took 1.61 ms skewed vs 1.33 ms uniform, where the sliced order is flat (1.60 /
+# 1.57). The candidate below gives the fused pass the sliced passes' granularity (the pieces of
+# skewed and Zipf activity at ~28 need ~3.6k and ~2.7k partial rows; ``task_table`` doubles the
+# piece where they would not fit, so denser uniform activity stays unsplit). Unmeasured: the
+# default stays as measured until ``bench_train_parts.py --fused-pieces`` has timed both.
+FUSED_PASS_FINE_CONFIG = WgradConfig(piece=128, partial_rows=4096, unroll=FUSED_PASS_UNROLL)
 
 
 @jax.tree_util.register_dataclass
@@ -425,6 +436,10 @@ def weight_grads_kernel(x_MxD, dy_MxD, lists: EntryLists, coefs, tasks, wdot=Non
   n_pad = lists.seg_start.shape[0] - 1
   n_prod = n_x + n_dy
   dots, fused = wdot is not None, finish is not None
+  if tasks.shape[0] != n_pad + partial_rows:
+    raise ValueError(f"a task table of {tasks.shape[0]} rows for {n_pad} neurons and "
+                     f"{partial_rows} partial rows: build it with this config's piece and "
+                     f"partial_rows (task_table(..., partial_rows={partial_rows}))")
   if dots and wdot.shape != (n_pad, d):
     raise ValueError(f"wdot of shape {wdot.shape}, expected {(n_pad, d)} (padded neurons)")
   if fused:
@@ -539,8 +554,7 @@ def neuron_major_pass_fused(lists: EntryLists, values_MxTxC, r_MxTxC, coeff, dy_
   slot (other slots undefined), g_KxE [K, E] f32 the same by entry, 0 past ``n_entries``).
   K = 2 (gated, R given) or 1 (non-gated, ``r_MxTxC`` None: T = P). ``coeff``: the L1 cotangent
   over M d_ff. No XLA glue between the pass and ``twell_backward.dx_kernel``."""
-  cfg = config or dataclasses.replace(DEFAULT_CONFIG, unroll=FUSED_PASS_UNROLL)
-  cfg = dataclasses.replace(cfg, slice_width=dy_MxD.shape[1])
+  cfg = dataclasses.replace(config or FUSED_PASS_CONFIG, slice_width=dy_MxD.shape[1])
   if tasks is None:
     tasks = task_table(lists.seg_start, piece=cfg.piece, partial_rows=cfg.partial_rows)
   tasks, partial_neuron = tasks

@@ -4,7 +4,7 @@
 #   bash scripts/device_next.sh generation|train|decode|scan|lowering|unrolled|all
 # generation (~9.5 min): the Generator's defaults at batch 1 / 8 / 64 and 2048-token prompts (2b);
 #   generation05 (~3 min): the same for the 0.5b.
-# Next: session18 (session14-17b ran in the fifteenth session, 2026-12-03).
+# Next: session18, then session18b (session14-17b ran in the fifteenth session, 2026-12-03).
 # session16 (~12 min): the remat policy's 2b step and peak; the chunked cross-entropy alone
 #   (bench_loss) and its memory (1b, no remat).
 # session14 (~8 min): FIRST. GPU tests of the weight-gradient / neuron-major kernels as refactored
@@ -264,6 +264,15 @@ session18() {  # NEXT (~9.5 min): the fused pass (train_backward="auto", the def
       --shape 4096x14336 --dist uniform skewed --active 28 --train-backward neuron_major \
       --compare-backward neuron_major_fused --out "$OUT/bench_ffn_train_fused_4096_h200.json"
 }
+session18b() {  # (~5 min) after session18: the fused pass's task pieces (twell_wgrad.
+  # FUSED_PASS_FINE_CONFIG, sixteenth session, unmeasured): the fused order took 1.61 ms skewed vs
+  # 1.33 uniform with 512-entry pieces; predicted with 128: skewed ~1.35-1.40, uniform unchanged
+  # (+~0.01 ms: a larger partial-row array to reduce). session18's GPU tests check it first
+  # (test_fused_neuron_major_pass_paper_shape[...-True-...]).
+  run 300 train_parts_pieces python3 experiments/bench_train_parts.py --active 28 \
+      --dist uniform skewed zipf --fused-pieces 512:512 256:2048 128:4096 \
+      --out "$OUT/train_parts_fused_pieces_h200.json"
+}
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in
   decode) decode ;;
@@ -290,6 +299,7 @@ case "${1:-all}" in
   session17) session17 ;;
   session17b) session17b ;;
   session18) session18 ;;
+  session18b) session18b ;;
   session8) glue_check; train_host; generation05 ;;
   ffn_grid) ffn_grid ;;
   all) generation; generation05; train ;;

@@ -152,12 +152,15 @@ def test_neuron_major_pass_paper_shape(key, dist, slice_width):
 
 
 @pytest.mark.parametrize("gated", [True, False])
-@pytest.mark.parametrize("shape", [(2048, 5632), (1024, 8192), (4096, 14336)])
-def test_fused_neuron_major_pass_paper_shape(key, gated, shape):
+@pytest.mark.parametrize("shape,fine", [((2048, 5632), False), ((1024, 8192), False),
+                                        ((4096, 14336), False), ((2048, 5632), True)])
+def test_fused_neuron_major_pass_paper_shape(key, gated, shape, fine):
   """neuron_major_pass_fused (whole rows, the per-entry math in the kernel) equals the sliced
   pass plus the XLA math (pallas_backend's neuron_major glue): dWd, and dU / dR by entry and at
   the slots. The paper's shape and two wider or narrower d_model (train_backward="auto" runs the
-  fused pass up to ``FUSED_BACKWARD_MAX_D_MODEL``; 4096 checks it before that limit moves)."""
+  fused pass up to ``FUSED_BACKWARD_MAX_D_MODEL``; 4096 checks it before that limit moves);
+  ``fine``: the fused pass with its own task table of ``FUSED_PASS_FINE_CONFIG`` (128-entry
+  pieces: the skewed problem's hot neurons are split into partial rows)."""
   from pallas_kernels import twell_wgrad
   from sparse_jax.ops import pallas_backend
   k1, k2, k3 = jax.random.split(key, 3)
@@ -176,13 +179,16 @@ def test_fused_neuron_major_pass_paper_shape(key, gated, shape):
     wcfg = twell_wgrad.DEFAULT_CONFIG
     tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece,
                                    partial_rows=wcfg.partial_rows)
-    fused = twell_wgrad.neuron_major_pass_fused(lists, tw.values_MxTxC, r, coeff, dy, wd,
-                                                out_dtype=jnp.float32, tasks=tasks)
+    fused = twell_wgrad.neuron_major_pass_fused(
+        lists, tw.values_MxTxC, r, coeff, dy, wd, out_dtype=jnp.float32,
+        **(dict(config=twell_wgrad.FUSED_PASS_FINE_CONFIG) if fine else dict(tasks=tasks)))
     glue = pallas_backend._neuron_major_glue(lists, tw, r, coeff, dy, wd, jnp.float32, tasks)
     return fused, glue, lists
 
   (dwd, g_f, ge_f), (g_s, ge_s, dwd_s), lists = run(tw, r, dy, p.w_down)
   n = int(lists.n_entries)
+  if fine:  # split neurons exercised
+    assert int(jnp.max(jnp.diff(lists.seg_start))) > twell_wgrad.FUSED_PASS_FINE_CONFIG.piece
   assert rel_err(dwd, dwd_s) < 1e-5
   assert rel_err(ge_f[:, :n], ge_s[:, :n]) < 1e-5
   slots = lists.slots[:n]

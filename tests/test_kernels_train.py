@@ -1,6 +1,8 @@
 """Training kernels on the CPU: the backward kernel in GPU interpret mode against the per-entry
 math, the whole Pallas training path against jax.grad of the dense float32 FFN (overflowed rows
 included), and cross-lowering of the real GPU path."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,14 +277,19 @@ def test_backward_orders_agree(pallas_interpret, key, gated):
       else None
   lists = twell_wgrad.entry_lists(tw, jnp.ones((256,), bool), 256 * 64)
   wg = p.w_gate if gated else p.w_up
-  run = lambda order, cfg=None: pallas_backend.sparse_backward(
+  run = lambda order, cfg=None, fused=None: pallas_backend.sparse_backward(
       order, p.x, dy, wg, wu, p.w_down, tw, r, lists, jnp.float32(0.05), jnp.float32,
-      bwd_config=cfg)
+      bwd_config=cfg, fused_config=fused)
   dx_t, dw_t = run("token_major")
   two = twell_backward.BackwardConfig(entries_per_step=2)
-  for order, cfg in (("neuron_major", None), ("neuron_major_fused", None), ("neuron_major", two),
-                     ("auto", None)):
-    dx_n, dw_n = run(order, cfg)
+  # The fused pass with its own task table: small pieces (hot neurons split into partial rows).
+  fine = dataclasses.replace(twell_wgrad.FUSED_PASS_FINE_CONFIG, piece=8)
+  if gated:  # (non-gated, the up projection as gate: every row overflows, no entries)
+    assert int(jnp.max(jnp.diff(lists.seg_start))) > 4 * fine.piece
+  for order, cfg, fused in (("neuron_major", None, None), ("neuron_major_fused", None, None),
+                            ("neuron_major", two, None), ("auto", None, None),
+                            ("neuron_major_fused", None, fine)):
+    dx_n, dw_n = run(order, cfg, fused)
     assert len(dw_t) == len(dw_n) == (3 if gated else 2)
     assert rel_err(dx_n, dx_t) < 4e-3, order
     for a, b in zip(dw_n, dw_t):

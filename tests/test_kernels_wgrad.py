@@ -244,6 +244,10 @@ def test_fused_neuron_major_pass_interpret_matches_entry_math(pallas_interpret, 
     np.testing.assert_allclose(np.asarray(g_ke)[k, :total], w, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(np.asarray(g)[..., k].reshape(-1)[slots], w, rtol=1e-5, atol=1e-4)
   assert np.all(np.asarray(g_ke)[:, total:] == 0)
+  with pytest.raises(ValueError, match="task table of .* rows for .* neurons and 4096 partial"):
+    twell_wgrad.neuron_major_pass_fused(  # a table built for another config's partial rows
+        lists, tw.values_MxTxC, r, coeff, dy, wd, out_dtype=jnp.float32,
+        config=twell_wgrad.FUSED_PASS_FINE_CONFIG, tasks=twell_wgrad.task_table(lists.seg_start))
   dy2, wd2 = jnp.concatenate([dy, dy], 1), jnp.concatenate([wd, wd], 1)  # d_model 512
   with pytest.raises(ValueError, match="whole d_model"):
     twell_wgrad.weight_grads_kernel(dy2, dy2, lists, None,

@@ -333,12 +333,14 @@ def _flagged_active_counts(x_MxD, w_gate, flagged, n_flagged, budget, chunk=ROW_
 
 
 def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, coeff, w_dtype,
-                    bwd_config: twell_backward.BackwardConfig | None = None):
+                    bwd_config: twell_backward.BackwardConfig | None = None,
+                    fused_config: twell_wgrad.WgradConfig | None = None):
   """(dx [M_pad, D] in x's dtype, [dWg, dWu, dWd] (non-gated [dWu, dWd]) [N_pad, D] in
   ``w_dtype``) of the sparse backward on the rows without an overflowed tile, in the order of
   ``SparseFFNConfig.train_backward``. Inputs padded (rows of x and dOut, neurons of the
   weights); ``lists``: the forward's entry lists; ``coeff``: the L1 cotangent over M d_ff;
-  ``bwd_config``: the per-token kernel's (``backward_kernel`` or ``dx_kernel``)."""
+  ``bwd_config``: the per-token kernel's (``backward_kernel`` or ``dx_kernel``);
+  ``fused_config``: the fused neuron-major pass's (default ``twell_wgrad.FUSED_PASS_CONFIG``)."""
   gated = wu is not None
   order = resolve_train_backward(order, xp.shape[1])
   if order == "token_major":
@@ -356,8 +358,10 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
   wcfg = twell_wgrad.DEFAULT_CONFIG
   tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece, partial_rows=wcfg.partial_rows)
   if order == "neuron_major_fused":  # the per-entry math inside the pass (whole-row dots)
+    # Its own task table: whole-row tickets want smaller pieces (FUSED_PASS_CONFIG).
     dwd, g_slots, g_KxE = twell_wgrad.neuron_major_pass_fused(
-        lists, tw.values_MxTxC, r, coeff, dyp, wd, out_dtype=w_dtype, tasks=tasks)
+        lists, tw.values_MxTxC, r, coeff, dyp, wd, out_dtype=w_dtype,
+        config=fused_config or twell_wgrad.FUSED_PASS_CONFIG)
   else:
     g_slots, g_KxE, dwd = _neuron_major_glue(lists, tw, r, coeff, dyp, wd, w_dtype, tasks)
   dx = twell_backward.dx_kernel(wg, wu, tw, g_slots, out_dtype=xp.dtype, config=bwd_config)
