@@ -9,7 +9,9 @@ whole neuron-major backward (``pallas_backend.sparse_backward``: the pass by neu
 glue and slot scatter, dx_kernel, the x-only weight-gradient pass), with its per-kernel breakdown
 (``neuron_major_kernels``); ``token_major`` and ``neuron_major_fused`` are the same function in
 the other orders, for the side-by-side sums; ``fused_piece<P>`` the fused order with task pieces
-of P entries for its pass (``--fused-pieces``). The whole step (``step_*``) runs
+of P entries for its pass (``--fused-pieces``); ``forward_balanced`` / ``backward_auto_balanced``
+the forward and the default order's backward with work-balanced CTA token ranges
+(``FusedConfig`` / ``BackwardConfig.balanced``) next to ``forward`` / ``backward_auto``. The whole step (``step_*``) runs
 ``SparseFFNConfig``'s default order.
 
     PYTHONPATH=$PWD python3 experiments/bench_train_parts.py --out experiments/results/train_parts.json
@@ -38,11 +40,15 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   n_pad = p.w_gate.shape[0]
   e_cap = pallas_backend.entry_capacity(ops.SparseFFNConfig(), m, n_pad, cfg_capacity)
 
-  @jax.jit
-  def fwd(x, wg, wu, wd):
-    tw = twell_gate.gate_twell(x, wg, capacity=cfg_capacity)
-    y, l1, r = twell_ffn.fused_up_down(x, wg, wu, wd, tw, return_r=True)
-    return y, l1, r, tw
+  def fwd_fn(fused_cfg=None):
+    @jax.jit
+    def fwd(x, wg, wu, wd):
+      tw = twell_gate.gate_twell(x, wg, capacity=cfg_capacity)
+      y, l1, r = twell_ffn.fused_up_down(x, wg, wu, wd, tw, return_r=True, config=fused_cfg)
+      return y, l1, r, tw
+    return fwd
+
+  fwd = fwd_fn()
 
   @jax.jit
   def lists_fn(tw):
@@ -60,12 +66,12 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
     return twell_wgrad.sparse_weight_gradients(lists, coefs, x, dy, n_x=2,
                                                out_dtype=jnp.bfloat16, config=wgrad_cfg)
 
-  def backward_fn(order, fused_cfg=None):
+  def backward_fn(order, fused_cfg=None, token_cfg=bwd_cfg):
     @jax.jit
     def run(x, dy, wg, wu, wd, tw, r, lists):
       return pallas_backend.sparse_backward(order, x, dy, wg, wu, wd, tw, r, lists,
-                                            jnp.float32(1e-6), jnp.bfloat16, bwd_config=bwd_cfg,
-                                            fused_config=fused_cfg)
+                                            jnp.float32(1e-6), jnp.bfloat16,
+                                            bwd_config=token_cfg, fused_config=fused_cfg)
     return run
 
   @jax.jit
@@ -92,6 +98,14 @@ def stages(p, dy, cfg_capacity=32, bwd_cfg=twell_backward.DEFAULT_CONFIG,
   for order in ("token_major", "neuron_major", "neuron_major_fused"):
     out[order] = benchmarking.cupti_ms(backward_fn(order), *bargs)[0]
   out["neuron_major_kernels"] = benchmarking.cupti_breakdown(backward_fn("neuron_major"), *bargs)
+  # The warp-per-token kernels with work-balanced CTA ranges (FusedConfig / BackwardConfig
+  # .balanced: common.token_bounds), the forward and the default order's backward.
+  out["forward_balanced"] = benchmarking.cupti_ms(
+      fwd_fn(dataclasses.replace(twell_ffn.DEFAULT_CONFIG, balanced=True)), *a)[0]
+  balanced_bwd = backward_fn("auto", token_cfg=dataclasses.replace(bwd_cfg, balanced=True))
+  out["backward_auto"] = benchmarking.cupti_ms(backward_fn("auto"), *bargs)[0]
+  out["backward_auto_balanced"] = benchmarking.cupti_ms(balanced_bwd, *bargs)[0]
+  out["backward_auto_balanced_kernels"] = benchmarking.cupti_breakdown(balanced_bwd, *bargs)
   # The fused order with other task pieces for its pass (whole-row tickets: see
   # twell_wgrad.FUSED_PASS_FINE_CONFIG), each with its per-kernel breakdown.
   for piece, partial_rows in fused_pieces:
@@ -177,12 +191,15 @@ def main(argv=None):
       records.append(rec)
       print(f"{dist:8} {rec['active_per_token']:5.1f} " +
             " ".join(f"{r[c]:12.3f}" for c in cols), flush=True)
+      print(f"   balanced CTA ranges: forward {r['forward']:.3f} -> {r['forward_balanced']:.3f} "
+            f"ms, backward (auto) {r['backward_auto']:.3f} -> {r['backward_auto_balanced']:.3f} ms")
       if fused_pieces:
         print("   fused order by pass piece: " + ", ".join(
             f"piece {piece} ({rows} partial rows) {r[f'fused_piece{piece}']:.3f} ms"
             for piece, rows in fused_pieces))
       for part in ("wgrad_kernels", "entry_lists_kernels", "neuron_major_kernels",
                    *(f"fused_piece{piece}_kernels" for piece, _ in fused_pieces),
+                   "backward_auto_balanced_kernels",
                    "step_kernels"):
         top = sorted(r[part], key=lambda nt: -nt[1])[:12 if part == "step_kernels" else 6]
         print(f"   {part} ({len(r[part])} kernels, {sum(t for _, t in r[part]):.3f} ms): "

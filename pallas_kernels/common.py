@@ -131,6 +131,48 @@ def round_bf16(x: jax.Array) -> jax.Array:
   return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
 
 
+# --------------------------------------------------------------------------- CTA work ranges
+
+
+def balanced_bounds(work: jax.Array, n_parts: int) -> jax.Array:
+  """[n_parts + 1] int32 bounds cutting the N items of ``work`` ([N], each item's cost, >= 0) into
+  contiguous ranges [b_k, b_k+1) of about equal cost: b_0 = 0, b_n = N, non-decreasing. A
+  persistent kernel's CTA k takes the items of range k (equal item counts leave the CTA that drew
+  the busiest items working alone at the end)."""
+  n = work.shape[0]
+  cum = jnp.cumsum(work.astype(jnp.int32))
+  goal = jnp.arange(n_parts + 1, dtype=jnp.int32).astype(jnp.float32) * (
+      cum[-1].astype(jnp.float32) / n_parts)
+  # n_parts + 1 queries: one fused comparison instead of the default searchsorted's loop.
+  b = jnp.searchsorted(cum.astype(jnp.float32), goal, side="left",
+                       method="compare_all").astype(jnp.int32)
+  return b.at[0].set(0).at[-1].set(n)
+
+
+# A token's fixed cost in the warp-per-token kernels (entry list, its own rows in and out), in
+# entries; an overflowed TwELL tile's exact recomputation in the fused forward (its 256 gate rows
+# read and dotted, where an entry reads two rows), in entries.
+TOKEN_COST = 2
+OVERFLOW_TILE_COST = 128
+
+
+def token_bounds(counts_MxT: jax.Array, capacity: int, n_parts: int, *,
+                 overflowed_rows_skipped: bool) -> jax.Array:
+  """``balanced_bounds`` of the tokens of a TwELL pattern (``counts_MxT``: entries per row and
+  tile, above ``capacity`` where the tile overflowed) for a warp-per-token kernel: each token
+  costs ``TOKEN_COST`` plus its entries; a row with an overflowed tile costs only its fixed cost
+  where the kernel skips it (``overflowed_rows_skipped``: the backward kernels, whose rows the
+  dense row path owns), else each overflowed tile adds ``OVERFLOW_TILE_COST`` (the fused forward
+  recomputes it)."""
+  counts = counts_MxT.astype(jnp.int32)
+  over = counts > capacity
+  if overflowed_rows_skipped:
+    work = jnp.where(jnp.any(over, axis=1), 0, jnp.sum(counts, axis=1))
+  else:
+    work = jnp.sum(counts + jnp.where(over, OVERFLOW_TILE_COST, 0), axis=1)
+  return balanced_bounds(work + TOKEN_COST, n_parts)
+
+
 def check_row_span(d_model: int, kernel: str) -> None:
   """The per-warp kernels cover a row in passes of ``WARP_ROW_SPAN`` columns."""
   if d_model % WARP_ROW_SPAN:

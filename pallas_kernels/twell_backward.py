@@ -41,9 +41,13 @@ F32 = jnp.float32
 class BackwardConfig:
   """warpgroups: per CTA (one CTA per SM, persistent); entries_per_step: active entries whose Wd
   rows are loaded before the first reduction (more is more bytes in flight, more registers);
-  interpret_ctas: the grid of the interpretable path (tokens are split over its warpgroups)."""
+  balanced: each CTA's range of tokens holds about equal work (``common.token_bounds``, a few
+  XLA ops on the TwELL counts) instead of an equal token count; interpret_ctas: the grid of the
+  interpretable path (tokens are split over its warpgroups; ``balanced`` changes only the GPU
+  path's schedule, never the sums)."""
   warpgroups: int = 2
   entries_per_step: int = 4  # 2: 3-6% slower (H200, NOTES_train.md 2026-12-02 ninth session)
+  balanced: bool = False
   interpret_ctas: int = 2
 
 
@@ -52,7 +56,7 @@ DEFAULT_CONFIG = BackwardConfig()
 
 def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, r_ref,
                    coeff_ref, dx_ref, du_ref, dr_ref, ej_ref, ev_ref, es_ref, ctr_ref, *,
-                   entries_per_step: int, tile_width: int):
+                   entries_per_step: int, tile_width: int, bounds_ref=None):
   """Per-warp backward. Non-gated: ``wu_ref``/``r_ref``/``dr_ref`` are None and ``wg_ref`` holds
   the up weights (P is the hidden activation itself)."""
   from jax._src.lib.mlir import ir
@@ -111,7 +115,7 @@ def _backward_mgpu(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_
     w.store_row(dx_ref, t, list(_entries.results))
     mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
 
-  w.for_each_token(m, ctr_ref, process_token, dynamic=True)
+  w.for_each_token(m, ctr_ref, process_token, dynamic=True, bounds_ref=bounds_ref)
 
 
 def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, r_ref,
@@ -178,8 +182,10 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
   # dx in x's dtype: accumulated in f32 registers, rounded once on the store.
   out_type = (jax.ShapeDtypeStruct((m, d), x_MxD.dtype), slots) + ((slots,) if gated else ())
   grid, scratch, rows_per_wg = _token_grid(cfg, m, tw, interpret, "backward kernel")
+  balanced = cfg.balanced and not interpret
   names = ["x", "dy", "wg"] + (["wu"] if gated else []) + ["wd", "cnt", "idx", "val"] + (
-      ["r"] if gated else []) + ["coeff", "dx", "du"] + (["dr"] if gated else [])
+      ["r"] if gated else []) + ["coeff"] + (["bounds"] if balanced else []) + ["dx", "du"] + (
+      ["dr"] if gated else [])
 
   def body(*refs):
     named = dict(zip(names, refs))
@@ -187,14 +193,17 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
     order = ["x", "dy", "wg", "wu", "wd", "cnt", "idx", "val", "r", "coeff", "dx", "du", "dr"]
     present = [named.get(k) for k in order]
     if not interpret:
-      ref_args = [r for r in present + list(scr) if r is not None]
+      ref_args = [r for r in present + list(scr) if r is not None] + (
+          [named["bounds"]] if balanced else [])
 
       @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in ref_args))
       def _(ctx, *r):
         del ctx
+        bounds_r, r = (r[-1], r[:-1]) if balanced else (None, r)
         it = iter(r)
         args = [None if p is None else next(it) for p in present] + list(it)
-        _backward_mgpu(*args, entries_per_step=cfg.entries_per_step, tile_width=tw.tile)
+        _backward_mgpu(*args, entries_per_step=cfg.entries_per_step, tile_width=tw.tile,
+                       bounds_ref=bounds_r)
 
       _(*ref_args)
     else:
@@ -208,7 +217,9 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
       interpret=common.interpret_params())
   args = [x_MxD, dy_MxD, w_gate] + ([w_up] if gated else []) + [
       w_down, tw.counts_MxT, tw.indices_MxTxC, tw.values_MxTxC] + (
-      [r_MxTxC] if gated else []) + [jnp.reshape(coeff, (1,)).astype(F32)]
+      [r_MxTxC] if gated else []) + [jnp.reshape(coeff, (1,)).astype(F32)] + (
+      [common.token_bounds(tw.counts_MxT, tw.capacity, grid[0], overflowed_rows_skipped=True)]
+      if balanced else [])
   outs = f(*args)
   return outs[0], outs[1], (outs[2] if gated else None)
 
@@ -217,7 +228,7 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
 
 
 def _dx_mgpu(wg_ref, wu_ref, cnt_ref, idx_ref, val_ref, g_ref, dx_ref, ej_ref, ev_ref, es_ref,
-             ctr_ref, *, entries_per_step: int, tile_width: int):
+             ctr_ref, *, entries_per_step: int, tile_width: int, bounds_ref=None):
   """Per-warp dx_i = sum_j dR_ij Wu[j] + dU_ij Wg[j] with dU, dR read at the slots
   (``g_ref[i, tile, s, 0 / 1]``). Non-gated: ``wu_ref`` is None, ``wg_ref`` the up weights."""
   from jax._src.lib.mlir import ir
@@ -261,7 +272,7 @@ def _dx_mgpu(wg_ref, wu_ref, cnt_ref, idx_ref, val_ref, g_ref, dx_ref, ej_ref, e
     w.store_row(dx_ref, t, list(_entries.results))
     mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
 
-  w.for_each_token(m, ctr_ref, process_token, dynamic=True)
+  w.for_each_token(m, ctr_ref, process_token, dynamic=True, bounds_ref=bounds_ref)
 
 
 def _dx_jnp(wg_ref, wu_ref, cnt_ref, idx_ref, g_ref, dx_ref, *, rows, tile_width):
@@ -301,14 +312,19 @@ def dx_kernel(w_gate, w_up, tw: twell.TwELL, grads_MxTxCxK, *, out_dtype,
                      f"{tw.values_MxTxC.shape + (2 if gated else 1,)}")
   warpgroups = cfg.warpgroups
   grid, scratch, rows_per_wg = _token_grid(cfg, m, tw, interpret, "dx kernel")
+  balanced = cfg.balanced and not interpret
   ins = [w_gate] + ([w_up] if gated else []) + [tw.counts_MxT, tw.indices_MxTxC,
                                                  tw.values_MxTxC, grads_MxTxCxK]
+  if balanced:
+    ins.append(common.token_bounds(tw.counts_MxT, tw.capacity, grid[0],
+                                   overflowed_rows_skipped=True))
 
   def body(*refs):
     wg_ref = refs[0]
     wu_ref = refs[1] if gated else None
-    cnt_ref, idx_ref, val_ref, g_ref, dx_ref = refs[1 + gated:6 + gated]
-    scr = refs[6 + gated:]
+    n_in = 5 + gated + balanced
+    cnt_ref, idx_ref, val_ref, g_ref = refs[1 + gated:5 + gated]
+    dx_ref = refs[n_in]
     if interpret:
       wg = lax.axis_index("sm") * warpgroups + lax.axis_index("wg")
       _dx_jnp(wg_ref, wu_ref, cnt_ref, idx_ref, g_ref, dx_ref,
@@ -319,10 +335,12 @@ def dx_kernel(w_gate, w_up, tw: twell.TwELL, grads_MxTxCxK, *, out_dtype,
     @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in present))
     def _(ctx, *r):
       del ctx
-      it = iter(r)
-      wg_r = next(it)
-      wu_r = next(it) if gated else None
-      _dx_mgpu(wg_r, wu_r, *it, entries_per_step=cfg.entries_per_step, tile_width=tw.tile)
+      wg_r = r[0]
+      wu_r = r[1] if gated else None
+      cnt_r, idx_r, val_r, g_r = r[1 + gated:5 + gated]
+      bounds_r = r[5 + gated] if balanced else None
+      _dx_mgpu(wg_r, wu_r, cnt_r, idx_r, val_r, g_r, *r[n_in:],
+               entries_per_step=cfg.entries_per_step, tile_width=tw.tile, bounds_ref=bounds_r)
 
     _(*present)
 

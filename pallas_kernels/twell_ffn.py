@@ -50,13 +50,16 @@ class FusedConfig:
   are loaded before the first reduction; split_loads: load the Wd rows only after the dot products
   (fewer live registers) instead of with the Wu rows (more bytes in flight); dynamic: warps of a
   CTA take the CTA's tokens from a shared-memory counter (balances skewed per-token activity)
-  instead of a fixed stride; overflow_rows_per_step: gate rows an overflowed tile's exact
+  instead of a fixed stride; balanced (with dynamic): each CTA's range of tokens holds about
+  equal work (``common.token_bounds``: entries, overflowed tiles' recomputation) instead of an
+  equal token count; overflow_rows_per_step: gate rows an overflowed tile's exact
   recomputation loads at once (the TwELL tile must be a multiple of it). x stays packed in bf16
   registers (the tuned choice). interpret_ctas: the grid of the interpretable path."""
   warpgroups: int = 2
   entries_per_step: int = 4
   split_loads: bool = True
   dynamic: bool = True
+  balanced: bool = False
   overflow_rows_per_step: int = 4
   interpret_ctas: int = 2
 
@@ -67,7 +70,8 @@ DEFAULT_CONFIG = FusedConfig()
 
 
 def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, r_ref,
-                ej_ref, ev_ref, es_ref, ctr_ref, *, cfg: FusedConfig, tile_width: int):
+                ej_ref, ev_ref, es_ref, ctr_ref, *, cfg: FusedConfig, tile_width: int,
+                bounds_ref=None):
   """Per-warp CUDA-core code. ``wu_ref`` is None for the non-gated FFN (``wg_ref`` then holds the
   up weights: the gate of a non-gated FFN is its hidden activation). ``r_ref`` (training) receives
   the up projection r at every TwELL slot; None for inference."""
@@ -148,7 +152,7 @@ def _fused_mgpu(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_re
       memref.store(carry[nch], l1_ref, [w.idx(t)])
     mgpu.utils.warp_barrier()  # the entry list is rewritten by the next token
 
-  w.for_each_token(m, ctr_ref, process_token, cfg.dynamic)
+  w.for_each_token(m, ctr_ref, process_token, cfg.dynamic, bounds_ref=bounds_ref)
 
 
 def _fused_jnp(x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, r_ref,
@@ -233,18 +237,22 @@ def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
   if compute == "jnp" and m % blocks:
     raise NotImplementedError(f"the interpretable path needs M divisible by {blocks}")
   rows_per_wg = m // blocks
-  n_in = 6 + gated
+  balanced = cfg.balanced and compute == "mgpu"
+  if balanced and not cfg.dynamic:
+    raise ValueError("FusedConfig.balanced needs dynamic=True (token tickets within each CTA)")
+  n_in = 6 + gated + balanced
 
   def body(*refs):
     ins, outs, scr = refs[:n_in], refs[n_in:n_in + len(out_type)], refs[n_in + len(out_type):]
     x_ref, wg_ref = ins[:2]
     wu_ref = ins[2] if gated else None
-    wd_ref, cnt_ref, idx_ref, val_ref = ins[2 + gated:]
+    wd_ref, cnt_ref, idx_ref, val_ref = ins[2 + gated:6 + gated]
+    bounds_ref = ins[6 + gated] if balanced else None
     out_ref, l1_ref = outs[:2]
     r_ref = outs[2] if return_r else None
     if compute == "mgpu":
       present = [x_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_ref, out_ref, l1_ref, r_ref,
-                 *scr]
+                 *scr, bounds_ref]
       ref_args = [r for r in present if r is not None]
 
       @plgpu.inline_mgpu(arg_types=tuple(plgpu.RefType() for _ in ref_args))
@@ -252,7 +260,7 @@ def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
         del ctx
         it = iter(r)
         args = [None if p is None else next(it) for p in present]
-        _fused_mgpu(*args, cfg=cfg, tile_width=tw.tile)
+        _fused_mgpu(*args[:-1], cfg=cfg, tile_width=tw.tile, bounds_ref=args[-1])
 
       _(*ref_args)
     else:
@@ -267,4 +275,7 @@ def fused_up_down(x_MxD: jax.Array, w_gate: jax.Array, w_up: jax.Array | None,
       interpret=common.interpret_params())
   args = (x_MxD, w_gate) + ((w_up,) if gated else ()) + (w_down, tw.counts_MxT,
                                                          tw.indices_MxTxC, tw.values_MxTxC)
+  if balanced:
+    args += (common.token_bounds(tw.counts_MxT, tw.capacity, grid[0],
+                                 overflowed_rows_skipped=False),)
   return f(*args)

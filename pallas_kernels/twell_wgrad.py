@@ -209,11 +209,7 @@ def cta_bounds(tasks, n_ctas: int, task_overhead: int = DEFAULT_CONFIG.task_over
   cost per task), so skewed neuron activity does not leave CTAs idle."""
   work = tasks[:, 1] - tasks[:, 0] + jnp.where((tasks[:, 2] >= 0) | (tasks[:, 3] >= 0),
                                                task_overhead, 0)
-  cum = jnp.cumsum(work)
-  goal = (jnp.arange(n_ctas + 1, dtype=jnp.int32).astype(F32) * (cum[-1].astype(F32) / n_ctas))
-  # n_ctas + 1 queries: one fused comparison instead of the default searchsorted's loop.
-  b = jnp.searchsorted(cum.astype(F32), goal, side="left", method="compare_all").astype(jnp.int32)
-  return b.at[0].set(0).at[-1].set(tasks.shape[0])
+  return common.balanced_bounds(work, n_ctas)
 
 
 # --------------------------------------------------------------------------- kernel

@@ -176,11 +176,20 @@ class WarpKernel:
     return carry
 
   # ---- token scheduling
-  def for_each_token(self, m: int, ctr_ref, process, dynamic: bool):
+  def for_each_token(self, m: int, ctr_ref, process, dynamic: bool, bounds_ref=None):
     """Calls ``process(t)`` for tokens 0..m-1 across all warps of the grid: a fixed stride, or
     (dynamic) each CTA owns a contiguous range its warps take from an SMEM ticket counter, which
-    balances tokens of very different activity."""
+    balances tokens of very different activity within the CTA. The ranges are equal token counts,
+    or with ``bounds_ref`` (GMEM int32 [n_ctas + 1], ``common.token_bounds``: about equal work)
+    CTA k owns tokens bounds[k]..bounds[k + 1] - 1."""
     c = self.c
+    if bounds_ref is not None:
+      if not dynamic:
+        raise ValueError("bounds_ref needs dynamic token tickets")
+      lo = memref.load(bounds_ref, [self.idx(self.cta)])
+      hi = arith.maxsi(lo, memref.load(bounds_ref, [self.idx(arith.addi(self.cta, c(1)))]))
+      self.for_each_ticket(arith.subi(hi, lo), ctr_ref, lambda t: process(arith.addi(lo, t)))
+      return
     if not dynamic:
       gwarp = arith.addi(arith.muli(self.cta, self.n_warps), self.warp)
       loop = scf.ForOp(self.idx(gwarp), mgpu.c(m, self.index),

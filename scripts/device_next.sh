@@ -264,14 +264,21 @@ session18() {  # NEXT (~9.5 min): the fused pass (train_backward="auto", the def
       --shape 4096x14336 --dist uniform skewed --active 28 --train-backward neuron_major \
       --compare-backward neuron_major_fused --out "$OUT/bench_ffn_train_fused_4096_h200.json"
 }
-session18b() {  # (~5 min) after session18: the fused pass's task pieces (twell_wgrad.
-  # FUSED_PASS_FINE_CONFIG, sixteenth session, unmeasured): the fused order took 1.61 ms skewed vs
-  # 1.33 uniform with 512-entry pieces; predicted with 128: skewed ~1.35-1.40, uniform unchanged
-  # (+~0.01 ms: a larger partial-row array to reduce). session18's GPU tests check it first
-  # (test_fused_neuron_major_pass_paper_shape[...-True-...]).
+session18b() {  # (~5 min) after session18: two schedules of the sixteenth session (no device time
+  # then, both off by default until this run): (1) the fused pass's task pieces (twell_wgrad.
+  # FUSED_PASS_FINE_CONFIG): 1.61 ms skewed vs 1.33 uniform with 512-entry pieces; predicted with
+  # 128: skewed ~1.35-1.40, uniform unchanged (+~0.01 ms: more partial rows to reduce);
+  # (2) work-balanced CTA token ranges in the warp-per-token kernels (FusedConfig / BackwardConfig
+  # .balanced, common.token_bounds): with equal token counts the busiest CTA holds ~4.5% (uniform),
+  # ~7.5% (skewed), ~25% (heavy tail) more than the mean at ~28; predicted forward and backward
+  # (auto) -2..4% uniform / skewed, -10..20% heavy tail. session18's GPU tests cover (1)'s split
+  # pieces; (2)'s kernels run here first, so check backward_auto_balanced against backward_auto's
+  # gradients with tests/test_gpu_kernels.py -k balanced before timing.
+  run 150 gpu_tests_balanced python3 -m pytest -q -p no:cacheprovider tests/test_gpu_kernels.py \
+      -k "balanced"
   run 300 train_parts_pieces python3 experiments/bench_train_parts.py --active 28 \
-      --dist uniform skewed zipf --fused-pieces 512:512 256:2048 128:4096 \
-      --out "$OUT/train_parts_fused_pieces_h200.json"
+      --dist uniform skewed heavy_tail zipf --fused-pieces 512:512 256:2048 128:4096 \
+      --out "$OUT/train_parts_schedules_h200.json"
 }
 python3 -c "import jax; d = jax.devices()[0]; print(jax.__version__, d.device_kind)"
 case "${1:-all}" in

@@ -219,6 +219,43 @@ def test_dx_kernel_paper_shape(key, gated):
   assert float(jnp.abs(dx[~ok]).max(initial=0.0)) == 0.0
 
 
+@pytest.mark.parametrize("dist", ["heavy_tail", "uniform"])
+def test_balanced_token_ranges_change_no_bit(key, dist):
+  """Work-balanced CTA token ranges (FusedConfig / BackwardConfig.balanced) only change which
+  warp runs a token: the fused forward (y, L1 per row, R at the slots), the token-major backward
+  kernel (dx, dU, dR) and dx_kernel give bit-identical results, every token done exactly once
+  (heavy-tailed activity with overflowed rows: the forward recomputes them, the backward skips)."""
+  from pallas_kernels import twell_backward
+  k1, k2, k3 = jax.random.split(key, 3)
+  p = make_ffn_problem(k1, 4096, 2048, 5632, active_per_token=28, distribution=dist)
+  dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
+  tw = jax.jit(lambda x, w: twell_gate.gate_twell(x, w, capacity=32))(p.x, p.w_gate)
+  ok = np.asarray(~tw.row_overflow())
+  fwd = jax.jit(lambda cfg, *a: twell_ffn.fused_up_down(*a, return_r=True, config=cfg),
+                static_argnums=0)
+  plain = fwd(twell_ffn.FusedConfig(), p.x, p.w_gate, p.w_up, p.w_down, tw)
+  bal = fwd(twell_ffn.FusedConfig(balanced=True), p.x, p.w_gate, p.w_up, p.w_down, tw)
+  valid = np.asarray(tw.valid_mask()) & ok[:, None, None]
+  np.testing.assert_array_equal(np.asarray(bal[0]), np.asarray(plain[0]))
+  np.testing.assert_array_equal(np.asarray(bal[1]), np.asarray(plain[1]))
+  np.testing.assert_array_equal(np.asarray(bal[2])[valid], np.asarray(plain[2])[valid])
+  r = plain[2]
+  bwd = jax.jit(lambda cfg, *a: twell_backward.backward_kernel(*a, jnp.float32(0.01), config=cfg),
+                static_argnums=0)
+  args = (p.x, dy, p.w_gate, p.w_up, p.w_down, tw, r)
+  (dx0, du0, dr0), (dx1, du1, dr1) = (bwd(twell_backward.BackwardConfig(balanced=b), *args)
+                                      for b in (False, True))
+  np.testing.assert_array_equal(np.asarray(dx1), np.asarray(dx0))
+  for a0, a1 in ((du0, du1), (dr0, dr1)):
+    np.testing.assert_array_equal(np.asarray(a1)[valid], np.asarray(a0)[valid])
+  slots = jax.random.normal(k3, tw.values_MxTxC.shape + (2,), jnp.float32)
+  dxk = jax.jit(lambda cfg, *a: twell_backward.dx_kernel(*a, out_dtype=jnp.float32, config=cfg),
+                static_argnums=0)
+  np.testing.assert_array_equal(
+      np.asarray(dxk(twell_backward.BackwardConfig(balanced=True), p.w_gate, p.w_up, tw, slots)),
+      np.asarray(dxk(twell_backward.BackwardConfig(), p.w_gate, p.w_up, tw, slots)))
+
+
 def _tie_free_cotangent(key, p):
   """A random cotangent, zero on rows with a gate pre-activation at a ReLU tie (within the tensor
   cores' accumulation noise): there either side of the ReLU is right (synthetic.GATE_TIE_TOL)."""

@@ -238,6 +238,29 @@ def test_deferred_overflow_matches_cond_or_flags_the_call(pallas_interpret, key,
     assert max(errs) > 1e-2, errs  # the dense backward was needed and not taken
 
 
+@pytest.mark.parametrize("order", ["token_major", "neuron_major_fused"])
+def test_balanced_token_kernels_cross_lower(key, order):
+  """BackwardConfig(balanced=True): the per-token backward kernel (token_major) and dx_kernel
+  (neuron-major orders) take their CTAs' token ranges from ``common.token_bounds``."""
+  from pallas_kernels import twell_ffn, twell_gate, twell_wgrad
+  k1, k2 = jax.random.split(key)
+  p = make_ffn_problem(k1, 256, 512, 768, active_per_token=12, distribution="heavy_tail")
+  dy = jax.random.normal(k2, p.x.shape, jnp.bfloat16)
+  cfg = twell_backward.BackwardConfig(balanced=True)
+
+  def run(x, dy, wg, wu, wd):
+    tw = twell_gate.gate_twell(x, wg, capacity=16)
+    r = twell_ffn.fused_up_down(x, wg, wu, wd, tw, return_r=True,
+                                config=twell_ffn.FusedConfig(balanced=True))[2]
+    lists = twell_wgrad.entry_lists(tw, jnp.ones((x.shape[0],), bool), 256 * 32)
+    return pallas_backend.sparse_backward(order, x, dy, wg, wu, wd, tw, r, lists,
+                                          jnp.float32(0.01), jnp.bfloat16, bwd_config=cfg)
+
+  text = jax.jit(run).trace(p.x, dy, p.w_gate, p.w_up, p.w_down).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 4
+
+
 def test_deferred_overflow_training_call_holds_no_conditional(key):
   """Cross-lowered for the GPU, value and gradients (so no output is dead code): mode sparse
   with overflow_fallback="defer" has no conditional and no loop (the host never waits for the

@@ -82,13 +82,51 @@ def test_gate_kernel_cross_lowers(key, capacity):
   assert "mosaic_gpu" in f.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("gated", [True, False])
-def test_fused_kernel_cross_lowers(key, gated):
+@pytest.mark.parametrize("gated,balanced", [(True, False), (False, False), (True, True)])
+def test_fused_kernel_cross_lowers(key, gated, balanced):
+  """(balanced: the CTAs' token ranges from ``common.token_bounds``, an extra int32 input.)"""
   p = make_ffn_problem(key, 256, 512, 768, active_per_token=12)
   tw = twell.encode(_gate_ref(p.x, p.w_gate), capacity=32)
   wu = p.w_up if gated else None
-  f = jax.jit(lambda x, wg, wu, wd, tw: twell_ffn.fused_up_down(x, wg, wu, wd, tw))
-  assert "mosaic_gpu" in f.trace(p.x, p.w_gate, wu, p.w_down, tw).lower(lowering_platforms=("cuda",)).as_text()
+  cfg = twell_ffn.FusedConfig(balanced=balanced)
+  f = jax.jit(lambda x, wg, wu, wd, tw: twell_ffn.fused_up_down(x, wg, wu, wd, tw, config=cfg,
+                                                                return_r=gated))
+  text = f.trace(p.x, p.w_gate, wu, p.w_down, tw).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+  with pytest.raises(ValueError, match="balanced needs dynamic"):
+    twell_ffn.fused_up_down(p.x, p.w_gate, wu, p.w_down, tw,
+                            config=twell_ffn.FusedConfig(balanced=True, dynamic=False))
+
+
+@pytest.mark.parametrize("dist", ["uniform", "heavy_tail", "dense_starts"])
+def test_token_bounds_balance_the_ctas(key, dist):
+  """common.token_bounds: contiguous token ranges covering every token once, each CTA's work
+  within one token of the mean, where equal token counts leave the busiest CTA well above it on
+  heavy-tailed activity. Rows with an overflowed tile cost their recomputation in the forward
+  and nothing past the fixed cost in the backward kernels (which skip them)."""
+  m, n_ctas = 4096, 33
+  p = make_ffn_problem(key, m, 256, 1024, active_per_token=24, distribution=dist)
+  tw = twell.encode(_gate_ref(p.x, p.w_gate), capacity=8)
+  counts = np.asarray(tw.counts_MxT, np.int64)
+  over = counts > tw.capacity
+  for skipped in (False, True):
+    b = np.asarray(common.token_bounds(tw.counts_MxT, tw.capacity, n_ctas,
+                                       overflowed_rows_skipped=skipped))
+    assert b[0] == 0 and b[-1] == m and np.all(np.diff(b) >= 0) and len(b) == n_ctas + 1
+    if skipped:
+      work = np.where(over.any(1), 0, counts.sum(1))
+    else:
+      work = (counts + np.where(over, common.OVERFLOW_TILE_COST, 0)).sum(1)
+    work = work + common.TOKEN_COST
+    per_cta = np.array([work[b[c]:b[c + 1]].sum() for c in range(n_ctas)])
+    assert per_cta.sum() == work.sum()
+    assert per_cta.max() <= work.sum() / n_ctas + work.max(), (per_cta.max(), work.sum() / n_ctas)
+    equal = np.add.reduceat(work, np.arange(0, m, -(-m // n_ctas)))
+    print(f"{dist} skipped={skipped}: busiest CTA / mean, balanced "
+          f"{per_cta.max() / per_cta.mean():.3f}, equal token counts "
+          f"{equal.max() / equal.mean():.3f}")
+    if dist == "heavy_tail":
+      assert per_cta.max() / per_cta.mean() < equal.max() / equal.mean()
 
 
 def test_pallas_op_with_gradients_cross_lowers(key):
