@@ -3,9 +3,9 @@ import os
 # Tests run on the CPU with several virtual devices available for sharding tests; kernels are
 # checked in Mosaic GPU interpret mode. Must be set before jax is imported anywhere.
 # The suite spends much of its time compiling XLA CPU programs, and the training tests run many
-# steps of them. LLVM at -O1 without its expensive passes compiles about as fast as -O0 (the
-# multi-device training tests: 66 vs 72 s) and runs ~1.7x faster (a 60-step tiny run: 21.7 vs
-# 37.2 s; the default -O2: 29-31 s). Programs compiled in one test (or in a test's subprocess,
+# steps of them. LLVM at -O1 without its expensive passes compiles about as fast as -O0 (two
+# kernel test files: 136 vs 131 s, -O2 153 s; two multi-device training tests: 66 vs 72 s) and
+# runs ~1.7x faster (a 60-step tiny run: 21.7 vs 37.2 s; -O2 29-31 s). Programs compiled in one test (or in a test's subprocess,
 # which inherits this environment) are reused by the others through a persistent compilation
 # cache that lives for the session (shared by pytest-xdist's workers).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
