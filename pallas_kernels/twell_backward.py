@@ -149,9 +149,11 @@ def _backward_jnp(x_ref, dy_ref, wg_ref, wu_ref, wd_ref, cnt_ref, idx_ref, val_r
 
 
 def _token_grid(cfg: BackwardConfig, m: int, tw: twell.TwELL, interpret: bool, what: str):
-  """(grid, scratch, tokens per warpgroup of the interpretable path) of a warp-per-token kernel:
-  one persistent CTA per SM with each warp's SMEM entry lists (column, value, slot) and a ticket
-  counter; interpreted, ``cfg.interpret_ctas`` CTAs over equal token blocks."""
+  """(grid, scratch, tokens per warpgroup of the interpretable path, CTA token bounds or None) of
+  a warp-per-token kernel: one persistent CTA per SM with each warp's SMEM entry lists (column,
+  value, slot) and a ticket counter, its token range from ``common.token_bounds`` where
+  ``cfg.balanced`` (rows with an overflowed tile cost nothing: the kernels skip them);
+  interpreted, ``cfg.interpret_ctas`` CTAs over equal token blocks."""
   list_len = tw.n_tiles * tw.capacity
   n_warps = cfg.warpgroups * common.WARPS_PER_WARPGROUP
   if interpret:
@@ -164,7 +166,9 @@ def _token_grid(cfg: BackwardConfig, m: int, tw: twell.TwELL, interpret: bool, w
     scratch = [plgpu.SMEM((n_warps, list_len), jnp.int32),
                plgpu.SMEM((n_warps, list_len), jnp.float32),
                plgpu.SMEM((n_warps, list_len), jnp.int32), plgpu.SMEM((1,), jnp.int32)]
-  return grid, scratch, m // (grid[0] * cfg.warpgroups)
+  bounds = (common.token_bounds(tw.counts_MxT, tw.capacity, grid[0], overflowed_rows_skipped=True)
+            if cfg.balanced and not interpret else None)
+  return grid, scratch, m // (grid[0] * cfg.warpgroups), bounds
 
 
 @common.shared_lowering(static_argnames=("config",))
@@ -181,8 +185,8 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
   slots = jax.ShapeDtypeStruct(tw.values_MxTxC.shape, F32)
   # dx in x's dtype: accumulated in f32 registers, rounded once on the store.
   out_type = (jax.ShapeDtypeStruct((m, d), x_MxD.dtype), slots) + ((slots,) if gated else ())
-  grid, scratch, rows_per_wg = _token_grid(cfg, m, tw, interpret, "backward kernel")
-  balanced = cfg.balanced and not interpret
+  grid, scratch, rows_per_wg, bounds = _token_grid(cfg, m, tw, interpret, "backward kernel")
+  balanced = bounds is not None
   names = ["x", "dy", "wg"] + (["wu"] if gated else []) + ["wd", "cnt", "idx", "val"] + (
       ["r"] if gated else []) + ["coeff"] + (["bounds"] if balanced else []) + ["dx", "du"] + (
       ["dr"] if gated else [])
@@ -218,8 +222,7 @@ def backward_kernel(x_MxD, dy_MxD, w_gate, w_up, w_down, tw: twell.TwELL, r_MxTx
   args = [x_MxD, dy_MxD, w_gate] + ([w_up] if gated else []) + [
       w_down, tw.counts_MxT, tw.indices_MxTxC, tw.values_MxTxC] + (
       [r_MxTxC] if gated else []) + [jnp.reshape(coeff, (1,)).astype(F32)] + (
-      [common.token_bounds(tw.counts_MxT, tw.capacity, grid[0], overflowed_rows_skipped=True)]
-      if balanced else [])
+      [bounds] if balanced else [])
   outs = f(*args)
   return outs[0], outs[1], (outs[2] if gated else None)
 
@@ -311,13 +314,11 @@ def dx_kernel(w_gate, w_up, tw: twell.TwELL, grads_MxTxCxK, *, out_dtype,
     raise ValueError(f"slot gradients of shape {grads_MxTxCxK.shape}, expected "
                      f"{tw.values_MxTxC.shape + (2 if gated else 1,)}")
   warpgroups = cfg.warpgroups
-  grid, scratch, rows_per_wg = _token_grid(cfg, m, tw, interpret, "dx kernel")
-  balanced = cfg.balanced and not interpret
+  grid, scratch, rows_per_wg, bounds = _token_grid(cfg, m, tw, interpret, "dx kernel")
+  balanced = bounds is not None
   ins = [w_gate] + ([w_up] if gated else []) + [tw.counts_MxT, tw.indices_MxTxC,
-                                                 tw.values_MxTxC, grads_MxTxCxK]
-  if balanced:
-    ins.append(common.token_bounds(tw.counts_MxT, tw.capacity, grid[0],
-                                   overflowed_rows_skipped=True))
+                                                 tw.values_MxTxC, grads_MxTxCxK] + (
+      [bounds] if balanced else [])
 
   def body(*refs):
     wg_ref = refs[0]

@@ -49,6 +49,7 @@ def resolve_train_backward(order: str, d_model: int) -> str:
     return order
   return "neuron_major_fused" if d_model <= FUSED_BACKWARD_MAX_D_MODEL else "neuron_major"
 
+
 @dataclasses.dataclass(frozen=True)
 class SparseFFNConfig:
   """Static capacities of the sparse formats and the Pallas backend's dispatch lines. ``None``

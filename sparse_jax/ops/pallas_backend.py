@@ -358,10 +358,12 @@ def sparse_backward(order: str, xp, dyp, wg, wu, wd, tw: twell.TwELL, r, lists, 
   wcfg = twell_wgrad.DEFAULT_CONFIG
   tasks = twell_wgrad.task_table(lists.seg_start, piece=wcfg.piece, partial_rows=wcfg.partial_rows)
   if order == "neuron_major_fused":  # the per-entry math inside the pass (whole-row dots)
-    # Its own task table: whole-row tickets want smaller pieces (FUSED_PASS_CONFIG).
+    # The pass shares the table where its config cuts the same pieces, else builds its own.
+    fcfg = fused_config or twell_wgrad.FUSED_PASS_CONFIG
+    same = (fcfg.piece, fcfg.partial_rows) == (wcfg.piece, wcfg.partial_rows)
     dwd, g_slots, g_KxE = twell_wgrad.neuron_major_pass_fused(
-        lists, tw.values_MxTxC, r, coeff, dyp, wd, out_dtype=w_dtype,
-        config=fused_config or twell_wgrad.FUSED_PASS_CONFIG)
+        lists, tw.values_MxTxC, r, coeff, dyp, wd, out_dtype=w_dtype, config=fcfg,
+        tasks=tasks if same else None)
   else:
     g_slots, g_KxE, dwd = _neuron_major_glue(lists, tw, r, coeff, dyp, wd, w_dtype, tasks)
   dx = twell_backward.dx_kernel(wg, wu, tw, g_slots, out_dtype=xp.dtype, config=bwd_config)
